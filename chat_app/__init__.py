@@ -1,0 +1,1 @@
+"""The chat app: engines, routing between model versions, and the Gradio UI."""

@@ -1,0 +1,1 @@
+"""Training: base models, SFT, reward model, PPO-ptx and retraining rounds."""
