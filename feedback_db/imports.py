@@ -1,0 +1,203 @@
+"""Seeding the store from JSONL in TRL's conventions (e.g. a public preference set).
+
+The same formats the exports write come back in: preferences (`prompt`/`chosen`/
+`rejected`, strings or conversational lists), SFT (`messages`, or `prompt`/`completion`)
+and prompts (`prompt`). Every row is validated before anything is written, and the whole
+file lands in one transaction. Client ids derived from the content make a repeated
+import of the same file a no-op.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidInputError
+from .registry import ModelRegistry
+from .store import FeedbackStore, Reply
+from .validation import clean_text
+
+IMPORT_USER = "importer"
+
+
+@dataclass
+class ImportResult:
+    """How many rows a file had, and how many records were new."""
+
+    rows: int
+    new_records: int
+    source: str
+
+
+def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Rows of a `.jsonl` or `.jsonl.gz` file; a bad line raises with its number."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InvalidInputError(f"{path}:{n} is not valid JSON ({exc.msg}); fix or remove that line.") from None
+            if not isinstance(row, dict):
+                raise InvalidInputError(f"{path}:{n} is not a JSON object.")
+            yield row
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:24]
+
+
+def _turns(value: Any, where: str, *, max_chars: int) -> tuple[str | None, list[dict[str, str]], str]:
+    """(system prompt, turns, format) of a TRL prompt: a string or a list of messages."""
+    if isinstance(value, str):
+        return None, [{"role": "user", "content": clean_text(value, field=f"{where} prompt", max_chars=max_chars)}], "text"
+    if not isinstance(value, list) or not value:
+        raise InvalidInputError(f"{where}: 'prompt' must be a string or a non-empty list of messages.")
+    system = None
+    turns = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or "content" not in m:
+            raise InvalidInputError(f"{where}: message {i} needs a role (system/user/assistant) and content.")
+        content = clean_text(m["content"], field=f"{where} message {i}", max_chars=max_chars, allow_empty=True)
+        if m["role"] == "system":
+            if i != 0:
+                raise InvalidInputError(f"{where}: a system message may only come first.")
+            system = content
+        else:
+            turns.append({"role": m["role"], "content": content})
+    expected = "user"
+    for i, t in enumerate(turns):
+        if t["role"] != expected:
+            raise InvalidInputError(f"{where}: turns must alternate user/assistant starting with user (turn {i}).")
+        expected = "assistant" if expected == "user" else "user"
+    if not turns or turns[-1]["role"] != "user":
+        raise InvalidInputError(f"{where}: the prompt must end with a user turn.")
+    return system, turns, "chat"
+
+
+def _completion(value: Any, where: str, field: str, fmt: str, *, max_chars: int) -> str:
+    if fmt == "text":
+        if not isinstance(value, str):
+            raise InvalidInputError(f"{where}: with a string prompt, '{field}' must be a string too.")
+        return clean_text(value, field=f"{where} {field}", max_chars=max_chars, allow_empty=True)
+    if not (isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict)
+            and value[0].get("role") == "assistant" and "content" in value[0]):
+        raise InvalidInputError(f"{where}: '{field}' must be [{{'role': 'assistant', 'content': ...}}].")
+    return clean_text(value[0]["content"], field=f"{where} {field}", max_chars=max_chars, allow_empty=True)
+
+
+class _Importer:
+    """Creates contexts and replies with content-derived client ids (so re-imports are no-ops)."""
+
+    def __init__(self, store: FeedbackStore, source: str) -> None:
+        self.store = store
+        self.source = source
+        self.user = store.ensure_user(IMPORT_USER, display_name="imported data")
+        self.version = ModelRegistry(store).ensure_version(f"external:{source}", kind="external")
+        self.new = 0
+        self._before = store.snapshot()
+
+    def context(self, system: str | None, turns: list[dict[str, str]], fmt: str) -> int:
+        """The id of the last user message of this context, created if new."""
+        key = f"import:{self.source}:ctx:{_digest([system, turns])}"
+        conv = self.store.create_conversation(
+            self.user, system_prompt=system, source="import", prompt_format=fmt, client_id=key
+        )
+        parent = None
+        for i, t in enumerate(turns):
+            if t["role"] == "user":
+                parent = self.store.add_user_message(conv, self.user, t["content"], parent_id=parent,
+                                                     client_id=f"{key}:turn:{i}")
+            else:
+                parent = self.store.add_reply(conv, self.user, parent, t["content"], Reply(self.version.id),
+                                              client_id=f"{key}:turn:{i}")
+        return parent
+
+    def reply(self, context_id: int, text: str) -> int:
+        conv = self.store._message(self.store.db, context_id)["conversation_id"]
+        return self.store.add_reply(conv, self.user, context_id, text, Reply(self.version.id),
+                                    client_id=f"import:{self.source}:reply:{context_id}:{_digest(text)}")
+
+    def finish(self) -> int:
+        # Every new record takes one event id, so the count is the snapshot difference.
+        return self.store.snapshot() - self._before
+
+
+def _parsed(rows: Iterable[dict[str, Any]], kind: str, max_chars: int) -> list[tuple[str, Any, ...]]:
+    parsed = []
+    occurrences: Counter[str] = Counter()
+    for n, row in enumerate(rows, 1):
+        where = f"row {n}"
+        if "prompt" not in row and kind != "sft":
+            raise InvalidInputError(
+                f"{where} has no 'prompt'; alignloop imports explicit-prompt rows (TRL's prompt/chosen/rejected)."
+            )
+        digest = _digest(row)
+        occurrences[digest] += 1
+        row_key = f"{digest}:{occurrences[digest]}"
+        if kind == "preferences":
+            system, turns, fmt = _turns(row["prompt"], where, max_chars=max_chars)
+            chosen = _completion(row.get("chosen"), where, "chosen", fmt, max_chars=max_chars)
+            rejected = _completion(row.get("rejected"), where, "rejected", fmt, max_chars=max_chars)
+            if chosen == rejected:
+                raise InvalidInputError(f"{where}: chosen and rejected are the same text; drop the row.")
+            parsed.append((row_key, system, turns, fmt, chosen, rejected))
+        elif kind == "sft":
+            if "messages" in row:
+                msgs = row["messages"]
+                if not isinstance(msgs, list) or len(msgs) < 2 or not isinstance(msgs[-1], dict) \
+                        or msgs[-1].get("role") != "assistant":
+                    raise InvalidInputError(f"{where}: 'messages' must end with an assistant turn.")
+                system, turns, fmt = _turns(msgs[:-1], where, max_chars=max_chars)
+                reply = _completion(msgs[-1:], where, "messages[-1]", "chat", max_chars=max_chars)
+            elif "prompt" in row and "completion" in row:
+                system, turns, fmt = _turns(row["prompt"], where, max_chars=max_chars)
+                reply = _completion(row["completion"], where, "completion", fmt, max_chars=max_chars)
+            else:
+                raise InvalidInputError(f"{where}: an SFT row has 'messages', or 'prompt' and 'completion'.")
+            if not reply.strip():
+                raise InvalidInputError(f"{where}: the demonstration is empty.")
+            parsed.append((row_key, system, turns, fmt, reply))
+        elif kind == "prompts":
+            system, turns, fmt = _turns(row["prompt"], where, max_chars=max_chars)
+            parsed.append((row_key, system, turns, fmt))
+        else:
+            raise InvalidInputError(f"import kind must be preferences, sft or prompts, not {kind!r}.")
+    return parsed
+
+
+def import_rows(store: FeedbackStore, rows: Iterable[dict[str, Any]], kind: str, *, source: str = "import") -> ImportResult:
+    """Import TRL-format rows of `kind` (preferences, sft or prompts): all or nothing."""
+    parsed = _parsed(rows, kind, store.config.max_text_chars)
+    with store.transaction():
+        importer = _Importer(store, source)
+        for item in parsed:
+            row_key, system, turns, fmt, *rest = item
+            context_id = importer.context(system, turns, fmt)
+            if kind == "preferences":
+                chosen, rejected = rest
+                a, b = importer.reply(context_id, chosen), importer.reply(context_id, rejected)
+                store.record_comparison(importer.user, a, b, "A", client_id=f"import:{source}:pair:{row_key}")
+            elif kind == "sft":
+                store.record_demonstration(importer.user, context_id, rest[0],
+                                           client_id=f"import:{source}:demo:{row_key}")
+        new = importer.finish()
+    return ImportResult(rows=len(parsed), new_records=new, source=source)
+
+
+def import_jsonl(store: FeedbackStore, path: str | Path, kind: str, *, source: str | None = None) -> ImportResult:
+    """Import a JSONL(.gz) file; `source` (default: the file name) names the external model version."""
+    path = Path(path)
+    if not path.exists():
+        raise InvalidInputError(f"no file {path}.")
+    source = source or path.name.removesuffix(".gz").removesuffix(".jsonl")
+    return import_rows(store, read_jsonl(path), kind, source=source)

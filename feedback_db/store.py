@@ -1,0 +1,468 @@
+"""FeedbackStore: the one door to the feedback database.
+
+Everything the chat app records, and everything training reads, goes through here.
+Every write is one transaction that either lands whole or not at all; bad input raises
+a `FeedbackError` and writes nothing. Every feedback row carries an `event_id` from one
+strictly increasing sequence, so "all events up to N" is a reproducible snapshot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import sqlite_utils
+
+from .connection import StoreConfig, WriteLock, connect, write_transaction
+from .errors import AccessDeniedError, InvalidInputError, NotFoundError
+from .schema import current_version, migrate, utc_now
+from .validation import clean_client_id, clean_tags, clean_text
+
+Choice = Literal["A", "B", "tie", "both_bad"]
+CHOICES: tuple[str, ...] = ("A", "B", "tie", "both_bad")
+MIN_RANKED, MAX_RANKED = 2, 9
+
+
+@dataclass
+class Context:
+    """What a reply answers: the system prompt and the turns from the root to a user message."""
+
+    context_id: int
+    system_prompt: str | None
+    messages: list[dict[str, str]]  # [{"role": "user"|"assistant", "content": ...}, ...]
+    prompt_format: str = "chat"  # "text" when it was imported as a plain-string prompt
+
+    def as_chat(self) -> list[dict[str, str]]:
+        """The turns with the system prompt (if any) first, ready for a chat template."""
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return system + self.messages
+
+
+@dataclass
+class Reply:
+    """Generation metadata stored with an assistant message."""
+
+    model_version_id: int
+    sampling: dict[str, Any] = field(default_factory=dict)
+    latency_ms: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    finish_reason: str | None = None
+
+
+class FeedbackStore:
+    """A SQLite feedback database (WAL, foreign keys on, schema migrated on open).
+
+    Safe to share between threads (one connection per thread) and processes (writers
+    queue on a file lock). Example::
+
+        store = FeedbackStore("feedback.db")
+        user = store.ensure_user("alice")
+        conv = store.create_conversation(user)
+        q = store.add_user_message(conv, user, "Hi!")
+        a = store.add_reply(conv, user, q, "Hello!", Reply(model_version_id=1))
+        store.record_rating(user, a, +1, reasons=["friendly"])
+    """
+
+    def __init__(self, path: str | Path, config: StoreConfig | None = None, *, create: bool = True) -> None:
+        self.path = Path(path)
+        self.config = config or StoreConfig()
+        if not create and not self.path.exists():
+            raise NotFoundError(f"no feedback database at {self.path}; create one with `alignloop db init {self.path}`.")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._connections: list[sqlite_utils.Database] = []
+        self._lock = WriteLock(self.path)
+        with self._lock.held():
+            migrate(self.db)
+
+    # -- plumbing ---------------------------------------------------------------------
+    @property
+    def db(self) -> sqlite_utils.Database:
+        """This thread's connection (sqlite-utils `Database`): use it to read."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = connect(self.path, self.config)
+            self._local.db = db
+            self._connections.append(db)
+        return db
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite_utils.Database]:
+        """An all-or-nothing write. Nested calls (e.g. an import calling record_*) join the
+        outer transaction as savepoints, so the whole outer block lands or none of it does."""
+        if getattr(self._local, "depth", 0):
+            self._local.depth += 1
+            try:
+                with self.db.atomic() as db:
+                    yield db
+            finally:
+                self._local.depth -= 1
+            return
+        self._local.depth = 1
+        try:
+            with write_transaction(self.db, self._lock) as db:
+                yield db
+        finally:
+            self._local.depth = 0
+
+    def close(self) -> None:
+        for db in self._connections:
+            db.close()
+        self._connections.clear()
+        self._local = threading.local()
+        self._lock.close()
+
+    def __enter__(self) -> FeedbackStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def schema_version(self) -> int:
+        return current_version(self.db)
+
+    def snapshot(self) -> int:
+        """The id of the latest event: exports `up to` it are reproducible forever."""
+        row = self.db.execute("SELECT MAX(id) FROM events").fetchone()
+        return int(row[0] or 0)
+
+    def _new_event(self, db: sqlite_utils.Database, table: str) -> int:
+        return db["events"].insert({"table_name": table, "created_at": utc_now()}).last_pk
+
+    @staticmethod
+    def _already(db: sqlite_utils.Database, table: str, client_id: str | None) -> int | None:
+        """The row an earlier submission with the same client id created, if any."""
+        if client_id is None:
+            return None
+        row = db.execute(f"SELECT id FROM {table} WHERE client_id = ?", [client_id]).fetchone()
+        return None if row is None else int(row[0])
+
+    def _text(self, value: object, field: str, *, allow_empty: bool = False, max_chars: int | None = None) -> str:
+        return clean_text(value, field=field, max_chars=max_chars or self.config.max_text_chars, allow_empty=allow_empty)
+
+    # -- users and sessions -----------------------------------------------------------
+    def ensure_user(self, user_id: str | None = None, *, display_name: str | None = None, is_admin: bool = False) -> str:
+        """Create the user if new (an anonymous id when `user_id` is None); return its id."""
+        user_id = user_id if user_id is not None else f"anon-{uuid.uuid4().hex[:12]}"
+        user_id = self._text(user_id, "user id", max_chars=200)
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM users WHERE id = ?", [user_id]).fetchone() is None:
+                db["users"].insert(
+                    {"id": user_id, "display_name": display_name, "is_admin": int(is_admin), "created_at": utc_now()}
+                )
+            elif is_admin:
+                db["users"].update(user_id, {"is_admin": 1})
+        return user_id
+
+    def start_session(self, user_id: str, *, user_agent: str | None = None, session_id: str | None = None) -> str:
+        """Record a browser session of `user_id` (created if new); return the session id."""
+        self.ensure_user(user_id)
+        session_id = session_id or uuid.uuid4().hex
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM sessions WHERE id = ?", [session_id]).fetchone() is None:
+                db["sessions"].insert(
+                    {"id": session_id, "user_id": user_id, "user_agent": user_agent, "created_at": utc_now()}
+                )
+        return session_id
+
+    def _require_user(self, db: sqlite_utils.Database, user_id: str) -> None:
+        if db.execute("SELECT 1 FROM users WHERE id = ?", [user_id]).fetchone() is None:
+            raise NotFoundError(f"unknown user {user_id!r}; create it with ensure_user() first.")
+
+    # -- conversations and messages ---------------------------------------------------
+    def create_conversation(
+        self,
+        user_id: str,
+        *,
+        system_prompt: str | None = None,
+        title: str | None = None,
+        session_id: str | None = None,
+        source: str = "chat",
+        prompt_format: str = "chat",
+        client_id: str | None = None,
+    ) -> int:
+        """Start a conversation owned by `user_id`; return its id."""
+        client_id = clean_client_id(client_id)
+        if system_prompt is not None:
+            system_prompt = self._text(system_prompt, "system prompt", allow_empty=True) or None
+        if title is not None:
+            title = self._text(title, "title", allow_empty=True, max_chars=500)
+        if source not in ("chat", "compare", "rank", "import"):
+            raise InvalidInputError(f"source must be chat, compare, rank or import, not {source!r}.")
+        if prompt_format not in ("chat", "text"):
+            raise InvalidInputError(f"prompt_format must be 'chat' or 'text', not {prompt_format!r}.")
+        with self.transaction() as db:
+            if (existing := self._already(db, "conversations", client_id)) is not None:
+                return existing
+            self._require_user(db, user_id)
+            return db["conversations"].insert(
+                {
+                    "user_id": user_id,
+                    "session_id": session_id,
+                    "title": title,
+                    "system_prompt": system_prompt,
+                    "source": source,
+                    "prompt_format": prompt_format,
+                    "created_at": utc_now(),
+                    "client_id": client_id,
+                }
+            ).last_pk
+
+    def _owned_conversation(self, db: sqlite_utils.Database, conversation_id: int, user_id: str) -> dict:
+        rows = list(db.query("SELECT * FROM conversations WHERE id = ?", [conversation_id]))
+        if not rows:
+            raise NotFoundError(f"no conversation {conversation_id}; start one with create_conversation().")
+        conv = rows[0]
+        if conv["user_id"] != user_id:
+            raise AccessDeniedError(f"conversation {conversation_id} belongs to another user.")
+        return conv
+
+    def _message(self, db: sqlite_utils.Database, message_id: int) -> dict:
+        rows = list(db.query("SELECT * FROM messages WHERE id = ?", [message_id]))
+        if not rows:
+            raise NotFoundError(f"no message {message_id}; check the id (was the reply stored?).")
+        return rows[0]
+
+    def _add_message(self, conversation_id: int, user_id: str, role: str, content: str, parent_id: int | None,
+                     reply: Reply | None, client_id: str | None) -> int:
+        client_id = clean_client_id(client_id)
+        content = self._text(content, f"{role} message", allow_empty=(role == "assistant"))
+        with self.transaction() as db:
+            if (existing := self._already(db, "messages", client_id)) is not None:
+                return existing
+            self._owned_conversation(db, conversation_id, user_id)
+            if parent_id is not None:
+                parent = self._message(db, parent_id)
+                if parent["conversation_id"] != conversation_id:
+                    raise InvalidInputError(f"message {parent_id} is in another conversation; it cannot be the parent.")
+                expected = "assistant" if role == "user" else "user"
+                if parent["role"] != expected:
+                    raise InvalidInputError(f"a {role} message must follow a {expected} message, not a {parent['role']} one.")
+            elif role == "assistant":
+                raise InvalidInputError("a reply needs the id of the user message it answers (parent_id).")
+            row: dict[str, Any] = {
+                "conversation_id": conversation_id,
+                "parent_id": parent_id,
+                "role": role,
+                "content": content,
+                "user_id": user_id,
+                "created_at": utc_now(),
+                "client_id": client_id,
+            }
+            if reply is not None:
+                if db.execute("SELECT 1 FROM model_versions WHERE id = ?", [reply.model_version_id]).fetchone() is None:
+                    raise NotFoundError(f"no model version {reply.model_version_id}; register it before storing its replies.")
+                row.update(
+                    model_version_id=reply.model_version_id,
+                    sampling=json.dumps(reply.sampling, sort_keys=True),
+                    latency_ms=reply.latency_ms,
+                    prompt_tokens=reply.prompt_tokens,
+                    completion_tokens=reply.completion_tokens,
+                    finish_reason=reply.finish_reason,
+                )
+            row["event_id"] = self._new_event(db, "messages")
+            return db["messages"].insert(row).last_pk
+
+    def add_user_message(self, conversation_id: int, user_id: str, content: str, *,
+                         parent_id: int | None = None, client_id: str | None = None) -> int:
+        """Store a user turn (after `parent_id`, an assistant reply, or at the root); return its id."""
+        return self._add_message(conversation_id, user_id, "user", content, parent_id, None, client_id)
+
+    def add_reply(self, conversation_id: int, user_id: str, parent_id: int, content: str, reply: Reply, *,
+                  client_id: str | None = None) -> int:
+        """Store an assistant reply to user message `parent_id`, tied to the model version that wrote it."""
+        return self._add_message(conversation_id, user_id, "assistant", content, parent_id, reply, client_id)
+
+    def context(self, message_id: int) -> Context:
+        """The conversation from its root to `message_id` (inclusive)."""
+        rows = list(
+            self.db.query(
+                """
+                WITH RECURSIVE path(id, parent_id, role, content, conversation_id, depth) AS (
+                    SELECT id, parent_id, role, content, conversation_id, 0 FROM messages WHERE id = :id
+                    UNION ALL
+                    SELECT m.id, m.parent_id, m.role, m.content, m.conversation_id, p.depth + 1
+                    FROM messages m JOIN path p ON m.id = p.parent_id
+                )
+                SELECT path.role, path.content, c.system_prompt, c.prompt_format
+                FROM path JOIN conversations c ON c.id = path.conversation_id
+                ORDER BY depth DESC
+                """,
+                {"id": message_id},
+            )
+        )
+        if not rows:
+            raise NotFoundError(f"no message {message_id}.")
+        return Context(
+            context_id=message_id,
+            system_prompt=rows[0]["system_prompt"],
+            messages=[{"role": r["role"], "content": r["content"]} for r in rows],
+            prompt_format=rows[0]["prompt_format"],
+        )
+
+    def conversation_messages(self, conversation_id: int) -> list[dict]:
+        """Every message of a conversation (all branches), oldest first."""
+        return list(self.db.query("SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", [conversation_id]))
+
+    def conversations_of(self, user_id: str, limit: int = 50) -> list[dict]:
+        """A user's conversations, newest first."""
+        return list(
+            self.db.query(
+                "SELECT * FROM conversations WHERE user_id = ? ORDER BY id DESC LIMIT ?", [user_id, limit]
+            )
+        )
+
+    # -- feedback ---------------------------------------------------------------------
+    def _owned_reply(self, db: sqlite_utils.Database, message_id: int, user_id: str) -> dict:
+        msg = self._message(db, message_id)
+        if msg["role"] != "assistant":
+            raise InvalidInputError(f"message {message_id} is a user turn; feedback applies to assistant replies.")
+        self._owned_conversation(db, msg["conversation_id"], user_id)
+        return msg
+
+    def record_rating(self, user_id: str, message_id: int, value: int, *, reasons: list[str] | None = None,
+                      comment: str | None = None, client_id: str | None = None) -> int:
+        """Thumbs up (+1), down (-1) or cleared (0) on a reply, with optional reason tags and comment.
+
+        A user's latest rating of a reply is the one that counts; earlier ones stay as history.
+        """
+        client_id = clean_client_id(client_id)
+        if value not in (-1, 0, 1) or isinstance(value, bool):
+            raise InvalidInputError(f"a rating is +1 (thumbs up), -1 (thumbs down) or 0 (cleared), not {value!r}.")
+        tags = clean_tags(reasons)
+        if comment is not None:
+            comment = self._text(comment, "comment", allow_empty=True, max_chars=self.config.max_comment_chars) or None
+        with self.transaction() as db:
+            if (existing := self._already(db, "ratings", client_id)) is not None:
+                return existing
+            self._owned_reply(db, message_id, user_id)
+            return db["ratings"].insert(
+                {
+                    "message_id": message_id,
+                    "user_id": user_id,
+                    "value": value,
+                    "reasons": json.dumps(tags),
+                    "comment": comment,
+                    "created_at": utc_now(),
+                    "event_id": self._new_event(db, "ratings"),
+                    "client_id": client_id,
+                }
+            ).last_pk
+
+    def _sibling_replies(self, db: sqlite_utils.Database, user_id: str, message_ids: list[int]) -> int:
+        """Check that the replies exist, are the user's, and answer the same context; return it."""
+        contexts = {self._owned_reply(db, m, user_id)["parent_id"] for m in message_ids}
+        if len(contexts) != 1:
+            raise InvalidInputError(
+                f"replies {message_ids} answer different contexts; compare or rank only replies to the same message."
+            )
+        return contexts.pop()
+
+    def record_comparison(self, user_id: str, message_a: int, message_b: int, choice: Choice, *,
+                          client_id: str | None = None) -> int:
+        """A pairwise vote between two replies to the same context: 'A', 'B', 'tie' or 'both_bad'."""
+        client_id = clean_client_id(client_id)
+        if choice not in CHOICES:
+            raise InvalidInputError(f"choice must be one of {', '.join(CHOICES)}, not {choice!r}.")
+        if message_a == message_b:
+            raise InvalidInputError("a comparison needs two different replies.")
+        with self.transaction() as db:
+            if (existing := self._already(db, "comparisons", client_id)) is not None:
+                return existing
+            context_id = self._sibling_replies(db, user_id, [message_a, message_b])
+            return db["comparisons"].insert(
+                {
+                    "user_id": user_id,
+                    "context_id": context_id,
+                    "message_a": message_a,
+                    "message_b": message_b,
+                    "choice": choice,
+                    "created_at": utc_now(),
+                    "event_id": self._new_event(db, "comparisons"),
+                    "client_id": client_id,
+                }
+            ).last_pk
+
+    def record_ranking(self, user_id: str, ranked_message_ids: list[int], *, client_id: str | None = None) -> int:
+        """K replies to one context ordered best first (K = 2..9), stored as one ranking."""
+        client_id = clean_client_id(client_id)
+        ids = list(ranked_message_ids)
+        if not MIN_RANKED <= len(ids) <= MAX_RANKED:
+            raise InvalidInputError(f"a ranking orders {MIN_RANKED} to {MAX_RANKED} replies, got {len(ids)}.")
+        if len(set(ids)) != len(ids):
+            raise InvalidInputError("a ranking lists each reply once; remove the duplicates.")
+        with self.transaction() as db:
+            if (existing := self._already(db, "rankings", client_id)) is not None:
+                return existing
+            context_id = self._sibling_replies(db, user_id, ids)
+            ranking_id = db["rankings"].insert(
+                {
+                    "user_id": user_id,
+                    "context_id": context_id,
+                    "k": len(ids),
+                    "created_at": utc_now(),
+                    "event_id": self._new_event(db, "rankings"),
+                    "client_id": client_id,
+                }
+            ).last_pk
+            db["ranking_items"].insert_all(
+                {"ranking_id": ranking_id, "position": i, "message_id": m} for i, m in enumerate(ids)
+            )
+            return ranking_id
+
+    def record_demonstration(self, user_id: str, context_id: int, content: str, *,
+                             replaces_message_id: int | None = None, client_id: str | None = None) -> int:
+        """A user-written ideal reply to user message `context_id` (optionally improving a model reply)."""
+        client_id = clean_client_id(client_id)
+        content = self._text(content, "demonstration")
+        with self.transaction() as db:
+            if (existing := self._already(db, "demonstrations", client_id)) is not None:
+                return existing
+            ctx = self._message(db, context_id)
+            if ctx["role"] != "user":
+                raise InvalidInputError(f"message {context_id} is a reply; a demonstration answers a user message.")
+            self._owned_conversation(db, ctx["conversation_id"], user_id)
+            if replaces_message_id is not None:
+                replaced = self._owned_reply(db, replaces_message_id, user_id)
+                if replaced["parent_id"] != context_id:
+                    raise InvalidInputError(f"reply {replaces_message_id} does not answer message {context_id}.")
+            return db["demonstrations"].insert(
+                {
+                    "user_id": user_id,
+                    "context_id": context_id,
+                    "content": content,
+                    "replaces_message_id": replaces_message_id,
+                    "created_at": utc_now(),
+                    "event_id": self._new_event(db, "demonstrations"),
+                    "client_id": client_id,
+                }
+            ).last_pk
+
+    # -- reading ----------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Row counts, thumbs per model version, the live versions and the current snapshot id."""
+        db = self.db
+        tables = ["users", "sessions", "conversations", "messages", "ratings", "comparisons", "rankings",
+                  "demonstrations", "model_versions", "training_rounds"]
+        counts = {t: db[t].count for t in tables}
+        return {
+            "path": str(self.path),
+            "schema_version": self.schema_version,
+            "snapshot": self.snapshot(),
+            "counts": counts,
+            "thumbs_by_version": list(db.query("SELECT * FROM thumbs_by_version ORDER BY model_version_id")),
+            "comparison_choices": {
+                r["choice"]: r["n"] for r in db.query("SELECT choice, COUNT(*) AS n FROM comparisons GROUP BY choice")
+            },
+            "live": {
+                r["kind"]: r["name"] for r in db.query("SELECT kind, name FROM model_versions WHERE status = 'live'")
+            },
+        }

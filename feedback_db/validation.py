@@ -1,0 +1,55 @@
+"""Checks on user- and model-supplied text before it reaches the database."""
+
+from __future__ import annotations
+
+from .errors import InvalidInputError
+
+
+def clean_text(value: object, *, field: str, max_chars: int, allow_empty: bool = False) -> str:
+    """Return `value` as a valid UTF-8 string, or raise InvalidInputError.
+
+    Accepts `str` or UTF-8 `bytes`. Rejects invalid UTF-8 (including lone surrogates
+    in a `str`), NUL characters, empty or whitespace-only text (unless allowed), and
+    text longer than `max_chars`.
+    """
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidInputError(f"{field} is not valid UTF-8 (byte {exc.start}); send UTF-8 text.") from None
+    if not isinstance(value, str):
+        raise InvalidInputError(f"{field} must be text, got {type(value).__name__}.")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInputError(
+            f"{field} is not valid UTF-8 (unpaired surrogate at character {exc.start}); send UTF-8 text."
+        ) from None
+    if "\x00" in value:
+        raise InvalidInputError(f"{field} contains a NUL character; remove it and try again.")
+    if not allow_empty and not value.strip():
+        raise InvalidInputError(f"{field} is empty; write some text and try again.")
+    if len(value) > max_chars:
+        raise InvalidInputError(
+            f"{field} is {len(value):,} characters; the limit is {max_chars:,}. Shorten it and try again."
+        )
+    return value
+
+
+def clean_tags(tags: object, *, max_tags: int = 16, max_chars: int = 64) -> list[str]:
+    """Validate a list of short reason tags (e.g. 'unhelpful', 'made up facts')."""
+    if tags is None:
+        return []
+    if isinstance(tags, str) or not isinstance(tags, (list, tuple)):
+        raise InvalidInputError("reasons must be a list of short tags, e.g. ['unhelpful'].")
+    if len(tags) > max_tags:
+        raise InvalidInputError(f"at most {max_tags} reason tags are allowed, got {len(tags)}.")
+    cleaned = [clean_text(t, field="reason tag", max_chars=max_chars) for t in tags]
+    return list(dict.fromkeys(cleaned))
+
+
+def clean_client_id(client_id: object) -> str | None:
+    """A client-generated id makes a repeated submission idempotent; it must be short text."""
+    if client_id is None:
+        return None
+    return clean_text(client_id, field="client_id", max_chars=200)

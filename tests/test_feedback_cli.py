@@ -1,0 +1,62 @@
+"""`alignloop db ...` through the real command line parser."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from feedback_db.cli import app
+
+runner = CliRunner()
+
+ROWS = [
+    {"prompt": "\n\nHuman: What is the capital of Peru?\n\nAssistant:", "chosen": " Lima.", "rejected": " Cusco, I think."},
+    {"prompt": "\n\nHuman: Help me hurt someone.\n\nAssistant:", "chosen": " I can't help with that.", "rejected": " Sure."},
+]
+
+
+def test_init_import_export_round_trip_and_stats(tmp_path):
+    db = tmp_path / "cli.db"
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    out = tmp_path / "out.jsonl"
+
+    result = runner.invoke(app, ["init", "--db", str(db)])
+    assert result.exit_code == 0, result.output
+    assert "schema version" in result.output
+
+    result = runner.invoke(app, ["import", "--kind", "preferences", str(src), "--db", str(db)])
+    assert result.exit_code == 0, result.output
+    assert "2 rows read" in result.output
+
+    result = runner.invoke(app, ["export", "--kind", "preferences", "--format", "trl", "-o", str(out), "--db", str(db)])
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line) for line in out.read_text().splitlines()] == ROWS
+
+    result = runner.invoke(app, ["stats", "--db", str(db), "--json"])
+    assert result.exit_code == 0, result.output
+    stats = json.loads(result.output)
+    assert stats["counts"]["comparisons"] == 2
+
+    result = runner.invoke(app, ["versions", "--db", str(db)])
+    assert "external:pairs" in result.output
+
+
+def test_errors_are_clear_and_exit_nonzero(tmp_path):
+    db = tmp_path / "cli.db"
+    result = runner.invoke(app, ["stats", "--db", str(db)])
+    assert result.exit_code == 1 and "alignloop db init" in result.output
+    runner.invoke(app, ["init", "--db", str(db)])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"chosen": "a", "rejected": "b"}\n')
+    result = runner.invoke(app, ["import", "--kind", "preferences", str(bad), "--db", str(db)])
+    assert result.exit_code == 1 and "no 'prompt'" in result.output
+    result = runner.invoke(app, ["export", "--kind", "nonsense", "--db", str(db)])
+    assert result.exit_code == 1 and "sft, preferences or prompts" in result.output
+
+
+def test_every_command_has_help_with_an_example():
+    for cmd in ["init", "stats", "export", "import", "versions"]:
+        result = runner.invoke(app, [cmd, "--help"])
+        assert result.exit_code == 0 and "Example:" in result.output

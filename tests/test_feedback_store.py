@@ -1,0 +1,252 @@
+"""The feedback store on real SQLite files: records, validation, idempotency, migrations."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+import sqlite_utils
+
+from feedback_db import (
+    AccessDeniedError,
+    FeedbackStore,
+    InvalidInputError,
+    ModelRegistry,
+    NotFoundError,
+    RegistryError,
+    Reply,
+    SchemaVersionError,
+    StoreConfig,
+)
+from feedback_db.schema import LATEST_VERSION, MIGRATIONS, migrate
+
+
+@pytest.fixture
+def store(tmp_path):
+    with FeedbackStore(tmp_path / "feedback.db") as s:
+        yield s
+
+
+@pytest.fixture
+def chat(store):
+    """alice's conversation: one question with three replies from the live base policy."""
+    version = ModelRegistry(store).ensure_base_policy("tiny")
+    alice = store.ensure_user("alice")
+    conv = store.create_conversation(alice, system_prompt="Be brief.")
+    q = store.add_user_message(conv, alice, "What is 2+2?")
+    replies = [
+        store.add_reply(conv, alice, q, text, Reply(version.id, {"temperature": 0.7}, 12.5, 9, 3, "stop"))
+        for text in ("4", "Four.", "5")
+    ]
+    return {"user": alice, "conv": conv, "q": q, "replies": replies, "version": version}
+
+
+def test_pragmas_and_schema(store):
+    db = store.db
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert db.execute("PRAGMA busy_timeout").fetchone()[0] == StoreConfig().busy_timeout_ms
+    assert store.schema_version == LATEST_VERSION
+    for table in ["users", "sessions", "conversations", "messages", "ratings", "comparisons", "rankings",
+                  "ranking_items", "demonstrations", "model_versions", "training_rounds", "registry_log", "events"]:
+        assert table in db.table_names()
+    fks = {(fk.column, fk.other_table) for fk in db["messages"].foreign_keys}
+    assert ("parent_id", "messages") in fks and ("model_version_id", "model_versions") in fks
+
+
+def test_migrations_forward_from_v1_keep_data(tmp_path):
+    path = tmp_path / "old.db"
+    db = sqlite_utils.Database(path)
+    assert migrate(db, target=1) == [1]
+    db["users"].insert({"id": "bob", "created_at": "2026-01-01T00:00:00Z"})
+    db.close()
+    with FeedbackStore(path) as store:  # opening migrates forward
+        assert store.schema_version == LATEST_VERSION
+        assert store.db["users"].get("bob")["id"] == "bob"
+        assert "reply_scores" in store.db.view_names()
+        applied = [r["version"] for r in store.db["schema_migrations"].rows]
+        assert applied == [v for v, _, _ in MIGRATIONS]
+    with FeedbackStore(path) as store:  # and re-opening applies nothing twice
+        assert store.db["schema_migrations"].count == len(MIGRATIONS)
+
+
+def test_newer_schema_is_refused(tmp_path):
+    path = tmp_path / "new.db"
+    FeedbackStore(path).close()
+    db = sqlite_utils.Database(path)
+    db["schema_migrations"].insert({"version": LATEST_VERSION + 1, "name": "future", "applied_at": "x"})
+    db.close()
+    with pytest.raises(SchemaVersionError, match="upgrade alignloop"):
+        FeedbackStore(path)
+
+
+def test_messages_form_a_tree_with_generation_metadata(store, chat):
+    u, conv, q = chat["user"], chat["conv"], chat["q"]
+    a1 = chat["replies"][0]
+    follow = store.add_user_message(conv, u, "And 3+3?", parent_id=a1)
+    reply = store.add_reply(conv, u, follow, "6", Reply(chat["version"].id))
+    ctx = store.context(reply)
+    assert [m["content"] for m in ctx.messages] == ["What is 2+2?", "4", "And 3+3?", "6"]
+    assert ctx.as_chat()[0] == {"role": "system", "content": "Be brief."}
+    siblings = [m for m in store.conversation_messages(conv) if m["parent_id"] == q]
+    assert len(siblings) == 3
+    row = store.db["messages"].get(a1)
+    assert row["model_version_id"] == chat["version"].id
+    assert json.loads(row["sampling"]) == {"temperature": 0.7}
+    assert (row["latency_ms"], row["prompt_tokens"], row["completion_tokens"], row["finish_reason"]) == (12.5, 9, 3, "stop")
+
+
+def test_record_every_kind_of_feedback(store, chat):
+    u, q, (a, b, c) = chat["user"], chat["q"], chat["replies"]
+    r = store.record_rating(u, a, 1, reasons=["correct", "concise"], comment="nice")
+    store.record_rating(u, c, -1, reasons=["wrong"])
+    cmp_id = store.record_comparison(u, a, b, "tie")
+    rank_id = store.record_ranking(u, [b, a, c])
+    demo_id = store.record_demonstration(u, q, "2+2 = 4.", replaces_message_id=c)
+    db = store.db
+    assert json.loads(db["ratings"].get(r)["reasons"]) == ["correct", "concise"]
+    assert db["comparisons"].get(cmp_id)["context_id"] == q
+    items = [(i["position"], i["message_id"]) for i in db["ranking_items"].rows_where("ranking_id = ?", [rank_id])]
+    assert sorted(items) == [(0, b), (1, a), (2, c)]
+    assert db["demonstrations"].get(demo_id)["replaces_message_id"] == c
+    stats = store.stats()
+    assert stats["counts"]["ratings"] == 2 and stats["counts"]["rankings"] == 1
+    assert stats["thumbs_by_version"][0]["up_rate"] == 0.5
+
+
+def test_event_ids_increase_and_snapshot(store, chat):
+    u, (a, b, _) = chat["user"], chat["replies"]
+    s0 = store.snapshot()
+    store.record_rating(u, a, 1)
+    store.record_comparison(u, a, b, "A")
+    assert store.snapshot() == s0 + 2
+    events = [r["event_id"] for r in store.db.query("SELECT event_id FROM ratings UNION ALL SELECT event_id FROM comparisons")]
+    assert sorted(events) == [s0 + 1, s0 + 2]
+
+
+def _counts(store):
+    return {t: store.db[t].count for t in ["messages", "ratings", "comparisons", "rankings", "ranking_items",
+                                          "demonstrations", "events", "conversations"]}
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda s, c: s.record_rating(c["user"], 99999, 1), NotFoundError, "no message 99999"),
+        (lambda s, c: s.record_rating(c["user"], c["q"], 1), InvalidInputError, "user turn"),
+        (lambda s, c: s.record_rating(c["user"], c["replies"][0], 2), InvalidInputError, "thumbs"),
+        (lambda s, c: s.record_rating(c["user"], c["replies"][0], 1, reasons="bad"), InvalidInputError, "list"),
+        (lambda s, c: s.record_rating("mallory", c["replies"][0], -1), AccessDeniedError, "another user"),
+        (lambda s, c: s.record_comparison(c["user"], c["replies"][0], c["replies"][0], "A"), InvalidInputError, "two different"),
+        (lambda s, c: s.record_comparison(c["user"], c["replies"][0], c["replies"][1], "C"), InvalidInputError, "choice"),
+        (lambda s, c: s.record_ranking(c["user"], [c["replies"][0]]), InvalidInputError, "2 to 9"),
+        (lambda s, c: s.record_ranking(c["user"], list(range(1, 11))), InvalidInputError, "2 to 9"),
+        (lambda s, c: s.record_ranking(c["user"], [c["replies"][0], c["replies"][1], c["replies"][0]]), InvalidInputError, "duplicates"),
+        (lambda s, c: s.record_demonstration(c["user"], c["q"], "   "), InvalidInputError, "empty"),
+        (lambda s, c: s.record_demonstration(c["user"], c["q"], "x" * 40_000), InvalidInputError, "limit"),
+        (lambda s, c: s.record_demonstration(c["user"], c["q"], "bad \udc80 text"), InvalidInputError, "UTF-8"),
+        (lambda s, c: s.record_demonstration(c["user"], c["q"], b"\xff\xfe"), InvalidInputError, "UTF-8"),
+        (lambda s, c: s.record_demonstration(c["user"], c["replies"][0], "hi"), InvalidInputError, "answers a user"),
+        (lambda s, c: s.add_user_message(c["conv"], c["user"], ""), InvalidInputError, "empty"),
+        (lambda s, c: s.add_user_message(c["conv"], "mallory", "hi"), AccessDeniedError, "another user"),
+        (lambda s, c: s.add_user_message(c["conv"], c["user"], "hi", parent_id=c["q"]), InvalidInputError, "must follow"),
+        (lambda s, c: s.add_reply(c["conv"], c["user"], c["q"], "x", Reply(424242)), NotFoundError, "model version"),
+        (lambda s, c: s.add_user_message(777, c["user"], "hi"), NotFoundError, "no conversation"),
+    ],
+)
+def test_bad_input_is_refused_and_changes_nothing(store, chat, call, error, match):
+    store.ensure_user("mallory")
+    before = _counts(store)
+    with pytest.raises(error, match=match):
+        call(store, chat)
+    assert _counts(store) == before
+
+
+def test_comparison_and_ranking_of_different_contexts_are_refused(store, chat):
+    u, conv = chat["user"], chat["conv"]
+    other_q = store.add_user_message(conv, u, "Another question", parent_id=chat["replies"][0])
+    other = store.add_reply(conv, u, other_q, "Another answer", Reply(chat["version"].id))
+    before = _counts(store)
+    with pytest.raises(InvalidInputError, match="different contexts"):
+        store.record_comparison(u, chat["replies"][0], other, "A")
+    with pytest.raises(InvalidInputError, match="different contexts"):
+        store.record_ranking(u, [chat["replies"][1], other])
+    assert _counts(store) == before
+
+
+def test_another_users_reply_cannot_be_compared(store, chat):
+    store.ensure_user("mallory")
+    with pytest.raises(AccessDeniedError):
+        store.record_comparison("mallory", chat["replies"][0], chat["replies"][1], "A")
+
+
+def test_repeated_submission_with_same_client_id_is_recorded_once(store, chat):
+    u, q, (a, b, c) = chat["user"], chat["q"], chat["replies"]
+    ids = {store.record_rating(u, a, 1, client_id="r-1") for _ in range(3)}
+    assert len(ids) == 1 and store.db["ratings"].count == 1
+    assert store.record_comparison(u, a, b, "A", client_id="c-1") == store.record_comparison(u, a, b, "A", client_id="c-1")
+    assert store.record_ranking(u, [a, b, c], client_id="k-1") == store.record_ranking(u, [a, b, c], client_id="k-1")
+    assert store.record_demonstration(u, q, "4", client_id="d-1") == store.record_demonstration(u, q, "4", client_id="d-1")
+    conv = chat["conv"]
+    assert store.add_user_message(conv, u, "again", parent_id=a, client_id="m-1") == \
+        store.add_user_message(conv, u, "again", parent_id=a, client_id="m-1")
+    counts = _counts(store)
+    assert (counts["comparisons"], counts["rankings"], counts["ranking_items"], counts["demonstrations"]) == (1, 1, 3, 1)
+
+
+def test_database_stays_browsable_with_stock_sqlite(store, chat):
+    store.record_rating(chat["user"], chat["replies"][0], 1)
+    conn = sqlite3.connect(store.path)
+    (score,) = conn.execute("SELECT score FROM reply_scores WHERE message_id = ?", [chat["replies"][0]]).fetchone()
+    assert score == 1
+    conn.close()
+
+
+# -- the model registry ------------------------------------------------------------------
+
+def test_registry_promote_and_rollback(store):
+    reg = ModelRegistry(store)
+    base = reg.ensure_base_policy("tiny")
+    assert reg.live().id == base.id
+    v1 = reg.register("policy-r1", adapter_path="/adapters/r1", base_model="tiny", parent_id=base.id)
+    v2 = reg.register("policy-r2", adapter_path="/adapters/r2", base_model="tiny", parent_id=v1.id)
+    assert v1.status == "candidate" and [c.name for c in reg.candidates()] == ["policy-r2", "policy-r1"]
+    reg.promote(v1.id)
+    reg.promote("policy-r2")
+    assert reg.live().name == "policy-r2"
+    assert {v.name: v.status for v in reg.list("policy")} == {"base:tiny": "retired", "policy-r1": "retired",
+                                                              "policy-r2": "live"}
+    assert reg.rollback().name == "policy-r1"
+    assert reg.rollback().name == "base:tiny"
+    with pytest.raises(RegistryError, match="no earlier live"):
+        reg.rollback()
+    assert reg.live().name == "base:tiny"
+    actions = [h["action"] for h in reg.history()]
+    assert actions == ["register", "promote", "register", "register", "promote", "promote", "rollback", "rollback"]
+    # exactly one live policy at every step
+    assert store.db.execute("SELECT COUNT(*) FROM model_versions WHERE kind='policy' AND status='live'").fetchone()[0] == 1
+
+
+def test_registry_refuses_reused_names_and_unknown_versions(store):
+    reg = ModelRegistry(store)
+    reg.register("rm-1", kind="reward")
+    with pytest.raises(RegistryError, match="never reused"):
+        reg.register("rm-1", kind="reward")
+    with pytest.raises(NotFoundError):
+        reg.promote("nope")
+    reg.promote("rm-1")
+    with pytest.raises(RegistryError, match="already live"):
+        reg.promote("rm-1")
+    assert reg.live("reward").name == "rm-1" and reg.live("policy") is None
+
+
+def test_training_rounds(store):
+    reg = ModelRegistry(store)
+    r = reg.start_round({"beta": 0.02}, snapshot_event_id=store.snapshot())
+    assert r.status == "running"
+    r = reg.finish_round(r.id, "succeeded", metrics={"rm_accuracy": 0.71}, report_path="/r/1.html")
+    assert (r.status, r.metrics["rm_accuracy"], r.report_path) == ("succeeded", 0.71, "/r/1.html")
+    assert [x.id for x in reg.rounds()] == [r.id]
+    with pytest.raises(InvalidInputError):
+        reg.finish_round(r.id, "maybe")
