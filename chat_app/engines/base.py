@@ -1,0 +1,89 @@
+"""The engine contract: everything the chat app needs from an inference backend.
+
+    stream(messages, adapter, sampling)        -> async iterator of ReplyChunk (text deltas, then a final chunk)
+    generate(messages, n, adapter, sampling)   -> n alternative Completions
+    add_adapter(adapter) / remove_adapter(name)-> make a LoRA version servable / release it once idle
+    close()
+
+`adapter=None` means the bare base model. An adapter is named by its model-version name,
+unique and never reused (vLLM keys its prefix cache on name and path).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+Messages = list[dict[str, str]]  # [{"role": "system"|"user"|"assistant", "content": ...}]
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """A LoRA adapter version: its unique name and its folder."""
+
+    name: str
+    path: Path
+
+
+@dataclass
+class SamplingConfig:
+    """Sampling settings for one request (also stored with every reply)."""
+
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 0  # 0: off
+    max_tokens: int = 256
+    seed: int | None = None
+
+    def as_dict(self) -> dict:
+        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+                "max_tokens": self.max_tokens, "seed": self.seed}
+
+
+@dataclass
+class ReplyChunk:
+    """One streamed step: the text added since the last chunk; the last chunk has `finished` set."""
+
+    delta: str
+    text: str  # everything so far
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" (EOS / end of turn) | "length" (max_tokens) | "abort"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class Completion:
+    """A finished reply."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    token_ids: list[int] = field(default_factory=list)
+
+
+class EngineError(RuntimeError):
+    """The engine could not serve the request; the message says why and what to do."""
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """An inference backend. Implementations: `VLLMEngine`, `HFEngine`."""
+
+    name: str
+    base_model: str
+
+    def stream(self, messages: Messages, *, adapter: str | None = None,
+               sampling: SamplingConfig | None = None) -> AsyncIterator[ReplyChunk]: ...
+
+    async def generate(self, messages: Messages, n: int = 1, *, adapter: str | None = None,
+                       sampling: SamplingConfig | None = None) -> list[Completion]: ...
+
+    async def add_adapter(self, adapter: AdapterRef) -> None: ...
+
+    async def remove_adapter(self, name: str) -> None: ...
+
+    async def close(self) -> None: ...
