@@ -1,5 +1,6 @@
 """feedback_db: the one door to alignloop's SQLite database (feedback, model registry, exports)."""
 
+from .analytics import WinRate, feedback_over_time, thumbs_by_version, wilson_interval, win_rate
 from .connection import StoreConfig, default_db_path
 from .errors import (
     AccessDeniedError,
@@ -24,6 +25,7 @@ from .registry import ModelRegistry, ModelVersion, TrainingRound
 from .store import CHOICES, Context, FeedbackStore, Reply
 
 __all__ = [
+    "WinRate", "feedback_over_time", "thumbs_by_version", "wilson_interval", "win_rate",
     "AccessDeniedError", "CHOICES", "Context", "Export", "FeedbackError", "FeedbackStore", "ImportResult",
     "InvalidInputError", "ModelRegistry", "ModelVersion", "NotFoundError", "PreferenceGroup", "RegistryError",
     "Reply", "SchemaVersionError", "StoreConfig", "TrainingRound", "export", "export_ppo_prompts",

@@ -37,6 +37,7 @@ class Context:
     system_prompt: str | None
     messages: list[dict[str, str]]  # [{"role": "user"|"assistant", "content": ...}, ...]
     prompt_format: str = "chat"  # "text" when it was imported as a plain-string prompt
+    message_ids: list[int] = field(default_factory=list)  # ids of `messages`, root first
 
     def as_chat(self) -> list[dict[str, str]]:
         """The turns with the system prompt (if any) first, ready for a chat template."""
@@ -292,7 +293,7 @@ class FeedbackStore:
                     SELECT m.id, m.parent_id, m.role, m.content, m.conversation_id, p.depth + 1
                     FROM messages m JOIN path p ON m.id = p.parent_id
                 )
-                SELECT path.role, path.content, c.system_prompt, c.prompt_format
+                SELECT path.id, path.role, path.content, c.system_prompt, c.prompt_format
                 FROM path JOIN conversations c ON c.id = path.conversation_id
                 ORDER BY depth DESC
                 """,
@@ -306,7 +307,13 @@ class FeedbackStore:
             system_prompt=rows[0]["system_prompt"],
             messages=[{"role": r["role"], "content": r["content"]} for r in rows],
             prompt_format=rows[0]["prompt_format"],
+            message_ids=[r["id"] for r in rows],
         )
+
+    def latest_branch(self, conversation_id: int) -> Context | None:
+        """The conversation along its most recent branch (root to newest message), or None if empty."""
+        row = self.db.execute("SELECT MAX(id) FROM messages WHERE conversation_id = ?", [conversation_id]).fetchone()
+        return None if row[0] is None else self.context(int(row[0]))
 
     def conversation_messages(self, conversation_id: int) -> list[dict]:
         """Every message of a conversation (all branches), oldest first."""

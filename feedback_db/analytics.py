@@ -1,0 +1,86 @@
+"""Read-only aggregates for the operators' dashboard and round reports."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .store import FeedbackStore
+
+
+@dataclass
+class WinRate:
+    """Pairwise outcome of `candidate` against `baseline` in Compare votes."""
+
+    candidate: str
+    baseline: str
+    wins: int
+    losses: int
+    ties: int
+    both_bad: int
+    rate: float | None  # wins / (wins + losses); ties and both-bad count for neither side
+    ci_low: float | None  # 95% Wilson interval
+    ci_high: float | None
+
+    @property
+    def decisive(self) -> int:
+        return self.wins + self.losses
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (Wilson 1927)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def win_rate(store: FeedbackStore, candidate_id: int, baseline_id: int) -> WinRate:
+    """How often replies of `candidate_id` beat replies of `baseline_id` when compared head to head."""
+    names = {r["id"]: r["name"] for r in store.db.query(
+        "SELECT id, name FROM model_versions WHERE id IN (?, ?)", [candidate_id, baseline_id])}
+    counts = {"win": 0, "loss": 0, "tie": 0, "both_bad": 0}
+    for r in store.db.query(
+        """
+        SELECT c.choice, ma.model_version_id AS va, mb.model_version_id AS vb
+        FROM comparisons c
+        JOIN messages ma ON ma.id = c.message_a JOIN messages mb ON mb.id = c.message_b
+        WHERE (ma.model_version_id = :c AND mb.model_version_id = :b)
+           OR (ma.model_version_id = :b AND mb.model_version_id = :c)
+        """,
+        {"c": candidate_id, "b": baseline_id},
+    ):
+        if r["choice"] in ("tie", "both_bad"):
+            counts["tie" if r["choice"] == "tie" else "both_bad"] += 1
+        else:
+            winner = r["va"] if r["choice"] == "A" else r["vb"]
+            counts["win" if winner == candidate_id else "loss"] += 1
+    n = counts["win"] + counts["loss"]
+    low, high = wilson_interval(counts["win"], n) if n else (None, None)
+    return WinRate(names.get(candidate_id, str(candidate_id)), names.get(baseline_id, str(baseline_id)),
+                   counts["win"], counts["loss"], counts["tie"], counts["both_bad"],
+                   counts["win"] / n if n else None, low, high)
+
+
+def feedback_over_time(store: FeedbackStore, bucket: str = "hour") -> list[dict]:
+    """Counts of each feedback kind per time bucket ('hour' or 'day'), oldest first."""
+    width = {"hour": 13, "day": 10}[bucket]  # prefix length of the ISO timestamp
+    return list(store.db.query(
+        f"""
+        SELECT substr(created_at, 1, {width}) AS bucket, kind, COUNT(*) AS n FROM (
+            SELECT created_at, CASE WHEN value > 0 THEN 'thumbs up' WHEN value < 0 THEN 'thumbs down'
+                                    ELSE 'cleared' END AS kind FROM ratings
+            UNION ALL SELECT created_at, 'comparison' FROM comparisons
+            UNION ALL SELECT created_at, 'ranking' FROM rankings
+            UNION ALL SELECT created_at, 'demonstration' FROM demonstrations
+            UNION ALL SELECT created_at, 'message' FROM messages WHERE role = 'user'
+        ) GROUP BY bucket, kind ORDER BY bucket
+        """
+    ))
+
+
+def thumbs_by_version(store: FeedbackStore) -> list[dict]:
+    """Thumbs up/down and up-rate per model version (the `thumbs_by_version` view)."""
+    return list(store.db.query("SELECT * FROM thumbs_by_version ORDER BY model_version_id"))
