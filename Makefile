@@ -23,6 +23,7 @@ install: $(STAMP)
 run: install
 	$(BIN)/alignloop models prepare
 	$(BIN)/alignloop db init
+	$(BIN)/alignloop serve $(SERVE_ARGS)
 
 test: install
 	$(BIN)/python -m pytest

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 import typer
 
 from feedback_db.cli import app as db_app
@@ -14,6 +17,41 @@ app = typer.Typer(
 )
 app.add_typer(db_app, name="db")
 app.add_typer(models_app, name="models")
+
+
+@app.command()
+def serve(
+    base_model: str = typer.Option("default", "--base-model", help="'default' (embedded Gemma 3 270M), an HF id or a folder."),
+    engine: str = typer.Option("auto", "--engine", help="auto (vLLM when importable) | vllm | hf"),
+    db: Optional[Path] = typer.Option(None, "--db", help="Feedback database (default: $ALIGNLOOP_DB or ~/.local/share/alignloop/feedback.db)."),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(7860, "--port"),
+    users: Optional[str] = typer.Option(None, "--users", help="Require login: 'alice:pw1,bob:pw2'."),
+    admins: Optional[str] = typer.Option(None, "--admins", help="Logged-in users allowed on the dashboard: 'alice,bob'."),
+    admin_password: Optional[str] = typer.Option(None, "--admin-password", envvar="ALIGNLOOP_ADMIN_PASSWORD",
+                                                 help="Password for the operators' dashboard."),
+    max_model_len: int = typer.Option(2048, "--max-model-len", help="Longest prompt + reply in tokens."),
+    rate_limit: int = typer.Option(30, "--rate-limit", help="Requests per user per minute (0: no limit)."),
+    max_input_chars: int = typer.Option(4000, "--max-input-chars", help="Longest user message accepted."),
+) -> None:
+    """Start the chat app (Chat, Compare, Rank, Dashboard) on the live policy.
+
+    Example: alignloop serve --engine auto --port 7860 --admin-password s3cret
+    """
+    from chat_app.app import AppConfig, serve as run_server
+    from chat_app.engines import EngineConfig
+    from chat_app.service import ServiceConfig
+
+    try:
+        user_map = dict(u.split(":", 1) for u in users.split(",")) if users else {}
+    except ValueError:
+        raise typer.BadParameter("--users takes 'name:password' pairs separated by commas.") from None
+    run_server(AppConfig(
+        base_model=base_model, engine=engine, db=db, host=host, port=port, users=user_map,
+        admin_users=set(admins.split(",")) if admins else set(), admin_password=admin_password,
+        engine_config=EngineConfig(max_model_len=max_model_len),
+        service=ServiceConfig(rate_limit_per_minute=rate_limit, max_input_chars=max_input_chars),
+    ))
 
 
 def main() -> None:

@@ -1,0 +1,172 @@
+"""ServingRouter: which model version answers a request, and hot-swapping them without a restart.
+
+The registry in feedback_db is the source of truth for the live and candidate policy
+versions. The router polls it (and is poked directly after a promotion in this process),
+makes a new version's adapter available in the engine *before* routing to it, and pins
+every request to the version it started on with a lease. A version that is no longer
+live or candidate is released from the engine once no request holds it and it has been
+idle for a while. A version whose adapter fails to load is never routed to; the error is
+kept for the dashboard and the previous version keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from feedback_db import FeedbackStore, ModelRegistry, ModelVersion
+
+from .engines.base import AdapterRef, Engine
+
+log = logging.getLogger(__name__)
+
+Arm = Literal["live", "candidate"]
+
+
+@dataclass
+class RouterConfig:
+    """How the router follows the registry."""
+
+    poll_interval_s: float = 0.25  # a promotion elsewhere is picked up within about this long
+    release_idle_after_s: float = 10.0  # an old adapter is released after this long with no request
+
+
+@dataclass(frozen=True)
+class ServedVersion:
+    """A model version as the engine serves it."""
+
+    version_id: int
+    name: str
+    adapter: str | None  # the engine's adapter name; None: the bare base model
+
+    @classmethod
+    def of(cls, v: ModelVersion) -> ServedVersion:
+        return cls(v.id, v.name, v.name if v.adapter_path else None)
+
+
+@dataclass
+class _Slot:
+    served: ServedVersion
+    leases: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class ServingRouter:
+    """Routes requests to the live or candidate policy and follows the registry live."""
+
+    def __init__(self, engine: Engine, store: FeedbackStore, base_model: str,
+                 config: RouterConfig | None = None) -> None:
+        self.engine = engine
+        self.store = store
+        self.registry = ModelRegistry(store)
+        self.base_model = base_model
+        self.config = config or RouterConfig()
+        self.live: ServedVersion | None = None
+        self.candidate: ServedVersion | None = None
+        self.load_errors: dict[str, str] = {}  # version name -> why it could not be served
+        self._slots: dict[str, _Slot] = {}  # loaded versions by name
+        self._sync_lock = asyncio.Lock()
+        self._poller: asyncio.Task | None = None
+
+    # -- lifecycle --------------------------------------------------------------------
+    async def start(self) -> None:
+        """Register the bare base model (live if nothing else is), sync, and start polling."""
+        self.registry.ensure_base_policy(self.base_model)
+        await self.sync()
+        self._poller = asyncio.create_task(self._poll(), name="alignloop-registry-poll")
+
+    async def stop(self) -> None:
+        if self._poller:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.poll_interval_s)
+            try:
+                await self.sync()
+            except Exception:  # keep serving what we have; the next poll retries
+                log.exception("registry sync failed")
+
+    # -- following the registry -------------------------------------------------------
+    async def sync(self) -> None:
+        """Make the registry's live and newest candidate versions servable, then switch to them."""
+        async with self._sync_lock:
+            live = self.registry.live("policy")
+            candidates = [c for c in self.registry.candidates("policy") if c.base_model in (None, self.base_model)]
+            candidate = next((c for c in candidates if c.name not in self.load_errors), None)
+            if live is not None and await self._ensure_loaded(live):
+                self.live = ServedVersion.of(live)
+            if candidate is None:
+                self.candidate = None
+            elif await self._ensure_loaded(candidate):
+                self.candidate = ServedVersion.of(candidate)
+            await self._release_idle()
+
+    async def _ensure_loaded(self, version: ModelVersion) -> bool:
+        if version.name in self._slots:
+            return True
+        if version.name in self.load_errors:
+            return False
+        if version.adapter_path:
+            try:
+                await self.engine.add_adapter(AdapterRef(version.name, Path(version.adapter_path)))
+            except Exception as exc:
+                self.load_errors[version.name] = str(exc)
+                log.error("cannot serve %s: %s", version.name, exc)
+                return False
+        self._slots[version.name] = _Slot(ServedVersion.of(version))
+        log.info("serving %s (%s)", version.name, version.adapter_path or "bare base model")
+        return True
+
+    async def _release_idle(self) -> None:
+        keep = {v.name for v in (self.live, self.candidate) if v is not None}
+        now = time.monotonic()
+        for name, slot in list(self._slots.items()):
+            idle = now - slot.last_used
+            if name in keep or slot.leases > 0 or idle < self.config.release_idle_after_s:
+                continue
+            if slot.served.adapter is not None:
+                await self.engine.remove_adapter(slot.served.adapter)
+            del self._slots[name]
+            log.info("released %s after %.0f s idle", name, idle)
+
+    # -- routing ----------------------------------------------------------------------
+    def pick(self, arm: Arm = "live") -> ServedVersion:
+        """The version serving `arm` right now (candidate falls back to live when there is none)."""
+        chosen = self.candidate if arm == "candidate" and self.candidate else self.live
+        if chosen is None:
+            raise RuntimeError("no live policy version; start the router first (ServingRouter.start).")
+        return chosen
+
+    def battle_pair(self, rng: random.Random | None = None) -> tuple[ServedVersion, ServedVersion]:
+        """Two versions for a Compare battle, sides shuffled: live vs candidate, or live twice."""
+        pair = [self.pick("live"), self.pick("candidate")]
+        (rng or random).shuffle(pair)
+        return pair[0], pair[1]
+
+    @contextlib.asynccontextmanager
+    async def lease(self, version: ServedVersion) -> AsyncIterator[ServedVersion]:
+        """Pin `version` for the duration of a request: it is not released while held."""
+        slot = self._slots.get(version.name)
+        if slot is None:  # released between pick() and lease(): serve live instead
+            version = self.pick("live")
+            slot = self._slots[version.name]
+        slot.leases += 1
+        try:
+            yield version
+        finally:
+            slot.leases -= 1
+            slot.last_used = time.monotonic()
+
+    def loaded(self) -> list[str]:
+        """Names of the versions the engine currently holds."""
+        return list(self._slots)

@@ -1,0 +1,148 @@
+"""The Dashboard tab (operators): feedback over time, thumbs per version, candidate win rate,
+training rounds, and promote / roll back. Everything here needs the admin credential."""
+
+from __future__ import annotations
+
+import hmac
+from collections import defaultdict
+
+import gradio as gr
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from feedback_db import feedback_over_time, thumbs_by_version, win_rate  # noqa: E402
+
+from .common import Runtime, show_error  # noqa: E402
+
+
+def _is_admin(rt: Runtime, request: gr.Request | None, password: str | None) -> bool:
+    username = getattr(request, "username", None) if request is not None else None
+    if username and username in rt.admin_users:
+        return True
+    return bool(rt.admin_password and password and hmac.compare_digest(rt.admin_password, password))
+
+
+def _feedback_plot(rows: list[dict]):
+    fig, ax = plt.subplots(figsize=(7, 3))
+    buckets = sorted({r["bucket"] for r in rows})
+    kinds = sorted({r["kind"] for r in rows})
+    counts = defaultdict(int, {(r["bucket"], r["kind"]): r["n"] for r in rows})
+    bottom = [0] * len(buckets)
+    for kind in kinds:
+        values = [counts[(b, kind)] for b in buckets]
+        ax.bar(range(len(buckets)), values, bottom=bottom, label=kind)
+        bottom = [x + y for x, y in zip(bottom, values)]
+    ax.set_xticks(range(len(buckets)), [b[5:].replace("T", " ") + "h" for b in buckets], rotation=45, fontsize=7)
+    ax.set_title("Feedback per hour (UTC)")
+    if kinds:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _thumbs_plot(rows: list[dict]):
+    fig, ax = plt.subplots(figsize=(7, 3))
+    names = [r["model_version"] for r in rows]
+    rates = [r["up_rate"] or 0 for r in rows]
+    bars = ax.bar(range(len(names)), rates, color="#4a8")
+    for bar, r in zip(bars, rows):
+        ax.annotate(f"{r['thumbs_up']}/{r['thumbs_up'] + r['thumbs_down']}", (bar.get_x() + bar.get_width() / 2,
+                    bar.get_height()), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(names)), names, rotation=20, fontsize=7)
+    ax.set_ylim(0, 1.1)
+    ax.set_title("Thumbs-up rate per model version")
+    fig.tight_layout()
+    return fig
+
+
+def _win_plot(wr):
+    fig, ax = plt.subplots(figsize=(7, 2.2))
+    if wr is None or wr.rate is None:
+        ax.text(0.5, 0.5, "No decisive Compare votes between candidate and live yet", ha="center", va="center")
+        ax.axis("off")
+    else:
+        ax.errorbar([wr.rate], [0], xerr=[[wr.rate - wr.ci_low], [wr.ci_high - wr.rate]], fmt="o", capsize=6)
+        ax.axvline(0.5, color="grey", linestyle="--")
+        ax.set_xlim(0, 1)
+        ax.set_yticks([])
+        ax.set_title(f"{wr.candidate} vs {wr.baseline}: win rate {wr.rate:.0%} "
+                     f"(95% CI {wr.ci_low:.0%}–{wr.ci_high:.0%}), {wr.decisive} decisive votes")
+    fig.tight_layout()
+    return fig
+
+
+def build_dashboard_tab(rt: Runtime) -> None:
+    with gr.Row():
+        password = gr.Textbox(label="Admin password", type="password", scale=4, elem_id="admin-password")
+        unlock = gr.Button("Open dashboard", scale=1, elem_id="admin-unlock")
+    with gr.Column(visible=False) as panel:
+        summary = gr.Markdown("")
+        refresh = gr.Button("↻ Refresh")
+        with gr.Row():
+            feedback_plot = gr.Plot(label="Feedback over time")
+            thumbs_plot = gr.Plot(label="Thumbs-up rate per version")
+        win_plot = gr.Plot(label="Candidate vs live")
+        rounds = gr.Dataframe(label="Training rounds", interactive=False)
+        versions = gr.Dataframe(label="Model versions", interactive=False)
+        with gr.Row():
+            candidate = gr.Dropdown(label="Version to promote", choices=[], scale=3)
+            promote = gr.Button("Promote to live", variant="primary", scale=1)
+            rollback = gr.Button("Roll back", variant="stop", scale=1)
+        action = gr.Markdown("")
+
+    def refresh_data(pw, request: gr.Request):
+        if not _is_admin(rt, request, pw):
+            raise gr.Error("The dashboard needs the admin password (set ALIGNLOOP_ADMIN_PASSWORD on the server).")
+        svc = rt.require()
+        store, reg, router = svc.store, svc.registry, svc.router
+        live, cand = router.live, router.candidate
+        wr = win_rate(store, cand.version_id, live.version_id) if cand and live else None
+        round_rows = [[r.id, r.status, r.started_at, r.finished_at, r.snapshot_event_id,
+                       ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.metrics.items()),
+                       r.report_path or ""] for r in reg.rounds()]
+        version_rows = [[v.id, v.name, v.kind, v.status, v.adapter_path or "(base)", v.created_at]
+                        for v in reg.list() if v.kind != "external"]
+        errors = "".join(f"\n\n⚠️ cannot serve `{n}`: {e}" for n, e in router.load_errors.items())
+        stats = store.stats()["counts"]
+        text = (f"**Live:** `{live.name if live else '-'}` · **Candidate:** `{cand.name if cand else 'none'}` · "
+                f"messages {stats['messages']:,} · ratings {stats['ratings']:,} · comparisons {stats['comparisons']:,}"
+                f" · rankings {stats['rankings']:,} · demonstrations {stats['demonstrations']:,}{errors}")
+        choices = [v.name for v in reg.list("policy") if v.status != "live"]
+        figs = (_feedback_plot(feedback_over_time(store)), _thumbs_plot(thumbs_by_version(store)), _win_plot(wr))
+        for f in figs:
+            plt.close(f)
+        return (gr.Column(visible=True), text, *figs,
+                gr.Dataframe(value=round_rows, headers=["round", "status", "started", "finished", "snapshot",
+                                                        "metrics", "report"]),
+                gr.Dataframe(value=version_rows, headers=["id", "name", "kind", "status", "adapter", "created"]),
+                gr.Dropdown(choices=choices, value=cand.name if cand else None))
+
+    async def on_promote(pw, name, request: gr.Request):
+        if not _is_admin(rt, request, pw):
+            raise gr.Error("Promoting needs the admin password.")
+        if not name:
+            raise gr.Error("Choose a version to promote.")
+        try:
+            live = await rt.require().promote(name, actor=getattr(request, "username", None) or "admin")
+        except Exception as exc:
+            raise show_error(exc) from exc
+        return f"✅ `{live}` is live; new requests use it now."
+
+    async def on_rollback(pw, request: gr.Request):
+        if not _is_admin(rt, request, pw):
+            raise gr.Error("Rolling back needs the admin password.")
+        try:
+            live = await rt.require().rollback(actor=getattr(request, "username", None) or "admin")
+        except Exception as exc:
+            raise show_error(exc) from exc
+        return f"↩️ Rolled back: `{live}` is live again."
+
+    outputs = [panel, summary, feedback_plot, thumbs_plot, win_plot, rounds, versions, candidate]
+    unlock.click(refresh_data, [password], outputs, api_name="dashboard")
+    refresh.click(refresh_data, [password], outputs, api_name=False)
+    promote.click(on_promote, [password, candidate], [action], api_name="promote").then(
+        refresh_data, [password], outputs, api_name=False)
+    rollback.click(on_rollback, [password], [action], api_name="rollback").then(
+        refresh_data, [password], outputs, api_name=False)
