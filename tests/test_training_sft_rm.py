@@ -1,0 +1,214 @@
+"""Chat data, chunked log-probs, SFT and the reward model on the tiny random Gemma 3."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.adapters import ScalarHead, attach_adapter, load_head
+from training.base_models import load_model_and_tokenizer
+from training.chat_data import (
+    build_example,
+    collate,
+    encode_prompt,
+    encode_reply,
+    example_for,
+    preference_groups,
+    stop_token_id,
+    to_messages,
+)
+from training.config import LoraSettings, RewardConfig, SFTConfig, apply_overrides
+from training.logprobs import token_logprobs
+from training.losses import pairwise_reward_loss
+from training.reward_model import RewardModel, kwise_batch, kwise_loss, sequence_rewards, train_reward_model
+from training.sft import train_sft
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_path: Path):
+    model, tokenizer = load_model_and_tokenizer(tiny_model_path)
+    return model, tokenizer
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# --------------------------------------------------------------------------- #
+# Chat data
+# --------------------------------------------------------------------------- #
+
+
+def test_example_is_the_served_chat_template_plus_stop(tiny) -> None:
+    _, tok = tiny
+    prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello! How are you?"}]
+    ex = example_for(tok, prompt, " I am fine, thank you. ", max_length=512)
+    full = tok.apply_chat_template(prompt + [{"role": "assistant", "content": "I am fine, thank you."}], tokenize=False)
+    # The template ends the turn with "<end_of_turn>\n"; the model stops at <end_of_turn>.
+    assert tok.decode(ex.input_ids) == full.rstrip("\n")
+    assert ex.input_ids[-1] == stop_token_id(tok)
+    assert ex.input_ids[: ex.prompt_length] == encode_prompt(tok, prompt)
+    batch = collate([ex], tok.pad_token_id)
+    assert tok.decode(batch.input_ids[0][batch.reply_mask[0].bool()]) == "I am fine, thank you.<end_of_turn>"
+
+
+def test_truncation_keeps_the_stop_token() -> None:
+    ex = build_example(list(range(10)), [50, 51, 52, 53, 54, 99], max_length=12, min_reply=4)
+    assert len(ex.input_ids) == 12 and ex.input_ids[-1] == 99
+    ex = build_example(list(range(30)), [50, 51, 52, 53, 54, 99], max_length=12, min_reply=4)
+    assert ex.input_ids[0] == 0 and ex.input_ids[-4:] == [50, 51, 52, 99] and len(ex.input_ids) == 12
+
+
+def test_hh_transcripts_become_messages() -> None:
+    msgs = to_messages("\n\nHuman: hi\n\nAssistant: hello\n\nHuman: bye\n\nAssistant:")
+    assert msgs == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                    {"role": "user", "content": "bye"}]
+    assert to_messages("plain") == [{"role": "user", "content": "plain"}]
+
+
+def test_trl_pairs_merge_into_groups_with_each_reply_once() -> None:
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": "a", "rejected": "c"},
+            {"prompt": "q", "chosen": "x", "rejected": "y"},
+            {"prompt": "r", "completions": ["1", "2", "3"], "pairs": [[0, 1], [0, 2], [1, 2]]}]
+    groups = preference_groups(rows)
+    assert [g.completions for g in groups] == [["a", "b", "c"], ["x", "y"], ["1", "2", "3"]]
+    assert groups[0].pairs == [(0, 1), (0, 2)]
+
+
+# --------------------------------------------------------------------------- #
+# Log-probs
+# --------------------------------------------------------------------------- #
+
+
+def test_chunked_logprobs_match_full_logits_with_temperature(tiny) -> None:
+    model, tok = tiny
+    examples = [example_for(tok, "What is the capital of France?", "Paris", 64),
+                example_for(tok, "Count to five", "1, 2, 3, 4, 5", 64)]
+    b = collate(examples, tok.pad_token_id)
+    lp, ent = token_logprobs(model, b.input_ids, b.attention_mask, b.reply_mask, temperature=0.7, chunk=3,
+                             with_entropy=True)
+    logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1] / 0.7
+    full = torch.log_softmax(logits, -1).gather(-1, b.input_ids[:, 1:, None]).squeeze(-1)
+    mask = b.reply_mask[:, 1:].bool()
+    assert torch.allclose(lp[:, 1:][mask], full[mask], atol=1e-5)
+    assert (lp[:, 1:][~mask] == 0).all() and (lp[:, 0] == 0).all()
+    probs = torch.softmax(logits, -1)
+    full_ent = -(probs * torch.log_softmax(logits, -1)).sum(-1)
+    assert torch.allclose(ent[:, 1:][mask], full_ent[mask], atol=1e-4)
+
+
+# --------------------------------------------------------------------------- #
+# SFT
+# --------------------------------------------------------------------------- #
+
+
+def test_sft_learns_demonstrations_and_writes_a_loadable_adapter(tiny_model_path: Path, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "sft.jsonl", [
+        {"prompt": "What is the capital of France?", "completion": "The capital of France is Paris."},
+        {"messages": [{"role": "user", "content": "Count to five"}, {"role": "assistant", "content": "1, 2, 3, 4, 5"}]},
+    ])
+    cfg = SFTConfig(base_model=str(tiny_model_path), data=str(data), output_dir=str(tmp_path / "sft"), epochs=8,
+                    batch_size=2, lr=5e-3, progress=False)
+    result = train_sft(cfg)
+    assert result.final_loss < result.first_loss - 0.3
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+    assert json.loads((result.adapter_dir / "adapter_config.json").read_text())["r"] == cfg.lora.r
+    with pytest.raises(Exception, match="not empty"):
+        train_sft(cfg)  # never overwrite an adapter folder
+
+
+# --------------------------------------------------------------------------- #
+# Reward model
+# --------------------------------------------------------------------------- #
+
+
+def test_reward_is_read_at_the_last_real_token_whatever_the_padding(tiny) -> None:
+    model, tok = tiny
+    head = ScalarHead(model.config.hidden_size)
+    ids = torch.tensor([encode_prompt(tok, "Hello!") + encode_reply(tok, "Hi")])
+    alone = sequence_rewards(model, head, ids, torch.ones_like(ids))
+    eos = tok.eos_token_id  # pad with EOS: the mask, not the id, says where the sequence ends
+    right = torch.cat([ids, torch.full((1, 3), eos)], 1)
+    right_mask = torch.cat([torch.ones_like(ids), torch.zeros(1, 3, dtype=torch.long)], 1)
+    left = torch.cat([torch.full((1, 3), eos), ids], 1)
+    left_mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones_like(ids)], 1)
+    assert torch.allclose(sequence_rewards(model, head, right, right_mask), alone, atol=1e-5)
+    assert torch.allclose(sequence_rewards(model, head, left, left_mask), alone, atol=1e-4)
+
+
+def test_kwise_batch_equals_the_mean_over_pairs_with_k_forwards(tiny) -> None:
+    model, tok = tiny
+    torch.manual_seed(0)
+    head = ScalarHead(model.config.hidden_size)
+    groups = preference_groups([{"prompt": "Say hello", "completions": ["Hello!", "Hi there", "Goodbye", "No"],
+                                 "pairs": [[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]]},
+                                {"prompt": "Count", "chosen": "1, 2, 3", "rejected": "five"}])
+    kb = kwise_batch(groups, tok, 128)
+    rows_seen = []
+    hook = model.get_decoder().register_forward_hook(lambda m, i, o: rows_seen.append(o.last_hidden_state.shape[0]))
+    try:
+        loss, _ = kwise_loss(model, head, kb, torch.device("cpu"))
+    finally:
+        hook.remove()
+    assert rows_seen == [4 + 2]  # one pass, K rows per prompt, not 2 · C(K,2)
+    # Reference: every pair scored on its own, averaged within each prompt, then over prompts.
+    per_prompt = []
+    for g in groups:
+        pair_losses = []
+        for w, l in g.pairs:
+            ex = [example_for(tok, g.prompt, g.completions[i], 128) for i in (w, l)]
+            b = collate(ex, tok.pad_token_id)
+            r = sequence_rewards(model, head, b.input_ids, b.attention_mask)
+            pair_losses.append(pairwise_reward_loss(r, torch.tensor([0]), torch.tensor([1])))
+        per_prompt.append(torch.stack(pair_losses).mean())
+    assert torch.allclose(loss, torch.stack(per_prompt).mean(), atol=1e-5)
+
+
+def test_lora_and_head_both_train(tiny_model_path: Path) -> None:
+    model, tok = load_model_and_tokenizer(tiny_model_path)
+    model = attach_adapter(model, "default", None, LoraSettings(r=8), trainable=True)
+    head = ScalarHead(model.get_base_model().config.hidden_size)
+    head_before = head.linear.weight.detach().clone()
+    kb = kwise_batch(preference_groups([{"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away"}]), tok, 64)
+    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    for _ in range(2):  # LoRA B starts at 0, so A gets its first gradient on the second step
+        loss, _ = kwise_loss(model, head, kb, torch.device("cpu"))
+        opt.zero_grad()
+        loss.backward()
+        assert head.linear.weight.grad is not None and head.linear.weight.grad.abs().sum() > 0
+        opt.step()
+    assert not torch.equal(head.linear.weight, head_before)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_" in n)
+
+
+def preference_rows(n: int) -> list[dict]:
+    """A learnable preference: the polite reply beats the rude one."""
+    return [{"prompt": f"Question {i}: can you help me?",
+             "completions": ["Thanks for your help! You're welcome.", "No.", "Goodbye!"],
+             "pairs": [[0, 1], [0, 2], [2, 1]]} for i in range(n)]
+
+
+def test_reward_model_trains_evaluates_shifts_and_warm_starts(tiny_model_path: Path, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(10))
+    cfg = RewardConfig(base_model=str(tiny_model_path), data=str(data), output_dir=str(tmp_path / "rm1"), epochs=4,
+                       groups_per_batch=4, lr=5e-3, progress=False)
+    first = train_reward_model(cfg)
+    assert first.eval_pairs == 6 and first.eval_accuracy == 1.0  # 2 of 10 prompts held out
+    head, info = load_head(first.adapter_dir)
+    assert info["shift"] == pytest.approx(first.shift) and info["std"] > 0
+    rm = RewardModel.load(first.adapter_dir, base_model=str(tiny_model_path), device="cpu")
+    polite, rude = rm.score(["Question 99: can you help me?"] * 2, ["Thanks for your help! You're welcome.", "No."])
+    assert polite > rude
+    # The shift makes the reference replies (here: the replies that win a pair) average 0.
+    refs = rm.score(["Question 0: can you help me?"] * 2, ["Thanks for your help! You're welcome.", "Goodbye!"])
+    assert abs(sum(refs) / 2) < 0.1 * info["std"]
+
+    warm = apply_overrides(RewardConfig(base_model=str(tiny_model_path), data=str(data), progress=False),
+                           [f"output_dir={tmp_path / 'rm2'}", f"init_adapter={first.adapter_dir}", "epochs=0.1", "lr=1e-9"])
+    second = train_reward_model(warm)
+    assert second.eval_accuracy == 1.0  # starts where the first left off

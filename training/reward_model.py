@@ -1,0 +1,263 @@
+"""Reward model (InstructGPT step 2): the base + LoRA + a scalar head, on K-wise comparisons.
+
+* Each of a prompt's K replies goes through the model once; the C(K,2) pairs are
+  formed from the K scalars (InstructGPT section 3.5), and all of a prompt's
+  replies are in the same batch.
+* The reward is read at the last real token (found from the attention mask) of
+  prompt + reply + stop token; the stop token survives truncation.
+* After training, rewards are shifted so that reference replies (the
+  demonstrations, or the preferred replies) score 0 on average; the shift and
+  the std are stored with the adapter and applied by :class:`RewardModel`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from training.adapters import (
+    ScalarHead,
+    adapter_parameters,
+    attach_adapter,
+    fresh_dir,
+    load_base,
+    load_head,
+    save_adapter,
+    save_head,
+)
+from training.chat_data import (
+    Batch,
+    DataError,
+    PreferenceGroup,
+    collate,
+    encode_prompt,
+    encode_reply,
+    build_example,
+    pad_token_id,
+    preference_groups,
+    read_rows,
+    sft_pair,
+    split_groups,
+)
+from training.config import RewardConfig
+from training.logprobs import hidden_states
+from training.losses import last_token_index, pairwise_accuracy, pairwise_reward_loss
+from training.metrics_log import MetricsLog
+
+
+def sequence_rewards(model: nn.Module, head: ScalarHead, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Raw reward [batch]: the head on the hidden state of each row's last real token."""
+    hidden = hidden_states(model, input_ids, attention_mask)
+    last = last_token_index(attention_mask)
+    return head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
+
+
+@dataclass
+class KWiseBatch:
+    """All replies of some prompts (each once) and their pairs as indices into the batch rows."""
+
+    batch: Batch
+    winners: Tensor
+    losers: Tensor
+    pair_group: Tensor
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.winners)
+
+
+def kwise_batch(groups: Sequence[PreferenceGroup], tokenizer: Any, max_length: int) -> KWiseBatch:
+    """One row per distinct reply (K per prompt), pairs re-indexed into the rows."""
+    examples, winners, losers, pair_group = [], [], [], []
+    for g, group in enumerate(groups):
+        prompt_ids = encode_prompt(tokenizer, group.prompt)
+        offset = len(examples)
+        examples += [build_example(prompt_ids, encode_reply(tokenizer, c), max_length) for c in group.completions]
+        for w, l in group.pairs:
+            winners.append(offset + w)
+            losers.append(offset + l)
+            pair_group.append(g)
+    return KWiseBatch(collate(examples, pad_token_id(tokenizer)), torch.tensor(winners), torch.tensor(losers),
+                      torch.tensor(pair_group))
+
+
+def kwise_loss(model: nn.Module, head: ScalarHead, kb: KWiseBatch, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(InstructGPT eq. 1 loss, pairwise accuracy) of one K-wise batch: one forward per reply."""
+    batch = kb.batch.to(device)
+    rewards = sequence_rewards(model, head, batch.input_ids, batch.attention_mask)
+    winners, losers, groups = kb.winners.to(device), kb.losers.to(device), kb.pair_group.to(device)
+    return pairwise_reward_loss(rewards, winners, losers, groups), pairwise_accuracy(rewards.detach(), winners, losers)
+
+
+@torch.no_grad()
+def evaluate_pairs(model: nn.Module, head: ScalarHead, groups: Sequence[PreferenceGroup], tokenizer: Any,
+                   cfg: RewardConfig, device: torch.device) -> dict[str, float]:
+    """Pairwise accuracy and loss on held-out prompts (same rendering and truncation as training)."""
+    correct, total, loss_sum = 0.0, 0, 0.0
+    batches = _batches_by_rows(groups, cfg.eval_batch_rows)
+    for chunk in tqdm(batches, desc="RM eval", disable=not cfg.progress, leave=False):
+        kb = kwise_batch(chunk, tokenizer, cfg.max_length)
+        loss, acc = kwise_loss(model, head, kb, device)
+        correct += acc.item() * kb.num_pairs
+        loss_sum += loss.item() * kb.num_pairs
+        total += kb.num_pairs
+    return {"accuracy": correct / max(total, 1), "loss": loss_sum / max(total, 1), "pairs": float(total)}
+
+
+def _batches_by_rows(groups: Sequence[PreferenceGroup], rows: int) -> list[list[PreferenceGroup]]:
+    batches: list[list[PreferenceGroup]] = [[]]
+    for g in groups:
+        if batches[-1] and sum(len(x.completions) for x in batches[-1]) + len(g.completions) > rows:
+            batches.append([])
+        batches[-1].append(g)
+    return [b for b in batches if b]
+
+
+@torch.no_grad()
+def score_texts(model: nn.Module, head: ScalarHead, tokenizer: Any, prompts: Sequence[Any], replies: Sequence[str],
+                max_length: int, device: torch.device, batch_rows: int = 32) -> list[float]:
+    """Raw rewards of (prompt, reply) pairs."""
+    scores: list[float] = []
+    for start in range(0, len(prompts), batch_rows):
+        examples = [build_example(encode_prompt(tokenizer, p), encode_reply(tokenizer, r), max_length)
+                    for p, r in zip(prompts[start : start + batch_rows], replies[start : start + batch_rows])]
+        batch = collate(examples, pad_token_id(tokenizer)).to(device)
+        scores += sequence_rewards(model, head, batch.input_ids, batch.attention_mask).tolist()
+    return scores
+
+
+@dataclass
+class RewardResult:
+    """Where the reward adapter went, its held-out accuracy and speed."""
+
+    adapter_dir: Path
+    eval_accuracy: float
+    eval_loss: float
+    train_pairs: int
+    eval_pairs: int
+    train_seconds: float
+    pairs_per_second: float
+    shift: float
+    std: float
+
+
+def train_reward_model(cfg: RewardConfig) -> RewardResult:
+    """Train a reward adapter + head on preference data; write it to ``cfg.output_dir``.
+
+    Example:
+        >>> train_reward_model(RewardConfig(data="prefs.jsonl", output_dir="runs/rm-1"))  # doctest: +SKIP
+    """
+    if not cfg.data:
+        raise DataError("The reward model needs preferences: pass data=PATH (`alignloop db export preferences --format groups`).")
+    out = fresh_dir(cfg.output_dir)
+    cfg.save(out)
+    torch.manual_seed(cfg.seed)
+    groups = preference_groups(read_rows(cfg.data))
+    if not groups:
+        raise DataError(f"{cfg.data} has no usable preference pairs.")
+    train, held_out = split_groups(groups, cfg.eval_fraction, cfg.seed)
+    base, tokenizer, device = load_base(cfg)
+    model = attach_adapter(base, "default", cfg.init_adapter or None, cfg.lora, trainable=True)
+    if cfg.init_adapter:
+        head, _ = load_head(cfg.init_adapter, device)  # warm start: LoRA and head from the previous RM
+    else:
+        head = ScalarHead(model.get_base_model().config.hidden_size).to(device)
+    params = adapter_parameters(model, "default") + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = max(1, math.ceil(cfg.epochs * len(train) / cfg.groups_per_batch))
+    log = MetricsLog(out, cfg.to_dict())
+    rng = random.Random(cfg.seed)
+    order: list[int] = []
+    pairs_seen = 0
+    model.train()
+    started = time.perf_counter()
+    for step in tqdm(range(steps), desc="RM", disable=not cfg.progress):
+        if len(order) < cfg.groups_per_batch:
+            refill = list(range(len(train)))
+            rng.shuffle(refill)
+            order += refill
+        kb = kwise_batch([train[i] for i in order[: cfg.groups_per_batch]], tokenizer, cfg.max_length)
+        del order[: cfg.groups_per_batch]
+        loss, acc = kwise_loss(model, head, kb, device)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        pairs_seen += kb.num_pairs
+        log.log(step, {"rm/loss": loss.item(), "rm/accuracy": acc.item(), "rm/grad_norm": float(grad_norm),
+                       "rm/pairs_per_s": pairs_seen / (time.perf_counter() - started)})
+    train_seconds = time.perf_counter() - started
+    model.eval()
+    metrics = evaluate_pairs(model, head, held_out, tokenizer, cfg, device) if held_out else {"accuracy": float("nan"), "loss": float("nan"), "pairs": 0.0}
+    shift, std = reward_normalisation(model, head, tokenizer, cfg, train, device)
+    log.log(steps, {"rm/eval_accuracy": metrics["accuracy"], "rm/eval_loss": metrics["loss"], "rm/shift": shift, "rm/std": std})
+    log.close()
+    save_adapter(model, "default", out)
+    save_head(head, out, {"shift": shift, "std": std, "eval_accuracy": metrics["accuracy"],
+                          "eval_pairs": int(metrics["pairs"]), "base_model": str(cfg.base_model)})
+    return RewardResult(out, metrics["accuracy"], metrics["loss"], pairs_seen, int(metrics["pairs"]), train_seconds,
+                        pairs_seen / train_seconds, shift, std)
+
+
+def reward_normalisation(model: nn.Module, head: ScalarHead, tokenizer: Any, cfg: RewardConfig,
+                         train: Sequence[PreferenceGroup], device: torch.device, limit: int = 256) -> tuple[float, float]:
+    """(shift, std): the mean and std of raw rewards of reference replies.
+
+    InstructGPT: "we normalize the reward model using a bias so that the labeler
+    demonstrations achieve a mean score of 0". References are ``cfg.reference_data``
+    (SFT rows), else every reply that wins at least one pair.
+    """
+    if cfg.reference_data:
+        pairs = [sft_pair(row) for row in read_rows(cfg.reference_data)]
+    else:
+        pairs = [(g.prompt, g.completions[w]) for g in train for w in sorted({w for w, _ in g.pairs})]
+    pairs = pairs[:limit]
+    scores = torch.tensor(score_texts(model, head, tokenizer, [p for p, _ in pairs], [r for _, r in pairs],
+                                      cfg.max_length, device, cfg.eval_batch_rows))
+    std = scores.std().item() if len(scores) > 1 else 1.0
+    return scores.mean().item(), std
+
+
+class RewardModel:
+    """A trained reward adapter ready to score: ``rm.score(prompts, replies)`` → shifted rewards.
+
+    Example:
+        >>> rm = RewardModel.load("runs/rm-1")  # doctest: +SKIP
+        >>> rm.score(["Hi"], ["Hello! How can I help?"])  # doctest: +SKIP
+    """
+
+    def __init__(self, model: nn.Module, head: ScalarHead, tokenizer: Any, info: dict[str, Any], device: torch.device,
+                 max_length: int = 512):
+        self.model, self.head, self.tokenizer, self.info = model, head, tokenizer, info
+        self.device, self.max_length = device, max_length
+
+    @property
+    def shift(self) -> float:
+        return float(self.info.get("shift", 0.0))
+
+    @classmethod
+    def load(cls, folder: str | Path, base_model: str | None = None, device: str = "auto") -> RewardModel:
+        """Load a reward adapter folder written by :func:`train_reward_model` on its base model."""
+        import json
+
+        folder = Path(folder)
+        saved = json.loads((folder / "train_config.json").read_text()) if (folder / "train_config.json").is_file() else {}
+        cfg = RewardConfig(base_model=base_model or saved.get("base_model", "default"), device=device)
+        base, tokenizer, dev = load_base(cfg)
+        model = attach_adapter(base, "default", folder, cfg.lora, trainable=False)
+        model.eval()
+        head, info = load_head(folder, dev)
+        return cls(model, head, tokenizer, info, dev, saved.get("max_length", 512))
+
+    def score(self, prompts: Sequence[Any], replies: Sequence[str]) -> list[float]:
+        """Rewards of (prompt, reply) pairs, shifted so reference replies average 0."""
+        raw = score_texts(self.model, self.head, self.tokenizer, prompts, replies, self.max_length, self.device)
+        return [r - self.shift for r in raw]
