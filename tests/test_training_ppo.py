@@ -1,0 +1,145 @@
+"""PPO-ptx end to end on a tiny model, and the adapters it writes served by the chat app's engines."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.base_models import MANIFEST_NAME, load_model_and_tokenizer
+from training.config import LoraSettings, PPOConfig, RewardConfig, SFTConfig
+from training.losses import mask_after_first_stop
+from training.metrics_log import read_metrics
+from training.ppo import make_rollout_batch, train_ppo
+from training.reward_model import train_reward_model
+from training.sft import train_sft
+
+PROMPTS = ["What is the capital of France?", "Count to five", "Write a poem about the sea", "Hello! How are you?",
+           "Explain how a neural network learns", "Translate good morning", "Say thanks", "Summarise this text"]
+DEMOS = [("What is the capital of France?", "The capital of France is Paris."), ("Count to five", "1, 2, 3, 4, 5"),
+         ("Hello! How are you?", "I am fine, thank you."), ("Say thanks", "Thanks for your help!")]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ppo-data")
+    return {
+        "prompts": write_jsonl(root / "prompts.jsonl", [{"prompt": p} for p in PROMPTS]),
+        "sft": write_jsonl(root / "sft.jsonl", [{"prompt": p, "completion": c} for p, c in DEMOS]),
+        "prefs": write_jsonl(root / "prefs.jsonl", [
+            {"prompt": p, "chosen": "Thanks for your help! You're welcome.", "rejected": "No."} for p in PROMPTS]),
+    }
+
+
+@pytest.fixture(scope="module")
+def steerable_model(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with its (tied) embeddings scaled ×5.
+
+    At random init its logits are h·e with |h| = √64 after the final RMSNorm and
+    |e| ≈ 0.16, so no LoRA can move any logit by more than ~1.3 nats: every policy
+    is nearly uniform. Scaled, the policy can actually follow a reward.
+    """
+    folder = tmp_path_factory.mktemp("models") / "tiny-steerable"
+    model, tok = load_model_and_tokenizer(tiny_model_path)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(5.0)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    shutil.copy(tiny_model_path / MANIFEST_NAME, folder / MANIFEST_NAME)
+    return folder
+
+
+def token_set_reward(model_path: Path):
+    """A synthetic reward model: the share of reply tokens in a chosen set (half the vocabulary,
+    picked along a random direction of the embedding space, so the policy can steer toward it)."""
+    model, _ = load_model_and_tokenizer(model_path)
+    embeddings = model.get_input_embeddings().weight.detach()
+    direction = torch.randn(embeddings.shape[1], generator=torch.Generator().manual_seed(0))
+    chosen = embeddings @ direction > 0
+
+    def reward(reply: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return (chosen[reply.cpu()].float() * mask.cpu()).sum(1) / mask.sum(1).cpu()
+
+    return reward
+
+
+def test_rollout_batch_masks_everything_after_the_first_stop() -> None:
+    batch = make_rollout_batch([[2, 7], [2]], [[9, 1, 8, 8], [9, 9]], stop_ids=[1, 5], pad_id=0,
+                               device=torch.device("cpu"))
+    assert batch.context_length == 2
+    assert batch.reply_mask.tolist() == [[1, 1, 0, 0], [1, 1, 0, 0]]
+    assert batch.ended.tolist() == [True, False]
+    assert batch.reply.tolist() == [[9, 1, 0, 0], [9, 9, 0, 0]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 0, 0]]
+    assert mask_after_first_stop(torch.tensor([[5, 5]]), [5])[0].tolist() == [[1, 0]]
+
+
+def ppo_config(model: Path, data: dict[str, Path], out: Path, ptx_coef: float) -> PPOConfig:
+    return PPOConfig(base_model=str(model), prompts=str(data["prompts"]), sft_data=str(data["sft"]),
+                     output_dir=str(out), iterations=12, rollout_batch=32, minibatch=16, ppo_epochs=2, lr=2e-3,
+                     max_new_tokens=6, init_kl_coef=0.1, target_kl=2.0, kl_horizon=500, ptx_coef=ptx_coef,
+                     progress=False, lora=LoraSettings(r=8, alpha=16))
+
+
+def test_ppo_raises_the_reward_with_bounded_kl_and_ptx_keeps_pretraining_loss(
+        steerable_model: Path, data: dict[str, Path], tmp_path: Path) -> None:
+    reward = token_set_reward(steerable_model)
+    plain = train_ppo(ppo_config(steerable_model, data, tmp_path / "ppo", ptx_coef=0.0), reward_fn=reward)
+    log = [r for r in read_metrics(plain.metrics_path) if "reward/mean" in r]
+    first = sum(r["reward/mean"] for r in log[:2]) / 2
+    last = sum(r["reward/mean"] for r in log[-4:]) / 4
+    assert last > first + 0.05, [round(r["reward/mean"], 3) for r in log]
+    assert max(r["kl/per_reply"] for r in log) < 2 * 2.0  # under twice the target KL, whatever β does
+    assert log[0]["kl/per_reply"] == pytest.approx(0.0, abs=1e-5)  # the policy starts as the reference
+    for key in ("reward/std", "kl/beta", "loss/policy", "loss/value", "policy/entropy", "policy/clipfrac",
+                "policy/approx_kl", "value/explained_variance", "loss/ptx", "reply/length", "time/tokens_per_s"):
+        assert key in log[0]
+    assert (plain.adapter_dir / "tensorboard").is_dir()
+    assert plain.memory["ratio"] < 0.5
+
+    with_ptx = train_ppo(ppo_config(steerable_model, data, tmp_path / "ppo-ptx", ptx_coef=1.0), reward_fn=reward)
+    assert with_ptx.ptx_nll_after <= with_ptx.ptx_nll_before
+    assert with_ptx.ptx_nll_after < plain.ptx_nll_after - 0.5
+
+
+def test_ppo_with_sft_reference_and_reward_adapter_writes_adapters_the_engines_serve(
+        tiny_model_path: Path, data: dict[str, Path], tmp_path: Path) -> None:
+    base = str(tiny_model_path)
+    sft = train_sft(SFTConfig(base_model=base, data=str(data["sft"]), output_dir=str(tmp_path / "sft"), epochs=1,
+                              batch_size=4, progress=False, lora=LoraSettings(r=8, alpha=16)))
+    rm = train_reward_model(RewardConfig(base_model=base, data=str(data["prefs"]), output_dir=str(tmp_path / "rm"),
+                                         epochs=1, groups_per_batch=4, progress=False, lora=LoraSettings(r=8, alpha=16)))
+    cfg = PPOConfig(base_model=base, prompts=str(data["prompts"]), sft_adapter=str(sft.adapter_dir),
+                    reward_adapter=str(rm.adapter_dir), sft_data=str(data["sft"]), output_dir=str(tmp_path / "ppo"),
+                    iterations=2, rollout_batch=4, minibatch=2, ppo_epochs=1, max_new_tokens=5, save_every=1,
+                    missing_eos_penalty=1.0, progress=False, lora=LoraSettings(r=8, alpha=16))
+    result = train_ppo(cfg)
+    log = [r for r in read_metrics(result.metrics_path) if "reward/mean" in r]
+    assert log[0]["kl/per_reply"] == pytest.approx(0.0, abs=1e-4)  # policy = copy of the SFT reference
+    assert (result.adapter_dir / "checkpoints" / "iter-00002" / "adapter_model.safetensors").is_file()
+    assert (result.adapter_dir / "value" / "scalar_head.safetensors").is_file()
+    assert len(result.samples) == 4
+
+    from chat_app.engines import AdapterRef, EngineConfig, SamplingConfig, create_engine
+
+    async def serve() -> list:
+        engine = create_engine("hf", tiny_model_path, EngineConfig(max_model_len=256, max_lora_rank=8, device="cpu"))
+        try:
+            await engine.add_adapter(AdapterRef("ppo-test-final", result.adapter_dir))
+            await engine.add_adapter(AdapterRef("sft-test", sft.adapter_dir))
+            msgs = [{"role": "user", "content": "Hello! How are you?"}]
+            return await engine.generate(msgs, 2, adapter="ppo-test-final", sampling=SamplingConfig(max_tokens=4, seed=1))
+        finally:
+            await engine.close()
+
+    replies = asyncio.run(serve())
+    assert len(replies) == 2

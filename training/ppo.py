@@ -1,0 +1,461 @@
+"""PPO-ptx (InstructGPT step 3), read top to bottom like CleanRL's ppo.py.
+
+    objective(φ) = E_(x,y)~π_φ [ r_θ(x,y) − β·log(π_φ(y|x) / π_SFT(y|x)) ] + γ·E_x~pretrain [ log π_φ(x) ]
+
+One base model is in memory; four LoRA adapters on it play the four roles:
+
+    policy     trainable, starts as a copy of the SFT adapter
+    reference  frozen SFT adapter (no SFT adapter: the bare base, adapters disabled)
+    reward     frozen reward adapter + its scalar head (scores shifted so demonstrations average 0)
+    value      trainable, starts as a copy of the reward adapter + head
+
+Each iteration: sample replies for a batch of prompts; recompute old log-probs,
+reference log-probs, values and scores with the training model; shape per-token
+rewards (−β·KL_t on every token, plus the score at the last token); GAE; then
+several PPO epochs of clipped-surrogate + clipped-value + γ·ptx steps, stopping
+early when approx-KL gets too large; finally adapt β toward the target KL.
+The equations themselves live in :mod:`training.losses`, each written once.
+
+The ptx loss is the mean NLL per token of a pretraining batch (nats/token), so
+``ptx_coef`` (InstructGPT's γ) weighs one token of pretraining text against the
+PPO loss, whose advantages are whitened to unit scale. InstructGPT's γ = 27.8
+multiplied a sum over tokens normalised differently; here γ ≈ 0.5–2 is the usual range.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import random
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from training import losses as L
+from training.adapters import (
+    ScalarHead,
+    adapter_parameters,
+    attach_adapter,
+    fresh_dir,
+    load_base,
+    load_head,
+    save_adapter,
+    save_head,
+    use_adapter,
+)
+from training.chat_data import (
+    DataError,
+    Example,
+    collate,
+    encode_prompt,
+    encode_text,
+    pad_token_id,
+    pretraining_texts,
+    read_rows,
+    stop_token_ids,
+    to_messages,
+)
+from training.config import ConfigError, PPOConfig
+from training.logprobs import hidden_states, reply_logprobs, token_logprobs
+from training.metrics_log import MetricsLog
+from training.reward_model import sequence_rewards
+from training.rollout import EngineSampler, HFSampler
+
+# A reward function replacing the reward adapter (tests, rule-based rewards):
+# (reply ids [batch, reply_len], reply mask [batch, reply_len]) -> scores [batch].
+RewardFn = Callable[[Tensor, Tensor], Tensor]
+
+TRAINABLE = {"policy", "value"}
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- #
+# The four roles on one base model
+# --------------------------------------------------------------------------- #
+
+
+@dataclass
+class PolicyStack:
+    """The base model with its adapters and heads, and how to run each role."""
+
+    model: nn.Module
+    tokenizer: Any
+    device: torch.device
+    value_head: ScalarHead
+    reward_head: ScalarHead | None
+    reward_shift: float
+    has_reference: bool
+    cfg: PPOConfig
+
+    def policy_logprobs(self, ids: Tensor, mask: Tensor, reply_mask: Tensor, ctx: int, with_entropy: bool = False) -> tuple[Tensor, Tensor]:
+        use_adapter(self.model, "policy", TRAINABLE)
+        return reply_logprobs(self.model, ids, mask, reply_mask, ctx, self.cfg.temperature, self.cfg.logits_chunk, with_entropy)
+
+    @torch.no_grad()
+    def reference_logprobs(self, ids: Tensor, mask: Tensor, reply_mask: Tensor, ctx: int) -> Tensor:
+        if self.has_reference:
+            use_adapter(self.model, "reference", TRAINABLE)
+            return reply_logprobs(self.model, ids, mask, reply_mask, ctx, self.cfg.temperature, self.cfg.logits_chunk)[0]
+        with self.model.disable_adapter():  # no SFT adapter: the reference is the base itself
+            return reply_logprobs(self.model, ids, mask, reply_mask, ctx, self.cfg.temperature, self.cfg.logits_chunk)[0]
+
+    def values(self, ids: Tensor, mask: Tensor, ctx: int) -> Tensor:
+        """V(state before reply token t) for every reply position: [batch, reply_len]."""
+        use_adapter(self.model, "value", TRAINABLE)
+        hidden = hidden_states(self.model, ids, mask)
+        return self.value_head(hidden[:, ctx - 1 : -1])
+
+    @torch.no_grad()
+    def scores(self, prompt_ids: list[list[int]], reply: Tensor, reply_mask: Tensor, ended: Tensor) -> Tensor:
+        """Reward model scores of prompt + reply + one stop token (appended to cut-off replies too)."""
+        stop = stop_token_ids(self.tokenizer)[0]
+        examples = []
+        for p, r, m in zip(prompt_ids, reply.tolist(), reply_mask.tolist()):
+            body = [t for t, keep in zip(r, m) if keep]
+            if body and body[-1] in stop_token_ids(self.tokenizer):
+                body = body[:-1]
+            examples.append(Example(p + body + [stop], len(p)))  # the canonical stop, as in RM training
+        batch = collate(examples, pad_token_id(self.tokenizer)).to(self.device)
+        use_adapter(self.model, "reward", TRAINABLE)
+        return sequence_rewards(self.model, self.reward_head, batch.input_ids, batch.attention_mask) - self.reward_shift
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return adapter_parameters(self.model, "policy") + adapter_parameters(self.model, "value") + list(self.value_head.parameters())
+
+
+def build_stack(cfg: PPOConfig, with_reward_adapter: bool) -> PolicyStack:
+    """Load the base once and attach policy, reference, reward and value adapters to it."""
+    base, tokenizer, device = load_base(cfg)
+    sft = cfg.sft_adapter or None
+    model = attach_adapter(base, "policy", sft, cfg.lora, trainable=True)
+    if sft:
+        model = attach_adapter(model, "reference", sft, cfg.lora, trainable=False)
+    reward_head, shift = None, 0.0
+    hidden_size = model.get_base_model().config.hidden_size
+    if with_reward_adapter:
+        model = attach_adapter(model, "reward", cfg.reward_adapter, cfg.lora, trainable=False)
+        reward_head, info = load_head(cfg.reward_adapter, device)
+        reward_head.requires_grad_(False)
+        shift = float(info.get("shift", 0.0))
+        model = attach_adapter(model, "value", cfg.reward_adapter, cfg.lora, trainable=True)
+        value_head = copy.deepcopy(reward_head).requires_grad_(True)
+        with torch.no_grad():
+            value_head.linear.bias -= shift  # values start on the same (shifted) scale as the rewards
+    else:
+        model = attach_adapter(model, "value", None, cfg.lora, trainable=True)
+        value_head = ScalarHead(hidden_size).to(device)
+        with torch.no_grad():
+            value_head.linear.weight.zero_()  # V = 0 at first: no spurious advantages from a random head
+    model.eval()  # no dropout anywhere: old and new log-probs must come from the same function
+    use_adapter(model, "policy", TRAINABLE)
+    return PolicyStack(model, tokenizer, device, value_head, reward_head, shift, bool(sft), cfg)
+
+
+def memory_report(stack: PolicyStack) -> dict[str, float]:
+    """Parameter memory of the shared stack vs. four separate models (policy, reference, reward, value)."""
+    base_bytes = sum(p.numel() * p.element_size() for n, p in stack.model.named_parameters() if "lora_" not in n)
+    adapter_bytes = sum(p.numel() * p.element_size() for n, p in stack.model.named_parameters() if "lora_" in n)
+    heads = sum(p.numel() * p.element_size() for p in stack.value_head.parameters()) * 2
+    shared = base_bytes + adapter_bytes + heads
+    separate = 4 * base_bytes + heads
+    return {"shared_mb": shared / 2**20, "four_models_mb": separate / 2**20, "ratio": shared / separate}
+
+
+# --------------------------------------------------------------------------- #
+# Rollout data
+# --------------------------------------------------------------------------- #
+
+
+@dataclass
+class RolloutBatch:
+    """Left-padded prompts followed by right-padded replies, and everything PPO needs about them."""
+
+    prompt_ids: list[list[int]]
+    input_ids: Tensor  # [batch, ctx + reply_len]
+    attention_mask: Tensor
+    reply: Tensor  # [batch, reply_len]
+    reply_mask: Tensor  # 1 up to and including the first stop token
+    ended: Tensor  # [batch] bool: a stop token was produced
+    context_length: int
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+
+def make_rollout_batch(prompt_ids: list[list[int]], replies: list[list[int]], stop_ids: list[int], pad_id: int,
+                       device: torch.device) -> RolloutBatch:
+    """Pack sampled replies; tokens after the first stop token are masked everywhere (and set to pad)."""
+    from training.chat_data import left_pad
+
+    query, query_mask = left_pad(prompt_ids, pad_id)
+    width = max(1, max(len(r) for r in replies))
+    reply = torch.full((len(replies), width), pad_id, dtype=torch.long)
+    for i, r in enumerate(replies):
+        reply[i, : len(r)] = torch.tensor(r, dtype=torch.long) if r else reply[i, :0]
+    lengths = torch.tensor([len(r) for r in replies])
+    in_reply = torch.arange(width)[None, :] < lengths[:, None]
+    reply_mask, ended = L.mask_after_first_stop(reply, stop_ids)
+    reply_mask = reply_mask * in_reply
+    empty = reply_mask.sum(1) == 0
+    reply_mask[empty, 0] = 1.0  # an empty reply still has one position to score
+    reply = torch.where(reply_mask.bool(), reply, torch.full_like(reply, pad_id))
+    reply[empty, 0] = stop_ids[0]
+    ended = ended | empty
+    input_ids = torch.cat([query, reply], dim=1).to(device)
+    attention = torch.cat([query_mask, reply_mask.long()], dim=1).to(device)
+    return RolloutBatch(prompt_ids, input_ids, attention, reply.to(device), reply_mask.to(device), ended.to(device),
+                        query.shape[1])
+
+
+# --------------------------------------------------------------------------- #
+# The ptx term
+# --------------------------------------------------------------------------- #
+
+
+def pretraining_nll(model: nn.Module, examples: list[Example], pad_id: int, device: torch.device, chunk: int = 128,
+                    batch_size: int = 8) -> float:
+    """Mean NLL per token of ``examples`` under the active adapter (exp() of it is the perplexity)."""
+    total, tokens = 0.0, 0.0
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            batch = collate(examples[start : start + batch_size], pad_id).to(device)
+            lp, _ = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.reply_mask, chunk=chunk)
+            total += -(lp * batch.reply_mask).sum().item()
+            tokens += batch.reply_mask.sum().item()
+    return total / max(tokens, 1)
+
+
+def load_ptx_examples(cfg: PPOConfig, tokenizer: Any) -> list[Example]:
+    """The ptx corpus: ``pretrain_data``, else the SFT demonstrations; every token after the first is a target."""
+    path = cfg.pretrain_data or cfg.sft_data
+    if not path:
+        if cfg.ptx_coef > 0:
+            raise ConfigError("ptx_coef > 0 needs a corpus: set pretrain_data (or sft_data), or set ptx_coef=0.")
+        return []
+    return [e for e in (encode_text(tokenizer, t, cfg.ptx_max_length) for t in pretraining_texts(path, tokenizer)) if len(e.input_ids) > 1]
+
+
+# --------------------------------------------------------------------------- #
+# Training
+# --------------------------------------------------------------------------- #
+
+
+@dataclass
+class PPOResult:
+    """Where the policy adapter went, and the run's headline numbers."""
+
+    adapter_dir: Path
+    metrics_path: Path
+    iterations: int
+    reward_first: float
+    reward_last: float
+    kl_last: float
+    ptx_nll_before: float
+    ptx_nll_after: float
+    memory: dict[str, float]
+    seconds: float
+    samples: list[dict[str, Any]]
+
+
+def make_sampler(cfg: PPOConfig, stack: PolicyStack) -> HFSampler | EngineSampler:
+    """vLLM through the chat app's engine when asked for (or 'auto' on a GPU with vLLM), else HF generate."""
+    stop_ids, pad = stop_token_ids(stack.tokenizer), pad_token_id(stack.tokenizer)
+    want_vllm = cfg.sampler == "vllm" or (cfg.sampler == "auto" and stack.device.type == "cuda")
+    if want_vllm:
+        try:
+            from chat_app.engines import EngineConfig, create_engine
+            from training.base_models import prepare_model
+
+            rank = next(r for r in (8, 16, 32, 64, 128, 256) if r >= cfg.lora.r)
+            engine_cfg = EngineConfig(max_model_len=cfg.max_length + cfg.max_new_tokens, max_lora_rank=rank, seed=cfg.seed)
+            engine = create_engine("vllm", prepare_model(cfg.base_model), engine_cfg)
+            return EngineSampler(engine, stop_ids, cfg.max_new_tokens, cfg.temperature, cfg.top_p)
+        except Exception as exc:  # noqa: BLE001 - fall back to HF generate, but say why
+            if cfg.sampler == "vllm":
+                raise ConfigError(f"sampler='vllm' but the vLLM engine could not start ({exc}); use sampler='hf'.") from exc
+            logger.warning("vLLM engine unavailable (%s); sampling with HF generate.", exc)
+    return HFSampler(stack.model, stack.tokenizer, TRAINABLE, stop_ids, pad, cfg.max_new_tokens, cfg.temperature,
+                     cfg.top_p, stack.device)
+
+
+def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> PPOResult:
+    """Run PPO-ptx; write the policy adapter to ``cfg.output_dir`` (value adapter in ``value/``).
+
+    Args:
+        cfg: the run's configuration.
+        reward_fn: score replies with this instead of ``cfg.reward_adapter`` (rule-based rewards, tests).
+
+    Example:
+        >>> train_ppo(PPOConfig(prompts="prompts.jsonl", sft_adapter="runs/sft-1",
+        ...                     reward_adapter="runs/rm-1", sft_data="sft.jsonl", output_dir="runs/ppo-1"))  # doctest: +SKIP
+    """
+    if reward_fn is None and not cfg.reward_adapter:
+        raise ConfigError("PPO needs a reward: set reward_adapter (from `alignloop train rm`) or pass reward_fn.")
+    if not cfg.prompts:
+        raise DataError("PPO needs prompts: pass prompts=PATH (`alignloop db export prompts`).")
+    if cfg.rollout_batch % cfg.minibatch:
+        raise ConfigError(f"rollout_batch ({cfg.rollout_batch}) must be a multiple of minibatch ({cfg.minibatch}).")
+    out = fresh_dir(cfg.output_dir)
+    cfg.save(out)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+
+    stack = build_stack(cfg, with_reward_adapter=reward_fn is None)
+    tok, device = stack.tokenizer, stack.device
+    stop_ids, pad = stop_token_ids(tok), pad_token_id(tok)
+    prompts = [to_messages(row["prompt"]) for row in read_rows(cfg.prompts)]
+    prompt_budget = max(8, cfg.max_length - cfg.max_new_tokens)
+    encoded = [ids if len(ids) <= prompt_budget else ids[:1] + ids[len(ids) - prompt_budget + 1 :]
+               for ids in (encode_prompt(tok, p) for p in prompts)]
+    ptx_examples = load_ptx_examples(cfg, tok)
+    ptx_eval = ptx_examples[:64]
+    params = stack.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, eps=1e-5)
+    kl_ctl = L.AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon, cfg.adaptive_kl)
+    sampler = make_sampler(cfg, stack)
+    memory = memory_report(stack)
+    log = MetricsLog(out, cfg.to_dict())
+    (out / "memory.json").write_text(json.dumps(memory, indent=2) + "\n")
+
+    use_adapter(stack.model, "policy", TRAINABLE)
+    ptx_before = pretraining_nll(stack.model, ptx_eval, pad, device, cfg.logits_chunk) if ptx_eval else float("nan")
+    order: list[int] = []
+    reward_history: list[float] = []
+    kl_last = 0.0
+    samples: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    bar = tqdm(range(1, cfg.iterations + 1), desc="PPO", disable=not cfg.progress)
+    for iteration in bar:
+        # ---- 1. Rollout: sample replies with the current policy --------------------------------------
+        t0 = time.perf_counter()
+        while len(order) < cfg.rollout_batch:
+            order += [int(i) for i in rng.permutation(len(prompts))]
+        idx, order = order[: cfg.rollout_batch], order[cfg.rollout_batch :]
+        if sampler.needs_adapter_folder:  # vLLM: this iteration's policy, under a new name and folder
+            folder = save_adapter(stack.model, "policy", out / "rollout_adapters" / f"iter-{iteration:05d}")
+            sampler.set_policy(f"{out.name}-iter-{iteration:05d}", folder)
+        replies = sampler.sample([encoded[i] for i in idx], [prompts[i] for i in idx])
+        rb = make_rollout_batch([encoded[i] for i in idx], replies, stop_ids, pad, device)
+        ids, mask, rmask, ctx = rb.input_ids, rb.attention_mask, rb.reply_mask, rb.context_length
+        t_gen = time.perf_counter() - t0
+
+        # ---- 2. Score: old log-probs (recomputed, not from the sampler), reference, values, reward ---
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            old_logprobs, _ = stack.policy_logprobs(ids, mask, rmask, ctx)
+            ref_logprobs = stack.reference_logprobs(ids, mask, rmask, ctx)
+            old_values = stack.values(ids, mask, ctx) * rmask
+            score = reward_fn(rb.reply, rmask).to(device).float() if reward_fn else stack.scores(rb.prompt_ids, rb.reply, rmask, rb.ended)
+        raw_score = score.clone()
+        if cfg.missing_eos_penalty:
+            score = score - cfg.missing_eos_penalty * (~rb.ended).float()  # replies cut off without EOS
+        kl = L.kl_per_token(old_logprobs, ref_logprobs, cfg.kl_estimator) * rmask
+        rewards, kl_rewards = L.per_token_rewards(score, kl, kl_ctl.value, rmask)
+        if cfg.whiten_rewards:
+            rewards = L.masked_whiten(rewards, rmask, shift_mean=False)
+        advantages, returns = L.gae(rewards, old_values, rmask, cfg.gamma, cfg.lam)  # returns before whitening
+        advantages = L.masked_whiten(advantages, rmask)
+        t_score = time.perf_counter() - t0
+
+        # ---- 3. Update: PPO epochs over minibatches, each step with the ptx term ---------------------
+        t0 = time.perf_counter()
+        stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "ptx", "entropy", "clipfrac", "approx_kl")}
+        for epoch in range(cfg.ppo_epochs):
+            epoch_kl = []
+            for mb in torch.from_numpy(rng.permutation(cfg.rollout_batch)).split(cfg.minibatch):
+                mb = mb.to(device)
+                m = rmask[mb]
+                logprobs, entropy = stack.policy_logprobs(ids[mb], mask[mb], m, ctx, with_entropy=True)
+                values = stack.values(ids[mb], mask[mb], ctx)
+                pg_loss, clipfrac = L.clipped_surrogate_loss(logprobs, old_logprobs[mb], advantages[mb], m, cfg.cliprange)
+                vf_loss = L.clipped_value_loss(values, old_values[mb], returns[mb], m, cfg.cliprange_value)
+                mean_entropy = L.masked_mean(entropy, m)
+                ptx_nll = ptx_step_loss(stack, ptx_examples, rng, cfg) if cfg.ptx_coef > 0 else torch.zeros((), device=device)
+                loss = L.ppo_ptx_loss(pg_loss, vf_loss, mean_entropy, ptx_nll, cfg.vf_coef, cfg.entropy_coef, cfg.ptx_coef)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                with torch.no_grad():
+                    kl_now = L.approx_kl(logprobs, old_logprobs[mb], m).item()
+                epoch_kl.append(kl_now)
+                for key, value in (("pg", pg_loss), ("vf", vf_loss), ("ptx", ptx_nll), ("entropy", mean_entropy),
+                                   ("clipfrac", clipfrac), ("approx_kl", kl_now)):
+                    stats[key].append(float(value.detach()) if torch.is_tensor(value) else float(value))
+            if cfg.approx_kl_stop and float(np.mean(epoch_kl)) > cfg.approx_kl_stop:
+                break  # the policy moved too far from the one that sampled: stop reusing this batch
+        t_update = time.perf_counter() - t0
+
+        # ---- 4. Adapt β toward the target KL; log --------------------------------------------------
+        kl_per_reply = kl.sum(1).mean().item()
+        beta = kl_ctl.value
+        kl_ctl.update(kl_per_reply, cfg.rollout_batch)
+        reply_tokens = rmask.sum().item()
+        reward_history.append(raw_score.mean().item())
+        kl_last = kl_per_reply
+        metrics = {
+            "reward/mean": raw_score.mean().item(),
+            "reward/std": raw_score.std().item() if len(raw_score) > 1 else 0.0,
+            "reward/total_mean": (rewards * rmask).sum(1).mean().item(),
+            "kl/per_reply": kl_per_reply,
+            "kl/beta": beta,
+            "kl/non_score_reward": kl_rewards.sum(1).mean().item(),
+            "loss/policy": float(np.mean(stats["pg"])),
+            "loss/value": float(np.mean(stats["vf"])),
+            "loss/ptx": float(np.mean(stats["ptx"])),
+            "policy/entropy": float(np.mean(stats["entropy"])),
+            "policy/clipfrac": float(np.mean(stats["clipfrac"])),
+            "policy/approx_kl": float(np.mean(stats["approx_kl"])),
+            "policy/epochs": float(epoch + 1),
+            "value/explained_variance": L.explained_variance(old_values, returns, rmask).item(),
+            "reply/length": rmask.sum(1).float().mean().item(),
+            "reply/ended": rb.ended.float().mean().item(),
+            "time/generation_s": t_gen,
+            "time/scoring_s": t_score,
+            "time/update_s": t_update,
+            "time/tokens_per_s": reply_tokens / max(t_gen, 1e-9),
+            "memory/peak_mb": peak_memory_mb(device),
+        }
+        log.log(iteration, metrics)
+        bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{kl_per_reply:.3f}", beta=f"{beta:.3f}")
+        if cfg.save_every and iteration % cfg.save_every == 0:
+            save_adapter(stack.model, "policy", out / "checkpoints" / f"iter-{iteration:05d}")
+        if iteration == cfg.iterations:
+            samples = [{"prompt": prompts[i], "reply": tok.decode(rb.reply[j][rmask[j].bool()], skip_special_tokens=True),
+                        "score": raw_score[j].item()} for j, i in enumerate(idx[:4])]
+
+    use_adapter(stack.model, "policy", TRAINABLE)
+    ptx_after = pretraining_nll(stack.model, ptx_eval, pad, device, cfg.logits_chunk) if ptx_eval else float("nan")
+    log.log(cfg.iterations, {"ptx/nll_before": ptx_before, "ptx/nll_after": ptx_after})
+    log.close()
+    save_adapter(stack.model, "policy", out)
+    save_adapter(stack.model, "value", out / "value")
+    save_head(stack.value_head, out / "value", {"shift": 0.0, "std": 1.0})
+    if isinstance(sampler, EngineSampler):
+        sampler.close()
+    return PPOResult(out, log.path, cfg.iterations, reward_history[0], reward_history[-1], kl_last, ptx_before,
+                     ptx_after, memory, time.perf_counter() - started, samples)
+
+
+def ptx_step_loss(stack: PolicyStack, examples: list[Example], rng: np.random.Generator, cfg: PPOConfig) -> Tensor:
+    """The pretraining NLL (mean per token) of a random ptx batch under the policy, with gradients."""
+    picks = rng.choice(len(examples), size=min(cfg.ptx_batch, len(examples)), replace=False)
+    batch = collate([examples[i] for i in picks], pad_token_id(stack.tokenizer)).to(stack.device)
+    use_adapter(stack.model, "policy", TRAINABLE)
+    lp, _ = token_logprobs(stack.model, batch.input_ids, batch.attention_mask, batch.reply_mask, chunk=cfg.logits_chunk)
+    return L.token_nll(lp, batch.reply_mask)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak accelerator memory (CUDA) or peak resident memory of this process (CPU), in MiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
