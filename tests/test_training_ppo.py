@@ -29,6 +29,15 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run several times faster on one thread than on two contended ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ppo-data")
@@ -85,7 +94,7 @@ def test_rollout_batch_masks_everything_after_the_first_stop() -> None:
 
 def ppo_config(model: Path, data: dict[str, Path], out: Path, ptx_coef: float) -> PPOConfig:
     return PPOConfig(base_model=str(model), prompts=str(data["prompts"]), sft_data=str(data["sft"]),
-                     output_dir=str(out), iterations=12, rollout_batch=32, minibatch=16, ppo_epochs=2, lr=2e-3,
+                     output_dir=str(out), iterations=16, rollout_batch=32, minibatch=16, ppo_epochs=2, lr=2e-3,
                      max_new_tokens=6, init_kl_coef=0.1, target_kl=2.0, kl_horizon=500, ptx_coef=ptx_coef,
                      progress=False, lora=LoraSettings(r=8, alpha=16))
 
