@@ -198,3 +198,26 @@ def config_help(cls: type) -> str:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         lines.append(f"{f.name}={default!r}: {f.metadata.get('help', '')}")
     return "\n".join(lines)
+
+
+def config_from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Build a config from plain data (a saved ``train_config.json``); unknown keys are an error."""
+    data = {k: v for k, v in data.items() if k != "kind"}
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"{cls.__name__} has no field(s) {', '.join(sorted(unknown))}. Fields: {', '.join(sorted(names))}.")
+    if isinstance(data.get("lora"), dict):
+        lora = dict(data["lora"])
+        if "target_modules" in lora:
+            lora["target_modules"] = tuple(lora["target_modules"])
+        data["lora"] = LoraSettings(**lora)
+    return cls(**data)
+
+
+def load_config(cls: type, path: str | Path) -> Any:
+    """Read a JSON configuration file (e.g. a previous run's ``train_config.json``) as ``cls``."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"No configuration file at {path}.")
+    return config_from_dict(cls, json.loads(path.read_text()))
