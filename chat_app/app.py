@@ -76,7 +76,7 @@ def build_app(config: AppConfig, model_path: Path, base_model_name: str) -> tupl
                 await engine.close()
             store.close()
 
-    demo = build_ui(rt, title=config.title)
+    demo = build_ui(rt, title=config.title, default_sampling=config.service.default_sampling)
     app = FastAPI(lifespan=lifespan)
     auth = list(config.users.items()) or None
     app = gr.mount_gradio_app(app, demo, path="", auth=auth)

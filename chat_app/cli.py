@@ -33,13 +33,14 @@ def serve(
     max_model_len: int = typer.Option(2048, "--max-model-len", help="Longest prompt + reply in tokens."),
     rate_limit: int = typer.Option(30, "--rate-limit", help="Requests per user per minute (0: no limit)."),
     max_input_chars: int = typer.Option(4000, "--max-input-chars", help="Longest user message accepted."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Default reply length limit (users can change it)."),
 ) -> None:
     """Start the chat app (Chat, Compare, Rank, Dashboard) on the live policy.
 
     Example: alignloop serve --engine auto --port 7860 --admin-password s3cret
     """
     from chat_app.app import AppConfig, serve as run_server
-    from chat_app.engines import EngineConfig
+    from chat_app.engines import EngineConfig, SamplingConfig
     from chat_app.service import ServiceConfig
 
     try:
@@ -50,7 +51,8 @@ def serve(
         base_model=base_model, engine=engine, db=db, host=host, port=port, users=user_map,
         admin_users=set(admins.split(",")) if admins else set(), admin_password=admin_password,
         engine_config=EngineConfig(max_model_len=max_model_len),
-        service=ServiceConfig(rate_limit_per_minute=rate_limit, max_input_chars=max_input_chars),
+        service=ServiceConfig(rate_limit_per_minute=rate_limit, max_input_chars=max_input_chars,
+                              default_sampling=SamplingConfig(max_tokens=max_new_tokens)),
     ))
 
 

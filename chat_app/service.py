@@ -76,6 +76,9 @@ class ChatService:
         self.config = config or ServiceConfig()
         self.limiter = RateLimiter(self.config.rate_limit_per_minute)
         self._known_users: set[str] = set()
+        # Battles by the id of their prompt message: the UI keeps only this key, so a vote
+        # never depends on which streamed update reached the browser last.
+        self._battles: dict[int, Battle] = {}
 
     def ensure_user(self, user_id: str, *, is_admin: bool = False) -> str:
         """Make sure the user exists in the store (cached: one write per user per process)."""
@@ -194,6 +197,9 @@ class ChatService:
                                               title=text.strip()[:80])
         q = self.store.add_user_message(conv, user_id, text)
         battle = Battle(conv, q, [0, 0], ["", ""], [left.name, right.name])
+        self._battles[q] = battle
+        while len(self._battles) > 10_000:  # forget the oldest unvoted battles
+            self._battles.pop(next(iter(self._battles)))
         queue: asyncio.Queue[tuple[int, StreamUpdate | None]] = asyncio.Queue()
 
         async def run(side: int, version: ServedVersion) -> None:
@@ -223,14 +229,24 @@ class ChatService:
             for t in tasks:
                 t.cancel()
 
-    def vote(self, user_id: str, battle: Battle, choice: str, *, client_id: str | None = None) -> list[str]:
+    def get_battle(self, key: int) -> Battle:
+        """A battle started in this process, by the id of its prompt message."""
+        battle = self._battles.get(key)
+        if battle is None:
+            raise UserFacingError("That comparison has expired; start a new one.")
+        return battle
+
+    def vote(self, user_id: str, battle: Battle | int, choice: str, *, client_id: str | None = None) -> list[str]:
         """Record the Compare vote; return the two version names (revealed after the vote)."""
+        if isinstance(battle, int):
+            battle = self.get_battle(battle)
         if not battle.done or 0 in battle.reply_ids:
             raise UserFacingError("Wait until both replies have finished, then vote.")
         try:
             self.store.record_comparison(user_id, battle.reply_ids[0], battle.reply_ids[1], choice, client_id=client_id)
         except FeedbackError as exc:
             raise UserFacingError(str(exc)) from exc
+        self._battles.pop(battle.user_message_id, None)
         return battle.versions
 
     # -- rank -------------------------------------------------------------------------

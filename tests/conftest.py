@@ -26,3 +26,13 @@ def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tmp_db_path(tmp_path: Path) -> Path:
     """Where a test's feedback database goes (the file is not created)."""
     return tmp_path / "feedback.db"
+
+
+@pytest.fixture(scope="session")
+def app_server(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory):
+    """`alignloop serve` on the tiny model (transformers engine) in a subprocess, shared by the UI tests."""
+    from tests.app_server import start_server, stop_server
+
+    server = start_server(tiny_model_path, tmp_path_factory.mktemp("app"))
+    yield server
+    stop_server(server)

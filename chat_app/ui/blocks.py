@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
+from ..engines.base import SamplingConfig
 from .chat_tab import build_chat_tab
 from .common import Runtime, user_id_for
 from .compare_tab import build_compare_tab
@@ -11,8 +12,9 @@ from .dashboard_tab import build_dashboard_tab
 from .rank_tab import build_rank_tab
 
 
-def build_ui(rt: Runtime, *, title: str = "alignloop") -> gr.Blocks:
+def build_ui(rt: Runtime, *, title: str = "alignloop", default_sampling: SamplingConfig | None = None) -> gr.Blocks:
     """The whole app: Chat, Compare, Rank and (for operators) Dashboard."""
+    defaults = default_sampling or SamplingConfig()
     with gr.Blocks(title=title) as demo:
         # The anonymous user id and the open conversation survive a page reload.
         browser = gr.BrowserState({"user_id": None, "conversation_id": None}, storage_key="alignloop")
@@ -22,9 +24,9 @@ def build_ui(rt: Runtime, *, title: str = "alignloop") -> gr.Blocks:
         with gr.Accordion("Settings: system prompt and sampling", open=False):
             settings = {
                 "system_prompt": gr.Textbox(label="System prompt", lines=2, elem_id="system-prompt"),
-                "temperature": gr.Slider(0.0, 2.0, value=0.8, step=0.05, label="Temperature"),
-                "top_p": gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="Top-p"),
-                "max_tokens": gr.Slider(16, 1024, value=200, step=8, label="Max new tokens"),
+                "temperature": gr.Slider(0.0, 2.0, value=defaults.temperature, step=0.05, label="Temperature"),
+                "top_p": gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="Top-p"),
+                "max_tokens": gr.Slider(8, 1024, value=defaults.max_tokens, step=8, label="Max new tokens"),
             }
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):

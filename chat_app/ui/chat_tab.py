@@ -28,7 +28,7 @@ def build_chat_tab(rt: Runtime, user_state: gr.State, browser: gr.BrowserState, 
     conv_state = gr.State(_empty_state())
     with gr.Row():
         with gr.Column(scale=1, min_width=200):
-            new_chat = gr.Button("➕ New chat", variant="secondary")
+            new_chat = gr.Button("+ New chat", variant="secondary", elem_id="chat-new")
             history_pick = gr.Dropdown(label="Your conversations", choices=[], value=None, interactive=True)
         with gr.Column(scale=4):
             chatbot = gr.Chatbot(label="alignloop", height=460, sanitize_html=True, elem_id="chatbot",
@@ -38,15 +38,15 @@ def build_chat_tab(rt: Runtime, user_state: gr.State, browser: gr.BrowserState, 
                                  elem_id="chat-input", max_lines=8)
                 send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
             with gr.Row():
-                stop = gr.Button("■ Stop", scale=1)
-                regen = gr.Button("↻ Regenerate", scale=1, elem_id="chat-regenerate")
+                stop = gr.Button("Stop", scale=1, elem_id="chat-stop")
+                regen = gr.Button("Regenerate", scale=1, elem_id="chat-regenerate")
             status = gr.Markdown("", elem_id="chat-status")
             with gr.Accordion("Feedback on the selected reply", open=False, elem_id="feedback-panel") as panel:
                 selected_md = gr.Markdown("Click 👍 or 👎 under a reply to select it.")
                 reasons = gr.CheckboxGroup(THUMBS_UP_REASONS + THUMBS_DOWN_REASONS, label="Reasons (optional)")
                 comment = gr.Textbox(label="Comment (optional)", lines=2)
                 save_feedback = gr.Button("Save feedback", elem_id="feedback-save")
-            with gr.Accordion("✍️ Write a better reply", open=False):
+            with gr.Accordion("Write a better reply", open=False, elem_id="better-panel"):
                 better = gr.Textbox(label="Your ideal reply to the last message", lines=4, elem_id="better-reply")
                 save_better = gr.Button("Save as demonstration", elem_id="better-save")
 
@@ -57,7 +57,8 @@ def build_chat_tab(rt: Runtime, user_state: gr.State, browser: gr.BrowserState, 
         svc = rt.require()
         uid = svc.ensure_user(user_id_for(request, uid))
         history = list(history or [])
-        parent = state["ids"][-1] if state["ids"] else None
+        base_ids = list(state["ids"])
+        parent = base_ids[-1] if base_ids else None
         history += [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
         try:
             stream = svc.chat(uid, text, conversation_id=state["conversation_id"], parent_id=parent,
@@ -65,13 +66,12 @@ def build_chat_tab(rt: Runtime, user_state: gr.State, browser: gr.BrowserState, 
                               sampling=sampling_from(temperature, top_p, max_tokens))
             async for update in stream:
                 history[-1] = {"role": "assistant", "content": update.error or update.text}
-                if update.finished:
-                    state = {**state, "conversation_id": update.conversation_id,
-                             "ids": state["ids"] + [update.user_message_id, update.reply_id]}
-                    yield "", history, state, uid, {"user_id": uid, "conversation_id": update.conversation_id}, \
-                        update.error or ""
-                else:
-                    yield "", history, state, uid, gr.skip(), "_generating…_"
+                # The reply id reaches the page through `.then(sync_from_db)`: a streamed
+                # update can be overtaken, the database cannot.
+                state = {**state, "conversation_id": update.conversation_id,
+                         "ids": base_ids + [update.user_message_id, update.reply_id]}
+                yield "", history, state, uid, {"user_id": uid, "conversation_id": update.conversation_id}, \
+                    (update.error or "") if update.finished else "_generating…_"
         except Exception as exc:
             raise show_error(exc) from exc
 
@@ -86,11 +86,8 @@ def build_chat_tab(rt: Runtime, user_state: gr.State, browser: gr.BrowserState, 
         try:
             async for update in svc.regenerate(uid, ids[-1], sampling=sampling_from(temperature, top_p, max_tokens)):
                 history[-1] = {"role": "assistant", "content": update.error or update.text}
-                if update.finished:
-                    state = {**state, "ids": ids + [update.reply_id]}
-                    yield history, state, update.error or ""
-                else:
-                    yield history, state, "_generating…_"
+                state = {**state, "ids": ids + [update.reply_id]}
+                yield history, state, (update.error or "") if update.finished else "_generating…_"
         except Exception as exc:
             raise show_error(exc) from exc
 
@@ -155,8 +152,20 @@ def build_chat_tab(rt: Runtime, user_state: gr.State, browser: gr.BrowserState, 
             raise gr.Error("That conversation is not yours.")
         branch = svc.store.latest_branch(conversation_id)
         history = [{"role": m["role"], "content": m["content"]} for m in (branch.messages if branch else [])]
+        for i, message_id in enumerate(branch.message_ids if branch else []):
+            if history[i]["role"] == "assistant" and not history[i]["content"].strip():
+                reason = svc.store.db["messages"].get(message_id)["finish_reason"]
+                history[i]["content"] = ("⚠️ The model could not answer this; press Regenerate." if reason == "error"
+                                         else "(empty reply)")
         state = {**_empty_state(), "conversation_id": conversation_id, "ids": branch.message_ids if branch else []}
         return history, state, {"user_id": uid, "conversation_id": conversation_id}
+
+    def sync_from_db(state, uid, request: gr.Request):
+        """After a reply finished (or was stopped): show the conversation as stored, with its ids."""
+        if rt.service is None or state.get("conversation_id") is None:
+            return gr.skip(), gr.skip()
+        history, new_state, _ = load_conversation(state["conversation_id"], uid, request)
+        return history, new_state
 
     outputs = [box, chatbot, conv_state, user_state, browser, status]
     send_event = send.click(on_send, [box, chatbot, conv_state, user_state] + sampling_inputs, outputs,
@@ -165,7 +174,10 @@ def build_chat_tab(rt: Runtime, user_state: gr.State, browser: gr.BrowserState, 
                               api_name=False)
     regen_event = regen.click(on_regenerate, [chatbot, conv_state, user_state] + sampling_inputs,
                               [chatbot, conv_state, status], api_name="regenerate")
-    stop.click(None, None, None, cancels=[send_event, submit_event, regen_event])
+    for event in (send_event, submit_event, regen_event):
+        event.then(sync_from_db, [conv_state, user_state], [chatbot, conv_state], api_name=False)
+    stop.click(None, None, None, cancels=[send_event, submit_event, regen_event]).then(
+        sync_from_db, [conv_state, user_state], [chatbot, conv_state], api_name=False)
     chatbot.like(on_like, [conv_state, user_state], [conv_state, selected_md, panel], api_name="like")
     save_feedback.click(on_save_feedback, [conv_state, user_state, reasons, comment], [reasons, comment],
                         api_name="feedback")

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import gradio as gr
 
-from ..service import Battle
 from .common import Runtime, sampling_from, show_error, user_id_for
 
 CHOICES = {"A is better": "A", "B is better": "B", "Tie": "tie", "Both are bad": "both_bad"}
 
 
 def build_compare_tab(rt: Runtime, user_state: gr.State, settings: dict) -> None:
-    battle_state = gr.State(None)
+    battle_state = gr.State(None)  # the battle's key (its prompt message id)
     gr.Markdown("Ask one thing and get two replies from two model versions. Pick the better one; "
                 "we tell you which versions they were after you vote.")
     with gr.Row():
@@ -33,21 +30,26 @@ def build_compare_tab(rt: Runtime, user_state: gr.State, settings: dict) -> None
         try:
             async for battle in svc.battle(uid, text, system_prompt=system_prompt or None,
                                            sampling=sampling_from(temperature, top_p, max_tokens)):
-                snapshot = dataclasses.asdict(battle)
-                ready = battle.done and 0 not in battle.reply_ids
-                yield [battle.texts[0], battle.texts[1], snapshot, uid, ""] + \
-                    ([gr.Button(interactive=True)] * len(buttons) if ready else locked)
+                yield [battle.texts[0], battle.texts[1], battle.user_message_id, uid, ""] + locked
         except Exception as exc:
             raise show_error(exc) from exc
 
+    def on_done(key):
+        # Runs after the stream ends (`.then`): enable voting once both replies are stored.
+        if key is None:
+            return [gr.skip()] * (2 + len(buttons))
+        battle = rt.require().get_battle(key)
+        ready = battle.done and 0 not in battle.reply_ids
+        return [battle.texts[0], battle.texts[1]] + [gr.Button(interactive=ready)] * len(buttons)
+
     def on_vote(label: str):
-        def vote(snapshot, uid, request: gr.Request):
+        def vote(key, uid, request: gr.Request):
             svc = rt.require()
             uid = svc.ensure_user(user_id_for(request, uid))
-            if not snapshot:
+            if key is None:
                 raise gr.Error("Get two replies first.")
             try:
-                versions = svc.vote(uid, Battle(**snapshot), CHOICES[label])
+                versions = svc.vote(uid, int(key), CHOICES[label])
             except Exception as exc:
                 raise show_error(exc) from exc
             text = f"Thanks! **A** was `{versions[0]}`, **B** was `{versions[1]}`."
@@ -57,8 +59,10 @@ def build_compare_tab(rt: Runtime, user_state: gr.State, settings: dict) -> None
     settings_inputs = [settings["system_prompt"], settings["temperature"], settings["top_p"], settings["max_tokens"]]
     go_event = dict(fn=on_go, inputs=[prompt, user_state] + settings_inputs,
                     outputs=[reply_a, reply_b, battle_state, user_state, reveal] + buttons)
-    go.click(**go_event, api_name="compare")
-    prompt.submit(**go_event, api_name=False)
+    go.click(**go_event, api_name="compare").then(on_done, [battle_state], [reply_a, reply_b] + buttons,
+                                                  api_name=False)
+    prompt.submit(**go_event, api_name=False).then(on_done, [battle_state], [reply_a, reply_b] + buttons,
+                                                   api_name=False)
     for button, (label, value) in zip(buttons, CHOICES.items()):
         button.click(on_vote(label), [battle_state, user_state], [reveal, battle_state] + buttons,
                      api_name=f"vote_{value}")

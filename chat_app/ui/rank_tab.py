@@ -42,7 +42,8 @@ def build_rank_tab(rt: Runtime, user_state: gr.State, settings: dict) -> None:
                 + [texts[i] if i < n else "" for i in range(MAX_K)]
                 + [gr.Dropdown(choices=choices, value=None) for _ in range(MAX_K)])
 
-    def on_submit(state, uid, *positions, request: gr.Request):
+    def on_submit(state, uid, p1, p2, p3, p4, p5, p6, p7, p8, p9, request: gr.Request):
+        positions = (p1, p2, p3, p4, p5, p6, p7, p8, p9)  # the rank given to each shown reply
         svc = rt.require()
         uid = svc.ensure_user(user_id_for(request, uid))
         if not state:

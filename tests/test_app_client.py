@@ -1,0 +1,73 @@
+"""The Gradio handlers through gradio_client against a running app (tiny model, real SQLite)."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+from gradio_client import Client
+
+from tests.app_server import ADMIN_PASSWORD
+
+
+def _count(db_path, sql: str, params=()) -> int:
+    conn = sqlite3.connect(db_path)
+    try:
+        return conn.execute(sql, params).fetchone()[0]
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def client(app_server):
+    return Client(app_server.url, verbose=False)
+
+
+def test_api_lists_the_handlers(client):
+    endpoints = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+    assert {"/chat", "/regenerate", "/like", "/feedback", "/demonstrate", "/compare", "/vote_A", "/rank",
+            "/submit_ranking", "/dashboard", "/promote", "/rollback"} <= endpoints
+
+
+def test_chat_then_demonstration(client, app_server):
+    before = _count(app_server.db_path, "SELECT COUNT(*) FROM messages WHERE role = 'assistant'")
+    outputs = client.predict("Hello from the API", [], "", 0.0, 0.95, 16, api_name="/chat")
+    box, history, status = outputs[0], outputs[1], outputs[-1]
+    assert box == "" and history[0]["content"] in ("Hello from the API", [{"type": "text", "text": "Hello from the API"}])
+    assert len(history) == 2 and status == ""
+    assert _count(app_server.db_path, "SELECT COUNT(*) FROM messages WHERE role = 'assistant'") == before + 1
+    client.predict("A much better reply.", api_name="/demonstrate")
+    assert _count(app_server.db_path, "SELECT COUNT(*) FROM demonstrations WHERE content = ?",
+                  ["A much better reply."]) == 1
+
+
+def test_compare_vote_reveals_versions(client, app_server):
+    a, b, _ = client.predict("Name a fruit", "", 0.8, 0.95, 16, api_name="/compare")
+    assert isinstance(a, str) and isinstance(b, str)
+    (reveal,) = [client.predict(api_name="/vote_B")]
+    assert "base:" in reveal
+    assert _count(app_server.db_path, "SELECT COUNT(*) FROM comparisons WHERE choice = 'B'") >= 1
+
+
+def test_rank_and_submit(client, app_server):
+    outputs = client.predict("Tell me a joke", 3, "", 0.9, 0.95, 16, api_name="/rank")
+    replies = [o for o in outputs if isinstance(o, str)]
+    assert len(replies) >= 3
+    result = client.predict("2", "1", "3", None, None, None, None, None, None, api_name="/submit_ranking")
+    assert "saved" in result
+    assert _count(app_server.db_path, "SELECT COUNT(*) FROM rankings WHERE k = 3") >= 1
+
+
+def test_input_limit_and_bad_ranking_are_refused(client):
+    with pytest.raises(Exception, match="limit"):
+        client.predict("x" * 5000, [], "", 0.0, 0.95, 16, api_name="/chat")
+    client.predict("Another", 2, "", 0.9, 0.95, 16, api_name="/rank")
+    with pytest.raises(Exception, match="different rank"):
+        client.predict("1", "1", None, None, None, None, None, None, None, api_name="/submit_ranking")
+
+
+def test_dashboard_needs_the_admin_password(client):
+    with pytest.raises(Exception, match="admin password"):
+        client.predict("wrong", api_name="/dashboard")
+    outputs = client.predict(ADMIN_PASSWORD, api_name="/dashboard")
+    assert any(isinstance(o, str) and "Live:" in o for o in outputs)

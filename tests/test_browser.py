@@ -1,0 +1,105 @@
+"""A real browser (Debian's chromium, driven by Playwright) uses the app, then we find its rows in SQLite.
+
+Needs `chromium` on PATH (`make test` installs it with apt) and the `playwright` package
+(no browser download: we launch Debian's binary).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import time
+
+import pytest
+
+from tests.app_server import ADMIN_PASSWORD
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (make test installs it with apt)")
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+def _count(db_path, sql: str, params=()) -> int:
+    conn = sqlite3.connect(db_path)
+    try:
+        return conn.execute(sql, params).fetchone()[0]
+    finally:
+        conn.close()
+
+
+def _wait_for_row(db_path, sql: str, params=(), *, at_least: int = 1, timeout: float = 60.0) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        n = _count(db_path, sql, params)
+        if n >= at_least or time.monotonic() > deadline:
+            return n
+        time.sleep(0.25)
+
+
+@pytest.fixture(scope="module")
+def page(app_server, tmp_path_factory):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.goto(app_server.url)
+        page.wait_for_selector("#chat-input textarea", timeout=60_000)
+        yield page
+        browser.close()
+
+
+def test_chat_and_thumbs_up(page, app_server, tmp_path):
+    db = app_server.db_path
+    page.fill("#chat-input textarea", "Hello from the browser")
+    page.click("#chat-send")
+    sql = ("SELECT COUNT(*) FROM messages r JOIN messages q ON q.id = r.parent_id "
+           "WHERE q.content = 'Hello from the browser' AND r.role = 'assistant'")
+    assert _wait_for_row(db, sql) == 1
+    page.wait_for_selector("#chat-send:not([disabled])")
+    page.wait_for_timeout(1000)  # the final update (with the reply id) reaches the page
+    page.locator('#chatbot button[aria-label="Like"]').last.click()
+    assert _wait_for_row(db, "SELECT COUNT(*) FROM ratings r JOIN messages m ON m.id = r.message_id "
+                             "JOIN messages q ON q.id = m.parent_id "
+                             "WHERE q.content = 'Hello from the browser' AND r.value = 1") == 1
+    page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)
+
+
+def test_compare_vote(page, app_server):
+    page.get_by_role("tab", name="Compare").click()
+    page.fill("#compare-input textarea", "Which fruit is best?")
+    page.click("#compare-go")
+    page.wait_for_selector("#vote-tie:not([disabled])", timeout=90_000)
+    page.click("#vote-tie")
+    page.wait_for_function("document.querySelector('#compare-reveal').innerText.includes('was')", timeout=30_000)
+    assert _wait_for_row(app_server.db_path,
+                         "SELECT COUNT(*) FROM comparisons c JOIN messages q ON q.id = c.context_id "
+                         "WHERE q.content = 'Which fruit is best?' AND c.choice = 'tie'") == 1
+
+
+def test_rank_three_replies(page, app_server):
+    page.get_by_role("tab", name="Rank").click()
+    page.fill("#rank-input textarea", "Rank these jokes")
+    page.locator("#rank-k input[type=number]").fill("3")
+    page.locator("#rank-k input[type=number]").press("Enter")
+    page.click("#rank-go")
+    page.wait_for_function("document.querySelector('#rank-reply-2 textarea').value.length > 0", timeout=90_000)
+    for i, rank in enumerate(["2", "3", "1"]):
+        box = page.locator(f"#rank-pos-{i} input")
+        box.click()
+        box.fill(rank)  # the dropdown filters its options; Enter picks the match
+        box.press("Enter")
+    page.click("#rank-submit")
+    page.wait_for_function("document.querySelector('#rank-result').innerText.includes('saved')", timeout=30_000)
+    sql = ("SELECT COUNT(*) FROM rankings k JOIN messages q ON q.id = k.context_id "
+           "WHERE q.content = 'Rank these jokes' AND k.k = 3")
+    assert _wait_for_row(app_server.db_path, sql) == 1
+
+
+def test_dashboard_opens_with_the_admin_password(page):
+    page.get_by_role("tab", name="Dashboard").click()
+    page.fill("#admin-password input", ADMIN_PASSWORD)
+    page.click("#admin-unlock")
+    page.wait_for_selector("text=Live:", timeout=30_000)
