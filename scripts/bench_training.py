@@ -1,0 +1,358 @@
+"""Benchmark alignloop's trainers against TRL's, side by side, each in its own process.
+
+    python scripts/bench_training.py rm  --pairs 256 --max-length 256          # RM: ours vs TRL RewardTrainer
+    python scripts/bench_training.py ppo --iterations 3 --batch 8                # PPO: ours vs TRL RLOOTrainer vs four models
+    python scripts/bench_training.py rm --model /path/to/tiny --pairs 64        # a smoke run on a tiny model
+
+Reward model: the same HH pairs, the same 80/20 prompt split, LoRA r=16 on the same modules,
+the same pairs per step and learning rate; reported: training pairs/s and held-out pairwise accuracy.
+Targets: ours >= 1.5x TRL's pairs/s at equal or better accuracy.
+
+PPO: seconds per iteration split into generation / scoring / update, and peak memory
+(CUDA max allocated, or the process's peak RSS on CPU), against TRL's RLOOTrainer (a policy
+and reference plus a separate reward model) and against four separate copies of the base
+(policy, reference, reward, value) loaded and run once. Target: ours <= 0.5x four models.
+
+TRL is for this benchmark only, not a dependency: `pip install trl` where you run it.
+Each implementation runs in a fresh subprocess so peak memory is its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "hh_harmless_pairs.jsonl.gz"
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
+
+
+# --------------------------------------------------------------------------- #
+# Shared set-up
+# --------------------------------------------------------------------------- #
+
+
+def _peak_mb() -> float:
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _groups(data: Path, pairs: int, seed: int) -> list:
+    """Preference groups of the first ``pairs`` pairs after a seeded shuffle."""
+    import random
+
+    from feedback_db import read_jsonl
+    from training.chat_data import preference_groups
+
+    rows = list(read_jsonl(data))
+    random.Random(seed).shuffle(rows)
+    return preference_groups(rows[:pairs] if pairs else rows)
+
+
+def _split(data: Path, pairs: int, seed: int) -> tuple[list, list]:
+    """The 80/20 prompt split both trainers use (the one `train_reward_model` makes with this seed)."""
+    from training.chat_data import split_groups
+
+    return split_groups(_groups(data, pairs, seed), 0.2, seed)
+
+
+def _group_rows(groups: list) -> list[dict]:
+    return [{"prompt": g.prompt, "completions": g.completions, "pairs": [list(p) for p in g.pairs]} for g in groups]
+
+
+def _datasets_without_fingerprints() -> None:
+    """Give `datasets` random fingerprints. Where its dill cannot pickle pyarrow's MonthDayNano
+    (seen with dill 0.4 / pyarrow 24+), hashing a table fails; fingerprints only name cache files."""
+    import datasets.arrow_dataset as arrow_dataset
+    import datasets.fingerprint as fingerprint
+
+    def random_fingerprint(*_: Any, **__: Any) -> str:
+        return fingerprint.generate_random_fingerprint()
+
+    for module in (fingerprint, arrow_dataset):
+        for name in ("update_fingerprint", "generate_fingerprint"):
+            if hasattr(module, name):
+                setattr(module, name, random_fingerprint)
+
+
+def _trl_rows(groups: list) -> list[dict]:
+    return [{"prompt": g.prompt, "chosen": [{"role": "assistant", "content": g.completions[w]}],
+             "rejected": [{"role": "assistant", "content": g.completions[l]}]} for g in groups for w, l in g.pairs]
+
+
+# --------------------------------------------------------------------------- #
+# One implementation, run inside a subprocess
+# --------------------------------------------------------------------------- #
+
+
+def rm_ours(opts: dict[str, Any], work: Path) -> dict[str, Any]:
+    from training.config import LoraSettings, RewardConfig
+    from training.reward_model import train_reward_model
+
+    groups = _groups(Path(opts["data"]), opts["pairs"], opts["seed"])
+    data = work / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _group_rows(groups)))
+    # eval_fraction and seed as in _split: the same held-out prompts as TRL's run.
+    cfg = RewardConfig(base_model=opts["model"], data=str(data), output_dir=str(work / "rm"), epochs=1.0,
+                       groups_per_batch=opts["batch"], lr=opts["lr"], max_length=opts["max_length"],
+                       eval_fraction=0.2, seed=opts["seed"], progress=False, lora=LoraSettings(r=16, alpha=32))
+    r = train_reward_model(cfg)
+    return {"impl": "alignloop", "pairs_per_s": r.pairs_per_second, "accuracy": r.eval_accuracy,
+            "train_pairs": r.train_pairs, "eval_pairs": r.eval_pairs, "train_s": r.train_seconds, "peak_mb": _peak_mb()}
+
+
+def rm_trl(opts: dict[str, Any], work: Path) -> dict[str, Any]:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    from training.base_models import prepare_model
+
+    _datasets_without_fingerprints()
+
+    folder = prepare_model(opts["model"])
+    train, held = _split(Path(opts["data"]), opts["pairs"], opts["seed"])
+    tok = AutoTokenizer.from_pretrained(folder)
+    cuda = torch.cuda.is_available()
+    args = RewardConfig(output_dir=str(work / "trl"), per_device_train_batch_size=opts["batch"],
+                        per_device_eval_batch_size=opts["batch"], num_train_epochs=1, learning_rate=opts["lr"],
+                        max_length=opts["max_length"], report_to="none", save_strategy="no", logging_steps=10,
+                        use_cpu=not cuda, bf16=cuda, disable_dropout=True,
+                        model_init_kwargs={"dtype": torch.bfloat16 if cuda else torch.float32})
+    peft_config = LoraConfig(task_type="SEQ_CLS", r=16, lora_alpha=32, target_modules=LORA_TARGETS)
+    trainer = RewardTrainer(model=str(folder), args=args, train_dataset=Dataset.from_list(_trl_rows(train)),
+                            eval_dataset=Dataset.from_list(_trl_rows(held)), processing_class=tok, peft_config=peft_config)
+    started = time.perf_counter()
+    trainer.train()
+    train_s = time.perf_counter() - started
+    metrics = trainer.evaluate()
+    n_train = sum(len(g.pairs) for g in train)
+    return {"impl": "trl RewardTrainer", "pairs_per_s": n_train / train_s, "accuracy": metrics.get("eval_accuracy"),
+            "train_pairs": n_train, "eval_pairs": sum(len(g.pairs) for g in held), "train_s": train_s,
+            "peak_mb": _peak_mb()}
+
+
+def _bench_prompts(opts: dict[str, Any], work: Path) -> tuple[Path, Path, Path]:
+    """Prompts, ptx demonstrations and a (briefly trained) reward adapter for the PPO runs."""
+    from training.config import LoraSettings, RewardConfig
+    from training.reward_model import train_reward_model
+
+    train, _ = _split(Path(opts["data"]), max(opts["pairs"], 64), opts["seed"])
+    prompts = work / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": g.prompt}) + "\n" for g in train))
+    demos = work / "demos.jsonl"
+    demos.write_text("".join(json.dumps({"prompt": g.prompt, "completion": g.completions[g.pairs[0][0]]}) + "\n" for g in train))
+    prefs = work / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps(r) + "\n" for r in _group_rows(train[:8])))
+    rm = train_reward_model(RewardConfig(base_model=opts["model"], data=str(prefs), output_dir=str(work / "rm"),
+                                         epochs=1, groups_per_batch=4, max_length=opts["max_length"], eval_fraction=0.0,
+                                         progress=False, lora=LoraSettings(r=16, alpha=32)))
+    return prompts, demos, rm.adapter_dir
+
+
+def ppo_ours(opts: dict[str, Any], work: Path) -> dict[str, Any]:
+    from training.config import LoraSettings, PPOConfig
+    from training.metrics_log import read_metrics
+    from training.ppo import train_ppo
+
+    prompts, demos, rm_dir = _bench_prompts(opts, work)
+    cfg = PPOConfig(base_model=opts["model"], prompts=str(prompts), reward_adapter=str(rm_dir), sft_data=str(demos),
+                    output_dir=str(work / "ppo"), iterations=opts["iterations"], rollout_batch=opts["batch"],
+                    minibatch=min(4, opts["batch"]), ppo_epochs=opts["ppo_epochs"], max_new_tokens=opts["max_new_tokens"],
+                    max_length=opts["max_length"], progress=False, lora=LoraSettings(r=16, alpha=32))
+    result = train_ppo(cfg)
+    log = [r for r in read_metrics(result.metrics_path) if "reward/mean" in r]
+    steady = log[1:] or log  # the first iteration pays one-time warm-up costs
+    split = {k: sum(r[f"time/{k}_s"] for r in steady) / len(steady) for k in ("generation", "scoring", "update")}
+    return {"impl": "alignloop PPO-ptx", "iteration_s": sum(split.values()), **{f"{k}_s": v for k, v in split.items()},
+            "peak_mb": _peak_mb(), "param_mb_shared": result.memory["shared_mb"],
+            "param_mb_four_models": result.memory["four_models_mb"]}
+
+
+def ppo_four_models(opts: dict[str, Any], work: Path) -> dict[str, Any]:
+    """Four separate copies of the base (policy, reference, reward, value), each run forward once."""
+    import torch
+
+    from training.base_models import load_model_and_tokenizer, prepare_model
+    from training.chat_data import encode_prompt
+
+    folder = prepare_model(opts["model"])
+    dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    models, tok = [], None
+    for _ in range(4):
+        model, tok = load_model_and_tokenizer(folder, dtype=dtype, device=device)
+        models.append(model)
+    ids = torch.tensor([encode_prompt(tok, "Hello! How are you?")] * opts["batch"], device=device)
+    with torch.no_grad():
+        for model in models:
+            model.model(input_ids=ids)
+    return {"impl": "four separate models", "peak_mb": _peak_mb(),
+            "param_mb": 4 * sum(p.numel() * p.element_size() for p in models[0].parameters()) / 2**20}
+
+
+def ppo_trl(opts: dict[str, Any], work: Path) -> dict[str, Any]:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoTokenizer
+    from trl import RLOOConfig, RLOOTrainer
+
+    from training.base_models import prepare_model
+
+    _datasets_without_fingerprints()
+    from training.reward_model import RewardModel
+
+    prompts, _, rm_dir = _bench_prompts(opts, work)
+    folder = prepare_model(opts["model"])
+    rm = RewardModel.load(rm_dir, base_model=opts["model"])
+
+    def reward(prompts: list, completions: list, **_: Any) -> list[float]:
+        replies = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return rm.score(prompts, replies)
+
+    rows = [json.loads(line) for line in prompts.read_text().splitlines()]
+    cuda = torch.cuda.is_available()
+    args = RLOOConfig(output_dir=str(work / "rloo"), per_device_train_batch_size=opts["batch"], num_generations=2,
+                      max_completion_length=opts["max_new_tokens"], max_steps=opts["iterations"],
+                      num_iterations=opts["ppo_epochs"], learning_rate=1e-5, report_to="none", save_strategy="no",
+                      logging_steps=1, use_cpu=not cuda, bf16=cuda, beta=0.05,
+                      model_init_kwargs={"dtype": torch.bfloat16 if cuda else torch.float32})
+    trainer = RLOOTrainer(model=str(folder), reward_funcs=reward, args=args, train_dataset=Dataset.from_list(rows),
+                          processing_class=AutoTokenizer.from_pretrained(folder),
+                          peft_config=LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, target_modules=LORA_TARGETS))
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    return {"impl": "trl RLOOTrainer", "iteration_s": seconds / opts["iterations"], "peak_mb": _peak_mb()}
+
+
+RUNNERS = {("rm", "ours"): rm_ours, ("rm", "trl"): rm_trl, ("ppo", "ours"): ppo_ours, ("ppo", "trl"): ppo_trl,
+           ("ppo", "four-models"): ppo_four_models}
+
+
+# --------------------------------------------------------------------------- #
+# The driver: one subprocess per implementation, then a table
+# --------------------------------------------------------------------------- #
+
+
+def _run_isolated(kind: str, impl: str, opts: dict[str, Any]) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "one", kind, impl, json.dumps(opts)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=os.environ.copy())
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    tail = (proc.stderr or proc.stdout)[-1500:]
+    if "No module named 'trl'" in tail or "No module named 'datasets'" in tail:
+        return {"impl": impl, "skipped": "trl is not installed here (pip install trl; benchmark only)"}
+    return {"impl": impl, "error": tail}
+
+
+def _table(kind: str, results: list[dict[str, Any]]) -> str:
+    keys = ["pairs_per_s", "accuracy", "train_pairs", "train_s", "peak_mb"] if kind == "rm" else \
+        ["iteration_s", "generation_s", "scoring_s", "update_s", "peak_mb", "param_mb_shared", "param_mb_four_models", "param_mb"]
+    lines = ["| impl | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for r in results:
+        cells = [f"{r[k]:.3f}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys]
+        lines.append(f"| {r['impl']} | " + " | ".join(cells) + " |")
+        if "error" in r or "skipped" in r:
+            lines.append(f"|  | {(r.get('skipped') or r['error']).splitlines()[-1][:200]} |")
+    return "\n".join(lines)
+
+
+def _summary(kind: str, results: list[dict[str, Any]]) -> str:
+    by = {r["impl"]: r for r in results}
+    if kind == "rm":
+        ours, trl = by.get("alignloop"), by.get("trl RewardTrainer")
+        if ours and trl and "pairs_per_s" in trl:
+            return (f"RM throughput {ours['pairs_per_s'] / trl['pairs_per_s']:.2f}x TRL (target >= 1.5x), accuracy "
+                    f"{ours['accuracy']:.3f} vs {trl['accuracy']:.3f}")
+    else:
+        ours, four = by.get("alignloop PPO-ptx"), by.get("four separate models")
+        if ours and four and "peak_mb" in four:
+            return (f"PPO peak memory {ours['peak_mb']:.0f} MB vs four models {four['peak_mb']:.0f} MB: "
+                    f"{ours['peak_mb'] / four['peak_mb']:.2f}x (target <= 0.5x); parameters "
+                    f"{ours['param_mb_shared']:.0f} MB vs {ours['param_mb_four_models']:.0f} MB")
+    return ""
+
+
+def _bench(kind: str, impls: list[str], opts: dict[str, Any], out: Path | None) -> None:
+    results = []
+    for impl in impls:
+        typer.echo(f"running {kind} / {impl} ...", err=True)
+        started = time.perf_counter()
+        result = _run_isolated(kind, impl, opts)
+        result["wall_s"] = time.perf_counter() - started
+        results.append(result)
+    report = _table(kind, results) + "\n\n" + _summary(kind, results)
+    typer.echo(report)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"kind": kind, "options": opts, "results": results}, indent=2) + "\n")
+
+
+@app.command()
+def rm(
+    model: Annotated[str, typer.Option(help="Base model ('default': embedded Gemma 3 270M).")] = "default",
+    data: Annotated[Path, typer.Option(help="Preference pairs (.jsonl[.gz]).")] = DEFAULT_DATA,
+    pairs: Annotated[int, typer.Option(help="Pairs to use (after a seeded shuffle); 0: all.")] = 256,
+    max_length: int = 256,
+    batch: Annotated[int, typer.Option(help="Pairs (prompts) per step, both trainers.")] = 8,
+    lr: float = 1e-4,
+    impl: Annotated[list[str], typer.Option(help="ours, trl (repeatable).")] = ["ours", "trl"],  # noqa: B006
+    out: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
+    seed: int = 0,
+) -> None:
+    """Reward model: pairs/s and held-out accuracy, ours vs TRL's RewardTrainer."""
+    _bench("rm", impl, {"model": model, "data": str(data), "pairs": pairs, "max_length": max_length, "batch": batch,
+                        "lr": lr, "seed": seed}, out)
+
+
+@app.command()
+def ppo(
+    model: Annotated[str, typer.Option(help="Base model ('default': embedded Gemma 3 270M).")] = "default",
+    data: Annotated[Path, typer.Option(help="Pairs whose prompts are used.")] = DEFAULT_DATA,
+    pairs: int = 64,
+    iterations: int = 3,
+    batch: Annotated[int, typer.Option(help="Prompts per iteration.")] = 8,
+    ppo_epochs: int = 2,
+    max_new_tokens: int = 32,
+    max_length: int = 256,
+    impl: Annotated[list[str], typer.Option(help="ours, trl, four-models (repeatable).")] = ["ours", "four-models", "trl"],  # noqa: B006
+    out: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
+    seed: int = 0,
+) -> None:
+    """PPO: iteration time (generation / scoring / update) and peak memory vs TRL RLOO and four models."""
+    _bench("ppo", impl, {"model": model, "data": str(data), "pairs": pairs, "iterations": iterations, "batch": batch,
+                         "ppo_epochs": ppo_epochs, "max_new_tokens": max_new_tokens, "max_length": max_length,
+                         "seed": seed}, out)
+
+
+@app.command(hidden=True)
+def one(kind: str, impl: str, opts_json: str) -> None:
+    """Run one implementation in this process and print its result as one JSON line."""
+    opts = json.loads(opts_json)
+    with tempfile.TemporaryDirectory(prefix=f"bench-{kind}-{impl}-") as work:
+        result = RUNNERS[(kind, impl)](opts, Path(work))
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    app()
