@@ -6,7 +6,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.alignloop-installed
 
-.PHONY: run test install clean
+.PHONY: run test install browser clean
+
+# The browser tests drive Debian's chromium (no browser download).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +28,10 @@ run: install
 	$(BIN)/alignloop db init
 	$(BIN)/alignloop serve $(SERVE_ARGS)
 
-test: install
+browser:
+	command -v chromium >/dev/null || ($(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y chromium)
+
+test: install browser
 	$(BIN)/python -m pytest
 
 clean:

@@ -94,4 +94,4 @@ def serve(config: AppConfig) -> None:
     base_name = resolve_model(config.base_model).name
     app, _ = build_app(config, Path(model_path), base_name)
     log.info("open http://%s:%d in a browser", config.host, config.port)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+    uvicorn.run(app, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=5)

@@ -58,6 +58,11 @@ class Battle:
     done: bool = False
 
 
+def storable(model_text: str) -> str:
+    """Model output as the store accepts it: a model can emit NUL, which is not valid text there."""
+    return model_text.replace("\x00", "\ufffd")
+
+
 def engine_failure_message(exc: BaseException) -> str:
     """What the user sees when the engine fails: specific, with what to do next."""
     return (f"⚠️ The model could not answer ({type(exc).__name__}: {exc}). "
@@ -132,7 +137,7 @@ class ChatService:
     def _store_reply(self, user_id: str, conversation_id: int, parent_id: int, served: ServedVersion, text: str,
                      sampling: SamplingConfig, start: float, last: ReplyChunk | None, finish_reason: str) -> int:
         return self.store.add_reply(
-            conversation_id, user_id, parent_id, text,
+            conversation_id, user_id, parent_id, storable(text),
             Reply(
                 model_version_id=served.version_id,
                 sampling=sampling.as_dict(),
@@ -271,7 +276,7 @@ class ChatService:
                 raise UserFacingError(engine_failure_message(exc)) from exc
         latency = round((time.perf_counter() - start) * 1000, 1)
         ids = [
-            self.store.add_reply(conv, user_id, q, c.text, Reply(served.version_id, sampling.as_dict(), latency,
+            self.store.add_reply(conv, user_id, q, storable(c.text), Reply(served.version_id, sampling.as_dict(), latency,
                                                                   c.prompt_tokens, c.completion_tokens,
                                                                   c.finish_reason))
             for c in completions
