@@ -56,6 +56,53 @@ def serve(
     ))
 
 
+def _registry(db: Optional[Path]):
+    from feedback_db import FeedbackStore, ModelRegistry, default_db_path
+
+    return ModelRegistry(FeedbackStore(db or default_db_path(), create=False))
+
+
+@app.command()
+def promote(
+    version: str = typer.Argument(..., help="Version name (or id) from `alignloop db versions`."),
+    db: Optional[Path] = typer.Option(None, "--db", help="Feedback database."),
+    actor: str = typer.Option("operator", "--actor", help="Who promotes (kept in the registry log)."),
+) -> None:
+    """Make a version live; running servers switch to it within about a second.
+
+    Example: alignloop promote policy-r3
+    """
+    from feedback_db import FeedbackError
+
+    try:
+        registry = _registry(db)
+        promoted = registry.promote(int(version) if version.isdigit() else version, actor=actor)
+    except FeedbackError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{promoted.name} is live ({promoted.kind}).")
+
+
+@app.command()
+def rollback(
+    kind: str = typer.Option("policy", "--kind", help="policy | reward"),
+    db: Optional[Path] = typer.Option(None, "--db", help="Feedback database."),
+    actor: str = typer.Option("operator", "--actor"),
+) -> None:
+    """Return to the version that was live before the current one.
+
+    Example: alignloop rollback
+    """
+    from feedback_db import FeedbackError
+
+    try:
+        restored = _registry(db).rollback(kind, actor=actor)
+    except FeedbackError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"rolled back: {restored.name} is live again.")
+
+
 def main() -> None:
     """Console entry point."""
     app()

@@ -43,6 +43,8 @@ def build_ui(rt: Runtime, *, title: str = "alignloop", default_sampling: Samplin
             uid = user_id_for(request, saved.get("user_id"))
             if rt.service is not None:
                 rt.service.ensure_user(uid)
+                agent = request.headers.get("user-agent") if request is not None else None
+                rt.service.store.start_session(uid, user_agent=(agent or "")[:300] or None)
             history, state = [], gr.skip()
             if rt.service is not None and saved.get("conversation_id") and saved.get("user_id") == uid:
                 try:
