@@ -140,10 +140,10 @@ class PPOConfig(BaseSettings):
     max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
     missing_eos_penalty: float = _f(0.0, "Subtracted from the score of replies cut off without EOS (0: none).")
     whiten_rewards: bool = _f(False, "Whiten the per-token rewards before GAE.")
-    ptx_coef: float = _f(1.0, "InstructGPT's gamma: weight of the pretraining NLL (mean per token) in every step.")
+    ptx_coef: float = _f(1.0, "InstructGPT's gamma: weight of the pretraining NLL, a mean over tokens (nats/token), added to every PPO step's loss.")
     ptx_batch: int = _f(4, "Pretraining sequences per PPO step.")
     ptx_max_length: int = _f(256, "Longest pretraining sequence in tokens.")
-    sampler: Literal["auto", "vllm", "hf"] = _f("auto", "Rollout engine: vLLM with the current adapter when available, else HF generate.")
+    sampler: Literal["auto", "vllm", "hf"] = _f("auto", "Rollout engine: 'vllm' (chat-app engine, this iteration's adapter), 'hf' (generate on the training model); 'auto': vLLM on a GPU, else HF (on CPU vLLM would compete with training for the cores).")
     save_every: int = _f(0, "Save the policy adapter every N iterations into a new folder (0: only at the end).")
 
 

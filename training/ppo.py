@@ -57,6 +57,7 @@ from training.chat_data import (
     collate,
     encode_prompt,
     encode_text,
+    left_pad,
     pad_token_id,
     pretraining_texts,
     read_rows,
@@ -192,8 +193,6 @@ class RolloutBatch:
 def make_rollout_batch(prompt_ids: list[list[int]], replies: list[list[int]], stop_ids: list[int], pad_id: int,
                        device: torch.device) -> RolloutBatch:
     """Pack sampled replies; tokens after the first stop token are masked everywhere (and set to pad)."""
-    from training.chat_data import left_pad
-
     query, query_mask = left_pad(prompt_ids, pad_id)
     width = max(1, max(len(r) for r in replies))
     reply = torch.full((len(replies), width), pad_id, dtype=torch.long)
