@@ -23,7 +23,8 @@ from training.chat_data import (
 from training.config import LoraSettings, RewardConfig, SFTConfig, apply_overrides
 from training.logprobs import token_logprobs
 from training.losses import pairwise_reward_loss
-from training.reward_model import RewardModel, kwise_batch, kwise_loss, sequence_rewards, train_reward_model
+from training.reward_model import (RewardModel, kwise_batch, kwise_loss, kwise_rewards, sequence_rewards,
+                                   train_reward_model)
 from training.sft import train_sft
 
 
@@ -154,7 +155,7 @@ def test_kwise_batch_equals_the_mean_over_pairs_with_k_forwards(tiny) -> None:
         loss, _ = kwise_loss(model, head, kb, torch.device("cpu"))
     finally:
         hook.remove()
-    assert rows_seen == [4 + 2]  # one pass, K rows per prompt, not 2 · C(K,2)
+    assert rows_seen == [2, 4 + 2]  # each prompt once, then each of its K replies once; never 2 · C(K,2) rows
     # Reference: every pair scored on its own, averaged within each prompt, then over prompts.
     per_prompt = []
     for g in groups:
@@ -166,6 +167,19 @@ def test_kwise_batch_equals_the_mean_over_pairs_with_k_forwards(tiny) -> None:
             pair_losses.append(pairwise_reward_loss(r, torch.tensor([0]), torch.tensor([1])))
         per_prompt.append(torch.stack(pair_losses).mean())
     assert torch.allclose(loss, torch.stack(per_prompt).mean(), atol=1e-5)
+
+
+def test_shared_prefix_rewards_equal_whole_rows(tiny) -> None:
+    model, tok = tiny
+    torch.manual_seed(0)
+    head = ScalarHead(model.config.hidden_size)
+    groups = preference_groups([{"prompt": "Hello! How are you today?", "chosen": "I am fine, thank you.", "rejected": "no"},
+                                {"prompt": [{"role": "system", "content": "Be nice"}, {"role": "user", "content": "Hi"}],
+                                 "completions": ["Paris", "The quick brown fox", "x"], "pairs": [[0, 1], [1, 2]]}])
+    kb = kwise_batch(groups, tok, 128)
+    full = kb.full_batch()
+    expected = sequence_rewards(model, head, full.input_ids, full.attention_mask)
+    assert torch.allclose(kwise_rewards(model, head, kb, torch.device("cpu")), expected, atol=1e-5)
 
 
 def test_lora_and_head_both_train(tiny_model_path: Path) -> None:

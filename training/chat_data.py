@@ -130,6 +130,21 @@ def build_example(prompt_ids: list[int], reply_ids: list[int], max_length: int, 
     return Example(prompt + reply, len(prompt))
 
 
+def build_group(prompt_ids: list[int], replies: Sequence[list[int]], max_length: int,
+                min_reply: int = 16) -> tuple[list[int], list[list[int]]]:
+    """One prompt shared by K replies, each prompt + reply within ``max_length``.
+
+    Each reply is cut as :func:`build_example` would (keeping its stop token); the prompt
+    is then cut once, for the longest reply, so all K replies share the same prefix.
+    With K = 1 this gives exactly :func:`build_example`'s ids.
+    """
+    cut = [build_example(prompt_ids, r, max_length, min_reply) for r in replies]
+    kept = [e.input_ids[e.prompt_length :] for e in cut]
+    room = max_length - max(len(r) for r in kept)
+    prompt = list(prompt_ids) if len(prompt_ids) <= room else [prompt_ids[0]] + list(prompt_ids[len(prompt_ids) - room + 1 :])
+    return prompt, kept
+
+
 def example_for(tokenizer: Any, prompt: str | Sequence[dict[str, Any]], reply: str, max_length: int) -> Example:
     """Template-rendered prompt + reply + stop token, truncated to ``max_length``."""
     return build_example(encode_prompt(tokenizer, prompt), encode_reply(tokenizer, reply), max_length)

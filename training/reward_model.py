@@ -36,6 +36,9 @@ from training.adapters import (
 from training.chat_data import (
     Batch,
     DataError,
+    Example,
+    build_group,
+    left_pad,
     PreferenceGroup,
     collate,
     encode_prompt,
@@ -48,7 +51,7 @@ from training.chat_data import (
     split_groups,
 )
 from training.config import RewardConfig
-from training.logprobs import hidden_states
+from training.logprobs import causal_lm_parts, hidden_states
 from training.losses import last_token_index, pairwise_accuracy, pairwise_reward_loss
 from training.metrics_log import MetricsLog
 
@@ -60,39 +63,97 @@ def sequence_rewards(model: nn.Module, head: ScalarHead, input_ids: Tensor, atte
     return head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
 
 
+def shared_prefix_rewards(model: nn.Module, head: ScalarHead, prompts: Sequence[list[int]],
+                          replies: Sequence[Sequence[list[int]]], pad_id: int, device: torch.device) -> Tensor:
+    """Raw rewards of K replies per prompt, running each prompt once and each reply once.
+
+    The prompts go through the body with a KV cache; the cache is repeated K times per
+    prompt and the replies run on top of it, so gradients reach the prompt tokens through
+    every reply. Same numbers as :func:`sequence_rewards` on prompt + reply, but the
+    prompt's tokens are computed once instead of K times (HH prompts are ~5x their replies).
+    """
+    body, _, _ = causal_lm_parts(model)
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    counts = torch.tensor([len(r) for r in replies], device=device)
+    flat = [r for group in replies for r in group]
+    reply_ids, reply_mask = _right_pad(flat, pad_id)
+    reply_ids, reply_mask = reply_ids.to(device), reply_mask.to(device)
+    out = body(input_ids=prompt_ids, attention_mask=prompt_mask,
+               position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0), use_cache=True)
+    cache = out.past_key_values
+    for layer in cache.layers:  # one copy of each prompt's keys/values per reply
+        layer.keys = layer.keys.repeat_interleave(counts, dim=0)
+        layer.values = layer.values.repeat_interleave(counts, dim=0)
+    attention = torch.cat([prompt_mask.repeat_interleave(counts, dim=0), reply_mask], dim=1)
+    positions = prompt_mask.sum(1).repeat_interleave(counts)[:, None] + torch.arange(reply_ids.shape[1], device=device)
+    hidden = body(input_ids=reply_ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
+                  use_cache=True).last_hidden_state
+    last = last_token_index(reply_mask)  # the stop token ending each reply
+    return head(hidden[torch.arange(len(flat), device=device), last])
+
+
+def _right_pad(sequences: Sequence[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
 @dataclass
 class KWiseBatch:
-    """All replies of some prompts (each once) and their pairs as indices into the batch rows."""
+    """Some prompts, each with its K replies (each once), and the pairs as indices into the replies."""
 
-    batch: Batch
+    prompts: list[list[int]]
+    replies: list[list[list[int]]]
     winners: Tensor
     losers: Tensor
     pair_group: Tensor
+    pad_id: int
 
     @property
     def num_pairs(self) -> int:
         return len(self.winners)
 
+    def full_batch(self) -> Batch:
+        """Prompt + reply rows, right-padded (one row per reply)."""
+        return collate([Example(p + r, len(p)) for p, group in zip(self.prompts, self.replies) for r in group], self.pad_id)
+
 
 def kwise_batch(groups: Sequence[PreferenceGroup], tokenizer: Any, max_length: int) -> KWiseBatch:
-    """One row per distinct reply (K per prompt), pairs re-indexed into the rows."""
-    examples, winners, losers, pair_group = [], [], [], []
+    """Token ids for K-wise training: one prompt and K replies per group, pairs re-indexed into the replies."""
+    prompts, replies, winners, losers, pair_group = [], [], [], [], []
+    offset = 0
     for g, group in enumerate(groups):
-        prompt_ids = encode_prompt(tokenizer, group.prompt)
-        offset = len(examples)
-        examples += [build_example(prompt_ids, encode_reply(tokenizer, c), max_length) for c in group.completions]
+        prompt, kept = build_group(encode_prompt(tokenizer, group.prompt),
+                                   [encode_reply(tokenizer, c) for c in group.completions], max_length)
+        prompts.append(prompt)
+        replies.append(kept)
         for w, l in group.pairs:
             winners.append(offset + w)
             losers.append(offset + l)
             pair_group.append(g)
-    return KWiseBatch(collate(examples, pad_token_id(tokenizer)), torch.tensor(winners), torch.tensor(losers),
-                      torch.tensor(pair_group))
+        offset += len(kept)
+    return KWiseBatch(prompts, replies, torch.tensor(winners), torch.tensor(losers), torch.tensor(pair_group),
+                      pad_token_id(tokenizer))
+
+
+def kwise_rewards(model: nn.Module, head: ScalarHead, kb: KWiseBatch, device: torch.device) -> Tensor:
+    """One raw reward per reply of the batch; each reply (and each prompt) goes through the model once."""
+    window = getattr(model.config, "sliding_window", None)
+    if window is None or max(len(p) for p in kb.prompts) < window:
+        return shared_prefix_rewards(model, head, kb.prompts, kb.replies, kb.pad_id, device)
+    # A sliding-window layer caches only its last window - 1 tokens: run whole rows instead.
+    batch = kb.full_batch().to(device)
+    return sequence_rewards(model, head, batch.input_ids, batch.attention_mask)
 
 
 def kwise_loss(model: nn.Module, head: ScalarHead, kb: KWiseBatch, device: torch.device) -> tuple[Tensor, Tensor]:
-    """(InstructGPT eq. 1 loss, pairwise accuracy) of one K-wise batch: one forward per reply."""
-    batch = kb.batch.to(device)
-    rewards = sequence_rewards(model, head, batch.input_ids, batch.attention_mask)
+    """(InstructGPT eq. 1 loss, pairwise accuracy) of one K-wise batch: the C(K,2) pairs from K scalars."""
+    rewards = kwise_rewards(model, head, kb, device)
     winners, losers, groups = kb.winners.to(device), kb.losers.to(device), kb.pair_group.to(device)
     return pairwise_reward_loss(rewards, winners, losers, groups), pairwise_accuracy(rewards.detach(), winners, losers)
 
