@@ -84,7 +84,7 @@ def main(
     ppo_cfg = PPOConfig(base_model=base_model, prompts=str(prompts), reward_adapter=str(rm_adapter), sft_data=str(demos),
                         output_dir=str(out / "ppo"), iterations=ppo_iterations, rollout_batch=ppo_batch,
                         minibatch=min(4, ppo_batch), max_new_tokens=max_new_tokens, max_length=max_length,
-                        ptx_coef=ptx_coef, lr=1e-5, init_kl_coef=0.05, target_kl=6.0, missing_eos_penalty=1.0,
+                        ptx_coef=ptx_coef, ptx_batch=min(4, ppo_batch), ptx_max_length=max_length, lr=1e-5, init_kl_coef=0.05, target_kl=6.0, missing_eos_penalty=1.0,
                         seed=seed, lora=lora)
     ppo = train_ppo(ppo_cfg)
     from training.metrics_log import read_metrics

@@ -143,6 +143,7 @@ class PPOConfig(BaseSettings):
     ptx_coef: float = _f(1.0, "InstructGPT's gamma: weight of the pretraining NLL, a mean over tokens (nats/token), added to every PPO step's loss.")
     ptx_batch: int = _f(4, "Pretraining sequences per PPO step.")
     ptx_max_length: int = _f(256, "Longest pretraining sequence in tokens.")
+    ptx_eval_docs: int = _f(16, "Pretraining documents scored before and after training (the perplexity report).")
     sampler: Literal["auto", "vllm", "hf"] = _f("auto", "Rollout engine: 'vllm' (chat-app engine, this iteration's adapter), 'hf' (generate on the training model); 'auto': vLLM on a GPU, else HF (on CPU vLLM would compete with training for the cores).")
     save_every: int = _f(0, "Save the policy adapter every N iterations into a new folder (0: only at the end).")
 

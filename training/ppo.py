@@ -315,7 +315,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> PPOResult:
     encoded = [ids if len(ids) <= prompt_budget else ids[:1] + ids[len(ids) - prompt_budget + 1 :]
                for ids in (encode_prompt(tok, p) for p in prompts)]
     ptx_examples = load_ptx_examples(cfg, tok)
-    ptx_eval = ptx_examples[:64]
+    ptx_eval = ptx_examples[: cfg.ptx_eval_docs]
     params = stack.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, eps=1e-5)
     kl_ctl = L.AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon, cfg.adaptive_kl)
