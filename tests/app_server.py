@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -65,3 +66,12 @@ def stop_server(server: AppServer) -> None:
         server.process.wait(timeout=20)
     except subprocess.TimeoutExpired:
         server.process.kill()
+
+
+def count_rows(db_path: Path, sql: str, params=()) -> int:
+    """`SELECT COUNT(*) ...` on the server's database, from a separate connection."""
+    conn = sqlite3.connect(db_path)
+    try:
+        return conn.execute(sql, params).fetchone()[0]
+    finally:
+        conn.close()

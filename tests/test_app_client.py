@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import sqlite3
 
 import pytest
 from gradio_client import Client
 
-from tests.app_server import ADMIN_PASSWORD
+from tests.app_server import ADMIN_PASSWORD, count_rows
 
-
-def _count(db_path, sql: str, params=()) -> int:
-    conn = sqlite3.connect(db_path)
-    try:
-        return conn.execute(sql, params).fetchone()[0]
-    finally:
-        conn.close()
 
 
 @pytest.fixture(scope="module")
@@ -30,14 +22,14 @@ def test_api_lists_the_handlers(client):
 
 
 def test_chat_then_demonstration(client, app_server):
-    before = _count(app_server.db_path, "SELECT COUNT(*) FROM messages WHERE role = 'assistant'")
+    before = count_rows(app_server.db_path, "SELECT COUNT(*) FROM messages WHERE role = 'assistant'")
     outputs = client.predict("Hello from the API", [], "", 0.0, 0.95, 16, api_name="/chat")
     box, history, status = outputs[0], outputs[1], outputs[-1]
     assert box == "" and history[0]["content"] in ("Hello from the API", [{"type": "text", "text": "Hello from the API"}])
     assert len(history) == 2 and status == ""
-    assert _count(app_server.db_path, "SELECT COUNT(*) FROM messages WHERE role = 'assistant'") == before + 1
+    assert count_rows(app_server.db_path, "SELECT COUNT(*) FROM messages WHERE role = 'assistant'") == before + 1
     client.predict("A much better reply.", api_name="/demonstrate")
-    assert _count(app_server.db_path, "SELECT COUNT(*) FROM demonstrations WHERE content = ?",
+    assert count_rows(app_server.db_path, "SELECT COUNT(*) FROM demonstrations WHERE content = ?",
                   ["A much better reply."]) == 1
 
 
@@ -46,7 +38,7 @@ def test_compare_vote_reveals_versions(client, app_server):
     assert isinstance(a, str) and isinstance(b, str)
     (reveal,) = [client.predict(api_name="/vote_B")]
     assert "base:" in reveal
-    assert _count(app_server.db_path, "SELECT COUNT(*) FROM comparisons WHERE choice = 'B'") >= 1
+    assert count_rows(app_server.db_path, "SELECT COUNT(*) FROM comparisons WHERE choice = 'B'") >= 1
 
 
 def test_rank_and_submit(client, app_server):
@@ -55,7 +47,7 @@ def test_rank_and_submit(client, app_server):
     assert len(replies) >= 3
     result = client.predict("2", "1", "3", None, None, None, None, None, None, api_name="/submit_ranking")
     assert "saved" in result
-    assert _count(app_server.db_path, "SELECT COUNT(*) FROM rankings WHERE k = 3") >= 1
+    assert count_rows(app_server.db_path, "SELECT COUNT(*) FROM rankings WHERE k = 3") >= 1
 
 
 def test_input_limit_and_bad_ranking_are_refused(client):

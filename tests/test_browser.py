@@ -7,12 +7,11 @@ Needs `chromium` on PATH (`make test` installs it with apt) and the `playwright`
 from __future__ import annotations
 
 import shutil
-import sqlite3
 import time
 
 import pytest
 
-from tests.app_server import ADMIN_PASSWORD
+from tests.app_server import ADMIN_PASSWORD, count_rows
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (make test installs it with apt)")
@@ -21,18 +20,11 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-component-update", "--disable-sync"]
 
 
-def _count(db_path, sql: str, params=()) -> int:
-    conn = sqlite3.connect(db_path)
-    try:
-        return conn.execute(sql, params).fetchone()[0]
-    finally:
-        conn.close()
-
 
 def _wait_for_row(db_path, sql: str, params=(), *, at_least: int = 1, timeout: float = 60.0) -> int:
     deadline = time.monotonic() + timeout
     while True:
-        n = _count(db_path, sql, params)
+        n = count_rows(db_path, sql, params)
         if n >= at_least or time.monotonic() > deadline:
             return n
         time.sleep(0.25)
