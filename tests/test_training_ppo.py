@@ -120,35 +120,50 @@ def test_ppo_raises_the_reward_with_bounded_kl_and_ptx_keeps_pretraining_loss(
     assert with_ptx.ptx_nll_after < plain.ptx_nll_after - 0.5
 
 
-def test_ppo_with_sft_reference_and_reward_adapter_writes_adapters_the_engines_serve(
-        tiny_model_path: Path, data: dict[str, Path], tmp_path: Path) -> None:
-    base = str(tiny_model_path)
-    sft = train_sft(SFTConfig(base_model=base, data=str(data["sft"]), output_dir=str(tmp_path / "sft"), epochs=1,
-                              batch_size=4, progress=False, lora=LoraSettings(r=8, alpha=16)))
-    rm = train_reward_model(RewardConfig(base_model=base, data=str(data["prefs"]), output_dir=str(tmp_path / "rm"),
-                                         epochs=1, groups_per_batch=4, progress=False, lora=LoraSettings(r=8, alpha=16)))
+@pytest.fixture(scope="module")
+def full_loop(tiny_model_path: Path, data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """SFT, then a reward model, then PPO from both: the whole loop on the tiny model."""
+    root = tmp_path_factory.mktemp("loop")
+    base, lora = str(tiny_model_path), LoraSettings(r=8, alpha=16)
+    sft = train_sft(SFTConfig(base_model=base, data=str(data["sft"]), output_dir=str(root / "sft"), epochs=1,
+                              batch_size=4, progress=False, lora=lora))
+    rm = train_reward_model(RewardConfig(base_model=base, data=str(data["prefs"]), output_dir=str(root / "rm"),
+                                         epochs=1, groups_per_batch=4, progress=False, lora=lora))
     cfg = PPOConfig(base_model=base, prompts=str(data["prompts"]), sft_adapter=str(sft.adapter_dir),
-                    reward_adapter=str(rm.adapter_dir), sft_data=str(data["sft"]), output_dir=str(tmp_path / "ppo"),
+                    reward_adapter=str(rm.adapter_dir), sft_data=str(data["sft"]), output_dir=str(root / "ppo"),
                     iterations=2, rollout_batch=4, minibatch=2, ppo_epochs=1, max_new_tokens=5, save_every=1,
-                    missing_eos_penalty=1.0, progress=False, lora=LoraSettings(r=8, alpha=16))
-    result = train_ppo(cfg)
+                    missing_eos_penalty=1.0, progress=False, lora=lora)
+    return {"sft": sft, "rm": rm, "ppo": train_ppo(cfg)}
+
+
+def test_ppo_with_sft_reference_and_reward_adapter(full_loop: dict) -> None:
+    result = full_loop["ppo"]
     log = [r for r in read_metrics(result.metrics_path) if "reward/mean" in r]
     assert log[0]["kl/per_reply"] == pytest.approx(0.0, abs=1e-4)  # policy = copy of the SFT reference
     assert (result.adapter_dir / "checkpoints" / "iter-00002" / "adapter_model.safetensors").is_file()
     assert (result.adapter_dir / "value" / "scalar_head.safetensors").is_file()
     assert len(result.samples) == 4
 
+
+@pytest.mark.parametrize("kind", ["hf", pytest.param("vllm", marks=pytest.mark.vllm)])
+def test_trained_adapters_load_in_the_chat_engines(kind: str, full_loop: dict, tiny_model_path: Path) -> None:
     from chat_app.engines import AdapterRef, EngineConfig, SamplingConfig, create_engine
 
+    if kind == "vllm":
+        pytest.importorskip("vllm")
+    config = EngineConfig(max_model_len=512, max_lora_rank=8, dtype="float32", enforce_eager=True, kv_cache_gib=0.25,
+                          cpu_threads=1)
+
     async def serve() -> list:
-        engine = create_engine("hf", tiny_model_path, EngineConfig(max_model_len=256, max_lora_rank=8, device="cpu"))
+        engine = create_engine(kind, tiny_model_path, config)
         try:
-            await engine.add_adapter(AdapterRef("ppo-test-final", result.adapter_dir))
-            await engine.add_adapter(AdapterRef("sft-test", sft.adapter_dir))
+            await engine.add_adapter(AdapterRef(f"ppo-test-{kind}", full_loop["ppo"].adapter_dir))
+            await engine.add_adapter(AdapterRef(f"sft-test-{kind}", full_loop["sft"].adapter_dir))
             msgs = [{"role": "user", "content": "Hello! How are you?"}]
-            return await engine.generate(msgs, 2, adapter="ppo-test-final", sampling=SamplingConfig(max_tokens=4, seed=1))
+            replies = await engine.generate(msgs, 2, adapter=f"ppo-test-{kind}", sampling=SamplingConfig(max_tokens=4, seed=1))
+            replies += await engine.generate(msgs, 1, adapter=f"sft-test-{kind}", sampling=SamplingConfig(max_tokens=4, seed=1))
+            return replies
         finally:
             await engine.close()
 
-    replies = asyncio.run(serve())
-    assert len(replies) == 2
+    assert len(asyncio.run(serve())) == 3
