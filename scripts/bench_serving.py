@@ -1,0 +1,492 @@
+"""Benchmark: C concurrent simulated users against the raw engine and against the app.
+
+Parts, all in one run, printed as one table with the ratios side by side:
+
+  (a) raw engine: C asyncio tasks stream requests straight through `engine.stream()`, for
+      each engine in --engines (vLLM and transformers: the vllm/hf ratio).
+  (b) the app: `alignloop serve` as a subprocess (same engine kind, fresh database) and C
+      gradio_client users calling `/chat`; tokens come from the stored replies.
+  (c) promotion under load: while C app users keep chatting, two LoRA versions are registered
+      and promoted one after the other from this process (the server polls the registry);
+      counts failed requests and the time from `promote()` until a request served by the new
+      version starts.
+
+TTFT is the time until the first non-empty text; tokens/s is all completion tokens over the
+wall time of the phase. Replies are greedy (temperature 0 by default), so (a) and (b) decode
+the same text for the same prompts.
+
+    python scripts/bench_serving.py --tiny                       # smoke run, tiny random model
+    python scripts/bench_serving.py -c 8 --requests-per-user 2   # the embedded Gemma 3 270M
+
+`--app-concurrency 8` runs the server with GRADIO_DEFAULT_CONCURRENCY_LIMIT=8: chat_app sets no
+concurrency_limit, so by default Gradio serves one /chat at a time and (b) measures that queue.
+
+Targets: app/raw tokens/s >= 0.9; vLLM/transformers tokens/s at C = 8 >= 3; 0 failed requests
+during promotions; the new version serves < 1 s after promote().
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from chat_app.engines import EngineConfig, SamplingConfig, create_engine  # noqa: E402
+from feedback_db import FeedbackStore, ModelRegistry  # noqa: E402
+
+PROMPTS = [
+    "Write a short poem about the sea.",
+    "Explain what a hash table is.",
+    "Give me three tips for learning to cook.",
+    "What is the capital of France, and why is it famous?",
+    "Tell me a story about a robot who learns to paint.",
+    "How do vaccines work?",
+    "Describe a sunset to someone who has never seen one.",
+    "What are the pros and cons of remote work?",
+]
+MAX_MODEL_LEN = 2048  # what `alignloop serve` uses by default, so (a) and (b) run the same engine setup
+
+
+@dataclass
+class BenchConfig:
+    """One benchmark run."""
+
+    model: str = "default"  # "default" (embedded Gemma 3 270M), a prepared folder, or an HF id
+    tiny: bool = False  # a tiny random model instead (a smoke run in seconds)
+    users: int = 8
+    requests_per_user: int = 2
+    max_tokens: int = 32
+    temperature: float = 0.0
+    engines: tuple[str, ...] = ("vllm", "hf")
+    app_engine: str | None = None  # engine the app runs on; default: the first of `engines`
+    skip_app: bool = False
+    skip_promotion: bool = False
+    promotion_timeout_s: float = 60.0  # give up waiting for the new version after this long
+    server_start_timeout_s: float = 600.0
+    # GRADIO_DEFAULT_CONCURRENCY_LIMIT for the server; None: the app as shipped. Gradio runs one
+    # request per event at a time unless told otherwise, which serialises /chat across users.
+    app_concurrency: int | None = None
+
+
+@dataclass
+class RequestResult:
+    """One simulated user's request."""
+
+    started: float  # time.perf_counter()
+    ttft_s: float | None = None
+    tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class PhaseResult:
+    """All requests of one phase and how long the phase took."""
+
+    name: str
+    engine: str
+    results: list[RequestResult] = field(default_factory=list)
+    wall_s: float = 0.0
+    tokens: int = 0  # completion tokens of the whole phase
+
+    @property
+    def failed(self) -> int:
+        return sum(r.error is not None for r in self.results)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s else 0.0
+
+    def ttft(self, q: float) -> float | None:
+        values = sorted(r.ttft_s for r in self.results if r.ttft_s is not None)
+        return percentile(values, q) if values else None
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100]) of an already sorted list."""
+    rank = max(1, min(len(sorted_values), round(q / 100 * len(sorted_values) + 0.5)))
+    return sorted_values[rank - 1]
+
+
+def prompt_for(user: int, request: int) -> str:
+    return PROMPTS[(user * 3 + request) % len(PROMPTS)]
+
+
+# -- (a) the raw engine --------------------------------------------------------------------------
+async def bench_engine(kind: str, model_path: Path, cfg: BenchConfig) -> PhaseResult:
+    """C tasks, each streaming `requests_per_user` requests one after another through `engine.stream()`."""
+    engine = create_engine(kind, model_path, EngineConfig(max_model_len=MAX_MODEL_LEN))  # type: ignore[arg-type]
+    sampling = SamplingConfig(temperature=cfg.temperature, top_p=0.95, max_tokens=cfg.max_tokens)
+    try:
+        # One untimed request first: the first one pays for compilation and caches.
+        async for _ in engine.stream([{"role": "user", "content": "Hi"}], sampling=sampling):
+            pass
+        phase = PhaseResult("(a) raw engine", engine.name)
+
+        async def user(u: int) -> None:
+            for j in range(cfg.requests_per_user):
+                result = RequestResult(time.perf_counter())
+                phase.results.append(result)
+                try:
+                    async for chunk in engine.stream([{"role": "user", "content": prompt_for(u, j)}],
+                                                     sampling=sampling):
+                        if result.ttft_s is None and chunk.delta:
+                            result.ttft_s = time.perf_counter() - result.started
+                        if chunk.finished:
+                            result.tokens = chunk.completion_tokens
+                except Exception as exc:
+                    result.error = f"{type(exc).__name__}: {exc}"
+
+        start = time.perf_counter()
+        await asyncio.gather(*(user(u) for u in range(cfg.users)))
+        phase.wall_s = time.perf_counter() - start
+        phase.tokens = sum(r.tokens for r in phase.results)
+        return phase
+    finally:
+        await engine.close()
+
+
+# -- (b) the app ---------------------------------------------------------------------------------
+@dataclass
+class AppServer:
+    url: str
+    db_path: Path
+    log_path: Path
+    process: subprocess.Popen
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+
+def start_app(kind: str, model: str, workdir: Path, cfg: BenchConfig) -> AppServer:
+    """`alignloop serve` in a subprocess (like tests/app_server.py), ready once its engine is."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    db_path, log_path = workdir / "feedback.db", workdir / "server.log"
+    cmd = [sys.executable, "-m", "chat_app.cli", "serve", "--base-model", model, "--engine", kind,
+           "--db", str(db_path), "--port", str(port), "--max-new-tokens", str(cfg.max_tokens),
+           "--max-model-len", str(MAX_MODEL_LEN), "--rate-limit", "0"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    if cfg.app_concurrency is not None:
+        env["GRADIO_DEFAULT_CONCURRENCY_LIMIT"] = str(cfg.app_concurrency)
+    process = subprocess.Popen(cmd, env=env, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
+    server = AppServer(f"http://127.0.0.1:{port}/", db_path, log_path, process)
+    deadline = time.monotonic() + cfg.server_start_timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the app exited during start-up; its log ends with:\n{server.log_tail()}")
+        if "alignloop ready" in log_path.read_text(errors="replace"):
+            try:
+                urllib.request.urlopen(server.url, timeout=5)
+                return server
+            except OSError:
+                pass
+        time.sleep(0.5)
+    stop_app(server)
+    raise RuntimeError(f"the app was not ready after {cfg.server_start_timeout_s:.0f} s:\n{server.log_tail()}")
+
+
+def stop_app(server: AppServer) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+
+
+def _assistant_text(history: list) -> str:
+    """The last chatbot message's text (gradio 6 may send content as [{"type": "text", ...}])."""
+    if not history or history[-1].get("role") != "assistant":
+        return ""
+    content = history[-1].get("content")
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return content or ""
+
+
+def chat_once(client, text: str, cfg: BenchConfig) -> RequestResult:
+    """One `/chat` call as a browser makes it; TTFT is the first update with assistant text."""
+    result = RequestResult(time.perf_counter())
+    try:
+        job = client.submit(text, [], "", cfg.temperature, 0.95, cfg.max_tokens, api_name="/chat")
+        for output in job:
+            if result.ttft_s is None and _assistant_text(output[1]):
+                result.ttft_s = time.perf_counter() - result.started
+        final = job.result(timeout=300)
+        status, reply = final[-1] or "", _assistant_text(final[1])
+        if status.strip() or reply.startswith("⚠️"):  # the service's error text (engine_failure_message)
+            result.error = (status.strip() or reply)[:200]
+    except Exception as exc:
+        result.error = f"{type(exc).__name__}: {exc}"[:200]
+    return result
+
+
+def _db_rows(db_path: Path, sql: str, params: tuple = ()) -> list[tuple]:
+    conn = sqlite3.connect(db_path, timeout=30)
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+def _last_message_id(db_path: Path) -> int:
+    return _db_rows(db_path, "SELECT COALESCE(MAX(id), 0) FROM messages")[0][0]
+
+
+def _completion_tokens_since(db_path: Path, after_id: int) -> int:
+    return _db_rows(db_path, "SELECT COALESCE(SUM(completion_tokens), 0) FROM messages "
+                             "WHERE role = 'assistant' AND id > ?", (after_id,))[0][0]
+
+
+def make_clients(url: str, n: int) -> list:
+    """One gradio_client per simulated user (each is its own session, with its own chat state)."""
+    from gradio_client import Client
+
+    return [Client(url, verbose=False) for _ in range(n)]
+
+
+def bench_app(server: AppServer, kind: str, clients: list, cfg: BenchConfig) -> PhaseResult:
+    """C threads, one client each, `requests_per_user` `/chat` calls one after another."""
+    chat_once(clients[0], "Hi", cfg)  # untimed, as in (a)
+    phase = PhaseResult("(b) app /chat", kind)
+    watermark = _last_message_id(server.db_path)
+    lock = threading.Lock()
+
+    def user(u: int) -> None:
+        for j in range(cfg.requests_per_user):
+            result = chat_once(clients[u], prompt_for(u, j), cfg)
+            with lock:
+                phase.results.append(result)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=user, args=(u,)) for u in range(cfg.users)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    phase.wall_s = time.perf_counter() - start
+    phase.tokens = _completion_tokens_since(server.db_path, watermark)
+    return phase
+
+
+# -- (c) promotion under load --------------------------------------------------------------------
+@dataclass
+class PromotionResult:
+    phase: PhaseResult
+    switch_s: list[float | None]  # per promotion: promote() -> first request started on the new version
+    old_after_switch: list[int]  # requests started after that moment that still got the old version
+
+
+def _iso_to_ts(text: str) -> float:
+    return datetime.fromisoformat(text).timestamp()
+
+
+def _first_start_on(db_path: Path, version_id: int, after_id: int) -> float | None:
+    """Start time (its user turn's created_at) of the earliest stored reply by `version_id`."""
+    rows = _db_rows(db_path, "SELECT MIN(u.created_at) FROM messages r JOIN messages u ON u.id = r.parent_id "
+                             "WHERE r.role = 'assistant' AND r.model_version_id = ? AND r.id > ?",
+                    (version_id, after_id))
+    return _iso_to_ts(rows[0][0]) if rows and rows[0][0] else None
+
+
+def _stale_starts(db_path: Path, version_id: int, start_ts: float, end_ts: float, after_id: int) -> int:
+    """Requests started in (start_ts, end_ts) that were served by a version other than `version_id`."""
+    rows = _db_rows(db_path, "SELECT u.created_at FROM messages r JOIN messages u ON u.id = r.parent_id "
+                             "WHERE r.role = 'assistant' AND r.model_version_id != ? AND r.id > ?",
+                    (version_id, after_id))
+    return sum(start_ts < _iso_to_ts(created) < end_ts for (created,) in rows)
+
+
+def bench_promotion(server: AppServer, kind: str, model_path: Path, base_name: str, clients: list,
+                    workdir: Path, cfg: BenchConfig) -> PromotionResult:
+    """Users chat non-stop while two LoRA versions are promoted one after the other."""
+    from tests.engine_contract import make_lora_adapter  # a random LoRA that visibly changes the output
+
+    store = FeedbackStore(server.db_path)
+    registry = ModelRegistry(store)
+    stamp = int(time.time())
+    # Built before the load starts: training is not what is measured here.
+    paths = [make_lora_adapter(model_path, workdir / f"lora-{i}", seed=i + 1) for i in range(2)]
+
+    phase = PhaseResult("(c) app, promoting", kind)
+    watermark = _last_message_id(server.db_path)
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def user(u: int) -> None:
+        j = 0
+        while not stop.is_set():
+            result = chat_once(clients[u], prompt_for(u, j), cfg)
+            j += 1
+            with lock:
+                phase.results.append(result)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=user, args=(u,)) for u in range(cfg.users)]
+    for t in threads:
+        t.start()
+    switches: list[tuple[int, float, float | None]] = []  # (version id, promoted at, first start on it)
+    try:
+        time.sleep(2.0)  # let the load settle
+        for i, path in enumerate(paths):
+            # 1: registered and promoted at once (the adapter loads after promote, under load);
+            # 2: registered first, so the router preloads it as the candidate, then promoted.
+            version = registry.register(f"bench-lora-{stamp}-{i}", adapter_path=path, base_model=base_name)
+            if i == 1:
+                time.sleep(3.0)
+            promoted_at = time.time()
+            registry.promote(version.id, actor="bench")
+            first = None
+            deadline = time.monotonic() + cfg.promotion_timeout_s
+            while first is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+                first = _first_start_on(server.db_path, version.id, watermark)
+            switches.append((version.id, promoted_at, first))
+            time.sleep(2.0)  # keep the load on a little after the switch
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        store.close()
+    phase.wall_s = time.perf_counter() - start
+    phase.tokens = _completion_tokens_since(server.db_path, watermark)
+    switch_s = [None if first is None else max(0.0, first - at) for _, at, first in switches]
+    # After the switch, until the next promotion, every request should get the new version
+    # (50 ms of slack: a user turn is stored just before the router picks the version).
+    ends = [at for _, at, _ in switches[1:]] + [float("inf")]
+    stale = [-1 if first is None else _stale_starts(server.db_path, vid, first + 0.05, end, watermark)
+             for (vid, _, first), end in zip(switches, ends)]
+    return PromotionResult(phase, switch_s, stale)
+
+
+# -- the report ----------------------------------------------------------------------------------
+def _fmt(value: float | None, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def print_report(cfg: BenchConfig, phases: list[PhaseResult], promotion: PromotionResult | None) -> None:
+    header = f"{'phase':<22}{'engine':<8}{'C':>3}{'reqs':>6}{'failed':>7}{'tokens':>8}{'wall s':>8}" \
+             f"{'tok/s':>8}{'TTFT p50':>10}{'TTFT p95':>10}"
+    print()
+    print(f"model={'tiny random' if cfg.tiny else cfg.model}  users={cfg.users}  "
+          f"requests/user={cfg.requests_per_user}  max_tokens={cfg.max_tokens}  temperature={cfg.temperature}  "
+          f"app concurrency={cfg.app_concurrency or 'Gradio default (1)'}")
+    print(header)
+    print("-" * len(header))
+    rows = phases + ([promotion.phase] if promotion else [])
+    for p in rows:
+        print(f"{p.name:<22}{p.engine:<8}{cfg.users:>3}{len(p.results):>6}{p.failed:>7}{p.tokens:>8}"
+              f"{p.wall_s:>8.1f}{p.tokens_per_s:>8.1f}{_fmt(p.ttft(50)):>10}{_fmt(p.ttft(95)):>10}")
+    print()
+    raw = {p.engine: p for p in phases if p.name.startswith("(a)")}
+    app = next((p for p in phases if p.name.startswith("(b)")), None)
+    if app is not None and app.engine in raw and raw[app.engine].tokens_per_s:
+        ratio = app.tokens_per_s / raw[app.engine].tokens_per_s
+        print(f"{f'app / raw tokens/s ({app.engine})':<40}{ratio:>6.2f}   target >= 0.9: {_verdict(ratio >= 0.9)}")
+        ttft_a, ttft_b = raw[app.engine].ttft(50), app.ttft(50)
+        if ttft_a and ttft_b:
+            print(f"{f'app - raw TTFT p50 ({app.engine}), s':<40}{ttft_b - ttft_a:>+6.2f}")
+    if "vllm" in raw and "hf" in raw and raw["hf"].tokens_per_s:
+        ratio = raw["vllm"].tokens_per_s / raw["hf"].tokens_per_s
+        print(f"{f'vllm / hf tokens/s at C={cfg.users}':<40}{ratio:>6.2f}   target >= 3: {_verdict(ratio >= 3)}")
+    if promotion is not None:
+        failed = promotion.phase.failed + sum(p.failed for p in phases if not p.name.startswith("(a)"))
+        print(f"{'failed app requests (b)+(c)':<40}{failed:>6}   target 0: {_verdict(failed == 0)}")
+        for i, (s, stale) in enumerate(zip(promotion.switch_s, promotion.old_after_switch)):
+            ok = s is not None and s < 1.0
+            how = ("registered + promoted at once", "preloaded candidate promoted")[min(i, 1)]
+            print(f"promotion {i + 1} ({how}): new version serves after {_fmt(s)} s"
+                  f"   target < 1 s: {_verdict(ok)}"
+                  f"   (old version started afterwards: {stale})")
+        errors = sorted({r.error for r in promotion.phase.results if r.error})
+        for e in errors[:5]:
+            print(f"  error: {e}")
+
+
+# -- main ----------------------------------------------------------------------------------------
+def run(cfg: BenchConfig) -> None:
+    from training.base_models import build_tiny_model, prepare_model, resolve_model
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-serving-"))
+    if cfg.tiny:
+        model_path = build_tiny_model(workdir / "tiny-gemma3")
+        model = str(model_path)
+    else:
+        model_path, model = Path(prepare_model(cfg.model)), cfg.model
+    base_name = resolve_model(model).name
+
+    phases: list[PhaseResult] = []
+    for kind in cfg.engines:
+        print(f"(a) raw {kind} engine: starting…", flush=True)
+        phases.append(asyncio.run(bench_engine(kind, model_path, cfg)))
+    promotion = None
+    if not cfg.skip_app:
+        kind = cfg.app_engine or cfg.engines[0]
+        print(f"(b) app on the {kind} engine: starting the server…", flush=True)
+        app_dir = workdir / "app"
+        app_dir.mkdir()
+        server = start_app(kind, model, app_dir, cfg)
+        try:
+            clients = make_clients(server.url, cfg.users)
+            phases.append(bench_app(server, kind, clients, cfg))
+            if not cfg.skip_promotion:
+                print("(c) promotions under load…", flush=True)
+                promotion = bench_promotion(server, kind, model_path, base_name, clients, app_dir, cfg)
+            for client in clients:
+                client.close()
+        finally:
+            stop_app(server)
+        print(f"server log: {server.log_path}")
+    print_report(cfg, phases, promotion)
+
+
+def parse_args(argv: list[str] | None = None) -> BenchConfig:
+    d = BenchConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=d.model, help="'default' (embedded Gemma 3 270M), a folder or an HF id.")
+    p.add_argument("--tiny", action="store_true", help="Use a tiny random model (a quick smoke run).")
+    p.add_argument("--users", "-c", type=int, default=d.users, help="Concurrent simulated users (C).")
+    p.add_argument("--requests-per-user", type=int, default=d.requests_per_user,
+                   help="Requests each user sends one after another in (a) and (b).")
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="Reply length limit per request.")
+    p.add_argument("--temperature", type=float, default=d.temperature, help="0: greedy (same text in (a) and (b)).")
+    p.add_argument("--engines", default=",".join(d.engines), help="Engines for (a), comma-separated: vllm,hf.")
+    p.add_argument("--app-engine", default=None, help="Engine the app runs on (default: the first of --engines).")
+    p.add_argument("--skip-app", action="store_true", help="Only (a): no server, no promotion.")
+    p.add_argument("--skip-promotion", action="store_true", help="Skip (c), the promotions under load.")
+    p.add_argument("--app-concurrency", type=int, default=None,
+                   help="Set GRADIO_DEFAULT_CONCURRENCY_LIMIT for the server (default: unset, Gradio's 1).")
+    p.add_argument("--promotion-timeout", type=float, default=d.promotion_timeout_s,
+                   help="Seconds to wait for a promoted version to serve before giving up.")
+    a = p.parse_args(argv)
+    engines = tuple(e.strip() for e in a.engines.split(",") if e.strip())
+    if not engines or any(e not in ("vllm", "hf") for e in engines):
+        p.error(f"--engines takes vllm and/or hf, e.g. 'vllm,hf'; got {a.engines!r}.")
+    if a.users < 1 or a.requests_per_user < 1 or a.max_tokens < 1:
+        p.error("--users, --requests-per-user and --max-tokens must be at least 1.")
+    return BenchConfig(model=a.model, tiny=a.tiny, users=a.users, requests_per_user=a.requests_per_user,
+                       max_tokens=a.max_tokens, temperature=a.temperature, engines=engines,
+                       app_engine=a.app_engine, skip_app=a.skip_app, skip_promotion=a.skip_promotion,
+                       promotion_timeout_s=a.promotion_timeout, app_concurrency=a.app_concurrency)
+
+
+if __name__ == "__main__":  # vLLM starts its engine process: keep it under the main guard
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    run(parse_args())
