@@ -103,6 +103,72 @@ def rollback(
     typer.echo(f"rolled back: {restored.name} is live again.")
 
 
+@app.command("round")
+def round_(
+    db: Optional[Path] = typer.Option(None, "--db", help="Feedback database (default: $ALIGNLOOP_DB or ~/.local/share/alignloop/feedback.db)."),
+    base_model: str = typer.Option("default", "--base-model", help="Base model of the adapters (the one `alignloop serve` runs)."),
+    rounds_dir: Optional[Path] = typer.Option(None, "--rounds-dir", help="Work, adapters and reports (default ~/.local/share/alignloop/rounds)."),
+    seed_starter: bool = typer.Option(False, "--seed-starter", help="First import the starter demonstrations, prompts and preference pairs."),
+    promote_only: bool = typer.Option(False, "--promote-only", help="Train nothing: only promote a candidate whose gates and Compare votes qualify (needs --set auto_promote=true)."),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="Start from a JSON RoundConfig (e.g. a round's recorded config)."),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="Override a field: --set min_votes=50 --set ppo.iterations=40.", show_default=False),
+    show_config: bool = typer.Option(False, "--show-config", help="Print the resulting configuration and exit."),
+) -> None:
+    """Run one retraining round: snapshot → reward model → PPO-ptx → candidate (see training/round.py).
+
+    Exit codes: 0 candidate registered (or promotion checked), 3 stopped by a gate or too little
+    data, 75 another round is running, 1 failed.
+
+    Example: alignloop round --seed-starter --set ppo.iterations=40 --set auto_promote=true
+    """
+    import json as _json
+
+    from training.config import ConfigError, apply_overrides
+    from training.round import RoundBusyError, RoundConfig, load_round_config, maybe_auto_promote, run_round
+
+    try:
+        cfg = load_round_config(config_file) if config_file else RoundConfig()
+        cfg.base_model = base_model if base_model != "default" or not config_file else cfg.base_model
+        if db:
+            cfg.db = str(db)
+        if rounds_dir:
+            cfg.rounds_dir = str(rounds_dir)
+        apply_overrides(cfg, overrides or [])
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if show_config:
+        typer.echo(_json.dumps(cfg.to_dict(), indent=2))
+        return
+    if promote_only:
+        from feedback_db import FeedbackStore, default_db_path
+
+        with FeedbackStore(cfg.db or default_db_path(), create=False) as store:
+            promoted = maybe_auto_promote(store, cfg)
+        typer.echo(f"{promoted} is live (auto-promoted)." if promoted else "no candidate qualifies for promotion yet.")
+        return
+    try:
+        result = run_round(cfg, seed_starter=seed_starter)
+    except RoundBusyError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(75) from None
+    except Exception as exc:  # noqa: BLE001 - the round is recorded as failed; say so plainly
+        typer.secho(f"round failed: {type(exc).__name__}: {exc} (recorded in `alignloop db versions` / the dashboard)",
+                    fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"round {result.round_id} {result.status}: {result.reason}")
+    if result.report_path:
+        typer.echo(f"report: {result.report_path}")
+    if result.status != "succeeded":
+        raise typer.Exit(3)
+    if cfg.auto_promote:
+        from feedback_db import FeedbackStore, default_db_path
+
+        with FeedbackStore(cfg.db or default_db_path()) as store:
+            promoted = maybe_auto_promote(store, cfg)
+        if promoted:
+            typer.echo(f"{promoted} is live (auto-promoted).")
+
+
 def main() -> None:
     """Console entry point."""
     app()

@@ -1,0 +1,238 @@
+"""Retraining rounds on the tiny model: round 0 (SFT), a full round, gates, the lock, interruption, auto-promotion."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from feedback_db import FeedbackStore, ModelRegistry, Reply, import_rows
+from training.base_models import resolve_model
+from training.config import LoraSettings, PPOConfig, RewardConfig, SFTConfig
+from training.round import (
+    RoundBusyError,
+    RoundConfig,
+    load_round_config,
+    maybe_auto_promote,
+    round_dir_name,
+    round_lock,
+    run_round,
+    seed_starter_set,
+    split_prompts,
+    starter_rows,
+)
+
+LORA = LoraSettings(r=4, alpha=8)
+
+
+@pytest.fixture
+def config(tiny_model_path: Path, tmp_path: Path) -> RoundConfig:
+    """A round small enough for two shared CPU cores: one SFT/RM epoch, two PPO iterations of 4 rollouts."""
+    return RoundConfig(
+        db=str(tmp_path / "feedback.db"), base_model=str(tiny_model_path), rounds_dir=str(tmp_path / "rounds"),
+        device="cpu", heldout_fraction=0.3, min_pairs=4, min_prompts=3, rm_floor=0.0, rm_tolerance=1.0,
+        eval_prompts=2, eval_max_new_tokens=4, max_kl=1e9, min_reward_gain=-1e9, max_ptx_ppl_increase=1e9,
+        sft=SFTConfig(epochs=1.0, batch_size=8, max_length=96, progress=False, lora=LORA),
+        reward=RewardConfig(epochs=1.0, groups_per_batch=8, max_length=96, progress=False, lora=LORA),
+        ppo=PPOConfig(iterations=2, rollout_batch=4, minibatch=2, ppo_epochs=1, max_new_tokens=4, max_length=96,
+                      ptx_batch=2, ptx_max_length=64, progress=False, sampler="hf", lora=LORA),
+    )
+
+
+def add_ranked_feedback(db: str, prompts: int = 8, k: int = 3) -> None:
+    """Conversations with k replies per prompt, ranked by a user, through the store API."""
+    with FeedbackStore(db) as store:
+        live = ModelRegistry(store).ensure_base_policy("test-base")
+        user = store.ensure_user("rater")
+        for i in range(prompts):
+            conv = store.create_conversation(user)
+            q = store.add_user_message(conv, user, f"Question number {i}: how do I stay focused?")
+            replies = [store.add_reply(conv, user, q, text, Reply(live.id)) for text in
+                       (f"Take short breaks every {20 + i} minutes and remove distractions.", "Focus.", "no")[:k]]
+            store.record_ranking(user, replies)
+
+
+def versions(db: str, kind: str) -> list[str]:
+    with FeedbackStore(db) as store:
+        return [v.name for v in ModelRegistry(store).list(kind) if not v.name.startswith(("base:", "external:"))]
+
+
+def rounds(db: str) -> list:
+    with FeedbackStore(db) as store:
+        return ModelRegistry(store).rounds()
+
+
+# --------------------------------------------------------------------------- #
+# Starter set
+# --------------------------------------------------------------------------- #
+
+
+def test_starter_set_loads_and_seeds_once(tmp_db_path: Path) -> None:
+    assert len(starter_rows("sft")) >= 20 and len(starter_rows("prompts")) >= 20 and len(starter_rows("preferences")) >= 16
+    with FeedbackStore(tmp_db_path) as store:
+        first = seed_starter_set(store)
+        assert all(n > 0 for n in first.values())
+        assert seed_starter_set(store) == {"sft": 0, "prompts": 0, "preferences": 0}  # content-keyed: a no-op
+
+
+def test_prompt_split_is_stable() -> None:
+    rows = [{"prompt": f"p{i}"} for i in range(200)]
+    train, held = split_prompts(rows, 0.25)
+    assert 25 < len(held) < 75 and len(train) + len(held) == 200
+    assert split_prompts(rows[::-1], 0.25)[1] == held[::-1]  # a prompt's side depends only on its text
+
+
+# --------------------------------------------------------------------------- #
+# Rounds
+# --------------------------------------------------------------------------- #
+
+
+def test_round0_is_sft_only_and_registers_a_candidate_that_loads(config: RoundConfig, tiny_model_path: Path) -> None:
+    with FeedbackStore(config.db) as store:
+        import_rows(store, starter_rows("sft")[:8], "sft", source="starter")  # demonstrations only, no votes yet
+    result = run_round(config)
+    assert result.status == "succeeded" and result.metrics["mode"] == "sft-only"
+    with FeedbackStore(config.db) as store:
+        registry = ModelRegistry(store)
+        candidate = registry.get(result.candidate)
+        assert candidate.status == "candidate" and candidate.base_model == resolve_model(config.base_model).name
+        assert candidate.parent_id == registry.live().id and candidate.round_id == result.round_id
+        assert registry.get_round(result.round_id).status == "succeeded"
+    folder = Path(candidate.adapter_path)
+    assert folder.parent == Path(config.rounds_dir) / round_dir_name(result.round_id) / "adapters"
+    assert not (folder.parents[1] / "work").exists()
+    from training.adapters import attach_adapter, load_base
+
+    base, _, _ = load_base(SFTConfig(base_model=str(tiny_model_path), device="cpu"))
+    attach_adapter(base, "served", folder, None, trainable=False)  # loads on the base
+    assert result.report_path and "sft-only" in result.report_path.read_text()
+
+    again = run_round(config)  # no new demonstrations, no votes: nothing to do
+    assert again.status == "stopped" and "not enough feedback" in again.reason
+    assert versions(config.db, "policy") == [result.candidate]
+
+
+def test_interrupted_round_registers_nothing_and_the_next_one_runs(config: RoundConfig) -> None:
+    add_ranked_feedback(config.db)
+    # A round killed earlier (its process died while 'running'), with half-written work on disk.
+    with FeedbackStore(config.db) as store:
+        stale = ModelRegistry(store).start_round({"rounds_dir": str(Path(config.rounds_dir).resolve())}, 0)
+    stale_dir = Path(config.rounds_dir) / round_dir_name(stale.id) / "work" / "ppo"
+    stale_dir.mkdir(parents=True)
+    (stale_dir / "adapter_model.safetensors").write_bytes(b"half")
+
+    def kill_at_commit(step: str, round_dir: Path) -> None:
+        if step == "commit":  # the worst moment: adapters already moved into place
+            assert any((round_dir / "adapters").iterdir())
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_round(config, step_hook=kill_at_commit)
+    killed = rounds(config.db)[-1]
+    assert killed.status == "stopped" and versions(config.db, "policy") == [] and versions(config.db, "reward") == []
+    killed_dir = Path(config.rounds_dir) / round_dir_name(killed.id)
+    assert not (killed_dir / "work").exists() and not (killed_dir / "adapters").exists()
+    assert rounds(config.db)[0].status == "failed"  # the stale one was recovered by that run
+    assert not stale_dir.parents[1].exists()
+
+    result = run_round(config)
+    assert result.status == "succeeded" and result.metrics["mode"] == "rm+ppo"
+    m = result.metrics
+    assert m["data"]["preference_pairs"] == 24 and m["reward_model"]["eval_pairs"] > 0
+    assert m["ppo"]["iterations"] == 2 and len(m["ppo"]["curve"]) == 2
+    for key in ("reward_live", "reward_candidate", "reward_gain", "kl_to_reference", "ptx_ppl_increase"):
+        assert key in m["evaluation"]
+    assert m["gates_passed"] is True and set(m["gates"]) == {"kl", "reward_gain", "ptx_perplexity"}
+    with FeedbackStore(config.db) as store:
+        registry = ModelRegistry(store)
+        candidate = registry.get(result.candidate)
+        assert candidate.metrics["gates_passed"] is True and "evaluation" in candidate.metrics
+        reward = registry.live("reward")
+        assert reward.round_id == result.round_id and Path(reward.adapter_path, "scalar_head.json").is_file()
+    report = result.report_path.read_text()
+    assert "Candidate vs live" in report and "Sample replies" in report
+
+    # Round 2 warm-starts from that reward model and is judged against it on the same held-out pairs.
+    add_ranked_feedback(config.db, prompts=4)
+    config.rm_tolerance = -1.0  # demand an impossible improvement: the round must stop at the RM gate
+    second = run_round(config)
+    assert second.status == "stopped" and "worse than the previous one" in second.reason
+    assert second.metrics["reward_model"]["warm_start"] == reward.name
+    assert versions(config.db, "policy") == [result.candidate]
+
+
+def test_reward_model_below_the_floor_stops_the_round(config: RoundConfig) -> None:
+    add_ranked_feedback(config.db)
+    config.rm_floor = 1.01
+    result = run_round(config)
+    assert result.status == "stopped" and "below the floor" in result.reason
+    assert versions(config.db, "policy") == [] and versions(config.db, "reward") == []
+    assert not (result.round_dir / "work").exists()
+    assert rounds(config.db)[-1].metrics["reward_model"]["eval_accuracy"] < 1.01
+
+
+def test_a_second_round_at_once_is_refused(config: RoundConfig) -> None:
+    with round_lock(Path(config.rounds_dir).resolve()):
+        with pytest.raises(RoundBusyError, match="another training round is running"):
+            run_round(config)
+    assert not Path(config.db).exists() or rounds(config.db) == []
+
+
+def test_cli_round_reports_busy_and_shows_config(config: RoundConfig, tmp_path: Path) -> None:
+    from chat_app.cli import app
+
+    runner = CliRunner()
+    shown = runner.invoke(app, ["round", "--db", config.db, "--show-config", "--set", "ppo.iterations=3",
+                                "--set", "min_votes=7"])
+    assert shown.exit_code == 0, shown.output
+    data = json.loads(shown.output)
+    assert data["ppo"]["iterations"] == 3 and data["min_votes"] == 7
+    path = tmp_path / "round.json"
+    path.write_text(shown.output)
+    assert load_round_config(path).ppo.iterations == 3
+    with round_lock(Path(config.rounds_dir).resolve()):
+        busy = runner.invoke(app, ["round", "--db", config.db, "--rounds-dir", config.rounds_dir])
+    assert busy.exit_code == 75
+
+
+# --------------------------------------------------------------------------- #
+# Auto-promotion
+# --------------------------------------------------------------------------- #
+
+
+def _vote(store: FeedbackStore, user: str, candidate_id: int, live_id: int, candidate_wins: bool) -> None:
+    conv = store.create_conversation(user)
+    q = store.add_user_message(conv, user, "Compare these")
+    a = store.add_reply(conv, user, q, "candidate reply", Reply(candidate_id))
+    b = store.add_reply(conv, user, q, "live reply", Reply(live_id))
+    store.record_comparison(user, a, b, "A" if candidate_wins else "B")
+
+
+def test_auto_promotion_needs_gates_votes_and_a_significant_win_rate(tmp_db_path: Path) -> None:
+    config = RoundConfig(base_model="gemma-3-270m", auto_promote=True, min_votes=10)
+    with FeedbackStore(tmp_db_path) as store:
+        registry = ModelRegistry(store)
+        live = registry.ensure_base_policy("gemma-3-270m")
+        failed_gates = registry.register("policy-old", base_model="gemma-3-270m", metrics={"gates_passed": False})
+        user = store.ensure_user("voter")
+        for _ in range(12):
+            _vote(store, user, failed_gates.id, live.id, True)
+        assert maybe_auto_promote(store, config) is None  # wins, but its gates failed
+
+        candidate = registry.register("policy-new", base_model="gemma-3-270m", metrics={"gates_passed": True})
+        for i in range(9):
+            _vote(store, user, candidate.id, live.id, True)
+        assert maybe_auto_promote(store, config) is None  # 9 < N decisive votes
+        for _ in range(3):
+            _vote(store, user, candidate.id, live.id, False)
+        assert maybe_auto_promote(store, config) is None  # 9/12: Wilson lower bound 0.47, not above 0.5
+        for _ in range(3):
+            _vote(store, user, candidate.id, live.id, True)
+        off = RoundConfig(base_model="gemma-3-270m", auto_promote=False, min_votes=10)
+        assert maybe_auto_promote(store, off) is None  # auto-promotion is opt-in
+        assert maybe_auto_promote(store, config) == "policy-new"  # 12/15: lower bound 0.55
+        assert registry.live().name == "policy-new"
+        assert registry.get("policy-new").metrics["auto_promoted"]["wins"] == 12
+        assert maybe_auto_promote(store, config) is None  # nothing left to promote
