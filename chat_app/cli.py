@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from feedback_db.cli import app as db_app
-from training.cli import models_app
+from training.cli import models_app, train_app
 
 app = typer.Typer(
     help="alignloop: serve an aligned LM, collect feedback, retrain, hot-swap.",
@@ -17,6 +17,7 @@ app = typer.Typer(
 )
 app.add_typer(db_app, name="db")
 app.add_typer(models_app, name="models")
+app.add_typer(train_app, name="train")
 
 
 @app.command()
