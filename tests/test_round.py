@@ -236,3 +236,57 @@ def test_auto_promotion_needs_gates_votes_and_a_significant_win_rate(tmp_db_path
         assert registry.live().name == "policy-new"
         assert registry.get("policy-new").metrics["auto_promoted"]["wins"] == 12
         assert maybe_auto_promote(store, config) is None  # nothing left to promote
+
+
+# --------------------------------------------------------------------------- #
+# Real process death and the cron script
+# --------------------------------------------------------------------------- #
+
+KILLED_ROUND = """
+import os, signal, sys
+from training.round import load_round_config, run_round
+
+def die(step, round_dir):
+    if step == sys.argv[2]:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+run_round(load_round_config(sys.argv[1]), step_hook=die)
+"""
+
+
+def test_a_round_killed_with_sigkill_is_cleaned_up_by_the_next(config: RoundConfig, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    add_ranked_feedback(config.db)
+    path = tmp_path / "round.json"
+    path.write_text(json.dumps(config.to_dict()))
+    proc = subprocess.run([sys.executable, "-c", KILLED_ROUND, str(path), "ppo"], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    (killed,) = rounds(config.db)
+    assert killed.status == "running"  # what a dead process leaves behind
+    killed_dir = Path(config.rounds_dir) / round_dir_name(killed.id)
+    assert (killed_dir / "work" / "rm" / "adapter_model.safetensors").is_file()  # its RM was written aside
+
+    config.rm_floor = 1.01  # the next round only needs to get going; stop it cheaply at the RM gate
+    result = run_round(config)
+    assert result.status == "stopped" and result.metrics["recovered_rounds"] == [killed.id]
+    assert rounds(config.db)[0].status == "failed" and not killed_dir.exists()
+    assert versions(config.db, "policy") == [] and versions(config.db, "reward") == []
+
+
+def test_cron_script_exits_75_while_a_round_runs(config: RoundConfig, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).parents[1] / "scripts" / "retrain_round.sh"
+    log = tmp_path / "cron.log"
+    env = {**os.environ, "ALIGNLOOP_BIN": str(Path(sys.executable).with_name("alignloop")),
+           "ALIGNLOOP_ROUNDS_LOG": str(log)}
+    with round_lock(Path(config.rounds_dir).resolve()):
+        proc = subprocess.run([str(script), "--db", config.db, "--rounds-dir", config.rounds_dir], env=env,
+                              capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 75
+    assert "another training round is running" in log.read_text()
