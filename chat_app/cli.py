@@ -147,11 +147,20 @@ def round_(
             promoted = maybe_auto_promote(store, cfg)
         typer.echo(f"{promoted} is live (auto-promoted)." if promoted else "no candidate qualifies for promotion yet.")
         return
+    import signal
+
+    def _terminated(signum: int, frame: object) -> None:  # cron / systemd stop: clean up as Ctrl-C does
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         result = run_round(cfg, seed_starter=seed_starter)
     except RoundBusyError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(75) from None
+    except KeyboardInterrupt:
+        typer.secho("round interrupted: recorded as stopped, nothing registered.", fg=typer.colors.RED, err=True)
+        raise typer.Exit(130) from None
     except Exception as exc:  # noqa: BLE001 - the round is recorded as failed; say so plainly
         typer.secho(f"round failed: {type(exc).__name__}: {exc} (recorded in `alignloop db versions` / the dashboard)",
                     fg=typer.colors.RED, err=True)

@@ -41,10 +41,10 @@ def config(tiny_model_path: Path, tmp_path: Path) -> RoundConfig:
     )
 
 
-def add_ranked_feedback(db: str, prompts: int = 8, k: int = 3) -> None:
-    """Conversations with k replies per prompt, ranked by a user, through the store API."""
-    with FeedbackStore(db) as store:
-        live = ModelRegistry(store).ensure_base_policy("test-base")
+def add_ranked_feedback(config: RoundConfig, prompts: int = 8, k: int = 3) -> None:
+    """Conversations with k replies per prompt from the live base model, ranked by a user, through the store API."""
+    with FeedbackStore(config.db) as store:
+        live = ModelRegistry(store).ensure_base_policy(resolve_model(config.base_model).name)
         user = store.ensure_user("rater")
         for i in range(prompts):
             conv = store.create_conversation(user)
@@ -109,13 +109,13 @@ def test_round0_is_sft_only_and_registers_a_candidate_that_loads(config: RoundCo
     attach_adapter(base, "served", folder, None, trainable=False)  # loads on the base
     assert result.report_path and "sft-only" in result.report_path.read_text()
 
-    again = run_round(config)  # no new demonstrations, no votes: nothing to do
-    assert again.status == "stopped" and "not enough feedback" in again.reason
+    again = run_round(config)  # nothing new since: nothing to do
+    assert again.status == "stopped" and "no new feedback" in again.reason
     assert versions(config.db, "policy") == [result.candidate]
 
 
 def test_interrupted_round_registers_nothing_and_the_next_one_runs(config: RoundConfig) -> None:
-    add_ranked_feedback(config.db)
+    add_ranked_feedback(config)
     # A round killed earlier (its process died while 'running'), with half-written work on disk.
     with FeedbackStore(config.db) as store:
         stale = ModelRegistry(store).start_round({"rounds_dir": str(Path(config.rounds_dir).resolve())}, 0)
@@ -155,7 +155,7 @@ def test_interrupted_round_registers_nothing_and_the_next_one_runs(config: Round
     assert "Candidate vs live" in report and "Sample replies" in report
 
     # Round 2 warm-starts from that reward model and is judged against it on the same held-out pairs.
-    add_ranked_feedback(config.db, prompts=4)
+    add_ranked_feedback(config, prompts=4)
     config.rm_tolerance = -1.0  # demand an impossible improvement: the round must stop at the RM gate
     second = run_round(config)
     assert second.status == "stopped" and "worse than the previous one" in second.reason
@@ -164,7 +164,7 @@ def test_interrupted_round_registers_nothing_and_the_next_one_runs(config: Round
 
 
 def test_reward_model_below_the_floor_stops_the_round(config: RoundConfig) -> None:
-    add_ranked_feedback(config.db)
+    add_ranked_feedback(config)
     config.rm_floor = 1.01
     result = run_round(config)
     assert result.status == "stopped" and "below the floor" in result.reason
@@ -258,7 +258,7 @@ def test_a_round_killed_with_sigkill_is_cleaned_up_by_the_next(config: RoundConf
     import subprocess
     import sys
 
-    add_ranked_feedback(config.db)
+    add_ranked_feedback(config)
     path = tmp_path / "round.json"
     path.write_text(json.dumps(config.to_dict()))
     proc = subprocess.run([sys.executable, "-c", KILLED_ROUND, str(path), "ppo"], capture_output=True, text=True,
@@ -290,3 +290,22 @@ def test_cron_script_exits_75_while_a_round_runs(config: RoundConfig, tmp_path: 
                               capture_output=True, text=True, timeout=300)
     assert proc.returncode == 75
     assert "another training round is running" in log.read_text()
+
+
+def test_starter_round_runs_sft_then_rm_then_ppo_from_the_sft_adapter(config: RoundConfig) -> None:
+    config.min_prompts = 8
+    result = run_round(config, seed_starter=True)
+    assert result.status == "succeeded" and result.metrics["mode"] == "sft+rm+ppo", result.reason
+    assert result.metrics["seeded"]["sft"] > 0 and result.metrics["sft"]["init_adapter"] == ""
+    assert result.metrics["ppo"]["reference"].endswith("work/sft")  # PPO starts from (and stays near) the SFT adapter
+    assert result.metrics["data"]["demonstrations"] == len(starter_rows("sft"))
+    with FeedbackStore(config.db) as store:
+        registry = ModelRegistry(store)
+        registry.promote(result.candidate)
+        user = store.ensure_user("alice")
+        conv = store.create_conversation(user)
+        store.add_user_message(conv, user, "A new prompt after round 1")
+    nxt = run_round(config)  # the live policy has seen every demonstration: no SFT this time
+    assert nxt.metrics["data"]["new_demonstrations"] == 0 and "sft" not in nxt.metrics
+    assert nxt.status == "succeeded" and nxt.metrics["mode"] == "rm+ppo"
+    assert nxt.metrics["reward_model"]["warm_start"] == f"reward-r{result.round_id}"

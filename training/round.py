@@ -388,7 +388,16 @@ class _Round:
         groups = export_preferences(self.store, self.snapshot, fmt="groups").rows
         prompt_rows = export_ppo_prompts(self.store, self.snapshot).rows
         train_prompts, held_prompts = split_prompts(prompt_rows, cfg.heldout_fraction)
-        new_demos = len(sft_rows) - self.demonstrations_at_last_sft()
+        self.registry.ensure_base_policy(self.base_name)
+        live = self.registry.live("policy")
+        self.metrics["live_policy"] = live.name
+        if live.base_model not in (None, self.base_name):
+            raise _Stop(f"the live policy {live.name} runs on {live.base_model}, not {self.base_name}; "
+                        "pass the base model the server runs (--base-model).")
+        previous = [r for r in self.registry.rounds() if r.status == "succeeded" and r.id != self.round_id]
+        if previous and previous[-1].snapshot_event_id == self.snapshot:
+            raise _Stop(f"no new feedback since round {previous[-1].id} (snapshot {self.snapshot}); nothing to train.")
+        new_demos = len(sft_rows) - self.demonstrations_at_last_sft(live)
         pairs = _pair_count(groups)
         self.metrics["data"] = {"demonstrations": len(sft_rows), "new_demonstrations": new_demos,
                                 "preference_groups": len(groups), "preference_pairs": pairs,
@@ -397,8 +406,6 @@ class _Round:
         sft_path = data / "sft.jsonl"
         if sft_rows:
             write_jsonl(sft_rows, sft_path)
-        live = self.registry.ensure_base_policy(self.base_name)
-        self.metrics["live_policy"] = live.name
         policy_adapter = live.adapter_path
 
         sft_dir = None
@@ -439,11 +446,23 @@ class _Round:
         self.evaluate(ppo, held[: cfg.eval_prompts], live.adapter_path, rm_dir)
         return self.register(policy=ppo.adapter_dir, reward=rm_dir, live=live)
 
-    def demonstrations_at_last_sft(self) -> int:
-        """Demonstrations the live lineage was last fine-tuned on (0 before any SFT)."""
-        for r in reversed(self.registry.rounds()):
-            if r.status == "succeeded" and "sft_demonstrations" in r.metrics:
-                return int(r.metrics["sft_demonstrations"])
+    def demonstrations_at_last_sft(self, live: Any) -> int:
+        """Demonstrations the live policy's lineage was last fine-tuned on (0 before any SFT).
+
+        Walks live → parent → ... so an SFT candidate that was never promoted does not count.
+        """
+        from feedback_db import NotFoundError
+
+        version = live
+        while version is not None:
+            if version.round_id is not None:
+                try:
+                    metrics = self.registry.get_round(version.round_id).metrics
+                except NotFoundError:
+                    metrics = {}
+                if "sft_demonstrations" in metrics:
+                    return int(metrics["sft_demonstrations"])
+            version = self.registry.get(version.parent_id) if version.parent_id is not None else None
         return 0
 
     def train_sft(self, sft_path: Path, init_adapter: str | None) -> Path:
