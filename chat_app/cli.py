@@ -117,8 +117,8 @@ def round_(
 ) -> None:
     """Run one retraining round: snapshot → reward model → PPO-ptx → candidate (see training/round.py).
 
-    Exit codes: 0 candidate registered (or promotion checked), 3 stopped by a gate or too little
-    data, 75 another round is running, 1 failed.
+    Exit codes: 0 candidate registered, nothing new to train, or promotion checked; 3 stopped by a
+    gate or too little data; 75 another round is running; 1 failed; 130 interrupted.
 
     Example: alignloop round --seed-starter --set ppo.iterations=40 --set auto_promote=true
     """
@@ -168,7 +168,7 @@ def round_(
     typer.echo(f"round {result.round_id} {result.status}: {result.reason}")
     if result.report_path:
         typer.echo(f"report: {result.report_path}")
-    if result.status != "succeeded":
+    if result.status in ("stopped", "failed"):
         raise typer.Exit(3)
     if cfg.auto_promote:
         from feedback_db import FeedbackStore, default_db_path

@@ -109,9 +109,11 @@ def test_round0_is_sft_only_and_registers_a_candidate_that_loads(config: RoundCo
     attach_adapter(base, "served", folder, None, trainable=False)  # loads on the base
     assert result.report_path and "sft-only" in result.report_path.read_text()
 
-    again = run_round(config)  # nothing new since: nothing to do
-    assert again.status == "stopped" and "no new feedback" in again.reason
-    assert versions(config.db, "policy") == [result.candidate]
+    again = run_round(config)  # nothing new since, same configuration: nothing to do, nothing recorded
+    assert again.status == "skipped" and "no new feedback" in again.reason and len(rounds(config.db)) == 1
+    config.sft.epochs = 2.0  # a changed configuration deserves a new try on the same data
+    retry = run_round(config)
+    assert retry.status == "succeeded" and versions(config.db, "policy") == [result.candidate, retry.candidate]
 
 
 def test_interrupted_round_registers_nothing_and_the_next_one_runs(config: RoundConfig) -> None:

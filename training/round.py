@@ -95,7 +95,8 @@ class RoundConfig:
 
 @dataclass
 class RoundResult:
-    """How a round ended: succeeded (candidate registered), stopped (a gate or too little data) or failed."""
+    """How a round ended: succeeded (candidate registered), stopped (a gate or too little data), failed,
+    or skipped (nothing new since the last round; not recorded, ``round_id`` is that round's)."""
 
     round_id: int
     status: str
@@ -158,6 +159,18 @@ def recover_stale_rounds(registry: Any, rounds_dir: Path, *, current_round: int 
         shutil.rmtree(rounds_dir / round_dir_name(r.id), ignore_errors=True)
         recovered.append(r.id)
     return recovered
+
+
+def same_round_done(registry: Any, config: RoundConfig, snapshot: int) -> Any | None:
+    """The last round, if it ran on this very snapshot and configuration and ended on its own
+    (succeeded, or stopped by a gate or too little data; not interrupted): rerunning would repeat it."""
+    done = [r for r in registry.rounds() if r.status in ("succeeded", "stopped")]
+    if not done:
+        return None
+    last = done[-1]
+    if last.snapshot_event_id != snapshot or "error" in last.metrics or last.config != config.to_dict():
+        return None
+    return last
 
 
 def round_dir_name(round_id: int) -> str:
@@ -300,7 +313,7 @@ def run_round(config: RoundConfig, *, seed_starter: bool = False, step_hook: Ste
     failed and re-raises; a gate or too little data ends it as 'stopped' with the reason.
 
     Example:
-        >>> run_round(RoundConfig(db="feedback.db", seed_starter=True))  # doctest: +SKIP
+        >>> run_round(RoundConfig(db="feedback.db"), seed_starter=True)  # doctest: +SKIP
     """
     from feedback_db import FeedbackStore, ModelRegistry, default_db_path
 
@@ -314,6 +327,11 @@ def run_round(config: RoundConfig, *, seed_starter: bool = False, step_hook: Ste
             recovered = recover_stale_rounds(registry, rounds_dir)
             seeded = seed_starter_set(store) if seed_starter else {}
             snapshot = store.snapshot()
+            same = same_round_done(registry, config, snapshot)
+            if same is not None:  # cron runs often: don't record a round that would repeat this one
+                return RoundResult(same.id, "skipped", f"no new feedback since round {same.id} (snapshot {snapshot}) "
+                                   "and the same configuration; nothing to train.", None, {}, rounds_dir
+                                   / round_dir_name(same.id))
             record = registry.start_round(config.to_dict(), snapshot)
             round_dir = rounds_dir / round_dir_name(record.id)
             runner = _Round(config, store, registry, record.id, snapshot, round_dir, step_hook)
@@ -394,9 +412,6 @@ class _Round:
         if live.base_model not in (None, self.base_name):
             raise _Stop(f"the live policy {live.name} runs on {live.base_model}, not {self.base_name}; "
                         "pass the base model the server runs (--base-model).")
-        previous = [r for r in self.registry.rounds() if r.status == "succeeded" and r.id != self.round_id]
-        if previous and previous[-1].snapshot_event_id == self.snapshot:
-            raise _Stop(f"no new feedback since round {previous[-1].id} (snapshot {self.snapshot}); nothing to train.")
         new_demos = len(sft_rows) - self.demonstrations_at_last_sft(live)
         pairs = _pair_count(groups)
         self.metrics["data"] = {"demonstrations": len(sft_rows), "new_demonstrations": new_demos,
