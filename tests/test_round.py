@@ -20,7 +20,7 @@ from training.round import (
     round_lock,
     run_round,
     seed_starter_set,
-    split_prompts,
+    split_heldout,
     starter_rows,
 )
 
@@ -77,11 +77,15 @@ def test_starter_set_loads_and_seeds_once(tmp_db_path: Path) -> None:
         assert seed_starter_set(store) == {"sft": 0, "prompts": 0, "preferences": 0}  # content-keyed: a no-op
 
 
-def test_prompt_split_is_stable() -> None:
+def test_heldout_split_is_stable() -> None:
     rows = [{"prompt": f"p{i}"} for i in range(200)]
-    train, held = split_prompts(rows, 0.25)
+    train, held = split_heldout(rows, 0.25)
     assert 25 < len(held) < 75 and len(train) + len(held) == 200
-    assert split_prompts(rows[::-1], 0.25)[1] == held[::-1]  # a prompt's side depends only on its text
+    assert split_heldout(rows[::-1], 0.25)[1] == held[::-1]  # a prompt's side depends only on its text
+    grown_train, grown_held = split_heldout(rows + [{"prompt": "new"}], 0.25)
+    assert all(r in grown_held for r in held) and all(r in grown_train for r in train)  # new prompts move none
+    few = [{"prompt": "a"}, {"prompt": "b"}]
+    assert len(split_heldout(few, 0.0, min_heldout=1)[1]) == 1 and split_heldout(few[:1], 0.0, min_heldout=1)[1] == []
 
 
 # --------------------------------------------------------------------------- #
@@ -155,6 +159,7 @@ def test_interrupted_round_registers_nothing_and_the_next_one_runs(config: Round
         assert reward.round_id == result.round_id and Path(reward.adapter_path, "scalar_head.json").is_file()
     report = result.report_path.read_text()
     assert "Candidate vs live" in report and "Sample replies" in report
+    assert (result.round_dir / "ppo_curves.png").is_file() and "ppo_curves.png" in report
 
     # Round 2 warm-starts from that reward model and is judged against it on the same held-out pairs.
     add_ranked_feedback(config, prompts=4)

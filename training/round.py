@@ -215,14 +215,21 @@ def seed_starter_set(store: Any) -> dict[str, int]:
             for kind in ("sft", "prompts", "preferences")}
 
 
-def split_prompts(rows: list[dict[str, Any]], heldout_fraction: float) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) PPO prompts; a prompt's side depends only on its text, so it never changes."""
-    def bucket(row: dict) -> float:
-        digest = hashlib.sha256(json.dumps(row["prompt"], sort_keys=True).encode()).hexdigest()
-        return int(digest[:8], 16) / 0xFFFFFFFF
+def heldout_bucket(prompt: Any) -> float:
+    """A prompt's place in [0, 1) from a hash of its text: below ``heldout_fraction`` it is held out."""
+    digest = hashlib.sha256(json.dumps(prompt, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    return int(digest[:8], 16) / 0x100000000
 
-    held = [r for r in rows if bucket(r) < heldout_fraction]
-    return [r for r in rows if bucket(r) >= heldout_fraction], held
+
+def split_heldout(rows: list[dict[str, Any]], heldout_fraction: float, *, min_heldout: int = 0) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) rows by their ``prompt``'s hash, so a prompt's side never changes between
+    rounds: no reward model or policy ever trains on a held-out prompt. ``min_heldout`` rows are held
+    out at least (those with the smallest hashes), as long as one row is left to train on."""
+    ranked = sorted(rows, key=lambda r: heldout_bucket(r["prompt"]))
+    n = sum(1 for r in ranked if heldout_bucket(r["prompt"]) < heldout_fraction)
+    n = max(n, min(min_heldout, len(rows) - 1))
+    held = {id(r) for r in ranked[:n]}
+    return [r for r in rows if id(r) not in held], [r for r in rows if id(r) in held]
 
 
 def _pair_count(groups: list[dict[str, Any]]) -> int:
@@ -405,7 +412,8 @@ class _Round:
         sft_rows = export_sft(self.store, self.snapshot).rows
         groups = export_preferences(self.store, self.snapshot, fmt="groups").rows
         prompt_rows = export_ppo_prompts(self.store, self.snapshot).rows
-        train_prompts, held_prompts = split_prompts(prompt_rows, cfg.heldout_fraction)
+        train_prompts, held_prompts = split_heldout(prompt_rows, cfg.heldout_fraction)
+        train_groups, held_groups = split_heldout(groups, cfg.heldout_fraction, min_heldout=1)
         self.registry.ensure_base_policy(self.base_name)
         live = self.registry.live("policy")
         self.metrics["live_policy"] = live.name
@@ -448,8 +456,8 @@ class _Round:
         self.metrics["mode"] = "sft+rm+ppo" if sft_dir else "rm+ppo"
         self.step("reward_model")
         prefs_path = data / "preferences.jsonl"
-        write_jsonl(groups, prefs_path)
-        rm_dir = self.train_reward_model(prefs_path, sft_path if sft_rows else None)
+        write_jsonl(train_groups, prefs_path)
+        rm_dir = self.train_reward_model(prefs_path, held_groups, sft_path if sft_rows else None)
 
         self.step("ppo")
         prompts_path = data / "prompts.jsonl"
@@ -491,33 +499,36 @@ class _Round:
                                "seconds": result.seconds, "init_adapter": init_adapter or ""}
         return result.adapter_dir
 
-    def train_reward_model(self, prefs_path: Path, reference: Path | None) -> Path:
-        from training.chat_data import preference_groups, read_rows
-        from training.reward_model import RewardModel, split_groups, train_reward_model
+    def train_reward_model(self, prefs_path: Path, held_rows: list[dict[str, Any]], reference: Path | None) -> Path:
+        from training.chat_data import preference_groups
+        from training.reward_model import RewardModel, train_reward_model
 
         c = self.config
+        held = preference_groups(held_rows)
+        if not held:
+            raise _Stop("no held-out preference prompts to judge a reward model on; collect feedback on more prompts.")
         previous = self.registry.live("reward")
         warm = previous.adapter_path if previous and previous.adapter_path and Path(previous.adapter_path).is_dir() else ""
+        # Held-out prompts are chosen by hash (split_heldout), the same in every round, so the previous
+        # reward model never trained on them either: both are judged on the same unseen pairs.
         cfg = dataclasses.replace(c.reward, base_model=c.base_model, device=c.device, data=str(prefs_path),
                                   output_dir=str(self.work / "rm"), seed=c.seed, init_adapter=warm,
-                                  eval_fraction=c.heldout_fraction, reference_data=str(reference or ""))
+                                  eval_fraction=0.0, reference_data=str(reference or ""))
         result = train_reward_model(cfg)
-        rm = {"eval_accuracy": result.eval_accuracy, "eval_pairs": result.eval_pairs, "train_pairs": result.train_pairs,
-              "seconds": result.train_seconds, "warm_start": previous.name if warm else None,
-              "floor": c.rm_floor, "tolerance": c.rm_tolerance}
+        accuracy = reward_accuracy(RewardModel.load(result.adapter_dir, base_model=c.base_model, device=c.device), held)
+        rm = {"eval_accuracy": accuracy, "eval_pairs": sum(len(g.pairs) for g in held),
+              "eval_prompts": len(held), "train_pairs": result.train_pairs, "seconds": result.train_seconds,
+              "warm_start": previous.name if warm else None, "floor": c.rm_floor, "tolerance": c.rm_tolerance}
         self.metrics["reward_model"] = rm
-        if warm:  # the previous RM on the very same held-out prompts
-            _, held = split_groups(preference_groups(read_rows(prefs_path)), c.heldout_fraction, c.seed)
+        if warm:
             rm["previous_accuracy"] = reward_accuracy(RewardModel.load(warm, base_model=c.base_model, device=c.device),
                                                       held)
-        if math.isnan(result.eval_accuracy):
-            raise _Stop("the reward model has no held-out pairs to be judged on; collect feedback on more prompts.")
-        if result.eval_accuracy < c.rm_floor:
-            raise _Stop(f"reward model held-out accuracy {result.eval_accuracy:.3f} is below the floor {c.rm_floor} "
-                        f"({result.eval_pairs} pairs); collect more (and more consistent) preference votes.")
+        if accuracy < c.rm_floor:
+            raise _Stop(f"reward model held-out accuracy {accuracy:.3f} is below the floor {c.rm_floor} "
+                        f"({rm['eval_pairs']} pairs); collect more (and more consistent) preference votes.")
         prev = rm.get("previous_accuracy")
-        if prev is not None and result.eval_accuracy < prev - c.rm_tolerance:
-            raise _Stop(f"the new reward model ({result.eval_accuracy:.3f}) is worse than the previous one "
+        if prev is not None and accuracy < prev - c.rm_tolerance:
+            raise _Stop(f"the new reward model ({accuracy:.3f}) is worse than the previous one "
                         f"{previous.name} ({prev:.3f}) on the same held-out pairs; keeping the previous one.")
         return result.adapter_dir
 
