@@ -316,3 +316,18 @@ def test_starter_round_runs_sft_then_rm_then_ppo_from_the_sft_adapter(config: Ro
     assert nxt.metrics["data"]["new_demonstrations"] == 0 and "sft" not in nxt.metrics
     assert nxt.status == "succeeded" and nxt.metrics["mode"] == "rm+ppo"
     assert nxt.metrics["reward_model"]["warm_start"] == f"reward-r{result.round_id}"
+
+
+def test_cli_round_with_the_starter_set_then_a_promotion_check(config: RoundConfig, tmp_path: Path) -> None:
+    from chat_app.cli import app
+
+    path = tmp_path / "round.json"
+    path.write_text(json.dumps(config.to_dict()))
+    runner = CliRunner()
+    ran = runner.invoke(app, ["round", "--config", str(path), "--seed-starter", "--set", "min_prompts=8"])
+    assert ran.exit_code == 0, ran.output
+    assert "round 1 succeeded" in ran.output and "report:" in ran.output
+    check = runner.invoke(app, ["round", "--config", str(path), "--promote-only", "--set", "auto_promote=true"])
+    assert check.exit_code == 0 and "no candidate qualifies" in check.output  # no Compare votes yet
+    again = runner.invoke(app, ["round", "--config", str(path), "--set", "min_prompts=8"])
+    assert again.exit_code == 0 and "skipped" in again.output
