@@ -6,10 +6,10 @@ Parts, all in one run, printed as one table with the ratios side by side:
       each engine in --engines (vLLM and transformers: the vllm/hf ratio).
   (b) the app: `alignloop serve` as a subprocess (same engine kind, fresh database) and C
       gradio_client users calling `/chat`; tokens come from the stored replies.
-  (c) promotion under load: while C app users keep chatting, two LoRA versions are registered
-      and promoted one after the other from this process (the server polls the registry);
-      counts failed requests and the time from `promote()` until a request served by the new
-      version starts.
+  (c) promotion under load: while C app users keep chatting (plus one probe user sending
+      8-token requests back to back), two LoRA versions are registered and promoted one after
+      the other from this process (the server polls the registry); counts failed requests and
+      the time from `promote()` until a request served by the new version starts.
 
 TTFT is the time until the first non-empty text; tokens/s is all completion tokens over the
 wall time of the phase. Replies are greedy (temperature 0 by default), so (a) and (b) decode
@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import socket
 import sqlite3
 import subprocess
@@ -38,7 +39,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -287,7 +288,9 @@ def bench_app(server: AppServer, kind: str, clients: list, cfg: BenchConfig) -> 
 class PromotionResult:
     phase: PhaseResult
     switch_s: list[float | None]  # per promotion: promote() -> first request started on the new version
+    old_until_s: list[float | None]  # per promotion: promote() -> last request started on an older one
     old_after_switch: list[int]  # requests started after that moment that still got the old version
+    router_ready_s: list[float | None]  # promote() -> the server's router logged "serving <version>"
 
 
 def _iso_to_ts(text: str) -> float:
@@ -300,6 +303,26 @@ def _first_start_on(db_path: Path, version_id: int, after_id: int) -> float | No
                              "WHERE r.role = 'assistant' AND r.model_version_id = ? AND r.id > ?",
                     (version_id, after_id))
     return _iso_to_ts(rows[0][0]) if rows and rows[0][0] else None
+
+
+def _last_start_before(db_path: Path, version_id: int, promoted_at: float, until_ts: float,
+                       after_id: int) -> float | None:
+    """Seconds from promote() to the last request started on another version before `until_ts`."""
+    rows = _db_rows(db_path, "SELECT u.created_at FROM messages r JOIN messages u ON u.id = r.parent_id "
+                             "WHERE r.role = 'assistant' AND r.model_version_id != ? AND r.id > ?",
+                    (version_id, after_id))
+    starts = [_iso_to_ts(c) for (c,) in rows if promoted_at < _iso_to_ts(c) < until_ts]
+    return max(starts) - promoted_at if starts else None
+
+
+def _router_loaded_at(log_path: Path) -> dict[str, float]:
+    """When the server's router made each version servable: its "serving <name> (...)" log lines."""
+    loaded = {}
+    for line in log_path.read_text(errors="replace").splitlines():
+        match = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO chat_app\.router: serving (\S+) ", line)
+        if match:  # logging's asctime is local time, as datetime.timestamp() assumes for naive times
+            loaded[match[2]] = datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    return loaded
 
 
 def _stale_starts(db_path: Path, version_id: int, start_ts: float, end_ts: float, after_id: int) -> int:
@@ -326,25 +349,36 @@ def bench_promotion(server: AppServer, kind: str, model_path: Path, base_name: s
     stop = threading.Event()
     lock = threading.Lock()
 
+    # Greedy replies of equal length keep the C users in lock-step waves: a promotion would only
+    # show at the next wave. A probe user sends 8-token requests back to back, so a new request
+    # starts every round trip and the switch is seen to within about that.
+    probe_cfg = replace(cfg, max_tokens=min(cfg.max_tokens, 8))  # the UI slider allows no fewer
+    probe_client = make_clients(server.url, 1)[0]
+
     def user(u: int) -> None:
         j = 0
         while not stop.is_set():
-            result = chat_once(clients[u], prompt_for(u, j), cfg)
+            if u == cfg.users:
+                result = chat_once(probe_client, "Say hi.", probe_cfg)
+            else:
+                result = chat_once(clients[u], prompt_for(u, j), cfg)
             j += 1
             with lock:
                 phase.results.append(result)
 
     start = time.perf_counter()
-    threads = [threading.Thread(target=user, args=(u,)) for u in range(cfg.users)]
+    threads = [threading.Thread(target=user, args=(u,)) for u in range(cfg.users + 1)]
     for t in threads:
         t.start()
     switches: list[tuple[int, float, float | None]] = []  # (version id, promoted at, first start on it)
+    names: list[str] = []
     try:
         time.sleep(2.0)  # let the load settle
         for i, path in enumerate(paths):
             # 1: registered and promoted at once (the adapter loads after promote, under load);
             # 2: registered first, so the router preloads it as the candidate, then promoted.
             version = registry.register(f"bench-lora-{stamp}-{i}", adapter_path=path, base_model=base_name)
+            names.append(version.name)
             if i == 1:
                 time.sleep(3.0)
             promoted_at = time.time()
@@ -360,6 +394,7 @@ def bench_promotion(server: AppServer, kind: str, model_path: Path, base_name: s
         stop.set()
         for t in threads:
             t.join()
+        probe_client.close()
         store.close()
     phase.wall_s = time.perf_counter() - start
     phase.tokens = _completion_tokens_since(server.db_path, watermark)
@@ -369,7 +404,15 @@ def bench_promotion(server: AppServer, kind: str, model_path: Path, base_name: s
     ends = [at for _, at, _ in switches[1:]] + [float("inf")]
     stale = [-1 if first is None else _stale_starts(server.db_path, vid, first + 0.05, end, watermark)
              for (vid, _, first), end in zip(switches, ends)]
-    return PromotionResult(phase, switch_s, stale)
+    # The switch happened between the last start on an older version and the first on the new one;
+    # with few requests in flight the gap between request starts bounds how precise this is.
+    old_until = [_last_start_before(server.db_path, vid, at, first or end, watermark)
+                 for (vid, at, first), end in zip(switches, ends)]
+    loaded = _router_loaded_at(server.log_path)
+    # A preloaded candidate was loaded before promote(): the router then switches at its next poll.
+    ready = [None if name not in loaded else max(0.0, loaded[name] - at)
+             for name, (_, at, _) in zip(names, switches)]
+    return PromotionResult(phase, switch_s, old_until, stale, ready)
 
 
 # -- the report ----------------------------------------------------------------------------------
@@ -409,12 +452,16 @@ def print_report(cfg: BenchConfig, phases: list[PhaseResult], promotion: Promoti
     if promotion is not None:
         failed = promotion.phase.failed + sum(p.failed for p in phases if not p.name.startswith("(a)"))
         print(f"{'failed app requests (b)+(c)':<40}{failed:>6}   target 0: {_verdict(failed == 0)}")
-        for i, (s, stale) in enumerate(zip(promotion.switch_s, promotion.old_after_switch)):
+        for i, (s, lo, stale, ready) in enumerate(zip(promotion.switch_s, promotion.old_until_s,
+                                                      promotion.old_after_switch, promotion.router_ready_s)):
             ok = s is not None and s < 1.0
             how = ("registered + promoted at once", "preloaded candidate promoted")[min(i, 1)]
-            print(f"promotion {i + 1} ({how}): new version serves after {_fmt(s)} s"
-                  f"   target < 1 s: {_verdict(ok)}"
-                  f"   (old version started afterwards: {stale})")
+            print(f"promotion {i + 1} ({how}):")
+            print(f"    first request started on the new version after {_fmt(s)} s   target < 1 s: {_verdict(ok)}")
+            print(f"    last request started on an older version after {_fmt(lo)} s;"
+                  f" older version started after the switch: {stale}")
+            print(f"    router had the adapter loaded after {_fmt(ready)} s (log; 0: preloaded, then next"
+                  " 0.25 s registry poll)")
         errors = sorted({r.error for r in promotion.phase.results if r.error})
         for e in errors[:5]:
             print(f"  error: {e}")
