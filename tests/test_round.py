@@ -312,9 +312,13 @@ def test_starter_round_runs_sft_then_rm_then_ppo_from_the_sft_adapter(config: Ro
         user = store.ensure_user("alice")
         conv = store.create_conversation(user)
         store.add_user_message(conv, user, "A new prompt after round 1")
+    config.max_kl = -1.0  # a gate no candidate can pass: registered for the operator, never auto-promoted
     nxt = run_round(config)  # the live policy has seen every demonstration: no SFT this time
     assert nxt.metrics["data"]["new_demonstrations"] == 0 and "sft" not in nxt.metrics
     assert nxt.status == "succeeded" and nxt.metrics["mode"] == "rm+ppo"
+    assert nxt.metrics["gates"]["kl"] is False and nxt.metrics["gates_passed"] is False
+    with FeedbackStore(config.db) as store:
+        assert ModelRegistry(store).get(nxt.candidate).metrics["gates_passed"] is False
     assert nxt.metrics["reward_model"]["warm_start"] == f"reward-r{result.round_id}"
 
 
