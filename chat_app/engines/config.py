@@ -22,7 +22,9 @@ class EngineConfig:
         max_model_len: prompt + reply tokens per request; longer conversations are refused.
         max_lora_rank: largest LoRA rank an adapter may have (one of VLLM_LORA_RANKS);
             vLLM sizes its LoRA buffers from it, so a bigger adapter needs a restart.
-        dtype: "auto" (the dtype the weights were saved in), "float32", "bfloat16" or "float16".
+        dtype: "auto", "float32", "bfloat16" or "float16". "auto" is each engine's own choice:
+            transformers keeps the saved dtype (float32 for the embedded model), vLLM picks
+            bfloat16 for a float32 checkpoint on CPU; set "float32" for identical greedy output.
         seed: engine seed (vLLM's sampler; requests with a `seed` are reproducible on both).
 
     vLLM only:

@@ -12,8 +12,12 @@ from .dashboard_tab import build_dashboard_tab
 from .rank_tab import build_rank_tab
 
 
-def build_ui(rt: Runtime, *, title: str = "alignloop", default_sampling: SamplingConfig | None = None) -> gr.Blocks:
-    """The whole app: Chat, Compare, Rank and (for operators) Dashboard."""
+def build_ui(rt: Runtime, *, title: str = "alignloop", default_sampling: SamplingConfig | None = None,
+             concurrency: int | None = 64) -> gr.Blocks:
+    """The whole app: Chat, Compare, Rank and (for operators) Dashboard.
+
+    `concurrency`: requests of one kind (e.g. chat) handled at once (None: no limit).
+    """
     defaults = default_sampling or SamplingConfig()
     with gr.Blocks(title=title) as demo:
         # The anonymous user id and the open conversation survive a page reload.
@@ -54,4 +58,7 @@ def build_ui(rt: Runtime, *, title: str = "alignloop", default_sampling: Samplin
             return uid, {"user_id": uid, "conversation_id": saved.get("conversation_id")}, history, state
 
         demo.load(on_load, [browser], [user_state, browser, chat.chatbot, chat.state], api_name=False)
+    # Gradio runs one call per event at a time unless told otherwise; the engine batches
+    # concurrent requests itself (vLLM) or queues them (transformers), so let them through.
+    demo.queue(default_concurrency_limit=concurrency)
     return demo
