@@ -18,8 +18,8 @@ the same text for the same prompts.
     python scripts/bench_serving.py --tiny                       # smoke run, tiny random model
     python scripts/bench_serving.py -c 8 --requests-per-user 2   # the embedded Gemma 3 270M
 
-`--app-concurrency 8` runs the server with GRADIO_DEFAULT_CONCURRENCY_LIMIT=8: chat_app sets no
-concurrency_limit, so by default Gradio serves one /chat at a time and (b) measures that queue.
+`--app-concurrency N` runs the server with GRADIO_DEFAULT_CONCURRENCY_LIMIT=N (only used where
+the app sets no limit of its own; it sets 64 /chat calls at once).
 
 Targets: app/raw tokens/s >= 0.9; vLLM/transformers tokens/s at C = 8 >= 3; 0 failed requests
 during promotions; the new version serves < 1 s after promote().
