@@ -63,3 +63,24 @@ def test_dashboard_needs_the_admin_password(client):
         client.predict("wrong", api_name="/dashboard")
     outputs = client.predict(ADMIN_PASSWORD, api_name="/dashboard")
     assert any(isinstance(o, str) and "Live:" in o for o in outputs)
+
+
+def test_dashboard_shows_a_round_report(client, app_server, tmp_path):
+    """A round's Markdown report and its plots, read through the admin-only dashboard."""
+    from PIL import Image
+
+    from feedback_db import FeedbackStore, ModelRegistry
+
+    report = tmp_path / "round" / "report.md"
+    report.parent.mkdir()
+    report.write_text("# Training round 1: succeeded\n\n| data | 3 pairs |\n\n![curve](ppo_curves.png)\n")
+    Image.new("RGB", (8, 8), "red").save(report.parent / "ppo_curves.png")
+    with FeedbackStore(app_server.db_path) as store:
+        reg = ModelRegistry(store)
+        r = reg.start_round({"test": True}, store.snapshot())
+        reg.finish_round(r.id, "succeeded", report_path=report)
+    with pytest.raises(Exception, match="admin password"):
+        client.predict("wrong", r.id, api_name="/round_report")
+    text, plots = client.predict(ADMIN_PASSWORD, r.id, api_name="/round_report")
+    assert "Training round 1" in text and "![" not in text
+    assert len(plots) == 1

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import hmac
 from collections import defaultdict
+from pathlib import Path
 
 import gradio as gr
 import matplotlib
+from PIL import Image
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -86,6 +88,10 @@ def build_dashboard_tab(rt: Runtime) -> None:
         win_plot = gr.Plot(label="Candidate vs live")
         rounds = gr.Dataframe(label="Training rounds", interactive=False)
         versions = gr.Dataframe(label="Model versions", interactive=False)
+        with gr.Accordion("Round reports", open=False):
+            report_pick = gr.Dropdown(label="Round", choices=[], elem_id="report-pick", allow_custom_value=True)
+            report_md = gr.Markdown("", elem_id="report-body")
+            report_plots = gr.Gallery(label="Plots", columns=2, height="auto")
         with gr.Row():
             candidate = gr.Dropdown(label="Version to promote", choices=[], scale=3)
             promote = gr.Button("Promote to live", variant="primary", scale=1)
@@ -113,11 +119,26 @@ def build_dashboard_tab(rt: Runtime) -> None:
         figs = (_feedback_plot(feedback_over_time(store)), _thumbs_plot(thumbs_by_version(store)), _win_plot(wr))
         for f in figs:
             plt.close(f)
-        return (gr.Column(visible=True), text, *figs,
+        reports = [(f"round {r.id} ({r.status})", r.id) for r in reversed(reg.rounds()) if r.report_path]
+        return (gr.Column(visible=True), text, *figs, gr.Dropdown(choices=reports),
                 gr.Dataframe(value=round_rows, headers=["round", "status", "started", "finished", "snapshot",
                                                         "metrics", "report"]),
                 gr.Dataframe(value=version_rows, headers=["id", "name", "kind", "status", "adapter", "created"]),
                 gr.Dropdown(choices=choices, value=cand.name if cand else None))
+
+    def show_report(pw, round_id, request: gr.Request):
+        if not _is_admin(rt, request, pw):
+            raise gr.Error("Reports need the admin password.")
+        if round_id is None:
+            return "", []
+        path = rt.require().registry.get_round(int(round_id)).report_path
+        if not path or not Path(path).is_file():
+            return f"The report of round {round_id} is missing (was `{path}` moved?).", []
+        report = Path(path)
+        # Images are shown in the gallery; the Markdown keeps the text and tables.
+        text = "\n".join(line for line in report.read_text().splitlines() if not line.startswith("!["))
+        # Loaded here (not served by path) so the round folders need not be exposed to Gradio.
+        return text, [Image.open(p).copy() for p in sorted(report.parent.glob("*.png"))]
 
     async def on_promote(pw, name, request: gr.Request):
         if not _is_admin(rt, request, pw):
@@ -139,7 +160,8 @@ def build_dashboard_tab(rt: Runtime) -> None:
             raise show_error(exc) from exc
         return f"↩️ Rolled back: `{live}` is live again."
 
-    outputs = [panel, summary, feedback_plot, thumbs_plot, win_plot, rounds, versions, candidate]
+    outputs = [panel, summary, feedback_plot, thumbs_plot, win_plot, report_pick, rounds, versions, candidate]
+    report_pick.select(show_report, [password, report_pick], [report_md, report_plots], api_name="round_report")
     unlock.click(refresh_data, [password], outputs, api_name="dashboard")
     refresh.click(refresh_data, [password], outputs, api_name=False)
     promote.click(on_promote, [password, candidate], [action], api_name="promote").then(
