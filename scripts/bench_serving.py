@@ -430,7 +430,7 @@ def print_report(cfg: BenchConfig, phases: list[PhaseResult], promotion: Promoti
     print()
     print(f"model={'tiny random' if cfg.tiny else cfg.model}  users={cfg.users}  "
           f"requests/user={cfg.requests_per_user}  max_tokens={cfg.max_tokens}  temperature={cfg.temperature}  "
-          f"app concurrency={cfg.app_concurrency or "the app's own (64)"}")
+          f"app concurrency={cfg.app_concurrency or 'app default (64)'}")
     print(header)
     print("-" * len(header))
     rows = phases + ([promotion.phase] if promotion else [])
