@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -13,6 +14,11 @@ from .common import THUMBS_DOWN_REASONS, THUMBS_UP_REASONS, Runtime, sampling_fr
 def _empty_state() -> dict:
     # ids[i] is the database id of history[i]; `selected` is the reply the feedback panel acts on.
     return {"conversation_id": None, "ids": [], "selected": None, "thumb": 0}
+
+
+# Each streamed update sends the whole conversation to the browser: at most one every 50 ms
+# keeps that cost off the cores the engine decodes on, without a visible difference.
+STREAM_INTERVAL_S = 0.05
 
 
 @dataclass
@@ -64,7 +70,11 @@ def build_chat_tab(rt: Runtime, user_state: gr.State, browser: gr.BrowserState, 
             stream = svc.chat(uid, text, conversation_id=state["conversation_id"], parent_id=parent,
                               system_prompt=system_prompt or None,
                               sampling=sampling_from(temperature, top_p, max_tokens))
+            last_sent = 0.0
             async for update in stream:
+                if not update.finished and time.monotonic() - last_sent < STREAM_INTERVAL_S:
+                    continue  # the next update carries this text too
+                last_sent = time.monotonic()
                 history[-1] = {"role": "assistant", "content": update.error or update.text}
                 # The reply id reaches the page through `.then(sync_from_db)`: a streamed
                 # update can be overtaken, the database cannot.
@@ -84,7 +94,11 @@ def build_chat_tab(rt: Runtime, user_state: gr.State, browser: gr.BrowserState, 
         history, ids = list(history)[:-1], state["ids"][:-1]  # drop the last reply; keep its user turn
         history.append({"role": "assistant", "content": ""})
         try:
+            last_sent = 0.0
             async for update in svc.regenerate(uid, ids[-1], sampling=sampling_from(temperature, top_p, max_tokens)):
+                if not update.finished and time.monotonic() - last_sent < STREAM_INTERVAL_S:
+                    continue
+                last_sent = time.monotonic()
                 history[-1] = {"role": "assistant", "content": update.error or update.text}
                 state = {**state, "ids": ids + [update.reply_id]}
                 yield history, state, (update.error or "") if update.finished else "_generating…_"

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import time
+
 import gradio as gr
 
+from .chat_tab import STREAM_INTERVAL_S
 from .common import Runtime, sampling_from, show_error, user_id_for
 
 CHOICES = {"A is better": "A", "B is better": "B", "Tie": "tie", "Both are bad": "both_bad"}
@@ -28,8 +31,12 @@ def build_compare_tab(rt: Runtime, user_state: gr.State, settings: dict) -> None
         uid = svc.ensure_user(user_id_for(request, uid))
         locked = [gr.Button(interactive=False)] * len(buttons)
         try:
+            last_sent = 0.0
             async for battle in svc.battle(uid, text, system_prompt=system_prompt or None,
                                            sampling=sampling_from(temperature, top_p, max_tokens)):
+                if not battle.done and time.monotonic() - last_sent < STREAM_INTERVAL_S:
+                    continue
+                last_sent = time.monotonic()
                 yield [battle.texts[0], battle.texts[1], battle.user_message_id, uid, ""] + locked
         except Exception as exc:
             raise show_error(exc) from exc
