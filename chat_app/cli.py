@@ -35,6 +35,7 @@ def serve(
     rate_limit: int = typer.Option(30, "--rate-limit", help="Requests per user per minute (0: no limit)."),
     max_input_chars: int = typer.Option(4000, "--max-input-chars", help="Longest user message accepted."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Default reply length limit (users can change it)."),
+    auto_promote_after: int = typer.Option(0, "--auto-promote-after", help="Promote a gated candidate whose Compare win rate is significantly above 50% after N decisive votes (0: off)."),
 ) -> None:
     """Start the chat app (Chat, Compare, Rank, Dashboard) on the live policy.
 
@@ -53,6 +54,7 @@ def serve(
         admin_users=set(admins.split(",")) if admins else set(), admin_password=admin_password,
         engine_config=EngineConfig(max_model_len=max_model_len),
         service=ServiceConfig(rate_limit_per_minute=rate_limit, max_input_chars=max_input_chars,
+                              auto_promote_min_votes=auto_promote_after,
                               default_sampling=SamplingConfig(max_tokens=max_new_tokens)),
     ))
 

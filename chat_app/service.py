@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 
-from feedback_db import FeedbackError, FeedbackStore, ModelRegistry, Reply
+from feedback_db import FeedbackError, FeedbackStore, ModelRegistry, Reply, auto_promote_candidate
 
 from .engines.base import Engine, Messages, ReplyChunk, SamplingConfig
 from .limits import RateLimiter, UserFacingError
@@ -32,6 +32,7 @@ class ServiceConfig:
     rate_limit_per_minute: int = 30  # generation requests per user per minute (0: off)
     default_sampling: SamplingConfig = field(default_factory=SamplingConfig)
     rank_k_default: int = 4
+    auto_promote_min_votes: int = 0  # >0: promote a gated candidate users prefer after this many decisive votes
 
 
 @dataclass
@@ -252,6 +253,10 @@ class ChatService:
         except FeedbackError as exc:
             raise UserFacingError(str(exc)) from exc
         self._battles.pop(battle.user_message_id, None)
+        if self.config.auto_promote_min_votes > 0:
+            promoted = auto_promote_candidate(self.store, self.router.base_model, self.config.auto_promote_min_votes)
+            if promoted:  # the router's next registry poll (≤ 0.25 s) switches to it
+                log.info("auto-promoted %s after Compare votes", promoted)
         return battle.versions
 
     # -- rank -------------------------------------------------------------------------

@@ -21,10 +21,12 @@ from .exports import (
     write_jsonl,
 )
 from .imports import ImportResult, import_jsonl, import_rows, read_jsonl
+from .promotion import auto_promote_candidate
 from .registry import ModelRegistry, ModelVersion, TrainingRound
 from .store import CHOICES, Context, FeedbackStore, Reply
 
 __all__ = [
+    "auto_promote_candidate",
     "WinRate", "feedback_over_time", "thumbs_by_version", "wilson_interval", "win_rate",
     "AccessDeniedError", "CHOICES", "Context", "Export", "FeedbackError", "FeedbackStore", "ImportResult",
     "InvalidInputError", "ModelRegistry", "ModelVersion", "NotFoundError", "PreferenceGroup", "RegistryError",

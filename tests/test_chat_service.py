@@ -198,3 +198,24 @@ def test_hot_swap_under_concurrent_load(tiny_model_path, tmp_db_path, adapters):
         assert "policy-r1" not in svc.router.loaded()  # idle and retired: released
 
     run_with_service(tiny_model_path, tmp_db_path, body, rate_limit_per_minute=0)
+
+
+def test_server_auto_promotes_a_gated_candidate_that_users_prefer(tiny_model_path, tmp_db_path, adapters):
+    with FeedbackStore(tmp_db_path) as store:
+        reg = ModelRegistry(store)
+        reg.ensure_base_policy("tiny")
+        reg.register("policy-r1", adapter_path=adapters[0], base_model="tiny", metrics={"gates_passed": True})
+
+    async def body(svc: ChatService):
+        uid = svc.ensure_user("voter")
+        rng = random.Random(0)
+        for i in range(6):  # 4 of 4 already clears the Wilson bound; min_votes=6 holds it until the 6th
+            assert svc.router.live.name == "base:tiny"
+            battle = (await _drain(svc.battle(uid, f"question {i}", rng=rng)))[-1]
+            svc.vote(uid, battle.user_message_id, "A" if battle.versions[0] == "policy-r1" else "B")
+        await svc.router.sync()
+        assert svc.router.live.name == "policy-r1"
+        promoted = ModelRegistry(svc.store).get("policy-r1")
+        assert promoted.metrics["auto_promoted"]["wins"] == 6
+
+    run_with_service(tiny_model_path, tmp_db_path, body, rate_limit_per_minute=0, auto_promote_min_votes=6)

@@ -632,30 +632,12 @@ def maybe_auto_promote(store: Any, config: RoundConfig) -> str | None:
 
     Returns the promoted version's name, else None. Safe to call from cron or the server, often.
     """
-    from feedback_db import ModelRegistry, RegistryError, win_rate
+    from feedback_db.promotion import auto_promote_candidate
     from training.base_models import resolve_model
 
     if not config.auto_promote:
         return None
-    registry = ModelRegistry(store)
-    live = registry.live("policy")
-    if live is None:
-        return None
-    base = resolve_model(config.base_model).name
-    candidates = [c for c in registry.candidates("policy") if c.base_model in (None, base)]
-    if not candidates or not candidates[0].metrics.get("gates_passed"):
-        return None
-    candidate = candidates[0]
-    wr = win_rate(store, candidate.id, live.id)
-    if wr.decisive < config.min_votes or wr.ci_low is None or wr.ci_low <= 0.5:
-        return None
-    try:
-        registry.promote(candidate.id, actor="auto-promote")
-    except RegistryError:
-        return None  # promoted (or retired) by someone else meanwhile
-    registry.update_metrics(candidate.id, {"auto_promoted": {"wins": wr.wins, "losses": wr.losses,
-                                                             "ci_low": wr.ci_low, "ci_high": wr.ci_high}})
-    return candidate.name
+    return auto_promote_candidate(store, resolve_model(config.base_model).name, config.min_votes)
 
 
 def load_round_config(path: str | Path) -> RoundConfig:
