@@ -167,7 +167,10 @@ class ChatService:
                          sampling: SamplingConfig | None = None) -> AsyncIterator[StreamUpdate]:
         """Another reply to the same user turn: stored as a sibling of the earlier ones."""
         self.limiter.check(user_id)
-        msg = self.store.db["messages"].get(user_message_id)
+        try:
+            msg = self.store.message(user_message_id)
+        except FeedbackError as exc:
+            raise UserFacingError(str(exc)) from exc
         if msg["user_id"] != user_id or msg["role"] != "user":
             raise UserFacingError("That message cannot be regenerated.")
         async for update in self._stream_reply(user_id, msg["conversation_id"], user_message_id,

@@ -123,7 +123,7 @@ class _Importer:
         return parent
 
     def reply(self, context_id: int, text: str) -> int:
-        conv = self.store._message(self.store.db, context_id)["conversation_id"]
+        conv = self.store.message(context_id)["conversation_id"]
         return self.store.add_reply(conv, self.user, context_id, text, Reply(self.version.id),
                                     client_id=f"import:{self.source}:reply:{context_id}:{_digest(text)}")
 

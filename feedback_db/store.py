@@ -282,6 +282,10 @@ class FeedbackStore:
         """Store an assistant reply to user message `parent_id`, tied to the model version that wrote it."""
         return self._add_message(conversation_id, user_id, "assistant", content, parent_id, reply, client_id)
 
+    def message(self, message_id: int) -> dict:
+        """One stored message (all its columns), or NotFoundError."""
+        return self._message(self.db, message_id)
+
     def context(self, message_id: int) -> Context:
         """The conversation from its root to `message_id` (inclusive)."""
         rows = list(

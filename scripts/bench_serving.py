@@ -31,21 +31,19 @@ import argparse
 import asyncio
 import os
 import re
-import socket
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from chat_app.engines import EngineConfig, SamplingConfig, create_engine  # noqa: E402
+from chat_app.server_process import ServerProcess, start_server, stop_server  # noqa: E402
 from feedback_db import FeedbackStore, ModelRegistry  # noqa: E402
 
 PROMPTS = [
@@ -160,52 +158,12 @@ async def bench_engine(kind: str, model_path: Path, cfg: BenchConfig) -> PhaseRe
 
 
 # -- (b) the app ---------------------------------------------------------------------------------
-@dataclass
-class AppServer:
-    url: str
-    db_path: Path
-    log_path: Path
-    process: subprocess.Popen
-
-    def log_tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-
-def start_app(kind: str, model: str, workdir: Path, cfg: BenchConfig) -> AppServer:
-    """`alignloop serve` in a subprocess (like tests/app_server.py), ready once its engine is."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    db_path, log_path = workdir / "feedback.db", workdir / "server.log"
-    cmd = [sys.executable, "-m", "chat_app.cli", "serve", "--base-model", model, "--engine", kind,
-           "--db", str(db_path), "--port", str(port), "--max-new-tokens", str(cfg.max_tokens),
-           "--max-model-len", str(MAX_MODEL_LEN), "--rate-limit", "0"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    if cfg.app_concurrency is not None:
-        env["GRADIO_DEFAULT_CONCURRENCY_LIMIT"] = str(cfg.app_concurrency)
-    process = subprocess.Popen(cmd, env=env, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
-    server = AppServer(f"http://127.0.0.1:{port}/", db_path, log_path, process)
-    deadline = time.monotonic() + cfg.server_start_timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the app exited during start-up; its log ends with:\n{server.log_tail()}")
-        if "alignloop ready" in log_path.read_text(errors="replace"):
-            try:
-                urllib.request.urlopen(server.url, timeout=5)
-                return server
-            except OSError:
-                pass
-        time.sleep(0.5)
-    stop_app(server)
-    raise RuntimeError(f"the app was not ready after {cfg.server_start_timeout_s:.0f} s:\n{server.log_tail()}")
-
-
-def stop_app(server: AppServer) -> None:
-    server.process.terminate()
-    try:
-        server.process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        server.process.kill()
+def start_app(kind: str, model: str, workdir: Path, cfg: BenchConfig) -> ServerProcess:
+    """`alignloop serve` in a subprocess, fresh database, ready once its engine is."""
+    env = {"GRADIO_DEFAULT_CONCURRENCY_LIMIT": str(cfg.app_concurrency)} if cfg.app_concurrency is not None else {}
+    return start_server(model, workdir, engine=kind, env=env, timeout=cfg.server_start_timeout_s,
+                        serve_args=["--max-new-tokens", str(cfg.max_tokens), "--max-model-len", str(MAX_MODEL_LEN),
+                                    "--rate-limit", "0"])
 
 
 def _assistant_text(history: list) -> str:
@@ -259,7 +217,7 @@ def make_clients(url: str, n: int) -> list:
     return [Client(url, verbose=False) for _ in range(n)]
 
 
-def bench_app(server: AppServer, kind: str, clients: list, cfg: BenchConfig) -> PhaseResult:
+def bench_app(server: ServerProcess, kind: str, clients: list, cfg: BenchConfig) -> PhaseResult:
     """C threads, one client each, `requests_per_user` `/chat` calls one after another."""
     chat_once(clients[0], "Hi", cfg)  # untimed, as in (a)
     phase = PhaseResult("(b) app /chat", kind)
@@ -333,7 +291,7 @@ def _stale_starts(db_path: Path, version_id: int, start_ts: float, end_ts: float
     return sum(start_ts < _iso_to_ts(created) < end_ts for (created,) in rows)
 
 
-def bench_promotion(server: AppServer, kind: str, model_path: Path, base_name: str, clients: list,
+def bench_promotion(server: ServerProcess, kind: str, model_path: Path, base_name: str, clients: list,
                     workdir: Path, cfg: BenchConfig) -> PromotionResult:
     """Users chat non-stop while two LoRA versions are promoted one after the other."""
     from tests.engine_contract import make_lora_adapter  # a random LoRA that visibly changes the output
@@ -499,7 +457,7 @@ def run(cfg: BenchConfig) -> None:
             for client in clients:
                 client.close()
         finally:
-            stop_app(server)
+            stop_server(server)
         print(f"server log: {server.log_path}")
     print_report(cfg, phases, promotion)
 

@@ -31,8 +31,8 @@ def tmp_db_path(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def app_server(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory):
     """`alignloop serve` on the tiny model (transformers engine) in a subprocess, shared by the UI tests."""
-    from tests.app_server import start_server, stop_server
+    from tests.app_server import start_test_server, stop_server
 
-    server = start_server(tiny_model_path, tmp_path_factory.mktemp("app"))
+    server = start_test_server(tiny_model_path, tmp_path_factory.mktemp("app"))
     yield server
     stop_server(server)

@@ -210,7 +210,7 @@ def test_registry_promote_and_rollback(store):
     base = reg.ensure_base_policy("tiny")
     assert reg.live().id == base.id
     v1 = reg.register("policy-r1", adapter_path="/adapters/r1", base_model="tiny", parent_id=base.id)
-    v2 = reg.register("policy-r2", adapter_path="/adapters/r2", base_model="tiny", parent_id=v1.id)
+    reg.register("policy-r2", adapter_path="/adapters/r2", base_model="tiny", parent_id=v1.id)
     assert v1.status == "candidate" and [c.name for c in reg.candidates()] == ["policy-r2", "policy-r1"]
     reg.promote(v1.id)
     reg.promote("policy-r2")

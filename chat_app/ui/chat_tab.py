@@ -168,7 +168,7 @@ def build_chat_tab(rt: Runtime, user_state: gr.State, browser: gr.BrowserState, 
         history = [{"role": m["role"], "content": m["content"]} for m in (branch.messages if branch else [])]
         for i, message_id in enumerate(branch.message_ids if branch else []):
             if history[i]["role"] == "assistant" and not history[i]["content"].strip():
-                reason = svc.store.db["messages"].get(message_id)["finish_reason"]
+                reason = svc.store.message(message_id)["finish_reason"]
                 history[i]["content"] = ("⚠️ The model could not answer this; press Regenerate." if reason == "error"
                                          else "(empty reply)")
         state = {**_empty_state(), "conversation_id": conversation_id, "ids": branch.message_ids if branch else []}
