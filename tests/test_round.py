@@ -304,7 +304,10 @@ def test_starter_round_runs_sft_then_rm_then_ppo_from_the_sft_adapter(config: Ro
     result = run_round(config, seed_starter=True)
     assert result.status == "succeeded" and result.metrics["mode"] == "sft+rm+ppo", result.reason
     assert result.metrics["seeded"]["sft"] > 0 and result.metrics["sft"]["init_adapter"] == ""
-    assert result.metrics["ppo"]["reference"].endswith("work/sft")  # PPO starts from (and stays near) the SFT adapter
+    sft_kept = Path(result.round_dir) / "adapters" / f"sft-r{result.round_id}"
+    assert result.metrics["ppo"]["start"].endswith("work/sft")  # PPO starts from the SFT adapter ...
+    assert result.metrics["ppo"]["reference"] == str(sft_kept)  # ... stays near it, and it is kept for later rounds
+    assert (sft_kept / "adapter_config.json").is_file()
     assert result.metrics["data"]["demonstrations"] == len(starter_rows("sft"))
     with FeedbackStore(config.db) as store:
         registry = ModelRegistry(store)
@@ -320,6 +323,11 @@ def test_starter_round_runs_sft_then_rm_then_ppo_from_the_sft_adapter(config: Ro
     with FeedbackStore(config.db) as store:
         assert ModelRegistry(store).get(nxt.candidate).metrics["gates_passed"] is False
     assert nxt.metrics["reward_model"]["warm_start"] == f"reward-r{result.round_id}"
+    # The second PPO round starts from the live PPO policy, but its KL is still to round 1's SFT adapter.
+    with FeedbackStore(config.db) as store:
+        live_path = ModelRegistry(store).get(result.candidate).adapter_path
+        assert ModelRegistry(store).get(nxt.candidate).metrics["reference_adapter"] == str(sft_kept)
+    assert nxt.metrics["ppo"]["start"] == live_path and nxt.metrics["ppo"]["reference"] == str(sft_kept)
 
 
 def test_cli_round_with_the_starter_set_then_a_promotion_check(config: RoundConfig, tmp_path: Path) -> None:

@@ -145,6 +145,30 @@ def test_ppo_with_sft_reference_and_reward_adapter(full_loop: dict) -> None:
     assert len(result.samples) == 4
 
 
+def test_policy_can_start_from_another_adapter_than_its_sft_reference(full_loop: dict, tiny_model_path: Path) -> None:
+    """A later round starts from the live PPO policy (init_adapter) while the KL stays to pi_SFT."""
+    from safetensors.torch import load_file
+
+    from training.adapters import adapter_parameters
+    from training.ppo import build_stack
+
+    start = full_loop["ppo"].adapter_dir
+    cfg = PPOConfig(base_model=str(tiny_model_path), sft_adapter=str(full_loop["sft"].adapter_dir),
+                    init_adapter=str(start), reward_adapter=str(full_loop["rm"].adapter_dir),
+                    lora=LoraSettings(r=8, alpha=16))
+    stack = build_stack(cfg, with_reward_adapter=True)
+    saved = load_file(str(start / "adapter_model.safetensors"))
+    policy = dict((n, p) for n, p in stack.model.named_parameters() if ".policy." in n and "lora_B" in n)
+    reference = dict((n, p) for n, p in stack.model.named_parameters() if ".reference." in n and "lora_B" in n)
+    assert policy and len(policy) == len(reference) and len(adapter_parameters(stack.model, "policy")) == 2 * len(policy)
+    name = sorted(policy)[0]
+    key = next(k for k in saved if k.endswith(name.split("base_model.model.", 1)[-1].replace(".policy", "")))
+    assert torch.equal(policy[name].detach(), saved[key])  # the policy is the start adapter ...
+    assert stack.has_reference
+    differs = [not torch.equal(policy[n].detach(), reference[n.replace(".policy.", ".reference.")].detach()) for n in policy]
+    assert any(differs)  # ... and the reference is the SFT adapter, a different one
+
+
 @pytest.mark.parametrize("kind", ["hf", pytest.param("vllm", marks=pytest.mark.vllm)])
 def test_trained_adapters_load_in_the_chat_engines(kind: str, full_loop: dict, tiny_model_path: Path) -> None:
     from chat_app.engines import AdapterRef, EngineConfig, SamplingConfig, create_engine

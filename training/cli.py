@@ -204,7 +204,8 @@ def train_ppo_command(
     prompts: Annotated[Path, typer.Argument(help="Prompts JSONL (`alignloop db export prompts`).")],
     reward_adapter: Annotated[Path, typer.Option("--reward-adapter", help="Reward adapter from `alignloop train rm`.")],
     output_dir: OutputOption = None,
-    sft_adapter: Annotated[Optional[Path], typer.Option("--sft-adapter", help="SFT adapter: policy start and frozen reference.", show_default=False)] = None,
+    sft_adapter: Annotated[Optional[Path], typer.Option("--sft-adapter", help="SFT adapter: the frozen KL reference and, unless --init-adapter, the policy start.", show_default=False)] = None,
+    init_adapter: Annotated[Optional[Path], typer.Option("--init-adapter", help="Start the policy from this adapter (e.g. the live policy) instead of the SFT adapter.", show_default=False)] = None,
     sft_data: Annotated[Optional[Path], typer.Option("--sft-data", help="Demonstrations; the default ptx corpus.", show_default=False)] = None,
     pretrain_data: Annotated[Optional[Path], typer.Option("--pretrain-data", help="ptx corpus (.txt or .jsonl).", show_default=False)] = None,
     base_model: BaseModelOption = None,
@@ -229,5 +230,5 @@ def train_ppo_command(
                    f"memory {r.memory['shared_mb']:.0f} MB vs {r.memory['four_models_mb']:.0f} MB for four models")
 
     _run(PPOConfig, show_config, config_file, overrides, train, prompts=prompts, reward_adapter=reward_adapter,
-         output_dir=output_dir, sft_adapter=sft_adapter, sft_data=sft_data, pretrain_data=pretrain_data,
-         base_model=base_model)
+         output_dir=output_dir, sft_adapter=sft_adapter, init_adapter=init_adapter, sft_data=sft_data,
+         pretrain_data=pretrain_data, base_model=base_model)

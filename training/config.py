@@ -113,7 +113,8 @@ class PPOConfig(BaseSettings):
     """PPO-ptx (InstructGPT step 3, eq. 2): policy, value, reward and reference as adapters on one base."""
 
     prompts: str = _f("", "JSONL of prompts ({'prompt': str | messages}), e.g. `alignloop db export prompts`.")
-    sft_adapter: str = _f("", "SFT adapter: the policy starts from it and it is the frozen reference. Empty: the base.")
+    sft_adapter: str = _f("", "SFT adapter: the frozen KL reference (pi_SFT in eq. 2), and the policy's start unless init_adapter is set. Empty: the base.")
+    init_adapter: str = _f("", "Policy start, e.g. the live policy when it is already a PPO policy (empty: the SFT adapter). The KL stays measured to sft_adapter.")
     reward_adapter: str = _f("", "Reward adapter folder (LoRA + head, from `alignloop train rm`); the value starts from it.")
     pretrain_data: str = _f("", "ptx corpus: .txt (one document per line) or .jsonl; default: the SFT demonstrations.")
     sft_data: str = _f("", "SFT demonstrations JSONL, used as the ptx corpus when pretrain_data is empty.")

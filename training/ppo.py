@@ -137,7 +137,7 @@ def build_stack(cfg: PPOConfig, with_reward_adapter: bool) -> PolicyStack:
     """Load the base once and attach policy, reference, reward and value adapters to it."""
     base, tokenizer, device = load_base(cfg)
     sft = cfg.sft_adapter or None
-    model = attach_adapter(base, "policy", sft, cfg.lora, trainable=True)
+    model = attach_adapter(base, "policy", cfg.init_adapter or sft, cfg.lora, trainable=True)
     if sft:
         model = attach_adapter(model, "reference", sft, cfg.lora, trainable=False)
     reward_head, shift = None, 0.0

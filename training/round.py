@@ -4,8 +4,9 @@
     → SFT when there are new demonstrations (continuing the live policy's adapter)
     → reward model, warm-started from the live one; stop if its held-out accuracy is under
       a floor or worse than the previous reward model's on the same held-out prompts
-    → PPO-ptx from the SFT adapter (or the live policy) against the new reward model
-    → evaluate candidate vs live: reward on held-out prompts, KL to the reference, ptx perplexity
+    → PPO-ptx from the SFT adapter (or the live policy) against the new reward model, with the KL
+      measured to the lineage's last SFT adapter (pi_SFT; kept beside the policy as ``sft-rN``)
+    → evaluate candidate vs live: reward on held-out prompts, KL to SFT, ptx perplexity
     → register the candidate (and the new reward model) in one transaction
 
 The server then pits the candidate against live in Compare; `maybe_auto_promote` promotes it
@@ -430,12 +431,14 @@ class _Round:
         if sft_rows:
             write_jsonl(sft_rows, sft_path)
         policy_adapter = live.adapter_path
+        # The KL reference (pi_SFT in eq. 2) is the lineage's last SFT adapter, not the live policy.
+        reference = self.sft_reference_of(live)
 
         sft_dir = None
         if new_demos > 0:
             self.step("sft")
             sft_dir = self.train_sft(sft_path, policy_adapter)
-            policy_adapter = str(sft_dir)
+            policy_adapter = reference = str(sft_dir)
             self.metrics["sft_demonstrations"] = len(sft_rows)
 
         enough_prefs = pairs >= cfg.min_pairs and len(groups) >= 2
@@ -451,7 +454,7 @@ class _Round:
             self.metrics["skipped_rm_ppo"] = why
             self.metrics["gates"] = {}
             self.metrics["gates_passed"] = True  # no reward model yet: the Compare votes decide
-            return self.register(policy=sft_dir, reward=None, live=live)
+            return self.register(policy=sft_dir, reward=None, live=live, sft=None)
 
         self.metrics["mode"] = "sft+rm+ppo" if sft_dir else "rm+ppo"
         self.step("reward_model")
@@ -462,12 +465,28 @@ class _Round:
         self.step("ppo")
         prompts_path = data / "prompts.jsonl"
         write_jsonl(train_prompts, prompts_path)
-        ppo = self.train_ppo(prompts_path, policy_adapter, rm_dir, sft_path if sft_rows else None)
+        ppo = self.train_ppo(prompts_path, policy_adapter, reference, rm_dir, sft_path if sft_rows else None)
 
         self.step("evaluate")
         held = held_prompts or train_prompts
         self.evaluate(ppo, held[: cfg.eval_prompts], live.adapter_path, rm_dir)
-        return self.register(policy=ppo.adapter_dir, reward=rm_dir, live=live)
+        return self.register(policy=ppo.adapter_dir, reward=rm_dir, live=live, sft=sft_dir,
+                             reference=reference)
+
+    def sft_reference_of(self, live: Any) -> str | None:
+        """The SFT adapter the live policy descends from (its KL reference); None: the bare base.
+
+        Rounds record it with each policy version (``reference_adapter``); an SFT-only candidate is
+        its own reference. A version registered by hand, without that record, is its own reference.
+        """
+        if not live.adapter_path:
+            return None
+        if live.metrics.get("mode") == "sft-only":
+            return live.adapter_path
+        recorded = live.metrics.get("reference_adapter")
+        if recorded is not None:
+            return recorded if recorded and Path(recorded).is_dir() else None
+        return live.adapter_path
 
     def demonstrations_at_last_sft(self, live: Any) -> int:
         """Demonstrations the live policy's lineage was last fine-tuned on (0 before any SFT).
@@ -532,16 +551,17 @@ class _Round:
                         f"{previous.name} ({prev:.3f}) on the same held-out pairs; keeping the previous one.")
         return result.adapter_dir
 
-    def train_ppo(self, prompts_path: Path, policy_adapter: str | None, rm_dir: Path, sft_path: Path | None) -> Any:
+    def train_ppo(self, prompts_path: Path, policy_adapter: str | None, reference: str | None, rm_dir: Path,
+                  sft_path: Path | None) -> Any:
         from training.ppo import train_ppo
 
         c = self.config
         ptx = {"sft_data": str(sft_path)} if sft_path else {"sft_data": "", "pretrain_data": str(STARTER_DIR / STARTER_FILES["sft"])}
-        # PPOConfig has one adapter for both start and KL reference: the policy starts from (and is
-        # kept near) the freshly fine-tuned adapter, else the live policy.
+        # The policy starts from the live policy (or this round's SFT adapter) and is kept near
+        # the lineage's SFT adapter: eq. 2's KL is to pi_SFT, however many PPO rounds came since.
         cfg = dataclasses.replace(c.ppo, base_model=c.base_model, device=c.device, prompts=str(prompts_path),
-                                  sft_adapter=policy_adapter or "", reward_adapter=str(rm_dir),
-                                  output_dir=str(self.work / "ppo"), seed=c.seed, **ptx)
+                                  sft_adapter=reference or "", init_adapter=policy_adapter or "",
+                                  reward_adapter=str(rm_dir), output_dir=str(self.work / "ppo"), seed=c.seed, **ptx)
         result = train_ppo(cfg)
         from training.metrics_log import read_metrics
 
@@ -550,7 +570,8 @@ class _Round:
         self.metrics["ppo"] = {"iterations": result.iterations, "reward_first": result.reward_first,
                                "reward_last": result.reward_last, "kl_last": result.kl_last,
                                "ptx_nll_before": result.ptx_nll_before, "ptx_nll_after": result.ptx_nll_after,
-                               "seconds": result.seconds, "curve": curve, "reference": policy_adapter or "base"}
+                               "seconds": result.seconds, "curve": curve, "start": policy_adapter or "base",
+                               "reference": reference or "base"}
         return result
 
     def evaluate(self, ppo: Any, prompts: list[dict], live_adapter: str | None, rm_dir: Path) -> None:
@@ -582,17 +603,27 @@ class _Round:
         self.metrics["gates"] = gates
         self.metrics["gates_passed"] = all(gates.values())
 
-    def register(self, *, policy: Path, reward: Path | None, live: Any) -> str:
-        """Check the adapters load, move them into place, register them and close the round: one transaction."""
+    def register(self, *, policy: Path, reward: Path | None, live: Any, sft: Path | None,
+                 reference: str | None = None) -> str:
+        """Check the adapters load, move them into place, register them and close the round: one transaction.
+
+        ``sft``: this round's SFT adapter when PPO started from it; it is kept beside the policy as
+        the KL reference of this lineage's later rounds.
+        """
         self.step("register")
         check_adapter(policy)
         if reward is not None:
             check_adapter(reward, with_head=True)
+        if sft is not None:
+            check_adapter(sft)
         adapters = self.round_dir / "adapters"
         adapters.mkdir(parents=True, exist_ok=True)
         policy_name = _unique_name(self.registry, f"policy-r{self.round_id}")
         final_policy = adapters / policy_name
         os.replace(policy, final_policy)
+        if sft is not None:
+            reference = str(adapters / f"sft-r{self.round_id}")
+            os.replace(sft, reference)
         final_reward = None
         if reward is not None:
             reward_name = _unique_name(self.registry, f"reward-r{self.round_id}")
@@ -606,6 +637,8 @@ class _Round:
                                                         "sft") if k in self.metrics}
         if "ppo" in self.metrics:
             version_metrics["ppo"] = {k: v for k, v in self.metrics["ppo"].items() if k != "curve"}
+            version_metrics["reference_adapter"] = reference or ""
+            self.metrics["ppo"]["reference"] = reference or "base"
         self.step("commit")
         with self.store.transaction():
             if final_reward is not None:
