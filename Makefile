@@ -23,10 +23,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# demo = models prepare + db init + the starter set + serve (see `alignloop demo --help`).
 run: install
-	$(BIN)/alignloop models prepare
-	$(BIN)/alignloop db init
-	$(BIN)/alignloop serve $(SERVE_ARGS)
+	$(BIN)/alignloop demo $(SERVE_ARGS)
 
 browser:
 	command -v chromium >/dev/null || ($(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y chromium)

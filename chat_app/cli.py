@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -20,28 +20,54 @@ app.add_typer(models_app, name="models")
 app.add_typer(train_app, name="train")
 
 
+# The options of `serve`, shared by `demo` (which serves the same way).
+BaseModelOpt = Annotated[str, typer.Option("--base-model", help="'default' (embedded Gemma 3 270M), an HF id or a folder.")]
+EngineOpt = Annotated[str, typer.Option("--engine", help="auto (vLLM when importable) | vllm | hf")]
+DbOpt = Annotated[Optional[Path], typer.Option("--db", help="Feedback database (default: $ALIGNLOOP_DB or ~/.local/share/alignloop/feedback.db).")]
+HostOpt = Annotated[str, typer.Option("--host")]
+PortOpt = Annotated[int, typer.Option("--port")]
+UsersOpt = Annotated[Optional[str], typer.Option("--users", help="Require login: 'alice:pw1,bob:pw2'.")]
+AdminsOpt = Annotated[Optional[str], typer.Option("--admins", help="Logged-in users allowed on the dashboard: 'alice,bob'.")]
+AdminPasswordOpt = Annotated[Optional[str], typer.Option("--admin-password", envvar="ALIGNLOOP_ADMIN_PASSWORD",
+                                                         help="Password for the operators' dashboard.")]
+MaxModelLenOpt = Annotated[int, typer.Option("--max-model-len", help="Longest prompt + reply in tokens.")]
+RateLimitOpt = Annotated[int, typer.Option("--rate-limit", help="Requests per user per minute (0: no limit).")]
+MaxInputOpt = Annotated[int, typer.Option("--max-input-chars", help="Longest user message accepted.")]
+MaxNewTokensOpt = Annotated[int, typer.Option("--max-new-tokens", help="Default reply length limit (users can change it).")]
+AutoPromoteOpt = Annotated[int, typer.Option("--auto-promote-after", help="Promote a gated candidate whose Compare win rate is significantly above 50% after N decisive votes (0: off).")]
+
+
 @app.command()
 def serve(
-    base_model: str = typer.Option("default", "--base-model", help="'default' (embedded Gemma 3 270M), an HF id or a folder."),
-    engine: str = typer.Option("auto", "--engine", help="auto (vLLM when importable) | vllm | hf"),
-    db: Optional[Path] = typer.Option(None, "--db", help="Feedback database (default: $ALIGNLOOP_DB or ~/.local/share/alignloop/feedback.db)."),
-    host: str = typer.Option("127.0.0.1", "--host"),
-    port: int = typer.Option(7860, "--port"),
-    users: Optional[str] = typer.Option(None, "--users", help="Require login: 'alice:pw1,bob:pw2'."),
-    admins: Optional[str] = typer.Option(None, "--admins", help="Logged-in users allowed on the dashboard: 'alice,bob'."),
-    admin_password: Optional[str] = typer.Option(None, "--admin-password", envvar="ALIGNLOOP_ADMIN_PASSWORD",
-                                                 help="Password for the operators' dashboard."),
-    max_model_len: int = typer.Option(2048, "--max-model-len", help="Longest prompt + reply in tokens."),
-    rate_limit: int = typer.Option(30, "--rate-limit", help="Requests per user per minute (0: no limit)."),
-    max_input_chars: int = typer.Option(4000, "--max-input-chars", help="Longest user message accepted."),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Default reply length limit (users can change it)."),
-    auto_promote_after: int = typer.Option(0, "--auto-promote-after", help="Promote a gated candidate whose Compare win rate is significantly above 50% after N decisive votes (0: off)."),
+    base_model: BaseModelOpt = "default",
+    engine: EngineOpt = "auto",
+    db: DbOpt = None,
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 7860,
+    users: UsersOpt = None,
+    admins: AdminsOpt = None,
+    admin_password: AdminPasswordOpt = None,
+    max_model_len: MaxModelLenOpt = 2048,
+    rate_limit: RateLimitOpt = 30,
+    max_input_chars: MaxInputOpt = 4000,
+    max_new_tokens: MaxNewTokensOpt = 256,
+    auto_promote_after: AutoPromoteOpt = 0,
 ) -> None:
     """Start the chat app (Chat, Compare, Rank, Dashboard) on the live policy.
 
     Example: alignloop serve --engine auto --port 7860 --admin-password s3cret
     """
-    from chat_app.app import AppConfig, serve as run_server
+    options = dict(locals())
+    from chat_app.app import serve as run_server
+
+    run_server(_app_config(**options))
+
+
+def _app_config(*, base_model: str, engine: str, db: Optional[Path], host: str, port: int, users: Optional[str],
+                admins: Optional[str], admin_password: Optional[str], max_model_len: int, rate_limit: int,
+                max_input_chars: int, max_new_tokens: int, auto_promote_after: int):
+    """The AppConfig that `serve`'s options describe (shared with `demo`)."""
+    from chat_app.app import AppConfig
     from chat_app.engines import EngineConfig, SamplingConfig
     from chat_app.service import ServiceConfig
 
@@ -49,14 +75,78 @@ def serve(
         user_map = dict(u.split(":", 1) for u in users.split(",")) if users else {}
     except ValueError:
         raise typer.BadParameter("--users takes 'name:password' pairs separated by commas.") from None
-    run_server(AppConfig(
+    return AppConfig(
         base_model=base_model, engine=engine, db=db, host=host, port=port, users=user_map,
         admin_users=set(admins.split(",")) if admins else set(), admin_password=admin_password,
         engine_config=EngineConfig(max_model_len=max_model_len),
         service=ServiceConfig(rate_limit_per_minute=rate_limit, max_input_chars=max_input_chars,
                               auto_promote_min_votes=auto_promote_after,
                               default_sampling=SamplingConfig(max_tokens=max_new_tokens)),
-    ))
+    )
+
+
+@app.command()
+def demo(
+    base_model: BaseModelOpt = "default",
+    engine: EngineOpt = "auto",
+    db: DbOpt = None,
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 7860,
+    users: UsersOpt = None,
+    admins: AdminsOpt = None,
+    admin_password: AdminPasswordOpt = None,
+    max_model_len: MaxModelLenOpt = 2048,
+    rate_limit: RateLimitOpt = 30,
+    max_input_chars: MaxInputOpt = 4000,
+    max_new_tokens: MaxNewTokensOpt = 256,
+    auto_promote_after: AutoPromoteOpt = 0,
+    train: bool = typer.Option(False, "--train", help="Also run round 0 in the background while the app serves; its candidate then shows up in Compare."),
+    round_overrides: Optional[list[str]] = typer.Option(None, "--round-set", help="A RoundConfig override for that round: --round-set ppo.iterations=4.", show_default=False),
+    rounds_dir: Optional[Path] = typer.Option(None, "--rounds-dir", help="Where that round writes (default ~/.local/share/alignloop/rounds)."),
+) -> None:
+    """Prepare the model, create the database, seed the starter set, then serve (what `make run` does).
+
+    The starter demonstrations, prompts and preference pairs (training/starter/, source 'starter')
+    are imported once; with --train, `alignloop round` turns the loop once in a child process
+    (log and report under the rounds folder) while the app serves.
+
+    Example: alignloop demo --engine hf --admin-password s3cret --train --round-set ppo.iterations=4
+    """
+    settings = {k: v for k, v in locals().items() if k not in ("train", "round_overrides", "rounds_dir")}
+    import subprocess
+    import sys
+
+    from chat_app.app import serve as run_server
+    from feedback_db import FeedbackStore, default_db_path
+    from training.base_models import ModelPreparationError, prepare_model
+    from training.round import RoundConfig, seed_starter_set
+    try:
+        model_dir = prepare_model(base_model)
+    except ModelPreparationError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    db_path = db or default_db_path()
+    with FeedbackStore(db_path) as store:
+        seeded = seed_starter_set(store)
+    added = ", ".join(f"{n} {kind}" for kind, n in seeded.items())
+    typer.echo(f"model: {model_dir}\ndatabase: {db_path}\nstarter set: {added} new records")
+    child = None
+    if train:
+        rounds_dir = (rounds_dir or Path(RoundConfig().rounds_dir)).expanduser()
+        rounds_dir.mkdir(parents=True, exist_ok=True)
+        log_path = rounds_dir / "demo-round.log"
+        cmd = [sys.executable, "-m", "chat_app.cli", "round", "--db", str(db_path), "--base-model", base_model,
+               "--rounds-dir", str(rounds_dir)]
+        for item in round_overrides or []:
+            cmd += ["--set", item]
+        child = subprocess.Popen(cmd, stdout=log_path.open("a"), stderr=subprocess.STDOUT)
+        typer.echo(f"round 0 is training in the background (pid {child.pid}, log {log_path}); "
+                   "its candidate appears in Compare and on the Dashboard when it is registered.")
+    try:
+        run_server(_app_config(**settings))
+    finally:
+        if child is not None and child.poll() is None:
+            child.terminate()  # a round stopped early registers nothing; the next one starts clean
 
 
 def _registry(db: Optional[Path]):

@@ -33,11 +33,12 @@ def free_port() -> int:
 
 
 def start_server(model: str | Path, workdir: Path, *, engine: str = "hf", serve_args: list[str] | None = None,
-                 env: dict[str, str] | None = None, timeout: float = 180.0) -> ServerProcess:
-    """Start `alignloop serve` on a free port with a fresh database in `workdir`; wait until its engine is ready."""
+                 env: dict[str, str] | None = None, timeout: float = 180.0, command: str = "serve") -> ServerProcess:
+    """Start `alignloop serve` (or `demo`) on a free port with a fresh database in `workdir`; wait until its
+    engine is ready."""
     port = free_port()
     db_path, log_path = workdir / "feedback.db", workdir / "server.log"
-    cmd = [sys.executable, "-m", "chat_app.cli", "serve", "--base-model", str(model), "--engine", engine,
+    cmd = [sys.executable, "-m", "chat_app.cli", command, "--base-model", str(model), "--engine", engine,
            "--db", str(db_path), "--port", str(port), *(serve_args or [])]
     child_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     process = subprocess.Popen(cmd, env=child_env, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
