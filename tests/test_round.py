@@ -112,6 +112,7 @@ def test_round0_is_sft_only_and_registers_a_candidate_that_loads(config: RoundCo
     base, _, _ = load_base(SFTConfig(base_model=str(tiny_model_path), device="cpu"))
     attach_adapter(base, "served", folder, None, trainable=False)  # loads on the base
     assert result.report_path and "sft-only" in result.report_path.read_text()
+    assert len(result.metrics["fixed_samples"]) == 4 and "fixed prompts" in result.report_path.read_text()
 
     again = run_round(config)  # nothing new since, same configuration: nothing to do, nothing recorded
     assert again.status == "skipped" and "no new feedback" in again.reason and len(rounds(config.db)) == 1
@@ -160,6 +161,9 @@ def test_interrupted_round_registers_nothing_and_the_next_one_runs(config: Round
     report = result.report_path.read_text()
     assert "Candidate vs live" in report and "Sample replies" in report
     assert (result.round_dir / "ppo_curves.png").is_file() and "ppo_curves.png" in report
+    assert (result.round_dir / "rm_accuracy.png").is_file() and "rm_accuracy.png" in report
+    assert "Before and after on the fixed prompts" in report
+    assert [s["prompt"] for s in result.metrics["fixed_samples"]] == [r["prompt"] for r in starter_rows("prompts")[:4]]
 
     # Round 2 warm-starts from that reward model and is judged against it on the same held-out pairs.
     add_ranked_feedback(config, prompts=4)

@@ -76,6 +76,7 @@ class RoundConfig:
     rm_tolerance: float = _f(0.02, "Stop when the new reward model is worse than the previous one by more than this (same held-out pairs).")
     eval_prompts: int = _f(16, "Held-out prompts on which candidate and live replies are scored (and shown in the report).")
     eval_max_new_tokens: int = _f(48, "Longest reply when evaluating candidate vs live (greedy).")
+    report_prompts: int = _f(4, "Fixed prompts (the starter set's first N) that every round's report answers with live and candidate, so reports compare across rounds.")
     max_kl: float = _f(10.0, "Gate: KL(policy || reference) per reply at the end of PPO, in nats.")
     min_reward_gain: float = _f(0.0, "Gate: candidate's mean reward minus live's on held-out prompts must exceed this.")
     max_ptx_ppl_increase: float = _f(0.1, "Gate: relative increase of the ptx perplexity (0.1 = +10%).")
@@ -286,6 +287,11 @@ def greedy_replies(base_model: str, device: str, adapters: dict[str, str | None]
     return out
 
 
+def fixed_report_prompts(n: int) -> list[Any]:
+    """The first ``n`` starter prompts: every round's report answers the same ones."""
+    return [row["prompt"] for row in starter_rows("prompts")[:n]]
+
+
 def evaluate_gates(metrics: dict[str, Any], config: RoundConfig) -> dict[str, bool]:
     """Each gate's verdict on a PPO candidate's evaluation metrics."""
     return {
@@ -454,6 +460,7 @@ class _Round:
             self.metrics["skipped_rm_ppo"] = why
             self.metrics["gates"] = {}
             self.metrics["gates_passed"] = True  # no reward model yet: the Compare votes decide
+            self.sample_fixed_prompts(live.adapter_path, sft_dir)
             return self.register(policy=sft_dir, reward=None, live=live, sft=None)
 
         self.metrics["mode"] = "sft+rm+ppo" if sft_dir else "rm+ppo"
@@ -472,6 +479,23 @@ class _Round:
         self.evaluate(ppo, held[: cfg.eval_prompts], live.adapter_path, rm_dir)
         return self.register(policy=ppo.adapter_dir, reward=rm_dir, live=live, sft=sft_dir,
                              reference=reference)
+
+    def sample_fixed_prompts(self, live_adapter: str | None, candidate: Path) -> None:
+        """Greedy replies of live and candidate on the report's fixed prompts (before / after)."""
+        fixed = fixed_report_prompts(self.config.report_prompts)
+        if fixed:
+            replies = greedy_replies(self.config.base_model, self.config.device,
+                                     {"live": live_adapter, "candidate": str(candidate)}, fixed,
+                                     self.config.eval_max_new_tokens)
+            self.metrics["fixed_samples"] = [{"prompt": t, "live": a, "candidate": b} for t, a, b in
+                                             zip(fixed, replies["live"], replies["candidate"])]
+
+    def reward_model_history(self, accuracy: float) -> list[dict[str, Any]]:
+        """Held-out accuracy of the reward model of every earlier round that trained one, then this one."""
+        history = [{"round": r.id, "accuracy": r.metrics["reward_model"]["eval_accuracy"]}
+                   for r in self.registry.rounds()
+                   if r.id != self.round_id and "eval_accuracy" in r.metrics.get("reward_model", {})]
+        return history + [{"round": self.round_id, "accuracy": accuracy}]
 
     def sft_reference_of(self, live: Any) -> str | None:
         """The SFT adapter the live policy descends from (its KL reference); None: the bare base.
@@ -539,6 +563,7 @@ class _Round:
               "eval_prompts": len(held), "train_pairs": result.train_pairs, "seconds": result.train_seconds,
               "warm_start": previous.name if warm else None, "floor": c.rm_floor, "tolerance": c.rm_tolerance}
         self.metrics["reward_model"] = rm
+        self.metrics["reward_model_history"] = self.reward_model_history(accuracy)
         if warm:
             rm["previous_accuracy"] = reward_accuracy(RewardModel.load(warm, base_model=c.base_model, device=c.device),
                                                       held)
@@ -579,8 +604,12 @@ class _Round:
 
         c = self.config
         texts = [p["prompt"] for p in prompts]
+        fixed = fixed_report_prompts(c.report_prompts)
         replies = greedy_replies(c.base_model, c.device, {"live": live_adapter, "candidate": str(ppo.adapter_dir)},
-                                 texts, c.eval_max_new_tokens)
+                                 texts + fixed, c.eval_max_new_tokens)
+        self.metrics["fixed_samples"] = [{"prompt": t, "live": a, "candidate": b} for t, a, b in
+                                         zip(fixed, replies["live"][len(texts):], replies["candidate"][len(texts):])]
+        replies = {k: v[: len(texts)] for k, v in replies.items()}
         rm = RewardModel.load(rm_dir, base_model=c.base_model, device=c.device)
         live_scores = rm.score(texts, replies["live"])
         cand_scores = rm.score(texts, replies["candidate"])

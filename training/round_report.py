@@ -28,6 +28,29 @@ def _plot_curve(curve: list[dict[str, Any]], path: Path) -> bool:
     return True
 
 
+def _plot_rm_accuracy(history: list[dict[str, Any]], floor: float | None, path: Path) -> bool:
+    """Held-out pairwise accuracy of each round's reward model (bars), with the floor; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(4.5, 3.0))
+    labels = [f"round {h['round']}" for h in history]
+    ax.bar(labels, [h["accuracy"] for h in history], color=["tab:gray"] * (len(history) - 1) + ["tab:blue"])
+    ax.axhline(0.5, color="black", linewidth=0.8, linestyle=":", label="chance")
+    if floor is not None:
+        ax.axhline(floor, color="tab:red", linewidth=1, linestyle="--", label=f"floor {floor:g}")
+    ax.set(ylim=(0, 1), title="reward model: held-out pairwise accuracy")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return True
+
+
 def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
@@ -39,7 +62,7 @@ def _prompt_text(prompt: Any) -> str:
 
 
 def write_round_report(round_dir: Path, round_id: int, status: str, metrics: dict[str, Any]) -> Path:
-    """Write ``<round_dir>/report.md`` (and ``ppo_curves.png``); return the report's path."""
+    """Write ``<round_dir>/report.md`` (and ``ppo_curves.png``, ``rm_accuracy.png``); return the report's path."""
     round_dir.mkdir(parents=True, exist_ok=True)
     lines = [f"# Training round {round_id}: {status}", "", f"{metrics.get('reason', '')}", ""]
     lines += ["| | |", "|---|---|"]
@@ -51,6 +74,10 @@ def write_round_report(round_dir: Path, round_id: int, status: str, metrics: dic
         if metrics.get(key):
             lines += ["", f"## {title}", "", "| | |", "|---|---|"]
             lines += [f"| {k} | {_fmt(v)} |" for k, v in metrics[key].items()]
+    history = metrics.get("reward_model_history")
+    if history and _plot_rm_accuracy(history, (metrics.get("reward_model") or {}).get("floor"),
+                                     round_dir / "rm_accuracy.png"):
+        lines += ["", "![reward model held-out accuracy per round](rm_accuracy.png)"]
     ppo = metrics.get("ppo")
     if ppo:
         lines += ["", "## PPO-ptx", "", "| | |", "|---|---|"]
@@ -63,6 +90,12 @@ def write_round_report(round_dir: Path, round_id: int, status: str, metrics: dic
             lines += [f"**Prompt:** {_prompt_text(s['prompt'])}", "",
                       f"* live ({s['reward_live']:.3f}): {json.dumps(s['live'], ensure_ascii=False)}",
                       f"* candidate ({s['reward_candidate']:.3f}): {json.dumps(s['candidate'], ensure_ascii=False)}", ""]
+    if metrics.get("fixed_samples"):
+        lines += ["", "## Before and after on the fixed prompts (greedy; the same prompts every round)", ""]
+        for s in metrics["fixed_samples"]:
+            lines += [f"**Prompt:** {_prompt_text(s['prompt'])}", "",
+                      f"* before (live): {json.dumps(s['live'], ensure_ascii=False)}",
+                      f"* after (candidate): {json.dumps(s['candidate'], ensure_ascii=False)}", ""]
     if metrics.get("error"):
         lines += ["", "## Error", "", "```", str(metrics.get("traceback") or metrics["error"]), "```"]
     path = round_dir / "report.md"
