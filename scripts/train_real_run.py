@@ -37,6 +37,10 @@ def main(
     ppo_batch: Annotated[int, typer.Option(help="Prompts per PPO iteration.")] = 16,
     max_new_tokens: Annotated[int, typer.Option(help="Longest sampled reply.")] = 64,
     ptx_coef: Annotated[float, typer.Option(help="InstructGPT's gamma for the ptx term.")] = 1.0,
+    ppo_max_length: Annotated[int, typer.Option(help="Prompt + reply tokens in PPO (oldest prompt tokens cut).")] = 256,
+    ptx_max_length: Annotated[int, typer.Option(help="Longest ptx document in tokens.")] = 128,
+    ppo_epochs: Annotated[int, typer.Option(help="PPO epochs per rollout batch.")] = 2,
+    ppo_lr: Annotated[float, typer.Option(help="PPO learning rate (LoRA adapters take larger steps than full weights).")] = 5e-5,
     skip_ppo: Annotated[bool, typer.Option(help="Stop after the reward model.")] = False,
     rm_adapter: Annotated[Optional[Path], typer.Option(help="Reuse this reward adapter instead of training one.")] = None,
     seed: int = 0,
@@ -83,9 +87,10 @@ def main(
     demos.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r["chosen"]}) + "\n" for r in rows))
     ppo_cfg = PPOConfig(base_model=base_model, prompts=str(prompts), reward_adapter=str(rm_adapter), sft_data=str(demos),
                         output_dir=str(out / "ppo"), iterations=ppo_iterations, rollout_batch=ppo_batch,
-                        minibatch=min(4, ppo_batch), max_new_tokens=max_new_tokens, max_length=max_length,
-                        ptx_coef=ptx_coef, ptx_batch=min(4, ppo_batch), ptx_max_length=max_length, lr=1e-5, init_kl_coef=0.05, target_kl=6.0, missing_eos_penalty=1.0,
-                        seed=seed, lora=lora)
+                        minibatch=min(4, ppo_batch), ppo_epochs=ppo_epochs, max_new_tokens=max_new_tokens,
+                        max_length=ppo_max_length, ptx_coef=ptx_coef, ptx_batch=min(4, ppo_batch),
+                        ptx_max_length=ptx_max_length, lr=ppo_lr, init_kl_coef=0.05, target_kl=6.0,
+                        missing_eos_penalty=1.0, seed=seed, lora=lora)
     ppo = train_ppo(ppo_cfg)
     from training.metrics_log import read_metrics
 
