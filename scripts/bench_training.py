@@ -109,7 +109,8 @@ def rm_ours(opts: dict[str, Any], work: Path) -> dict[str, Any]:
     data.write_text("".join(json.dumps(r) + "\n" for r in _group_rows(groups)))
     # eval_fraction and seed as in _split: the same held-out prompts as TRL's run.
     cfg = RewardConfig(base_model=opts["model"], data=str(data), output_dir=str(work / "rm"), epochs=1.0,
-                       groups_per_batch=opts["batch"], lr=opts["lr"], max_length=opts["max_length"],
+                       groups_per_batch=opts["batch"], micro_batch_groups=opts.get("micro_batch", 0),
+                       lr=opts["lr"], max_length=opts["max_length"],
                        eval_fraction=0.2, seed=opts["seed"], progress=False, lora=LoraSettings(r=16, alpha=32))
     r = train_reward_model(cfg)
     return {"impl": "alignloop", "pairs_per_s": r.pairs_per_second, "accuracy": r.eval_accuracy,
@@ -131,7 +132,9 @@ def rm_trl(opts: dict[str, Any], work: Path) -> dict[str, Any]:
     train, held = _split(Path(opts["data"]), opts["pairs"], opts["seed"])
     tok = AutoTokenizer.from_pretrained(folder)
     cuda = torch.cuda.is_available()
-    args = RewardConfig(output_dir=str(work / "trl"), per_device_train_batch_size=opts["batch"],
+    micro = opts.get("micro_batch", 0) or opts["batch"]  # the same pairs per optimizer step, micro-batched alike
+    args = RewardConfig(output_dir=str(work / "trl"), per_device_train_batch_size=micro,
+                        gradient_accumulation_steps=max(1, opts["batch"] // micro),
                         per_device_eval_batch_size=opts["batch"], num_train_epochs=1, learning_rate=opts["lr"],
                         max_length=opts["max_length"], report_to="none", save_strategy="no", logging_steps=10,
                         use_cpu=not cuda, bf16=cuda, disable_dropout=True,
@@ -316,13 +319,14 @@ def rm(
     max_length: int = 256,
     batch: Annotated[int, typer.Option(help="Pairs (prompts) per step, both trainers.")] = 8,
     lr: float = 1e-4,
+    micro_batch: Annotated[int, typer.Option(help="Pairs per forward/backward (gradient accumulation), both trainers; 0: the whole batch.")] = 0,
     impl: Annotated[list[str], typer.Option(help="ours, trl (repeatable).")] = ["ours", "trl"],  # noqa: B006
     out: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
     seed: int = 0,
 ) -> None:
     """Reward model: pairs/s and held-out accuracy, ours vs TRL's RewardTrainer."""
     _bench("rm", impl, {"model": model, "data": str(data), "pairs": pairs, "max_length": max_length, "batch": batch,
-                        "lr": lr, "seed": seed}, out)
+                        "lr": lr, "micro_batch": micro_batch, "seed": seed}, out)
 
 
 @app.command()

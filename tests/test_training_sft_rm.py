@@ -200,6 +200,32 @@ def test_lora_and_head_both_train(tiny_model_path: Path) -> None:
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_" in n)
 
 
+def test_micro_batches_accumulate_the_same_gradient_as_the_whole_step(tiny_model_path: Path) -> None:
+    from training.reward_model import accumulate_kwise_gradients
+
+    model, tok = load_model_and_tokenizer(tiny_model_path)
+    model = attach_adapter(model, "default", None, LoraSettings(r=4), trainable=True)
+    torch.manual_seed(0)
+    for p in model.parameters():  # LoRA B starts at 0: give every LoRA weight a gradient to compare
+        if p.requires_grad:
+            p.data.normal_(0, 0.05)
+    head = ScalarHead(model.get_base_model().config.hidden_size)
+    groups = preference_groups(preference_rows(3) + [{"prompt": "Count", "chosen": "1, 2, 3", "rejected": "five"}])
+    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
+    results = []
+    for micro in (0, 1, 3):
+        for p in params:
+            p.grad = None
+        cfg = RewardConfig(max_length=64, micro_batch_groups=micro)
+        loss, acc, pairs = accumulate_kwise_gradients(model, head, groups, tok, cfg, torch.device("cpu"))
+        results.append((loss, acc, pairs, [p.grad.clone() for p in params]))
+    (loss0, acc0, pairs0, grads0) = results[0]
+    assert pairs0 == 3 * 3 + 1
+    for loss, acc, pairs, grads in results[1:]:
+        assert loss == pytest.approx(loss0, abs=1e-5) and acc == pytest.approx(acc0) and pairs == pairs0
+        assert all(torch.allclose(g, g0, atol=1e-5) for g, g0 in zip(grads, grads0))
+
+
 def preference_rows(n: int) -> list[dict]:
     """A learnable preference: the polite reply beats the rude one."""
     return [{"prompt": f"Question {i}: can you help me?",

@@ -103,6 +103,7 @@ class RewardConfig(BaseSettings):
     epochs: float = _f(1.0, "Passes over the training prompts (InstructGPT: 1, the RM overfits quickly).")
     lr: float = _f(1e-4, "AdamW learning rate for LoRA and head.")
     groups_per_batch: int = _f(8, "Prompts per step; all K replies of a prompt are in the same batch.")
+    micro_batch_groups: int = _f(0, "Prompts per forward/backward within a step, gradients accumulated (0: the whole step at once). Same gradient, lower peak memory: activations scale with prompts x length.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
     eval_batch_rows: int = _f(32, "Replies per forward pass during evaluation.")

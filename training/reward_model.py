@@ -158,6 +158,27 @@ def kwise_loss(model: nn.Module, head: ScalarHead, kb: KWiseBatch, device: torch
     return pairwise_reward_loss(rewards, winners, losers, groups), pairwise_accuracy(rewards.detach(), winners, losers)
 
 
+def accumulate_kwise_gradients(model: nn.Module, head: ScalarHead, groups: Sequence[PreferenceGroup], tokenizer: Any,
+                               cfg: RewardConfig, device: torch.device) -> tuple[float, float, int]:
+    """Backward of one step's eq. 1 loss, ``cfg.micro_batch_groups`` prompts at a time; (loss, accuracy, pairs).
+
+    The loss is a mean over prompts, so a micro-batch of m of the step's n prompts is weighted m/n:
+    the summed gradient equals the whole step's. Each prompt's K replies stay together.
+    """
+    size = cfg.micro_batch_groups or len(groups)
+    loss_sum = correct = 0.0
+    pairs = 0
+    for start in range(0, len(groups), size):
+        kb = kwise_batch(groups[start : start + size], tokenizer, cfg.max_length)
+        loss, acc = kwise_loss(model, head, kb, device)
+        weight = len(kb.prompts) / len(groups)
+        (loss * weight).backward()
+        loss_sum += loss.item() * weight
+        correct += acc.item() * kb.num_pairs
+        pairs += kb.num_pairs
+    return loss_sum, correct / max(pairs, 1), pairs
+
+
 @torch.no_grad()
 def evaluate_pairs(model: nn.Module, head: ScalarHead, groups: Sequence[PreferenceGroup], tokenizer: Any,
                    cfg: RewardConfig, device: torch.device) -> dict[str, float]:
@@ -245,15 +266,14 @@ def train_reward_model(cfg: RewardConfig) -> RewardResult:
             refill = list(range(len(train)))
             rng.shuffle(refill)
             order += refill
-        kb = kwise_batch([train[i] for i in order[: cfg.groups_per_batch]], tokenizer, cfg.max_length)
+        chunk = [train[i] for i in order[: cfg.groups_per_batch]]
         del order[: cfg.groups_per_batch]
-        loss, acc = kwise_loss(model, head, kb, device)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, acc, pairs = accumulate_kwise_gradients(model, head, chunk, tokenizer, cfg, device)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
-        pairs_seen += kb.num_pairs
-        log.log(step, {"rm/loss": loss.item(), "rm/accuracy": acc.item(), "rm/grad_norm": float(grad_norm),
+        pairs_seen += pairs
+        log.log(step, {"rm/loss": loss, "rm/accuracy": acc, "rm/grad_norm": float(grad_norm),
                        "rm/pairs_per_s": pairs_seen / (time.perf_counter() - started)})
     train_seconds = time.perf_counter() - started
     model.eval()
