@@ -33,6 +33,7 @@ def main(
     max_length: Annotated[int, typer.Option(help="Prompt + reply tokens.")] = 512,
     rm_epochs: Annotated[float, typer.Option(help="Reward model epochs.")] = 1.0,
     rm_batch: Annotated[int, typer.Option(help="Prompts per reward-model step.")] = 8,
+    rm_micro_batch: Annotated[int, typer.Option(help="Prompts per forward/backward in a step (0: all; lowers memory).")] = 4,
     ppo_iterations: Annotated[int, typer.Option(help="PPO iterations.")] = 50,
     ppo_batch: Annotated[int, typer.Option(help="Prompts per PPO iteration.")] = 16,
     max_new_tokens: Annotated[int, typer.Option(help="Longest sampled reply.")] = 64,
@@ -65,7 +66,7 @@ def main(
     lora = LoraSettings(r=16, alpha=32)
     if rm_adapter is None:
         rm_cfg = RewardConfig(base_model=base_model, data=str(prefs), output_dir=str(out / "rm"), eval_fraction=0.2,
-                              epochs=rm_epochs, groups_per_batch=rm_batch, max_length=max_length, seed=seed, lora=lora)
+                              epochs=rm_epochs, groups_per_batch=rm_batch, micro_batch_groups=rm_micro_batch, max_length=max_length, seed=seed, lora=lora)
         started = time.perf_counter()
         rm = train_reward_model(rm_cfg)
         report["reward_model"] = {

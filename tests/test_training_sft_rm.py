@@ -69,6 +69,10 @@ def test_hh_transcripts_become_messages() -> None:
     assert msgs == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
                     {"role": "user", "content": "bye"}]
     assert to_messages("plain") == [{"role": "user", "content": "plain"}]
+    # A speaker twice in a row (3 of the 1,803 HH prompts) becomes one turn: templates need alternation.
+    msgs = to_messages("\n\nHuman: hi\n\nAssistant: a joke:\n\nAssistant: the joke\n\nHuman: more\n\nAssistant:")
+    assert [m["role"] for m in msgs] == ["user", "assistant", "user"]
+    assert msgs[1]["content"] == "a joke:\n\nthe joke"
 
 
 def test_trl_pairs_merge_into_groups_with_each_reply_once() -> None:

@@ -50,7 +50,7 @@ def to_messages(prompt: str | Sequence[dict[str, Any]]) -> Messages:
             if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
                 messages.pop()  # the trailing "Assistant:" is the generation prompt
             if messages:
-                return messages
+                return _alternating(messages)
         return [{"role": "user", "content": prompt}]
     messages = []
     for m in prompt:
@@ -58,6 +58,18 @@ def to_messages(prompt: str | Sequence[dict[str, Any]]) -> Messages:
             raise DataError(f"A prompt message must be {{'role', 'content'}}, got {m!r}.")
         messages.append({"role": m["role"], "content": m["content"]})
     return messages
+
+
+def _alternating(messages: Messages) -> Messages:
+    """Merge consecutive turns of one speaker (a few HH transcripts have "Assistant:" twice in a row);
+    chat templates insist on user/assistant alternation."""
+    merged: Messages = []
+    for m in messages:
+        if merged and merged[-1]["role"] == m["role"]:
+            merged[-1] = {"role": m["role"], "content": f"{merged[-1]['content']}\n\n{m['content']}".strip()}
+        else:
+            merged.append(dict(m))
+    return merged
 
 
 def stop_token_id(tokenizer: Any) -> int:
@@ -85,7 +97,12 @@ def pad_token_id(tokenizer: Any) -> int:
 
 def encode_prompt(tokenizer: Any, prompt: str | Sequence[dict[str, Any]]) -> list[int]:
     """Token ids of a prompt rendered with the chat template and the generation prompt."""
-    text = tokenizer.apply_chat_template(to_messages(prompt), tokenize=False, add_generation_prompt=True)
+    messages = to_messages(prompt)
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # jinja2's TemplateError: e.g. roles that do not alternate
+        shown = json.dumps(messages, ensure_ascii=False)[:300]
+        raise DataError(f"The chat template refuses this prompt ({exc}): {shown}. Fix or drop that row.") from exc
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 

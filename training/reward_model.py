@@ -247,6 +247,8 @@ def train_reward_model(cfg: RewardConfig) -> RewardResult:
         raise DataError(f"{cfg.data} has no usable preference pairs.")
     train, held_out = split_groups(groups, cfg.eval_fraction, cfg.seed)
     base, tokenizer, device = load_base(cfg)
+    for g in groups:  # a prompt the chat template refuses fails now, not halfway through training
+        encode_prompt(tokenizer, g.prompt)
     model = attach_adapter(base, "default", cfg.init_adapter or None, cfg.lora, trainable=True)
     if cfg.init_adapter:
         head, _ = load_head(cfg.init_adapter, device)  # warm start: LoRA and head from the previous RM
