@@ -40,8 +40,9 @@ def main(
 
         page.fill("#chat-input textarea", prompt)
         page.click("#chat-send")
-        page.wait_for_selector("#chat-send:not([disabled])", timeout=wait)
-        page.wait_for_timeout(1500)
+        page.wait_for_function("document.body.innerText.includes('generating')", timeout=60_000)
+        page.wait_for_function("!document.body.innerText.includes('generating')", timeout=wait)
+        page.wait_for_timeout(1500)  # the reply's id reaches the page (database re-sync)
         page.locator('#chatbot button[aria-label="Dislike"]').last.click()
         page.wait_for_timeout(1000)
         page.screenshot(path=str(out / "chat.png"))
