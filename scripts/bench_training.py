@@ -202,6 +202,9 @@ def ppo_four_models(opts: dict[str, Any], work: Path) -> dict[str, Any]:
     models, tok = [], None
     for _ in range(4):
         model, tok = load_model_and_tokenizer(folder, dtype=dtype, device=device)
+        with torch.no_grad():  # safetensors are memory-mapped: four loads of one file would share its pages
+            for p in model.parameters():
+                p.data = p.data.clone()
         models.append(model)
     ids = torch.tensor([encode_prompt(tok, "Hello! How are you?")] * opts["batch"], device=device)
     with torch.no_grad():
