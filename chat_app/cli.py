@@ -20,7 +20,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(train_app, name="train")
 
 
-# The options of `serve`, shared by `demo` (which serves the same way).
+# The options of `serve` (`demo` passes every option it does not know on to `serve`).
 BaseModelOpt = Annotated[str, typer.Option("--base-model", help="'default' (embedded Gemma 3 270M), an HF id or a folder.")]
 EngineOpt = Annotated[str, typer.Option("--engine", help="auto (vLLM when importable) | vllm | hf")]
 DbOpt = Annotated[Optional[Path], typer.Option("--db", help="Feedback database (default: $ALIGNLOOP_DB or ~/.local/share/alignloop/feedback.db).")]
@@ -85,21 +85,11 @@ def _app_config(*, base_model: str, engine: str, db: Optional[Path], host: str, 
     )
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def demo(
+    ctx: typer.Context,
     base_model: BaseModelOpt = "default",
-    engine: EngineOpt = "auto",
     db: DbOpt = None,
-    host: HostOpt = "127.0.0.1",
-    port: PortOpt = 7860,
-    users: UsersOpt = None,
-    admins: AdminsOpt = None,
-    admin_password: AdminPasswordOpt = None,
-    max_model_len: MaxModelLenOpt = 2048,
-    rate_limit: RateLimitOpt = 30,
-    max_input_chars: MaxInputOpt = 4000,
-    max_new_tokens: MaxNewTokensOpt = 256,
-    auto_promote_after: AutoPromoteOpt = 0,
     train: bool = typer.Option(False, "--train", help="Also run round 0 in the background while the app serves; its candidate then shows up in Compare."),
     round_overrides: Optional[list[str]] = typer.Option(None, "--round-set", help="A RoundConfig override for that round: --round-set ppo.iterations=4.", show_default=False),
     rounds_dir: Optional[Path] = typer.Option(None, "--rounds-dir", help="Where that round writes (default ~/.local/share/alignloop/rounds)."),
@@ -108,18 +98,18 @@ def demo(
 
     The starter demonstrations, prompts and preference pairs (training/starter/, source 'starter')
     are imported once; with --train, `alignloop round` turns the loop once in a child process
-    (log and report under the rounds folder) while the app serves.
+    (log and report under the rounds folder) while the app serves. Every other option is
+    `alignloop serve`'s (see `alignloop serve --help`).
 
     Example: alignloop demo --engine hf --admin-password s3cret --train --round-set ppo.iterations=4
     """
-    settings = {k: v for k, v in locals().items() if k not in ("train", "round_overrides", "rounds_dir")}
     import subprocess
     import sys
 
-    from chat_app.app import serve as run_server
     from feedback_db import FeedbackStore, default_db_path
     from training.base_models import ModelPreparationError, prepare_model
     from training.round import RoundConfig, seed_starter_set
+
     try:
         model_dir = prepare_model(base_model)
     except ModelPreparationError as exc:
@@ -142,8 +132,10 @@ def demo(
         child = subprocess.Popen(cmd, stdout=log_path.open("a"), stderr=subprocess.STDOUT)
         typer.echo(f"round 0 is training in the background (pid {child.pid}, log {log_path}); "
                    "its candidate appears in Compare and on the Dashboard when it is registered.")
+    serve_command = typer.main.get_command(app).commands["serve"]  # type: ignore[attr-defined]
     try:
-        run_server(_app_config(**settings))
+        serve_command.main(["--base-model", base_model, "--db", str(db_path), *ctx.args],
+                           prog_name="alignloop serve", standalone_mode=False)
     finally:
         if child is not None and child.poll() is None:
             child.terminate()  # a round stopped early registers nothing; the next one starts clean

@@ -51,6 +51,16 @@ def _plot_rm_accuracy(history: list[dict[str, Any]], floor: float | None, path: 
     return True
 
 
+def _sample_lines(sample: dict[str, Any], labels: tuple[str, str]) -> list[str]:
+    """A prompt and the live and candidate replies (with their rewards when scored)."""
+    lines = [f"**Prompt:** {_prompt_text(sample['prompt'])}", ""]
+    for side, label in zip(("live", "candidate"), labels):
+        reward = sample.get(f"reward_{side}")
+        scored = f" ({reward:.3f})" if reward is not None else ""
+        lines.append(f"* {label}{scored}: {json.dumps(sample[side], ensure_ascii=False)}")
+    return lines + [""]
+
+
 def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
@@ -84,18 +94,12 @@ def write_round_report(round_dir: Path, round_id: int, status: str, metrics: dic
         lines += [f"| {k} | {_fmt(v)} |" for k, v in ppo.items() if k != "curve"]
         if ppo.get("curve") and _plot_curve(ppo["curve"], round_dir / "ppo_curves.png"):
             lines += ["", "![reward and KL per iteration](ppo_curves.png)"]
-    if metrics.get("samples"):
-        lines += ["", "## Sample replies on held-out prompts (greedy)", ""]
-        for s in metrics["samples"]:
-            lines += [f"**Prompt:** {_prompt_text(s['prompt'])}", "",
-                      f"* live ({s['reward_live']:.3f}): {json.dumps(s['live'], ensure_ascii=False)}",
-                      f"* candidate ({s['reward_candidate']:.3f}): {json.dumps(s['candidate'], ensure_ascii=False)}", ""]
-    if metrics.get("fixed_samples"):
-        lines += ["", "## Before and after on the fixed prompts (greedy; the same prompts every round)", ""]
-        for s in metrics["fixed_samples"]:
-            lines += [f"**Prompt:** {_prompt_text(s['prompt'])}", "",
-                      f"* before (live): {json.dumps(s['live'], ensure_ascii=False)}",
-                      f"* after (candidate): {json.dumps(s['candidate'], ensure_ascii=False)}", ""]
+    sections = (("samples", "Sample replies on held-out prompts (greedy)", ("live", "candidate")),
+                ("fixed_samples", "Before and after on the fixed prompts (greedy; the same prompts every round)",
+                 ("before (live)", "after (candidate)")))
+    for key, title, labels in sections:
+        if metrics.get(key):
+            lines += ["", f"## {title}", ""] + [line for s in metrics[key] for line in _sample_lines(s, labels)]
     if metrics.get("error"):
         lines += ["", "## Error", "", "```", str(metrics.get("traceback") or metrics["error"]), "```"]
     path = round_dir / "report.md"
