@@ -372,15 +372,21 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> PPOResult:
             for mb in torch.from_numpy(rng.permutation(cfg.rollout_batch)).split(cfg.minibatch):
                 mb = mb.to(device)
                 m = rmask[mb]
-                logprobs, entropy = stack.policy_logprobs(ids[mb], mask[mb], m, ctx, with_entropy=True)
-                values = stack.values(ids[mb], mask[mb], ctx)
-                pg_loss, clipfrac = L.clipped_surrogate_loss(logprobs, old_logprobs[mb], advantages[mb], m, cfg.cliprange)
-                vf_loss = L.clipped_value_loss(values, old_values[mb], returns[mb], m, cfg.cliprange_value)
-                mean_entropy = L.masked_mean(entropy, m)
-                ptx_nll = ptx_step_loss(stack, ptx_examples, rng, cfg) if cfg.ptx_coef > 0 else torch.zeros((), device=device)
-                loss = L.ppo_ptx_loss(pg_loss, vf_loss, mean_entropy, ptx_nll, cfg.vf_coef, cfg.entropy_coef, cfg.ptx_coef)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                # Eq. 2's loss is a sum, so its gradient is the sum of its terms' gradients: each term is
+                # backpropagated as soon as it is computed, and the activations of the ptx, value and
+                # policy passes are never held at the same time (peak memory), for the same step.
+                zero = torch.zeros((), device=device)
+                ptx_nll = ptx_step_loss(stack, ptx_examples, rng, cfg) if cfg.ptx_coef > 0 else zero
+                if cfg.ptx_coef > 0:
+                    L.ppo_ptx_loss(zero, zero, zero, ptx_nll, cfg.vf_coef, cfg.entropy_coef, cfg.ptx_coef).backward()
+                values = stack.values(ids[mb], mask[mb], ctx)
+                vf_loss = L.clipped_value_loss(values, old_values[mb], returns[mb], m, cfg.cliprange_value)
+                L.ppo_ptx_loss(zero, vf_loss, zero, zero, cfg.vf_coef, cfg.entropy_coef, cfg.ptx_coef).backward()
+                logprobs, entropy = stack.policy_logprobs(ids[mb], mask[mb], m, ctx, with_entropy=True)
+                pg_loss, clipfrac = L.clipped_surrogate_loss(logprobs, old_logprobs[mb], advantages[mb], m, cfg.cliprange)
+                mean_entropy = L.masked_mean(entropy, m)
+                L.ppo_ptx_loss(pg_loss, zero, mean_entropy, zero, cfg.vf_coef, cfg.entropy_coef, cfg.ptx_coef).backward()
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
                 with torch.no_grad():
