@@ -166,6 +166,8 @@ def accumulate_kwise_gradients(model: nn.Module, head: ScalarHead, groups: Seque
     the summed gradient equals the whole step's. Each prompt's K replies stay together.
     """
     size = cfg.micro_batch_groups or len(groups)
+    if size < len(groups):  # micro-batches of similar lengths pad less; the step's gradient is the same
+        groups = sorted(groups, key=lambda g: len(encode_prompt(tokenizer, g.prompt)))
     loss_sum = correct = 0.0
     pairs = 0
     for start in range(0, len(groups), size):
