@@ -77,7 +77,13 @@ def test_rank_three_replies(page, app_server):
     page.locator("#rank-k input[type=number]").fill("3")
     page.locator("#rank-k input[type=number]").press("Enter")
     page.click("#rank-go")
-    page.wait_for_function("document.querySelector('#rank-reply-2 textarea').value.length > 0", timeout=90_000)
+    # The three replies are stored, then shown (a tiny random model may reply with nothing, so the
+    # test waits for the third row to be visible, not for its text).
+    replies = ("SELECT COUNT(*) FROM messages r JOIN messages q ON q.id = r.parent_id "
+               "WHERE q.content = 'Rank these jokes' AND r.role = 'assistant'")
+    assert _wait_for_row(app_server.db_path, replies, at_least=3, timeout=90) == 3
+    page.wait_for_selector("#rank-reply-2 textarea", state="visible", timeout=60_000)
+    page.wait_for_timeout(500)
     for i, rank in enumerate(["2", "3", "1"]):
         box = page.locator(f"#rank-pos-{i} input")
         box.click()
