@@ -9,7 +9,7 @@ from chat_app.server_process import ServerProcess, start_server, stop_server
 
 ADMIN_PASSWORD = "test-admin"
 
-__all__ = ["ADMIN_PASSWORD", "ServerProcess", "count_rows", "start_test_server", "stop_server"]
+__all__ = ["ADMIN_PASSWORD", "ServerProcess", "count_rows", "fetch_rows", "start_test_server", "stop_server"]
 
 
 def start_test_server(model_path: Path, workdir: Path) -> ServerProcess:
@@ -19,10 +19,15 @@ def start_test_server(model_path: Path, workdir: Path) -> ServerProcess:
                         env={"ALIGNLOOP_CACHE": str(workdir / "cache"), "ALIGNLOOP_ADMIN_PASSWORD": ADMIN_PASSWORD})
 
 
-def count_rows(db_path: Path, sql: str, params=()) -> int:
-    """`SELECT COUNT(*) ...` on the server's database, from a separate connection."""
+def fetch_rows(db_path: Path, sql: str, params=()) -> list[tuple]:
+    """A read-only query on the server's database, from a separate connection."""
     conn = sqlite3.connect(db_path)
     try:
-        return conn.execute(sql, params).fetchone()[0]
+        return conn.execute(sql, params).fetchall()
     finally:
         conn.close()
+
+
+def count_rows(db_path: Path, sql: str, params=()) -> int:
+    """`SELECT COUNT(*) ...` on the server's database."""
+    return fetch_rows(db_path, sql, params)[0][0]

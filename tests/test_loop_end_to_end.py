@@ -20,7 +20,7 @@ import pytest
 from gradio_client import Client
 
 from chat_app.server_process import ServerProcess, start_server, stop_server
-from tests.app_server import ADMIN_PASSWORD, count_rows
+from tests.app_server import ADMIN_PASSWORD, count_rows, fetch_rows
 from training.config import LoraSettings, PPOConfig, RewardConfig, SFTConfig
 from training.round import RoundConfig
 
@@ -85,28 +85,16 @@ def live_and_candidate(client: Client) -> tuple[str, str]:
 
 
 def newest_reply_version(db: Path) -> str:
-    import sqlite3
-
-    conn = sqlite3.connect(db)
-    try:
-        return conn.execute("SELECT v.name FROM messages m JOIN model_versions v ON v.id = m.model_version_id "
-                            "WHERE m.role = 'assistant' ORDER BY m.id DESC LIMIT 1").fetchone()[0]
-    finally:
-        conn.close()
+    return fetch_rows(db, "SELECT v.name FROM messages m JOIN model_versions v ON v.id = m.model_version_id "
+                          "WHERE m.role = 'assistant' ORDER BY m.id DESC LIMIT 1")[0][0]
 
 
 def battle_replies(db: Path) -> dict[str, str]:
     """The newest Compare battle's two stored replies: {text: version name}."""
-    import sqlite3
-
-    conn = sqlite3.connect(db)
-    try:
-        (prompt,) = conn.execute("SELECT m.id FROM messages m JOIN conversations c ON c.id = m.conversation_id "
-                                 "WHERE c.source = 'compare' AND m.role = 'user' ORDER BY m.id DESC LIMIT 1").fetchone()
-        rows = conn.execute("SELECT m.content, v.name FROM messages m JOIN model_versions v "
-                            "ON v.id = m.model_version_id WHERE m.parent_id = ?", [prompt]).fetchall()
-    finally:
-        conn.close()
+    ((prompt,),) = fetch_rows(db, "SELECT m.id FROM messages m JOIN conversations c ON c.id = m.conversation_id "
+                                  "WHERE c.source = 'compare' AND m.role = 'user' ORDER BY m.id DESC LIMIT 1")
+    rows = fetch_rows(db, "SELECT m.content, v.name FROM messages m JOIN model_versions v "
+                          "ON v.id = m.model_version_id WHERE m.parent_id = ?", [prompt])
     return {text.strip(): name for text, name in rows}
 
 

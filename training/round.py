@@ -487,8 +487,11 @@ class _Round:
             replies = greedy_replies(self.config.base_model, self.config.device,
                                      {"live": live_adapter, "candidate": str(candidate)}, fixed,
                                      self.config.eval_max_new_tokens)
-            self.metrics["fixed_samples"] = [{"prompt": t, "live": a, "candidate": b} for t, a, b in
-                                             zip(fixed, replies["live"], replies["candidate"])]
+            self.record_fixed_samples(fixed, replies)
+
+    def record_fixed_samples(self, prompts: list[Any], replies: dict[str, list[str]]) -> None:
+        self.metrics["fixed_samples"] = [{"prompt": t, "live": a, "candidate": b} for t, a, b in
+                                         zip(prompts, replies["live"], replies["candidate"])]
 
     def reward_model_history(self, accuracy: float) -> list[dict[str, Any]]:
         """Held-out accuracy of the reward model of every earlier round that trained one, then this one."""
@@ -607,8 +610,7 @@ class _Round:
         fixed = fixed_report_prompts(c.report_prompts)
         replies = greedy_replies(c.base_model, c.device, {"live": live_adapter, "candidate": str(ppo.adapter_dir)},
                                  texts + fixed, c.eval_max_new_tokens)
-        self.metrics["fixed_samples"] = [{"prompt": t, "live": a, "candidate": b} for t, a, b in
-                                         zip(fixed, replies["live"][len(texts):], replies["candidate"][len(texts):])]
+        self.record_fixed_samples(fixed, {k: v[len(texts):] for k, v in replies.items()})
         replies = {k: v[: len(texts)] for k, v in replies.items()}
         rm = RewardModel.load(rm_dir, base_model=c.base_model, device=c.device)
         live_scores = rm.score(texts, replies["live"])
