@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -299,15 +300,47 @@ def _summary(kind: str, results: list[dict[str, Any]]) -> str:
     return ""
 
 
-def _bench(kind: str, impls: list[str], opts: dict[str, Any], out: Path | None) -> None:
-    results = []
-    for impl in impls:
-        typer.echo(f"running {kind} / {impl} ...", err=True)
-        started = time.perf_counter()
-        result = _run_isolated(kind, impl, opts)
-        result["wall_s"] = time.perf_counter() - started
-        results.append(result)
+def _ratio(kind: str, a: dict[str, Any], b: dict[str, Any]) -> float | None:
+    """The headline ratio of one A/B pair: RM pairs/s ours over TRL's; PPO peak memory ours over four models."""
+    key = "pairs_per_s" if kind == "rm" else "net_peak_mb"
+    if a.get(key) and b.get(key):
+        return a[key] / b[key]
+    return None
+
+
+def _interleaved_summary(kind: str, impls: list[str], rounds: list[list[dict[str, Any]]]) -> str:
+    """Median and range of the per-pair ratio of the first two implementations, each pair run back to back."""
+    ratios = [r for pair in rounds if len(pair) >= 2 and (r := _ratio(kind, pair[0], pair[1])) is not None]
+    if not ratios:
+        return ""
+    what = "RM pairs/s, ours / TRL" if kind == "rm" else "PPO net peak memory, ours / four models"
+    line = (f"{what}: median {statistics.median(ratios):.2f}x over {len(ratios)} interleaved pairs "
+            f"(range {min(ratios):.2f}-{max(ratios):.2f}; each: {', '.join(f'{r:.2f}' for r in ratios)})")
+    if kind == "rm":
+        accs = [(pair[0].get("accuracy"), pair[1].get("accuracy")) for pair in rounds if len(pair) >= 2]
+        line += "; held-out accuracy per pair (ours, TRL): " + ", ".join(
+            f"({a:.3f}, {b:.3f})" for a, b in accs if isinstance(a, float) and isinstance(b, float))
+    return line
+
+
+def _bench(kind: str, impls: list[str], opts: dict[str, Any], out: Path | None, repeats: int = 1) -> None:
+    """Run the implementations A B (C) A B (C) ... ``repeats`` times, each in a fresh process, so that a
+    noisy shared machine slows both sides of a pair alike; report every run and the per-pair ratios."""
+    results, rounds = [], []
+    for repeat in range(repeats):
+        pair = []
+        for impl in impls:
+            typer.echo(f"[{repeat + 1}/{repeats}] running {kind} / {impl} ...", err=True)
+            started = time.perf_counter()
+            result = _run_isolated(kind, impl, opts)
+            result["wall_s"] = time.perf_counter() - started
+            result["repeat"] = repeat + 1
+            results.append(result)
+            pair.append(result)
+        rounds.append(pair)
     report = _table(kind, results) + "\n\n" + _summary(kind, results)
+    if repeats > 1:
+        report += "\n" + _interleaved_summary(kind, impls, rounds)
     typer.echo(report)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -326,10 +359,11 @@ def rm(
     impl: Annotated[list[str], typer.Option(help="ours, trl (repeatable).")] = ["ours", "trl"],  # noqa: B006
     out: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
     seed: int = 0,
+    repeats: Annotated[int, typer.Option(help="Interleaved rounds (ours, TRL, ours, TRL, ...); >= 3 on a shared machine.")] = 3,
 ) -> None:
-    """Reward model: pairs/s and held-out accuracy, ours vs TRL's RewardTrainer."""
+    """Reward model: pairs/s and held-out accuracy, ours vs TRL's RewardTrainer, interleaved."""
     _bench("rm", impl, {"model": model, "data": str(data), "pairs": pairs, "max_length": max_length, "batch": batch,
-                        "lr": lr, "micro_batch": micro_batch, "seed": seed}, out)
+                        "lr": lr, "micro_batch": micro_batch, "seed": seed}, out, repeats)
 
 
 @app.command()
@@ -345,11 +379,12 @@ def ppo(
     impl: Annotated[list[str], typer.Option(help="ours, trl, four-models (repeatable).")] = ["ours", "four-models", "trl"],  # noqa: B006
     out: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
     seed: int = 0,
+    repeats: Annotated[int, typer.Option(help="Interleaved rounds of the implementations; >= 3 on a shared machine.")] = 1,
 ) -> None:
     """PPO: iteration time (generation / scoring / update) and peak memory vs TRL RLOO and four models."""
     _bench("ppo", impl, {"model": model, "data": str(data), "pairs": pairs, "iterations": iterations, "batch": batch,
                          "ppo_epochs": ppo_epochs, "max_new_tokens": max_new_tokens, "max_length": max_length,
-                         "seed": seed}, out)
+                         "seed": seed}, out, repeats)
 
 
 @app.command(hidden=True)
