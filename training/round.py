@@ -24,33 +24,42 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import errno
-import fcntl
-import hashlib
 import json
 import math
 import os
 import shutil
 import traceback
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from training.config import LoraSettings, PPOConfig, RewardConfig, SFTConfig, _f
+from training.evaluation import greedy_replies, reward_accuracy
+from training.gates import evaluate_gates
+from training.round_data import (
+    STARTER_DIR,
+    STARTER_FILES,
+    STARTER_SOURCE,
+    fixed_report_prompts,
+    heldout_bucket,
+    pair_count,
+    seed_starter_set,
+    split_heldout,
+    starter_rows,
+)
+from training.round_lock import RoundBusyError, recover_stale_rounds, round_dir_name, round_lock, same_round_done
 
-STARTER_DIR = Path(__file__).parent / "starter"
-STARTER_FILES = {"sft": "demonstrations.jsonl", "preferences": "preferences.jsonl", "prompts": "prompts.jsonl"}
-STARTER_SOURCE = "starter"
+__all__ = [
+    "STARTER_DIR", "STARTER_FILES", "STARTER_SOURCE", "RoundBusyError", "RoundConfig", "RoundResult", "RoundRunner",
+    "StepHook", "check_adapter", "fixed_report_prompts", "greedy_replies", "heldout_bucket", "load_round_config",
+    "maybe_auto_promote", "recover_stale_rounds", "reward_accuracy", "round_dir_name", "round_lock", "run_round",
+    "same_round_done", "seed_starter_set", "split_heldout", "starter_rows",
+]
 
 # A test (or an operator's probe) can interrupt a round at a named step: hook(step, round_dir).
 StepHook = Callable[[str, Path], None]
-
-
-class RoundBusyError(RuntimeError):
-    """Another round holds the lock."""
 
 
 def _small_lora() -> LoraSettings:
@@ -110,73 +119,8 @@ class RoundResult:
 
 
 # --------------------------------------------------------------------------- #
-# The lock, stale rounds and adapter checks
+# Adapters and registration
 # --------------------------------------------------------------------------- #
-
-
-@contextmanager
-def round_lock(rounds_dir: Path) -> Iterator[None]:
-    """Hold ``<rounds_dir>/.round.lock`` (non-blocking); another holder raises RoundBusyError.
-
-    flock is released by the kernel when the process dies, so a killed round never blocks the next.
-    """
-    rounds_dir.mkdir(parents=True, exist_ok=True)
-    path = rounds_dir / ".round.lock"
-    handle = open(path, "a+")  # noqa: SIM115 - held for the whole round
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown process"
-            raise RoundBusyError(
-                f"another training round is running ({holder}; lock {path}). Wait for it to finish; "
-                "a killed round releases the lock by itself, so no file needs deleting."
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()}")
-        handle.flush()
-        yield
-    finally:
-        handle.close()
-
-
-def recover_stale_rounds(registry: Any, rounds_dir: Path, *, current_round: int | None = None) -> list[int]:
-    """Mark rounds left 'running' by a killed process as failed and delete their folders.
-
-    Call only while holding the lock: then no round of this ``rounds_dir`` can really be running.
-    Nothing of theirs is registered (registration and the round's success are one transaction).
-    """
-    recovered = []
-    for r in registry.rounds():
-        if r.status != "running" or r.id == current_round:
-            continue
-        if Path(str(r.config.get("rounds_dir", rounds_dir))).expanduser() != rounds_dir:
-            continue  # another rounds folder has its own lock; not ours to judge
-        registry.finish_round(r.id, "failed", metrics={
-            "error": "interrupted: the process stopped before the round finished; nothing was registered."})
-        shutil.rmtree(rounds_dir / round_dir_name(r.id), ignore_errors=True)
-        recovered.append(r.id)
-    return recovered
-
-
-def same_round_done(registry: Any, config: RoundConfig, snapshot: int) -> Any | None:
-    """The last round, if it ran on this very snapshot and configuration and ended on its own
-    (succeeded, or stopped by a gate or too little data; not interrupted): rerunning would repeat it."""
-    done = [r for r in registry.rounds() if r.status in ("succeeded", "stopped")]
-    if not done:
-        return None
-    last = done[-1]
-    if last.snapshot_event_id != snapshot or "error" in last.metrics or last.config != config.to_dict():
-        return None
-    return last
-
-
-def round_dir_name(round_id: int) -> str:
-    return f"round-{round_id:04d}"
 
 
 def check_adapter(folder: Path, *, with_head: bool = False) -> None:
@@ -192,113 +136,6 @@ def check_adapter(folder: Path, *, with_head: bool = False) -> None:
             raise ValueError(f"{weights} has no LoRA weights.")
     if with_head and not (folder / "scalar_head.json").is_file():
         raise ValueError(f"{folder} has no scalar head (scalar_head.json).")
-
-
-# --------------------------------------------------------------------------- #
-# Data
-# --------------------------------------------------------------------------- #
-
-
-def starter_rows(kind: str) -> list[dict[str, Any]]:
-    """The starter set's rows of ``kind`` (sft, preferences or prompts)."""
-    from feedback_db import read_jsonl
-
-    return list(read_jsonl(STARTER_DIR / STARTER_FILES[kind]))
-
-
-def seed_starter_set(store: Any) -> dict[str, int]:
-    """Import the starter demonstrations, prompts and preference pairs (source 'starter').
-
-    Repeating it adds nothing (imports are keyed by content). Returns new records per kind.
-    """
-    from feedback_db import import_rows
-
-    return {kind: import_rows(store, starter_rows(kind), kind, source=STARTER_SOURCE).new_records
-            for kind in ("sft", "prompts", "preferences")}
-
-
-def heldout_bucket(prompt: Any) -> float:
-    """A prompt's place in [0, 1) from a hash of its text: below ``heldout_fraction`` it is held out."""
-    digest = hashlib.sha256(json.dumps(prompt, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-    return int(digest[:8], 16) / 0x100000000
-
-
-def split_heldout(rows: list[dict[str, Any]], heldout_fraction: float, *, min_heldout: int = 0) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) rows by their ``prompt``'s hash, so a prompt's side never changes between
-    rounds: no reward model or policy ever trains on a held-out prompt. ``min_heldout`` rows are held
-    out at least (those with the smallest hashes), as long as one row is left to train on."""
-    ranked = sorted(rows, key=lambda r: heldout_bucket(r["prompt"]))
-    n = sum(1 for r in ranked if heldout_bucket(r["prompt"]) < heldout_fraction)
-    n = max(n, min(min_heldout, len(rows) - 1))
-    held = {id(r) for r in ranked[:n]}
-    return [r for r in rows if id(r) not in held], [r for r in rows if id(r) in held]
-
-
-def _pair_count(groups: list[dict[str, Any]]) -> int:
-    return sum(len(g["pairs"]) for g in groups)
-
-
-# --------------------------------------------------------------------------- #
-# Evaluation
-# --------------------------------------------------------------------------- #
-
-
-def reward_accuracy(rm: Any, groups: list[Any]) -> float:
-    """Pairwise accuracy of a loaded RewardModel on preference groups (ties count as wrong)."""
-    correct = total = 0
-    for g in groups:
-        scores = rm.score([g.prompt] * len(g.completions), g.completions)
-        for w, lose in g.pairs:
-            correct += scores[w] > scores[lose]
-            total += 1
-    return correct / total if total else float("nan")
-
-
-def greedy_replies(base_model: str, device: str, adapters: dict[str, str | None], prompts: list[Any],
-                   max_new_tokens: int) -> dict[str, list[str]]:
-    """Greedy replies of each named adapter (None: the bare base) on the same prompts, one base in memory."""
-    import torch
-
-    from training.adapters import attach_adapter, load_base, use_adapter
-    from training.chat_data import encode_prompt, left_pad, pad_token_id, stop_token_ids
-
-    base, tok, dev = load_base(SFTConfig(base_model=base_model, device=device))
-    model = base
-    for name, folder in adapters.items():
-        if folder:
-            model = attach_adapter(model, name, folder, None, trainable=False)
-    model.eval()
-    ids, mask = left_pad([encode_prompt(tok, p) for p in prompts], pad_token_id(tok))
-    stops = stop_token_ids(tok)
-    out: dict[str, list[str]] = {}
-    for name, folder in adapters.items():
-        with torch.no_grad():
-            kwargs = dict(input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=False,
-                          max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad_token_id(tok))
-            if folder:
-                use_adapter(model, name, set())
-                gen = model.generate(**kwargs)
-            elif model is base:
-                gen = model.generate(**kwargs)
-            else:
-                with model.disable_adapter():
-                    gen = model.generate(**kwargs)
-        out[name] = [tok.decode(row[ids.shape[1]:], skip_special_tokens=True).strip() for row in gen.cpu()]
-    return out
-
-
-def fixed_report_prompts(n: int) -> list[Any]:
-    """The first ``n`` starter prompts: every round's report answers the same ones."""
-    return [row["prompt"] for row in starter_rows("prompts")[:n]]
-
-
-def evaluate_gates(metrics: dict[str, Any], config: RoundConfig) -> dict[str, bool]:
-    """Each gate's verdict on a PPO candidate's evaluation metrics."""
-    return {
-        "kl": metrics["kl_to_reference"] <= config.max_kl,
-        "reward_gain": metrics["reward_gain"] > config.min_reward_gain,
-        "ptx_perplexity": metrics["ptx_ppl_increase"] <= config.max_ptx_ppl_increase,
-    }
 
 
 # --------------------------------------------------------------------------- #
@@ -341,21 +178,21 @@ def run_round(config: RoundConfig, *, seed_starter: bool = False, step_hook: Ste
             recovered = recover_stale_rounds(registry, rounds_dir)
             seeded = seed_starter_set(store) if seed_starter else {}
             snapshot = store.snapshot()
-            same = same_round_done(registry, config, snapshot)
+            same = same_round_done(registry, config.to_dict(), snapshot)
             if same is not None:  # cron runs often: don't record a round that would repeat this one
                 return RoundResult(same.id, "skipped", f"no new feedback since round {same.id} (snapshot {snapshot}) "
                                    "and the same configuration; nothing to train.", None, {}, rounds_dir
                                    / round_dir_name(same.id))
             record = registry.start_round(config.to_dict(), snapshot)
             round_dir = rounds_dir / round_dir_name(record.id)
-            runner = _Round(config, store, registry, record.id, snapshot, round_dir, step_hook)
+            runner = RoundRunner(config, store, registry, record.id, snapshot, round_dir, step_hook)
             runner.metrics.update({"recovered_rounds": recovered, "seeded": seeded})
             return runner.run()
         finally:
             store.close()
 
 
-class _Round:
+class RoundRunner:
     """The steps of one round, sharing its folders, registry and metrics."""
 
     def __init__(self, config: RoundConfig, store: Any, registry: Any, round_id: int, snapshot: int,
@@ -428,7 +265,7 @@ class _Round:
             raise _Stop(f"the live policy {live.name} runs on {live.base_model}, not {self.base_name}; "
                         "pass the base model the server runs (--base-model).")
         new_demos = len(sft_rows) - self.demonstrations_at_last_sft(live)
-        pairs = _pair_count(groups)
+        pairs = pair_count(groups)
         self.metrics["data"] = {"demonstrations": len(sft_rows), "new_demonstrations": new_demos,
                                 "preference_groups": len(groups), "preference_pairs": pairs,
                                 "prompts": len(prompt_rows), "train_prompts": len(train_prompts),
