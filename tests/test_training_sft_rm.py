@@ -11,7 +11,6 @@ import torch
 from training.adapters import ScalarHead, attach_adapter, load_head
 from training.base_models import load_model_and_tokenizer
 from training.chat_data import (
-    build_example,
     collate,
     encode_prompt,
     encode_reply,
@@ -47,7 +46,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def test_example_is_the_served_chat_template_plus_stop(tiny) -> None:
     _, tok = tiny
     prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello! How are you?"}]
-    ex = example_for(tok, prompt, " I am fine, thank you. ", max_length=512)
+    ex = example_for(tok, prompt, " I am fine, thank you. ", 512)
     full = tok.apply_chat_template(prompt + [{"role": "assistant", "content": "I am fine, thank you."}], tokenize=False)
     # The template ends the turn with "<end_of_turn>\n"; the model stops at <end_of_turn>.
     assert tok.decode(ex.input_ids) == full.rstrip("\n")
@@ -55,13 +54,6 @@ def test_example_is_the_served_chat_template_plus_stop(tiny) -> None:
     assert ex.input_ids[: ex.prompt_length] == encode_prompt(tok, prompt)
     batch = collate([ex], tok.pad_token_id)
     assert tok.decode(batch.input_ids[0][batch.reply_mask[0].bool()]) == "I am fine, thank you.<end_of_turn>"
-
-
-def test_truncation_keeps_the_stop_token() -> None:
-    ex = build_example(list(range(10)), [50, 51, 52, 53, 54, 99], max_length=12, min_reply=4)
-    assert len(ex.input_ids) == 12 and ex.input_ids[-1] == 99
-    ex = build_example(list(range(30)), [50, 51, 52, 53, 54, 99], max_length=12, min_reply=4)
-    assert ex.input_ids[0] == 0 and ex.input_ids[-4:] == [50, 51, 52, 99] and len(ex.input_ids) == 12
 
 
 def test_hh_transcripts_become_messages() -> None:

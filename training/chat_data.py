@@ -4,8 +4,17 @@ The prompt goes through the tokenizer's chat template with the generation
 prompt (``<start_of_turn>model\\n`` for Gemma), as vLLM and the HF engine do;
 the reply is its text followed by one stop token (``<end_of_turn>`` when the
 vocabulary has it, else EOS), which is what the model emits when it is done.
-Truncation shortens the reply body but always keeps that stop token, so the
-reward model always reads its score at a stop token, in training and in use.
+
+Truncation is one rule (:func:`fit_group`, :func:`fit_prompt`, numbers from
+``config.TokenBudget``), used by SFT, the reward model (training and scoring) and
+PPO (sampler and scorer see the same prompt ids):
+
+* the reply is kept whole up to its budget; a longer one keeps its first tokens
+  and loses its stop token (no stop target in SFT; the reward model reads it at
+  its last kept token);
+* the prompt is cut from the left to its budget: whole oldest turns first, keeping
+  BOS and the system turn; only when the newest user turn alone is too long are its
+  oldest tokens cut, still keeping BOS + system turn and the generation prompt.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import torch
 from torch import Tensor
 
 from training.base_models import END_OF_TURN
+from training.config import TokenBudget
 
 Messages = list[dict[str, str]]
 
@@ -95,15 +105,17 @@ def pad_token_id(tokenizer: Any) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def encode_prompt(tokenizer: Any, prompt: str | Sequence[dict[str, Any]]) -> list[int]:
-    """Token ids of a prompt rendered with the chat template and the generation prompt."""
-    messages = to_messages(prompt)
+def _render(tokenizer: Any, messages: Messages) -> str:
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except Exception as exc:  # jinja2's TemplateError: e.g. roles that do not alternate
         shown = json.dumps(messages, ensure_ascii=False)[:300]
         raise DataError(f"The chat template refuses this prompt ({exc}): {shown}. Fix or drop that row.") from exc
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_prompt(tokenizer: Any, prompt: str | Sequence[dict[str, Any]]) -> list[int]:
+    """Token ids of a whole prompt rendered with the chat template and the generation prompt (never cut)."""
+    return tokenizer(_render(tokenizer, to_messages(prompt)), add_special_tokens=False)["input_ids"]
 
 
 def encode_reply(tokenizer: Any, reply: str) -> list[int]:
@@ -115,56 +127,155 @@ def encode_reply(tokenizer: Any, reply: str) -> list[int]:
 
 
 # --------------------------------------------------------------------------- #
-# Examples
+# Truncation: the one rule for SFT, the reward model, PPO and its sampler
 # --------------------------------------------------------------------------- #
+
+
+def fit_reply(reply_ids: Sequence[int], max_reply_tokens: int) -> tuple[list[int], bool]:
+    """A reply (body + stop token) kept whole if it fits ``max_reply_tokens``, else its first
+    ``max_reply_tokens`` tokens without the stop token; returns (ids, whether it was cut).
+
+    A cut reply has no stop token: SFT then never teaches the model to stop mid-sentence,
+    and the reward model reads a cut reply at its last kept token.
+    """
+    if len(reply_ids) <= max_reply_tokens:
+        return list(reply_ids), False
+    return list(reply_ids[:max_reply_tokens]), True
+
+
+def keep_newest(ids: Sequence[int], budget: int, head: int, tail: int) -> list[int]:
+    """``ids`` cut to ``budget`` tokens from the left of its middle: the first ``head`` ids
+    (BOS, system turn) and the last ``tail`` ids (end of turn + generation prompt) stay, and
+    the middle keeps its newest tokens. When head + tail alone exceed the budget, only BOS
+    (the first id) and the newest ``budget - 1`` ids stay."""
+    if len(ids) <= budget:
+        return list(ids)
+    room = budget - head - tail
+    if room < 0:
+        return [ids[0]] + list(ids[len(ids) - budget + 1 :])
+    return list(ids[:head]) + list(ids[len(ids) - tail - room : len(ids) - tail]) + list(ids[len(ids) - tail :])
+
+
+@dataclass
+class FittedPrompt:
+    """A prompt's ids within its budget, and what had to go."""
+
+    ids: list[int]
+    turns_dropped: int = 0  # whole oldest turns left out
+    tokens_cut: int = 0  # oldest tokens cut from the newest turn (only when it alone is too long)
+
+    @property
+    def cut(self) -> bool:
+        return bool(self.turns_dropped or self.tokens_cut)
+
+
+def fit_prompt(tokenizer: Any, prompt: str | Sequence[dict[str, Any]], max_prompt_tokens: int) -> FittedPrompt:
+    """The prompt's ids (chat template + generation prompt) within ``max_prompt_tokens``.
+
+    Whole oldest turns go first (the system turn and BOS stay; the conversation still
+    starts with a user turn, as templates require). If the newest user turn alone is too
+    long, its oldest tokens are cut, keeping BOS + system turn before it and its end of
+    turn + generation prompt (``<start_of_turn>model\\n``) after it.
+    """
+    messages = to_messages(prompt)
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    turns = messages[len(system) :]
+    text = _render(tokenizer, messages)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    dropped = 0
+    while len(ids) > max_prompt_tokens and len(turns) > 1:
+        turns = turns[1:]
+        dropped += 1
+        while len(turns) > 1 and turns[0]["role"] != "user":  # a conversation starts with the user
+            turns = turns[1:]
+            dropped += 1
+        text = _render(tokenizer, system + turns)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) <= max_prompt_tokens:
+        return FittedPrompt(ids, dropped)
+    # The newest turn alone is too long: split the rendered text around its content, cut that.
+    content = turns[-1]["content"].strip() if turns else ""
+    at = text.rfind(content) if content else -1
+    if at < 0:
+        kept = keep_newest(ids, max_prompt_tokens, 1, 0)
+        return FittedPrompt(kept, dropped, len(ids) - len(kept))
+    head = tokenizer(text[:at], add_special_tokens=False)["input_ids"]
+    body = tokenizer(content, add_special_tokens=False)["input_ids"]
+    tail = tokenizer(text[at + len(content) :], add_special_tokens=False)["input_ids"]
+    pieces = head + body + tail
+    kept = keep_newest(pieces, max_prompt_tokens, len(head), len(tail))
+    return FittedPrompt(kept, dropped, len(pieces) - len(kept))
+
+
+def encode_prompt_fitted(tokenizer: Any, prompt: str | Sequence[dict[str, Any]], max_prompt_tokens: int) -> list[int]:
+    """Token ids of a prompt for generation, within ``max_prompt_tokens`` (see :func:`fit_prompt`).
+
+    Every sampler and scorer of a prompt uses these ids, so they all see the same prompt.
+    """
+    return fit_prompt(tokenizer, prompt, max_prompt_tokens).ids
+
+
+@dataclass
+class FittedGroup:
+    """One prompt and its K replies, all within the token budget, sharing one prompt prefix."""
+
+    prompt_ids: list[int]
+    replies: list[list[int]]
+    prompt_cut: bool
+    replies_cut: list[bool]
+
+
+def fit_group(tokenizer: Any, prompt: str | Sequence[dict[str, Any]], replies: Sequence[str],
+              budget: TokenBudget) -> FittedGroup:
+    """Prompt + K replies under ``budget``: each reply by :func:`fit_reply`, then the prompt
+    by :func:`fit_prompt` to what the longest kept reply leaves. With K = 1 this is an SFT
+    or reward example; the PPO sampler uses :func:`fit_prompt` with ``budget.generation_prompt``."""
+    kept = [fit_reply(encode_reply(tokenizer, r), budget.reply) for r in replies]
+    longest = max((len(ids) for ids, _ in kept), default=0)
+    fitted = fit_prompt(tokenizer, prompt, budget.prompt(longest))
+    return FittedGroup(fitted.ids, [ids for ids, _ in kept], fitted.cut, [cut for _, cut in kept])
 
 
 @dataclass
 class Example:
-    """One prompt + reply: ids, and how many of them are the prompt."""
+    """One prompt + reply: ids, how many of them are the prompt, and what truncation did."""
 
     input_ids: list[int]
     prompt_length: int
+    prompt_cut: bool = False
+    reply_cut: bool = False
 
     @property
     def reply_length(self) -> int:
         return len(self.input_ids) - self.prompt_length
 
 
-def build_example(prompt_ids: list[int], reply_ids: list[int], max_length: int, min_reply: int = 16) -> Example:
-    """Join prompt and reply ids, truncating to ``max_length`` while keeping the reply's last (stop) token.
-
-    The reply keeps at least ``min(len(reply), min_reply)`` tokens; if the prompt is
-    still too long it loses its oldest tokens after the first (BOS).
-    """
-    if len(prompt_ids) + len(reply_ids) <= max_length:
-        return Example(list(prompt_ids) + list(reply_ids), len(prompt_ids))
-    keep_reply = max(min(len(reply_ids), min_reply), max_length - len(prompt_ids))
-    keep_reply = min(keep_reply, len(reply_ids), max_length - 1)
-    reply = list(reply_ids[: keep_reply - 1]) + [reply_ids[-1]]  # the stop token survives truncation
-    room = max_length - len(reply)
-    prompt = list(prompt_ids) if len(prompt_ids) <= room else [prompt_ids[0]] + list(prompt_ids[len(prompt_ids) - room + 1 :])
-    return Example(prompt + reply, len(prompt))
+def example_for(tokenizer: Any, prompt: str | Sequence[dict[str, Any]], reply: str, budget: TokenBudget | int) -> Example:
+    """Template-rendered prompt + reply (+ stop token unless the reply was cut), within ``budget``
+    (an int is ``TokenBudget(max_length)``)."""
+    budget = budget if isinstance(budget, TokenBudget) else TokenBudget(budget)
+    group = fit_group(tokenizer, prompt, [reply], budget)
+    return Example(group.prompt_ids + group.replies[0], len(group.prompt_ids), group.prompt_cut, group.replies_cut[0])
 
 
-def build_group(prompt_ids: list[int], replies: Sequence[list[int]], max_length: int,
-                min_reply: int = 16) -> tuple[list[int], list[list[int]]]:
-    """One prompt shared by K replies, each prompt + reply within ``max_length``.
+@dataclass
+class TruncationReport:
+    """How many prompts and replies truncation cut (logged by SFT and the reward model)."""
 
-    Each reply is cut as :func:`build_example` would (keeping its stop token); the prompt
-    is then cut once, for the longest reply, so all K replies share the same prefix.
-    With K = 1 this gives exactly :func:`build_example`'s ids.
-    """
-    cut = [build_example(prompt_ids, r, max_length, min_reply) for r in replies]
-    kept = [e.input_ids[e.prompt_length :] for e in cut]
-    room = max_length - max(len(r) for r in kept)
-    prompt = list(prompt_ids) if len(prompt_ids) <= room else [prompt_ids[0]] + list(prompt_ids[len(prompt_ids) - room + 1 :])
-    return prompt, kept
+    prompts: int = 0
+    prompts_cut: int = 0
+    replies: int = 0
+    replies_cut: int = 0
 
+    def add(self, prompt_cut: bool, replies_cut: Sequence[bool]) -> None:
+        self.prompts += 1
+        self.prompts_cut += int(prompt_cut)
+        self.replies += len(replies_cut)
+        self.replies_cut += sum(map(int, replies_cut))
 
-def example_for(tokenizer: Any, prompt: str | Sequence[dict[str, Any]], reply: str, max_length: int) -> Example:
-    """Template-rendered prompt + reply + stop token, truncated to ``max_length``."""
-    return build_example(encode_prompt(tokenizer, prompt), encode_reply(tokenizer, reply), max_length)
+    def as_metrics(self, prefix: str) -> dict[str, float]:
+        return {f"{prefix}/prompts_cut": float(self.prompts_cut), f"{prefix}/replies_cut": float(self.replies_cut),
+                f"{prefix}/prompts": float(self.prompts), f"{prefix}/replies": float(self.replies)}
 
 
 @dataclass
@@ -180,7 +291,7 @@ class Batch:
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> Batch:
-    """Right-pad examples into tensors; ``reply_mask`` is 1 on reply tokens (stop token included)."""
+    """Right-pad examples into tensors; ``reply_mask`` is 1 on reply tokens (stop token included when kept)."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(examples), width), dtype=torch.long)

@@ -29,6 +29,48 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and what to use instead."""
 
 
+MIN_PROMPT_TOKENS = 8  # BOS + an empty user turn + the generation prompt need about this many
+
+
+@dataclass(frozen=True)
+class TokenBudget:
+    """How many tokens a prompt and a reply may take: the one truncation rule's numbers.
+
+    ``chat_data.fit_group`` applies them (SFT, the reward model, PPO and its sampler all
+    go through it): a reply is kept whole up to ``reply`` tokens (its stop token included);
+    the prompt gets ``max_length`` minus the kept reply, capped at ``max_prompt_tokens``
+    when that is set, and loses its oldest turns first.
+    """
+
+    max_length: int
+    max_prompt_tokens: int = 0
+    max_reply_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if self.reply < 1 or self.max_length - self.reply < MIN_PROMPT_TOKENS:
+            raise ConfigError(
+                f"max_length={self.max_length} leaves {self.max_length - self.reply} prompt tokens next to a "
+                f"{self.reply}-token reply budget; raise max_length or lower max_reply_tokens (PPO: max_new_tokens)."
+            )
+        if self.max_prompt_tokens and self.max_prompt_tokens < MIN_PROMPT_TOKENS:
+            raise ConfigError(f"max_prompt_tokens={self.max_prompt_tokens} is too small; use 0 or >= {MIN_PROMPT_TOKENS}.")
+
+    @property
+    def reply(self) -> int:
+        """Longest kept reply in tokens (stop token included): ``max_reply_tokens``, else ``max_length // 2``."""
+        return self.max_reply_tokens or self.max_length // 2
+
+    def prompt(self, reply_tokens: int) -> int:
+        """Longest kept prompt next to a reply of ``reply_tokens`` tokens."""
+        room = self.max_length - reply_tokens
+        return min(room, self.max_prompt_tokens) if self.max_prompt_tokens else room
+
+    @property
+    def generation_prompt(self) -> int:
+        """Longest prompt when the reply is not known yet (sampling): room for the longest reply."""
+        return self.prompt(self.reply)
+
+
 @dataclass
 class LoraSettings:
     """LoRA adapter shape. The targets are the ones vLLM serves for Gemma 3."""
@@ -62,10 +104,16 @@ class BaseSettings:
     dtype: str = _f("auto", "'auto' (float32 on CPU, bfloat16 on GPU), 'float32' or 'bfloat16'.")
     load_in_4bit: bool = _f(False, "QLoRA: load the frozen base in 4 bits with bitsandbytes (GPU only).")
     lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "LoRA adapter shape."})
-    max_length: int = _f(512, "Longest prompt + reply in tokens; longer replies are cut, keeping their EOS.")
+    max_length: int = _f(512, "Longest prompt + reply in tokens (see max_prompt_tokens, max_reply_tokens).")
+    max_prompt_tokens: int = _f(0, "Longest prompt in tokens; oldest turns go first, BOS and the system turn stay (0: max_length minus the kept reply).")
+    max_reply_tokens: int = _f(0, "Longest reply in tokens, stop token included; a longer one is cut at its end and loses its stop token (0: max_length // 2; PPO: max_new_tokens).")
     seed: int = _f(0, "Random seed for data order, initialisation and sampling.")
     logits_chunk: int = _f(128, "Rows of hidden states projected to the vocabulary at once (bounds memory).")
     progress: bool = _f(True, "Show progress bars.")
+
+    def token_budget(self) -> TokenBudget:
+        """The prompt and reply budgets of this run (raises ConfigError when they do not fit)."""
+        return TokenBudget(self.max_length, self.max_prompt_tokens, self.max_reply_tokens)
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration as plain JSON-able data."""
@@ -148,6 +196,10 @@ class PPOConfig(BaseSettings):
     ptx_eval_docs: int = _f(16, "Pretraining documents scored before and after training (the perplexity report).")
     sampler: Literal["auto", "vllm", "hf"] = _f("auto", "Rollout engine: 'vllm' (chat-app engine, this iteration's adapter), 'hf' (generate on the training model); 'auto': vLLM on a GPU, else HF (on CPU vLLM would compete with training for the cores).")
     save_every: int = _f(0, "Save the policy adapter every N iterations into a new folder (0: only at the end).")
+
+    def token_budget(self) -> TokenBudget:
+        """PPO's reply budget is ``max_new_tokens``; prompts get ``max_length - max_new_tokens`` (or ``max_prompt_tokens``)."""
+        return TokenBudget(self.max_length, self.max_prompt_tokens, self.max_new_tokens)
 
 
 def coerce(value: str, annotation: Any) -> Any:

@@ -55,7 +55,7 @@ from training.chat_data import (
     DataError,
     Example,
     collate,
-    encode_prompt,
+    encode_prompt_fitted,
     encode_text,
     left_pad,
     pad_token_id,
@@ -117,14 +117,15 @@ class PolicyStack:
 
     @torch.no_grad()
     def scores(self, prompt_ids: list[list[int]], reply: Tensor, reply_mask: Tensor, ended: Tensor) -> Tensor:
-        """Reward model scores of prompt + reply + one stop token (appended to cut-off replies too)."""
-        stop = stop_token_ids(self.tokenizer)[0]
+        """Reward model scores of the sampler's prompt ids + reply, as in RM training (``chat_data.fit_group``):
+        an ended reply ends with the canonical stop token, a cut-off one is read at its last token."""
+        stops = stop_token_ids(self.tokenizer)
         examples = []
-        for p, r, m in zip(prompt_ids, reply.tolist(), reply_mask.tolist()):
+        for p, r, m, done in zip(prompt_ids, reply.tolist(), reply_mask.tolist(), ended.tolist()):
             body = [t for t, keep in zip(r, m) if keep]
-            if body and body[-1] in stop_token_ids(self.tokenizer):
-                body = body[:-1]
-            examples.append(Example(p + body + [stop], len(p)))  # the canonical stop, as in RM training
+            if done and body and body[-1] in stops:
+                body = body[:-1] + [stops[0]]  # the canonical stop, as in RM training
+            examples.append(Example(p + body, len(p)))
         batch = collate(examples, pad_token_id(self.tokenizer)).to(self.device)
         use_adapter(self.model, "reward", TRAINABLE)
         return sequence_rewards(self.model, self.reward_head, batch.input_ids, batch.attention_mask) - self.reward_shift
@@ -301,6 +302,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> PPOResult:
         raise DataError("PPO needs prompts: pass prompts=PATH (`alignloop db export prompts`).")
     if cfg.rollout_batch % cfg.minibatch:
         raise ConfigError(f"rollout_batch ({cfg.rollout_batch}) must be a multiple of minibatch ({cfg.minibatch}).")
+    cfg.token_budget()  # a budget that cannot fit fails before anything is written
     out = fresh_dir(cfg.output_dir)
     cfg.save(out)
     random.seed(cfg.seed)
@@ -311,9 +313,8 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> PPOResult:
     tok, device = stack.tokenizer, stack.device
     stop_ids, pad = stop_token_ids(tok), pad_token_id(tok)
     prompts = [to_messages(row["prompt"]) for row in read_rows(cfg.prompts)]
-    prompt_budget = max(8, cfg.max_length - cfg.max_new_tokens)
-    encoded = [ids if len(ids) <= prompt_budget else ids[:1] + ids[len(ids) - prompt_budget + 1 :]
-               for ids in (encode_prompt(tok, p) for p in prompts)]
+    # The one truncation rule: these ids go to the sampler and to every scorer, unchanged.
+    encoded = [encode_prompt_fitted(tok, p, cfg.token_budget().generation_prompt) for p in prompts]
     ptx_examples = load_ptx_examples(cfg, tok)
     ptx_eval = ptx_examples[: cfg.ptx_eval_docs]
     params = stack.trainable_parameters()

@@ -4,7 +4,9 @@
   formed from the K scalars (InstructGPT section 3.5), and all of a prompt's
   replies are in the same batch.
 * The reward is read at the last real token (found from the attention mask) of
-  prompt + reply + stop token; the stop token survives truncation.
+  prompt + reply + stop token. Truncation is ``chat_data.fit_group``'s one rule: a
+  reply cut to its budget has no stop token and is read at its last kept token;
+  how many prompts and replies were cut is logged (``data/*``) and returned.
 * After training, rewards are shifted so that reference replies (the
   demonstrations, or the preferred replies) score 0 on average; the shift and
   the std are stored with the adapter and applied by :class:`RewardModel`.
@@ -37,20 +39,20 @@ from training.chat_data import (
     Batch,
     DataError,
     Example,
-    build_group,
-    left_pad,
     PreferenceGroup,
+    TruncationReport,
     collate,
     encode_prompt,
-    encode_reply,
-    build_example,
+    example_for,
+    fit_group,
+    left_pad,
     pad_token_id,
     preference_groups,
     read_rows,
     sft_pair,
     split_groups,
 )
-from training.config import RewardConfig
+from training.config import RewardConfig, TokenBudget
 from training.logprobs import causal_lm_parts, hidden_states
 from training.losses import last_token_index, pairwise_accuracy, pairwise_reward_loss
 from training.metrics_log import MetricsLog
@@ -89,7 +91,7 @@ def shared_prefix_rewards(model: nn.Module, head: ScalarHead, prompts: Sequence[
     positions = prompt_mask.sum(1).repeat_interleave(counts)[:, None] + torch.arange(reply_ids.shape[1], device=device)
     hidden = body(input_ids=reply_ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
                   use_cache=True).last_hidden_state
-    last = last_token_index(reply_mask)  # the stop token ending each reply
+    last = last_token_index(reply_mask)  # the stop token ending each reply (a cut reply: its last kept token)
     return head(hidden[torch.arange(len(flat), device=device), last])
 
 
@@ -123,13 +125,15 @@ class KWiseBatch:
         return collate([Example(p + r, len(p)) for p, group in zip(self.prompts, self.replies) for r in group], self.pad_id)
 
 
-def kwise_batch(groups: Sequence[PreferenceGroup], tokenizer: Any, max_length: int) -> KWiseBatch:
-    """Token ids for K-wise training: one prompt and K replies per group, pairs re-indexed into the replies."""
+def kwise_batch(groups: Sequence[PreferenceGroup], tokenizer: Any, budget: TokenBudget | int) -> KWiseBatch:
+    """Token ids for K-wise training: one prompt and K replies per group (fitted by ``chat_data.fit_group``),
+    pairs re-indexed into the replies. An int budget is ``TokenBudget(max_length)``."""
+    budget = budget if isinstance(budget, TokenBudget) else TokenBudget(budget)
     prompts, replies, winners, losers, pair_group = [], [], [], [], []
     offset = 0
     for g, group in enumerate(groups):
-        prompt, kept = build_group(encode_prompt(tokenizer, group.prompt),
-                                   [encode_reply(tokenizer, c) for c in group.completions], max_length)
+        fitted = fit_group(tokenizer, group.prompt, group.completions, budget)
+        prompt, kept = fitted.prompt_ids, fitted.replies
         prompts.append(prompt)
         replies.append(kept)
         for w, l in group.pairs:
@@ -171,7 +175,7 @@ def accumulate_kwise_gradients(model: nn.Module, head: ScalarHead, groups: Seque
     loss_sum = correct = 0.0
     pairs = 0
     for start in range(0, len(groups), size):
-        kb = kwise_batch(groups[start : start + size], tokenizer, cfg.max_length)
+        kb = kwise_batch(groups[start : start + size], tokenizer, cfg.token_budget())
         loss, acc = kwise_loss(model, head, kb, device)
         weight = len(kb.prompts) / len(groups)
         (loss * weight).backward()
@@ -188,7 +192,7 @@ def evaluate_pairs(model: nn.Module, head: ScalarHead, groups: Sequence[Preferen
     correct, total, loss_sum = 0.0, 0, 0.0
     batches = _batches_by_rows(groups, cfg.eval_batch_rows)
     for chunk in tqdm(batches, desc="RM eval", disable=not cfg.progress, leave=False):
-        kb = kwise_batch(chunk, tokenizer, cfg.max_length)
+        kb = kwise_batch(chunk, tokenizer, cfg.token_budget())
         loss, acc = kwise_loss(model, head, kb, device)
         correct += acc.item() * kb.num_pairs
         loss_sum += loss.item() * kb.num_pairs
@@ -205,13 +209,22 @@ def _batches_by_rows(groups: Sequence[PreferenceGroup], rows: int) -> list[list[
     return [b for b in batches if b]
 
 
+def truncation_report(groups: Sequence[PreferenceGroup], tokenizer: Any, budget: TokenBudget) -> TruncationReport:
+    """How many of these prompts and replies the token budget cuts (also checks every prompt renders)."""
+    report = TruncationReport()
+    for g in groups:
+        fitted = fit_group(tokenizer, g.prompt, g.completions, budget)
+        report.add(fitted.prompt_cut, fitted.replies_cut)
+    return report
+
+
 @torch.no_grad()
 def score_texts(model: nn.Module, head: ScalarHead, tokenizer: Any, prompts: Sequence[Any], replies: Sequence[str],
-                max_length: int, device: torch.device, batch_rows: int = 32) -> list[float]:
-    """Raw rewards of (prompt, reply) pairs."""
+                budget: TokenBudget | int, device: torch.device, batch_rows: int = 32) -> list[float]:
+    """Raw rewards of (prompt, reply) pairs, fitted to ``budget`` as in training (an int: ``TokenBudget(max_length)``)."""
     scores: list[float] = []
     for start in range(0, len(prompts), batch_rows):
-        examples = [build_example(encode_prompt(tokenizer, p), encode_reply(tokenizer, r), max_length)
+        examples = [example_for(tokenizer, p, r, budget)
                     for p, r in zip(prompts[start : start + batch_rows], replies[start : start + batch_rows])]
         batch = collate(examples, pad_token_id(tokenizer)).to(device)
         scores += sequence_rewards(model, head, batch.input_ids, batch.attention_mask).tolist()
@@ -231,6 +244,7 @@ class RewardResult:
     pairs_per_second: float
     shift: float
     std: float
+    truncation: TruncationReport
 
 
 def train_reward_model(cfg: RewardConfig) -> RewardResult:
@@ -248,9 +262,10 @@ def train_reward_model(cfg: RewardConfig) -> RewardResult:
     if not groups:
         raise DataError(f"{cfg.data} has no usable preference pairs.")
     train, held_out = split_groups(groups, cfg.eval_fraction, cfg.seed)
+    budget = cfg.token_budget()
     base, tokenizer, device = load_base(cfg)
-    for g in groups:  # a prompt the chat template refuses fails now, not halfway through training
-        encode_prompt(tokenizer, g.prompt)
+    # A prompt the chat template refuses fails now, not halfway through training.
+    truncation = truncation_report(groups, tokenizer, budget)
     model = attach_adapter(base, "default", cfg.init_adapter or None, cfg.lora, trainable=True)
     if cfg.init_adapter:
         head, _ = load_head(cfg.init_adapter, device)  # warm start: LoRA and head from the previous RM
@@ -260,6 +275,7 @@ def train_reward_model(cfg: RewardConfig) -> RewardResult:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = max(1, math.ceil(cfg.epochs * len(train) / cfg.groups_per_batch))
     log = MetricsLog(out, cfg.to_dict())
+    log.log(0, truncation.as_metrics("data"))
     rng = random.Random(cfg.seed)
     order: list[int] = []
     pairs_seen = 0
@@ -289,7 +305,7 @@ def train_reward_model(cfg: RewardConfig) -> RewardResult:
     save_head(head, out, {"shift": shift, "std": std, "eval_accuracy": metrics["accuracy"],
                           "eval_pairs": int(metrics["pairs"]), "base_model": str(cfg.base_model)})
     return RewardResult(out, metrics["accuracy"], metrics["loss"], pairs_seen, int(metrics["pairs"]), train_seconds,
-                        pairs_seen / train_seconds, shift, std)
+                        pairs_seen / train_seconds, shift, std, truncation)
 
 
 def reward_normalisation(model: nn.Module, head: ScalarHead, tokenizer: Any, cfg: RewardConfig,
@@ -306,7 +322,7 @@ def reward_normalisation(model: nn.Module, head: ScalarHead, tokenizer: Any, cfg
         pairs = [(g.prompt, g.completions[w]) for g in train for w in sorted({w for w, _ in g.pairs})]
     pairs = pairs[:limit]
     scores = torch.tensor(score_texts(model, head, tokenizer, [p for p, _ in pairs], [r for _, r in pairs],
-                                      cfg.max_length, device, cfg.eval_batch_rows))
+                                      cfg.token_budget(), device, cfg.eval_batch_rows))
     std = scores.std().item() if len(scores) > 1 else 1.0
     return scores.mean().item(), std
 
@@ -320,9 +336,10 @@ class RewardModel:
     """
 
     def __init__(self, model: nn.Module, head: ScalarHead, tokenizer: Any, info: dict[str, Any], device: torch.device,
-                 max_length: int = 512):
+                 budget: TokenBudget | int = 512):
         self.model, self.head, self.tokenizer, self.info = model, head, tokenizer, info
-        self.device, self.max_length = device, max_length
+        self.device = device
+        self.budget = budget if isinstance(budget, TokenBudget) else TokenBudget(budget)
 
     @property
     def shift(self) -> float:
@@ -340,9 +357,10 @@ class RewardModel:
         model = attach_adapter(base, "default", folder, cfg.lora, trainable=False)
         model.eval()
         head, info = load_head(folder, dev)
-        return cls(model, head, tokenizer, info, dev, saved.get("max_length", 512))
+        budget = TokenBudget(saved.get("max_length", 512), saved.get("max_prompt_tokens", 0), saved.get("max_reply_tokens", 0))
+        return cls(model, head, tokenizer, info, dev, budget)  # scored with the budget it was trained with
 
     def score(self, prompts: Sequence[Any], replies: Sequence[str]) -> list[float]:
         """Rewards of (prompt, reply) pairs, shifted so reference replies average 0."""
-        raw = score_texts(self.model, self.head, self.tokenizer, prompts, replies, self.max_length, self.device)
+        raw = score_texts(self.model, self.head, self.tokenizer, prompts, replies, self.budget, self.device)
         return [r - self.shift for r in raw]

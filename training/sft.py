@@ -1,7 +1,9 @@
 """Supervised fine-tuning (InstructGPT step 1): demonstrations → a policy LoRA adapter.
 
-The loss is the NLL of the reply tokens only (its stop token included), with
-prompts rendered by the same chat template the server uses.
+The loss is the NLL of the reply tokens only (its stop token included, unless
+truncation cut the reply: then there is no stop target), with prompts rendered by
+the same chat template the server uses and fitted by the one truncation rule
+(``chat_data.fit_group``).
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import torch
 from tqdm.auto import tqdm
 
 from training.adapters import adapter_parameters, attach_adapter, fresh_dir, load_base, save_adapter
-from training.chat_data import DataError, Example, collate, example_for, pad_token_id, read_rows, sft_pair
-from training.config import SFTConfig
+from training.chat_data import (DataError, Example, TruncationReport, collate, example_for, pad_token_id, read_rows,
+                                sft_pair)
+from training.config import SFTConfig, TokenBudget
 from training.logprobs import token_logprobs
 from training.losses import token_nll
 from training.metrics_log import MetricsLog
@@ -32,15 +35,18 @@ class SFTResult:
     first_loss: float
     final_loss: float
     seconds: float
+    truncation: TruncationReport
 
 
-def sft_examples(rows: list[dict], tokenizer, max_length: int) -> list[Example]:
-    """Demonstration rows as template-rendered prompt + reply examples."""
-    examples = []
+def sft_examples(rows: list[dict], tokenizer, budget: TokenBudget) -> tuple[list[Example], TruncationReport]:
+    """Demonstration rows as template-rendered prompt + reply examples, and how many were cut."""
+    examples, report = [], TruncationReport()
     for row in rows:
         prompt, reply = sft_pair(row)
-        examples.append(example_for(tokenizer, prompt, reply, max_length))
-    return examples
+        example = example_for(tokenizer, prompt, reply, budget)
+        report.add(example.prompt_cut, [example.reply_cut])
+        examples.append(example)
+    return examples, report
 
 
 def train_sft(cfg: SFTConfig) -> SFTResult:
@@ -54,13 +60,15 @@ def train_sft(cfg: SFTConfig) -> SFTResult:
     out = fresh_dir(cfg.output_dir)
     cfg.save(out)
     torch.manual_seed(cfg.seed)
+    budget = cfg.token_budget()  # a budget that cannot fit fails before the model loads
     base, tokenizer, device = load_base(cfg)
     model = attach_adapter(base, "default", cfg.init_adapter or None, cfg.lora, trainable=True)
     params = adapter_parameters(model, "default")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    examples = sft_examples(read_rows(cfg.data), tokenizer, cfg.max_length)
+    examples, truncation = sft_examples(read_rows(cfg.data), tokenizer, budget)
     steps = max(1, math.ceil(cfg.epochs * len(examples) / cfg.batch_size))
     log = MetricsLog(out, cfg.to_dict())
+    log.log(0, truncation.as_metrics("data"))
     rng = random.Random(cfg.seed)
     order: list[int] = []
     losses: list[float] = []
@@ -85,4 +93,4 @@ def train_sft(cfg: SFTConfig) -> SFTResult:
     model.eval()
     save_adapter(model, "default", out)
     log.close()
-    return SFTResult(out, steps, losses[0], losses[-1], time.perf_counter() - started)
+    return SFTResult(out, steps, losses[0], losses[-1], time.perf_counter() - started, truncation)
