@@ -1,6 +1,7 @@
 """feedback_db: the one door to alignloop's SQLite database (feedback, model registry, exports)."""
 
 from .analytics import WinRate, feedback_over_time, thumbs_by_version, wilson_interval, win_rate
+from .analytics import head_to_head_votes
 from .connection import StoreConfig, default_db_path
 from .errors import (
     AccessDeniedError,
@@ -11,6 +12,7 @@ from .errors import (
     SchemaVersionError,
 )
 from .exports import (
+    DROP_REASONS,
     Export,
     PreferenceGroup,
     export,
@@ -18,19 +20,25 @@ from .exports import (
     export_preference_groups,
     export_preferences,
     export_sft,
+    export_thumbs,
     write_jsonl,
 )
 from .imports import ImportResult, import_jsonl, import_rows, read_jsonl
 from .promotion import auto_promote_candidate
+from .promotion import promotion_candidate, promotion_evidence
 from .registry import ModelRegistry, ModelVersion, TrainingRound
-from .store import CHOICES, Context, FeedbackStore, Reply
+from .sequential_testing import PromotionEvidence, PromotionPolicy, Vote, mixture_likelihood_ratio
+from .store import CHOICES, UNVOTABLE_FINISH_REASONS, Context, FeedbackStore, Reply
 
 __all__ = [
     "auto_promote_candidate",
+    "promotion_candidate", "promotion_evidence", "PromotionEvidence", "PromotionPolicy", "Vote",
+    "mixture_likelihood_ratio", "head_to_head_votes",
     "WinRate", "feedback_over_time", "thumbs_by_version", "wilson_interval", "win_rate",
-    "AccessDeniedError", "CHOICES", "Context", "Export", "FeedbackError", "FeedbackStore", "ImportResult",
+    "AccessDeniedError", "CHOICES", "Context", "DROP_REASONS", "Export", "FeedbackError", "FeedbackStore",
+    "ImportResult", "UNVOTABLE_FINISH_REASONS",
     "InvalidInputError", "ModelRegistry", "ModelVersion", "NotFoundError", "PreferenceGroup", "RegistryError",
     "Reply", "SchemaVersionError", "StoreConfig", "TrainingRound", "export", "export_ppo_prompts",
-    "export_preference_groups", "export_preferences", "export_sft", "import_jsonl", "import_rows", "read_jsonl",
-    "write_jsonl", "default_db_path",
+    "export_preference_groups", "export_preferences", "export_sft", "export_thumbs", "import_jsonl", "import_rows",
+    "read_jsonl", "write_jsonl", "default_db_path",
 ]

@@ -70,7 +70,7 @@ def stats(db: Optional[Path] = DbOption, as_json: bool = typer.Option(False, "--
 
 @app.command("export")
 def export_cmd(
-    kind: str = typer.Option(..., "--kind", help="sft | preferences | prompts"),
+    kind: str = typer.Option(..., "--kind", help="sft | preferences | thumbs (unpaired 👍/👎, KTO rows) | prompts"),
     fmt: str = typer.Option("trl", "--format", help="trl (prompt/chosen/rejected, messages) | groups (preferences per prompt)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output .jsonl (default: stdout)."),
     snapshot: Optional[int] = typer.Option(None, "--snapshot", help="Last event id to include (default: latest)."),
@@ -78,6 +78,9 @@ def export_cmd(
     db: Optional[Path] = DbOption,
 ) -> None:
     """Export training data as JSONL, reproducible from a snapshot.
+
+    Prints to stderr how many rows were kept and how many votes were dropped, by reason
+    (identical texts, failed or stopped replies, superseded, outvoted, tied across users, ...).
 
     Example: alignloop db export --kind preferences --format trl -o prefs.jsonl
     """
@@ -91,7 +94,7 @@ def export_cmd(
             sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
     else:
         write_jsonl(result.rows, out)
-    typer.echo(f"{len(result.rows)} {kind} rows at snapshot {result.snapshot}" + (f" -> {out}" if out else ""), err=True)
+    typer.echo(result.summary(kind) + (f" -> {out}" if out else ""), err=True)
 
 
 @app.command("import")

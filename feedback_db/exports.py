@@ -8,47 +8,71 @@ recorded since. Rows follow TRL's dataset conventions:
   `{"prompt": str, "completion": str}` for contexts imported as plain-text prompts.
 * Preferences: `{"prompt", "chosen", "rejected"}` (conversational lists, or strings for
   plain-text imports), or per-prompt groups for K-wise reward-model batches.
+* Thumbs: TRL's unpaired preference (KTO) rows `{"prompt", "completion", "label"}`.
 * PPO prompts: `{"prompt": [...]}`, deduplicated.
 
-Preference pairs come from three kinds of feedback on replies to the same context:
-a K-ranking gives its C(K,2) ordered pairs; a pairwise vote A/B gives one pair (tie and
-both-bad give none); a reply with net thumbs up and one with net thumbs down give one.
+Preference pairs are votes on two replies to the same context: a K-ranking gives its C(K,2)
+ordered pairs; a pairwise vote A/B one pair (tie and both-bad are votes for neither); a
+user's thumbs-up reply and thumbs-down reply to the same context one pair; a demonstration
+that replaces a reply one pair (the demonstration chosen). The votes are then cleaned
+(`_clean_votes`), and every vote that does not become a row is counted in `Export.dropped`
+under one reason (DROP_REASONS), so votes = rows + sum(dropped).
 """
 
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from .errors import InvalidInputError
-from .store import Context, FeedbackStore
+from .store import UNVOTABLE_FINISH_REASONS, Context, FeedbackStore
 
 Prompt = str | list[dict[str, str]]
-ExportKind = Literal["sft", "preferences", "prompts"]
+ExportKind = Literal["sft", "preferences", "thumbs", "prompts"]
+
+# Why a vote (or, for the thumbs export, a rating) did not become a row: the keys of Export.dropped.
+DROP_REASONS: dict[str, str] = {
+    "failed_or_stopped_reply": "a reply the engine failed on or the user stopped (finish_reason error or abort)",
+    "empty_text": "a reply with no text (whitespace only)",
+    "identical_texts": "chosen and rejected are the same text once whitespace is stripped (within one "
+                       "ranking: a reply repeating the text of a better-ranked one)",
+    "superseded_by_same_user": "the same user voted on the same two texts again later (the latest vote counts)",
+    "duplicate_vote": "another user's vote for the same pair in the same order: merged into the kept row",
+    "outvoted": "more users preferred the other text of the pair",
+    "tied_across_users": "as many users preferred either text: the pair is dropped",
+    "cleared": "the user's latest rating of the reply is 0 (cleared)",
+}
 
 
 @dataclass
 class PreferenceGroup:
-    """All preference pairs over the replies to one context: each reply appears once."""
+    """All preference pairs over the replies to one context: each distinct text appears once."""
 
     context_id: int
     prompt: Prompt
     completions: list[str]
-    completion_ids: list[int]
+    completion_ids: list[int | None]  # the message holding each completion; None: a demonstration's text
     pairs: list[tuple[int, int]]  # (index of preferred, index of dispreferred) into completions
-    sources: list[str] = field(default_factory=list)  # ranking | comparison | thumbs, one per pair
+    sources: list[str] = field(default_factory=list)  # ranking | comparison | thumbs | demonstration, one per pair
 
 
 @dataclass
 class Export:
-    """Rows of one export and the snapshot (last event id) they were read at."""
+    """Rows of one export, the snapshot (last event id) they were read at, and what was left out."""
 
     rows: list[dict[str, Any]]
     snapshot: int
+    dropped: dict[str, int] = field(default_factory=dict)  # reason (DROP_REASONS) -> count
+
+    def summary(self, kind: str) -> str:
+        """One line for people: how many rows were kept and what was dropped, by reason."""
+        reasons = ", ".join(f"{reason} {n}" for reason, n in self.dropped.items())
+        dropped = f"dropped {sum(self.dropped.values())} ({reasons})" if self.dropped else "dropped 0"
+        return f"{len(self.rows)} {kind} rows at snapshot {self.snapshot}; {dropped}"
 
 
 def prompt_value(ctx: Context) -> Prompt:
@@ -71,117 +95,286 @@ def _snapshot(store: FeedbackStore, snapshot: int | None) -> int:
     return snapshot
 
 
-def _reply_scores(store: FeedbackStore, snapshot: int) -> dict[int, tuple[int, int, int]]:
-    """message id -> (net score, context id, last rating event), from each user's latest rating."""
-    rows = store.db.query(
-        """
-        SELECT r.message_id, m.parent_id AS context_id, SUM(r.value) AS score, MAX(r.event_id) AS last_event
-        FROM ratings r JOIN messages m ON m.id = r.message_id
-        WHERE r.event_id <= :snap AND r.event_id = (
-            SELECT MAX(r2.event_id) FROM ratings r2
-            WHERE r2.user_id = r.user_id AND r2.message_id = r.message_id AND r2.event_id <= :snap)
-        GROUP BY r.message_id ORDER BY r.message_id
-        """,
-        {"snap": snapshot},
-    )
-    return {r["message_id"]: (r["score"], r["context_id"], r["last_event"]) for r in rows}
+def _counted(counter: Counter[str]) -> dict[str, int]:
+    """Dropped counts in DROP_REASONS order, zeros left out: the same dict for the same data."""
+    return {reason: counter[reason] for reason in DROP_REASONS if counter[reason]}
 
 
-def _ordered_pairs(store: FeedbackStore, snapshot: int, include_thumbs: bool) -> list[tuple[int, int, int, int, str]]:
-    """(event, context, winner message, loser message, source), in the order the feedback arrived."""
-    pairs: list[tuple[int, int, int, int, str]] = []
-    for r in store.db.query(
-        "SELECT * FROM comparisons WHERE event_id <= ? AND choice IN ('A', 'B') ORDER BY event_id", [snapshot]
-    ):
-        win, lose = (r["message_a"], r["message_b"]) if r["choice"] == "A" else (r["message_b"], r["message_a"])
-        pairs.append((r["event_id"], r["context_id"], win, lose, "comparison"))
-    for r in store.db.query("SELECT * FROM rankings WHERE event_id <= ? ORDER BY event_id", [snapshot]):
-        ranked = [
-            i["message_id"]
-            for i in store.db.query(
-                "SELECT message_id FROM ranking_items WHERE ranking_id = ? ORDER BY position", [r["id"]]
-            )
-        ]
-        # A K-ranking gives all C(K,2) ordered pairs (InstructGPT section 3.5).
-        for i in range(len(ranked)):
-            for j in range(i + 1, len(ranked)):
-                pairs.append((r["event_id"], r["context_id"], ranked[i], ranked[j], "ranking"))
-    if include_thumbs:
-        by_context: dict[int, dict[str, list[tuple[int, int]]]] = defaultdict(lambda: {"up": [], "down": []})
-        for message_id, (score, context_id, last_event) in _reply_scores(store, snapshot).items():
-            if score > 0:
-                by_context[context_id]["up"].append((message_id, last_event))
-            elif score < 0:
-                by_context[context_id]["down"].append((message_id, last_event))
-        for context_id, sides in by_context.items():
-            for up, up_event in sides["up"]:
-                for down, down_event in sides["down"]:
-                    pairs.append((max(up_event, down_event), context_id, up, down, "thumbs"))
-    pairs.sort(key=lambda p: (p[0], p[4]))  # stable: within one ranking, the C(K,2) order is kept
-    return pairs
+@dataclass(frozen=True)
+class _Reply:
+    """What the cleaning rules need of one reply (a stored message, or a demonstration's text)."""
+
+    message_id: int | None  # None: a demonstration's own text, which is not a message
+    text: str
+    finish_reason: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.finish_reason in UNVOTABLE_FINISH_REASONS
 
 
-def _message_texts(store: FeedbackStore, ids: Iterable[int]) -> dict[int, str]:
+@dataclass(frozen=True)
+class _Vote:
+    """One user's preference between two replies to one context, from one feedback row."""
+
+    user_id: str
+    context_id: int
+    winner: _Reply
+    loser: _Reply
+    event: int  # the event that made this vote (a thumbs pair: the later of its two ratings)
+    seq: int  # order among the votes of one event: a ranking's pairs best positions first
+    source: str  # ranking | comparison | thumbs | demonstration
+    abstain: bool = False  # a tie / both-bad comparison: a vote for neither reply
+
+    @property
+    def key(self) -> tuple[int, frozenset[str]]:
+        """The unordered pair of texts this vote is about (whitespace-stripped), in its context."""
+        return self.context_id, frozenset((self.winner.text.strip(), self.loser.text.strip()))
+
+    @property
+    def direction(self) -> str:
+        return self.winner.text.strip()
+
+
+def _replies(store: FeedbackStore, ids: Iterable[int]) -> dict[int, _Reply]:
+    """message id -> _Reply (its text and finish_reason)."""
     ids = sorted(set(ids))
-    texts: dict[int, str] = {}
+    replies: dict[int, _Reply] = {}
     for start in range(0, len(ids), 500):
         chunk = ids[start : start + 500]
         marks = ",".join("?" * len(chunk))
-        for r in store.db.query(f"SELECT id, content FROM messages WHERE id IN ({marks})", chunk):
-            texts[r["id"]] = r["content"]
-    return texts
+        for r in store.db.query(f"SELECT id, content, finish_reason FROM messages WHERE id IN ({marks})", chunk):
+            replies[r["id"]] = _Reply(r["id"], r["content"], r["finish_reason"])
+    return replies
+
+
+def _latest_ratings(store: FeedbackStore, snapshot: int) -> list[dict[str, Any]]:
+    """Each user's latest rating of each reply (value 0 = cleared), oldest first, with the reply's context."""
+    return list(store.db.query(
+        """
+        SELECT r.user_id, r.message_id, r.value, r.event_id, m.parent_id AS context_id
+        FROM ratings r JOIN messages m ON m.id = r.message_id
+        WHERE r.event_id = (
+            SELECT MAX(r2.event_id) FROM ratings r2
+            WHERE r2.user_id = r.user_id AND r2.message_id = r.message_id AND r2.event_id <= :snap)
+        ORDER BY r.event_id
+        """,
+        {"snap": snapshot},
+    ))
+
+
+def _votes(store: FeedbackStore, snapshot: int, include_thumbs: bool) -> list[_Vote]:
+    """Every preference vote up to `snapshot`, uncleaned, in no particular order."""
+    raw: list[tuple[str, int, int | str, int, int, str, bool]] = []  # user, ctx, winner, loser, event, source, abstain
+    for r in store.db.query("SELECT * FROM comparisons WHERE event_id <= ? ORDER BY event_id", [snapshot]):
+        win, lose = (r["message_b"], r["message_a"]) if r["choice"] == "B" else (r["message_a"], r["message_b"])
+        raw.append((r["user_id"], r["context_id"], win, lose, r["event_id"], "comparison", r["choice"] not in ("A", "B")))
+    ranked: dict[int, list[int]] = defaultdict(list)
+    rankings = list(store.db.query("SELECT * FROM rankings WHERE event_id <= ? ORDER BY event_id", [snapshot]))
+    for i in store.db.query(
+        "SELECT ranking_id, message_id FROM ranking_items i JOIN rankings r ON r.id = i.ranking_id"
+        " WHERE r.event_id <= ? ORDER BY ranking_id, position", [snapshot]
+    ):
+        ranked[i["ranking_id"]].append(i["message_id"])
+    for r in rankings:
+        ids = ranked[r["id"]]
+        # A K-ranking gives all C(K,2) ordered pairs (InstructGPT section 3.5), best positions first.
+        for i in range(len(ids)):
+            for j in range(i + 1, len(ids)):
+                raw.append((r["user_id"], r["context_id"], ids[i], ids[j], r["event_id"], "ranking", False))
+    if include_thumbs:
+        sides: dict[tuple[str, int], dict[int, list[tuple[int, int]]]] = defaultdict(lambda: {1: [], -1: []})
+        for r in _latest_ratings(store, snapshot):
+            if r["value"]:
+                sides[(r["user_id"], r["context_id"])][r["value"]].append((r["message_id"], r["event_id"]))
+        for (user_id, context_id), side in sides.items():
+            for up, up_event in side[1]:
+                for down, down_event in side[-1]:
+                    raw.append((user_id, context_id, up, down, max(up_event, down_event), "thumbs", False))
+    demos = list(store.db.query(
+        "SELECT user_id, context_id, content, replaces_message_id, event_id FROM demonstrations"
+        " WHERE event_id <= ? AND replaces_message_id IS NOT NULL ORDER BY event_id", [snapshot]
+    ))
+    replies = _replies(store, [m for v in raw for m in v[2:4]] + [d["replaces_message_id"] for d in demos])
+    votes = [
+        _Vote(user, ctx, replies[win], replies[lose], event, seq, source, abstain)
+        for seq, (user, ctx, win, lose, event, source, abstain) in enumerate(raw)
+    ]
+    votes += [
+        _Vote(d["user_id"], d["context_id"], _Reply(None, d["content"]), replies[d["replaces_message_id"]],
+              d["event_id"], len(raw) + n, "demonstration")
+        for n, d in enumerate(demos)
+    ]
+    return votes
+
+
+def _clean_votes(votes: list[_Vote]) -> tuple[list[_Vote], dict[str, int]]:
+    """The votes that become pairs, oldest first, and the others counted by reason (DROP_REASONS).
+
+    1. A vote on a failed or stopped reply, on an empty reply, or on two texts that are the
+       same once whitespace is stripped gives no pair.
+    2. Per user, the latest vote on a pair of texts (same context, either order) counts: a
+       later one, including a tie, supersedes it. Within one event (one ranking) the vote from
+       the best positions counts: a reply repeating a better-ranked text adds nothing.
+    3. Across users, the majority of their votes on the pair decides; the kept row is the
+       latest majority vote, its other votes are duplicates; a tie between users drops the pair.
+    """
+    dropped: Counter[str] = Counter()
+    valid: list[_Vote] = []
+    for v in votes:
+        if v.winner.failed or v.loser.failed:
+            reason = "failed_or_stopped_reply"
+        elif not v.winner.text.strip() or not v.loser.text.strip():
+            reason = "empty_text"
+        elif v.winner.text.strip() == v.loser.text.strip():
+            reason = "identical_texts"
+        else:
+            valid.append(v)
+            continue
+        if not v.abstain:
+            dropped[reason] += 1
+
+    def recency(v: _Vote) -> tuple[int, int]:
+        return v.event, -v.seq
+
+    per_user: dict[tuple[str, int, frozenset[str]], list[_Vote]] = defaultdict(list)
+    for v in valid:
+        per_user[(v.user_id, *v.key)].append(v)
+    by_pair: dict[tuple[int, frozenset[str]], list[_Vote]] = defaultdict(list)
+    for user_votes in per_user.values():
+        latest = max(user_votes, key=recency)
+        for v in user_votes:
+            if v is not latest and not v.abstain:
+                dropped["identical_texts" if v.event == latest.event else "superseded_by_same_user"] += 1
+        if not latest.abstain:
+            by_pair[latest.key].append(latest)
+    kept: list[_Vote] = []
+    for pair_votes in by_pair.values():
+        counts = Counter(v.direction for v in pair_votes)
+        if len(counts) == 2 and len(set(counts.values())) == 1:
+            dropped["tied_across_users"] += len(pair_votes)
+            continue
+        majority, n = counts.most_common(1)[0]
+        dropped["outvoted"] += len(pair_votes) - n
+        dropped["duplicate_vote"] += n - 1
+        kept.append(max((v for v in pair_votes if v.direction == majority), key=recency))
+    kept.sort(key=lambda v: (v.event, v.seq))
+    return kept, _counted(dropped)
+
+
+def _clean_pairs(store: FeedbackStore, snapshot: int, include_thumbs: bool) -> tuple[list[_Vote], dict[str, int]]:
+    return _clean_votes(_votes(store, snapshot, include_thumbs))
+
+
+def _groups(store: FeedbackStore, kept: list[_Vote]) -> list[PreferenceGroup]:
+    """Kept pairs grouped per context (in order of each context's first pair), each text once."""
+    groups: dict[int, PreferenceGroup] = {}
+    index: dict[int, dict[str, int]] = {}  # context -> stripped text -> index into completions
+    for v in kept:
+        group = groups.get(v.context_id)
+        if group is None:
+            group = groups[v.context_id] = PreferenceGroup(
+                v.context_id, prompt_value(store.context(v.context_id)), [], [], [], []
+            )
+            index[v.context_id] = {}
+        where = index[v.context_id]
+        for reply in (v.winner, v.loser):
+            if reply.text.strip() not in where:
+                where[reply.text.strip()] = len(group.completions)
+                group.completions.append(reply.text)
+                group.completion_ids.append(reply.message_id)
+        group.pairs.append((where[v.winner.text.strip()], where[v.loser.text.strip()]))
+        group.sources.append(v.source)
+    return list(groups.values())
 
 
 def export_preference_groups(store: FeedbackStore, snapshot: int | None = None, *,
                              include_thumbs: bool = True) -> tuple[list[PreferenceGroup], int]:
-    """Preference pairs grouped per context, in order of each context's first feedback."""
+    """Clean preference pairs grouped per context, in order of each context's first pair."""
     snapshot = _snapshot(store, snapshot)
-    pairs = _ordered_pairs(store, snapshot, include_thumbs)
-    texts = _message_texts(store, [m for p in pairs for m in p[2:4]])
-    groups: dict[int, PreferenceGroup] = {}
-    for _, context_id, win, lose, source in pairs:
-        group = groups.get(context_id)
-        if group is None:
-            group = groups[context_id] = PreferenceGroup(
-                context_id, prompt_value(store.context(context_id)), [], [], [], []
-            )
-        for m in (win, lose):
-            if m not in group.completion_ids:
-                group.completion_ids.append(m)
-                group.completions.append(texts[m])
-        group.pairs.append((group.completion_ids.index(win), group.completion_ids.index(lose)))
-        group.sources.append(source)
-    return list(groups.values()), snapshot
+    kept, _ = _clean_pairs(store, snapshot, include_thumbs)
+    return _groups(store, kept), snapshot
 
 
 def export_preferences(store: FeedbackStore, snapshot: int | None = None, *, fmt: str = "trl",
                        include_thumbs: bool = True) -> Export:
-    """Preference data: `fmt="trl"` gives one prompt/chosen/rejected row per pair, in the
-    order the feedback arrived; `fmt="groups"` one row per context for K-wise RM batches."""
+    """Clean preference data: `fmt="trl"` gives one prompt/chosen/rejected row per pair, in the
+    order the deciding votes arrived; `fmt="groups"` one row per context for K-wise RM batches.
+    `Export.dropped` counts the votes left out, by reason (see `_clean_votes`)."""
     if fmt not in ("trl", "groups"):
         raise InvalidInputError(f"preferences export as 'trl' or 'groups', not {fmt!r}.")
     snapshot = _snapshot(store, snapshot)
+    kept, dropped = _clean_pairs(store, snapshot, include_thumbs)
     if fmt == "groups":
-        groups, _ = export_preference_groups(store, snapshot, include_thumbs=include_thumbs)
-        return Export([{**asdict(g), "pairs": [list(p) for p in g.pairs]} for g in groups], snapshot)
-    pairs = _ordered_pairs(store, snapshot, include_thumbs)
-    texts = _message_texts(store, [m for p in pairs for m in p[2:4]])
+        rows = [{**asdict(g), "pairs": [list(p) for p in g.pairs]} for g in _groups(store, kept)]
+        return Export(rows, snapshot, dropped)
     contexts: dict[int, Context] = {}
     rows = []
-    for _, context_id, win, lose, _source in pairs:
-        ctx = contexts.get(context_id) or contexts.setdefault(context_id, store.context(context_id))
+    for v in kept:
+        ctx = contexts.get(v.context_id) or contexts.setdefault(v.context_id, store.context(v.context_id))
         rows.append(
             {
                 "prompt": prompt_value(ctx),
-                "chosen": _completion_value(ctx, texts[win]),
-                "rejected": _completion_value(ctx, texts[lose]),
+                "chosen": _completion_value(ctx, v.winner.text),
+                "rejected": _completion_value(ctx, v.loser.text),
             }
         )
-    return Export(rows, snapshot)
+    return Export(rows, snapshot, dropped)
+
+
+def export_thumbs(store: FeedbackStore, snapshot: int | None = None) -> Export:
+    """Unpaired 👍/👎 as TRL's unpaired preference (KTO) rows: one per rated reply,
+    `{"prompt", "completion", "label"}` with the same prompt and completion forms as the
+    preference export, ordered by each reply's last rating.
+
+    Each user's latest rating of a reply counts (earlier ones: superseded_by_same_user;
+    a latest 0: cleared); the label is the sign of their sum, the net vote (users against it:
+    outvoted; users beside the first for it: duplicate_vote; a net 0: tied_across_users).
+    Failed or stopped and empty replies are left out. Every rating lands in a row or in
+    `dropped`.
+    """
+    snapshot = _snapshot(store, snapshot)
+    dropped: Counter[str] = Counter()
+    n_ratings = store.db.execute("SELECT COUNT(*) FROM ratings WHERE event_id <= ?", [snapshot]).fetchone()[0]
+    latest = _latest_ratings(store, snapshot)
+    dropped["superseded_by_same_user"] = n_ratings - len(latest)
+    per_reply: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for r in latest:
+        if r["value"] == 0:
+            dropped["cleared"] += 1
+        else:
+            per_reply[r["message_id"]].append(r)
+    replies = _replies(store, per_reply)
+    kept: list[tuple[int, int, bool]] = []  # (last rating event, message id, label)
+    for message_id, ratings in per_reply.items():
+        reply = replies[message_id]
+        net = sum(r["value"] for r in ratings)
+        if reply.failed or not reply.text.strip() or net == 0:
+            reason = ("failed_or_stopped_reply" if reply.failed else "empty_text" if not reply.text.strip()
+                      else "tied_across_users")
+            dropped[reason] += len(ratings)
+            continue
+        agree = sum(1 for r in ratings if (r["value"] > 0) == (net > 0))
+        dropped["duplicate_vote"] += agree - 1
+        dropped["outvoted"] += len(ratings) - agree
+        kept.append((max(r["event_id"] for r in ratings), message_id, net > 0))
+    kept.sort()
+    contexts: dict[int, Context] = {}
+    rows = []
+    for _, message_id, label in kept:
+        context_id = per_reply[message_id][0]["context_id"]
+        ctx = contexts.get(context_id) or contexts.setdefault(context_id, store.context(context_id))
+        rows.append({"prompt": prompt_value(ctx), "completion": _completion_value(ctx, replies[message_id].text),
+                     "label": label})
+    return Export(rows, snapshot, _counted(dropped))
 
 
 def export_sft(store: FeedbackStore, snapshot: int | None = None, *, include_thumbs_up: bool = False) -> Export:
-    """Demonstrations (and optionally replies with net thumbs up) as SFT examples."""
+    """Demonstrations (and optionally replies with net thumbs up) as SFT examples, oldest first.
+
+    A liked reply counts by the sum of its users' latest ratings; failed or stopped and empty
+    replies are left out (counted in `dropped`).
+    """
     snapshot = _snapshot(store, snapshot)
     items: list[tuple[int, int, str]] = [
         (r["event_id"], r["context_id"], r["content"])
@@ -190,20 +383,31 @@ def export_sft(store: FeedbackStore, snapshot: int | None = None, *, include_thu
             [snapshot],
         )
     ]
+    dropped: Counter[str] = Counter()
     if include_thumbs_up:
-        liked = [(ev, ctx, mid) for mid, (score, ctx, ev) in _reply_scores(store, snapshot).items() if score > 0]
-        texts = _message_texts(store, [m for *_, m in liked])
-        items += [(ev, ctx, texts[mid]) for ev, ctx, mid in liked]
+        net: dict[int, tuple[int, int, int]] = {}  # message id -> (net score, context id, last rating event)
+        for r in _latest_ratings(store, snapshot):
+            score, _, event = net.get(r["message_id"], (0, 0, 0))
+            net[r["message_id"]] = (score + r["value"], r["context_id"], max(event, r["event_id"]))
+        liked = {m: (ctx, event) for m, (score, ctx, event) in net.items() if score > 0}
+        for message_id, reply in _replies(store, liked).items():
+            if reply.failed:
+                dropped["failed_or_stopped_reply"] += 1
+            elif not reply.text.strip():
+                dropped["empty_text"] += 1
+            else:
+                context_id, event = liked[message_id]
+                items.append((event, context_id, reply.text))
         items.sort(key=lambda item: item[0])
     rows = []
-    for _, context_id, reply in items:
+    for _, context_id, reply_text in items:
         ctx = store.context(context_id)
         prompt = prompt_value(ctx)
         if isinstance(prompt, str):
-            rows.append({"prompt": prompt, "completion": reply})
+            rows.append({"prompt": prompt, "completion": reply_text})
         else:
-            rows.append({"messages": prompt + [{"role": "assistant", "content": reply}]})
-    return Export(rows, snapshot)
+            rows.append({"messages": prompt + [{"role": "assistant", "content": reply_text}]})
+    return Export(rows, snapshot, _counted(dropped))
 
 
 def export_ppo_prompts(store: FeedbackStore, snapshot: int | None = None) -> Export:
@@ -224,14 +428,18 @@ def export_ppo_prompts(store: FeedbackStore, snapshot: int | None = None) -> Exp
 
 def export(store: FeedbackStore, kind: ExportKind, snapshot: int | None = None, *, fmt: str = "trl",
            include_thumbs: bool = True) -> Export:
-    """One entry point for the CLI: `kind` is sft, preferences or prompts."""
+    """One entry point for the CLI: `kind` is sft, preferences, thumbs or prompts."""
     if kind == "sft":
         return export_sft(store, snapshot, include_thumbs_up=include_thumbs)
     if kind == "preferences":
         return export_preferences(store, snapshot, fmt=fmt, include_thumbs=include_thumbs)
+    if kind == "thumbs":
+        if fmt != "trl":
+            raise InvalidInputError(f"the thumbs export has one format, 'trl' (KTO rows), not {fmt!r}.")
+        return export_thumbs(store, snapshot)
     if kind == "prompts":
         return export_ppo_prompts(store, snapshot)
-    raise InvalidInputError(f"export kind must be sft, preferences or prompts, not {kind!r}.")
+    raise InvalidInputError(f"export kind must be sft, preferences, thumbs or prompts, not {kind!r}.")
 
 
 def write_jsonl(rows: Iterable[dict[str, Any]], path: str | Path) -> int:

@@ -2,8 +2,9 @@
 
 The same formats the exports write come back in: preferences (`prompt`/`chosen`/
 `rejected`, strings or conversational lists), SFT (`messages`, or `prompt`/`completion`)
-and prompts (`prompt`). Every row is validated before anything is written, and the whole
-file lands in one transaction. Client ids derived from the content make a repeated
+and prompts (`prompt`). Every row is validated before anything is written (a preference
+row the export would never produce, with an empty `chosen` or `rejected` or the same text
+in both, is refused with its row number), and the whole file lands in one transaction. Client ids derived from the content make a repeated
 import of the same file a no-op.
 """
 
@@ -67,7 +68,8 @@ def _turns(value: Any, where: str, *, max_chars: int) -> tuple[str | None, list[
     for i, m in enumerate(value):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or "content" not in m:
             raise InvalidInputError(f"{where}: message {i} needs a role (system/user/assistant) and content.")
-        content = clean_text(m["content"], field=f"{where} message {i}", max_chars=max_chars, allow_empty=True)
+        content = clean_text(m["content"], field=f"{where} message {i}", max_chars=max_chars,
+                             allow_empty=m["role"] != "user")
         if m["role"] == "system":
             if i != 0:
                 raise InvalidInputError(f"{where}: a system message may only come first.")
@@ -148,8 +150,15 @@ def _parsed(rows: Iterable[dict[str, Any]], kind: str, max_chars: int) -> list[t
             system, turns, fmt = _turns(row["prompt"], where, max_chars=max_chars)
             chosen = _completion(row.get("chosen"), where, "chosen", fmt, max_chars=max_chars)
             rejected = _completion(row.get("rejected"), where, "rejected", fmt, max_chars=max_chars)
-            if chosen == rejected:
-                raise InvalidInputError(f"{where}: chosen and rejected are the same text; drop the row.")
+            # Refuse what the preference export never produces (see exports._clean_votes).
+            for name, text in (("chosen", chosen), ("rejected", rejected)):
+                if not text.strip():
+                    raise InvalidInputError(f"{where}: '{name}' is empty; a pair needs two replies, drop the row.")
+            if chosen.strip() == rejected.strip():
+                raise InvalidInputError(
+                    f"{where}: chosen and rejected are the same text (ignoring whitespace), so the row says "
+                    "nothing; drop the row."
+                )
             parsed.append((row_key, system, turns, fmt, chosen, rejected))
         elif kind == "sft":
             if "messages" in row:

@@ -28,6 +28,12 @@ Choice = Literal["A", "B", "tie", "both_bad"]
 CHOICES: tuple[str, ...] = ("A", "B", "tie", "both_bad")
 MIN_RANKED, MAX_RANKED = 2, 9
 
+# A reply the engine failed on ("error") or the user stopped ("abort") is not what the model
+# would have said: it cannot be rated, compared or ranked, and exports skip feedback on it
+# stored before this rule. A reply cut off at max_tokens ("length") is what the model said
+# under the serving budget, so it stays votable (exports treat it like any other reply).
+UNVOTABLE_FINISH_REASONS: tuple[str, ...] = ("error", "abort")
+
 
 @dataclass
 class Context:
@@ -339,11 +345,27 @@ class FeedbackStore:
         self._owned_conversation(db, msg["conversation_id"], user_id)
         return msg
 
+    def _votable_reply(self, db: sqlite_utils.Database, message_id: int, user_id: str) -> dict:
+        """The user's reply, if it may be voted on: not failed, not stopped (UNVOTABLE_FINISH_REASONS)."""
+        msg = self._owned_reply(db, message_id, user_id)
+        if msg["finish_reason"] == "error":
+            raise InvalidInputError(
+                f"reply {message_id} failed (the model could not answer), so it cannot be rated, compared or "
+                "ranked; regenerate it and vote on the new reply."
+            )
+        if msg["finish_reason"] == "abort":
+            raise InvalidInputError(
+                f"reply {message_id} was stopped before it finished, so it cannot be rated, compared or ranked; "
+                "regenerate it and vote on the complete reply."
+            )
+        return msg
+
     def record_rating(self, user_id: str, message_id: int, value: int, *, reasons: list[str] | None = None,
                       comment: str | None = None, client_id: str | None = None) -> int:
         """Thumbs up (+1), down (-1) or cleared (0) on a reply, with optional reason tags and comment.
 
         A user's latest rating of a reply is the one that counts; earlier ones stay as history.
+        A failed or stopped reply cannot be rated (see UNVOTABLE_FINISH_REASONS).
         """
         client_id = clean_client_id(client_id)
         if value not in (-1, 0, 1) or isinstance(value, bool):
@@ -354,7 +376,7 @@ class FeedbackStore:
         with self.transaction() as db:
             if (existing := self._already(db, "ratings", client_id)) is not None:
                 return existing
-            self._owned_reply(db, message_id, user_id)
+            self._votable_reply(db, message_id, user_id)
             return db["ratings"].insert(
                 {
                     "message_id": message_id,
@@ -369,8 +391,8 @@ class FeedbackStore:
             ).last_pk
 
     def _sibling_replies(self, db: sqlite_utils.Database, user_id: str, message_ids: list[int]) -> int:
-        """Check that the replies exist, are the user's, and answer the same context; return it."""
-        contexts = {self._owned_reply(db, m, user_id)["parent_id"] for m in message_ids}
+        """Check that the replies exist, are the user's, may be voted on and answer the same context; return it."""
+        contexts = {self._votable_reply(db, m, user_id)["parent_id"] for m in message_ids}
         if len(contexts) != 1:
             raise InvalidInputError(
                 f"replies {message_ids} answer different contexts; compare or rank only replies to the same message."
@@ -379,7 +401,10 @@ class FeedbackStore:
 
     def record_comparison(self, user_id: str, message_a: int, message_b: int, choice: Choice, *,
                           client_id: str | None = None) -> int:
-        """A pairwise vote between two replies to the same context: 'A', 'B', 'tie' or 'both_bad'."""
+        """A pairwise vote between two replies to the same context: 'A', 'B', 'tie' or 'both_bad'.
+
+        Neither reply may have failed or been stopped (see UNVOTABLE_FINISH_REASONS).
+        """
         client_id = clean_client_id(client_id)
         if choice not in CHOICES:
             raise InvalidInputError(f"choice must be one of {', '.join(CHOICES)}, not {choice!r}.")
@@ -403,7 +428,10 @@ class FeedbackStore:
             ).last_pk
 
     def record_ranking(self, user_id: str, ranked_message_ids: list[int], *, client_id: str | None = None) -> int:
-        """K replies to one context ordered best first (K = 2..9), stored as one ranking."""
+        """K replies to one context ordered best first (K = 2..9), stored as one ranking.
+
+        No ranked reply may have failed or been stopped (see UNVOTABLE_FINISH_REASONS).
+        """
         client_id = clean_client_id(client_id)
         ids = list(ranked_message_ids)
         if not MIN_RANKED <= len(ids) <= MAX_RANKED:
@@ -431,7 +459,13 @@ class FeedbackStore:
 
     def record_demonstration(self, user_id: str, context_id: int, content: str, *,
                              replaces_message_id: int | None = None, client_id: str | None = None) -> int:
-        """A user-written ideal reply to user message `context_id` (optionally improving a model reply)."""
+        """A user-written ideal reply to user message `context_id`.
+
+        `replaces_message_id` names the model reply (to the same message) it improves on; the
+        preference export then pairs the demonstration (chosen) with that reply (rejected). A
+        failed or stopped reply may be replaced (that is when a better reply helps most); the
+        demonstration still trains SFT, while the pair is skipped by the export.
+        """
         client_id = clean_client_id(client_id)
         content = self._text(content, "demonstration")
         with self.transaction() as db:

@@ -53,7 +53,7 @@ def test_errors_are_clear_and_exit_nonzero(tmp_path):
     result = runner.invoke(app, ["import", "--kind", "preferences", str(bad), "--db", str(db)])
     assert result.exit_code == 1 and "no 'prompt'" in result.output
     result = runner.invoke(app, ["export", "--kind", "nonsense", "--db", str(db)])
-    assert result.exit_code == 1 and "sft, preferences or prompts" in result.output
+    assert result.exit_code == 1 and "sft, preferences, thumbs or prompts" in result.output
 
 
 def test_every_command_has_help_with_an_example():

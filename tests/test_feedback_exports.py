@@ -100,7 +100,10 @@ def test_snapshot_makes_exports_reproducible(store):
     q2 = store.add_user_message(conv, u, "Later question", parent_id=a)
     assert (export_preferences(store, snap).rows, export_sft(store, snap).rows,
             export_ppo_prompts(store, snap).rows) == first
-    assert len(export_preferences(store).rows) == 2
+    # the user changed their vote: the latest one counts
+    later = export_preferences(store)
+    assert [(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in later.rows] == [("b", "a")]
+    assert later.dropped == {"superseded_by_same_user": 1}
     assert export_preferences(store, snap).snapshot == snap
     with pytest.raises(InvalidInputError, match="out of range"):
         export_sft(store, store.snapshot() + 10)
@@ -141,9 +144,11 @@ TEXT_ROWS = [
     {"prompt": "\n\nHuman: How do I bake bread?\n\nAssistant:", "chosen": " Mix flour, water, yeast.", "rejected": " No."},
     {"prompt": "\n\nHuman: Say hi", "chosen": " Hi!", "rejected": " Go away."},
     {"prompt": "\n\nHuman: How do I bake bread?\n\nAssistant:", "chosen": " Knead, rise, bake.", "rejected": " No."},
-    {"prompt": "\n\nHuman: Say hi", "chosen": " Hi!", "rejected": " Go away."},  # a repeated vote is kept
-    {"prompt": "Unicode ✓ — ünïcödé 😀", "chosen": "Yes ✓", "rejected": ""},
+    {"prompt": "\n\nHuman: Say hi", "chosen": " Hi!", "rejected": " Go away."},  # a repeated vote counts once
+    {"prompt": "Unicode ✓ — ünïcödé 😀", "chosen": "Yes ✓", "rejected": "Nein ✗"},
 ]
+# Exported in the order of the deciding votes: the repeated row 4 supersedes row 2.
+TEXT_EXPORT = [TEXT_ROWS[0], TEXT_ROWS[2], TEXT_ROWS[3], TEXT_ROWS[4]]
 
 
 def test_import_then_export_round_trips_trl_text_rows(store, tmp_path):
@@ -151,7 +156,8 @@ def test_import_then_export_round_trips_trl_text_rows(store, tmp_path):
     write_jsonl(TEXT_ROWS, src)
     result = import_jsonl(store, src, "preferences")
     assert result.rows == 5
-    assert export_preferences(store).rows == TEXT_ROWS
+    exported = export_preferences(store)
+    assert exported.rows == TEXT_EXPORT and exported.dropped == {"superseded_by_same_user": 1}
     # the same prompt became one context: its replies form one group
     groups, _ = export_preference_groups(store)
     bread = next(g for g in groups if "bread" in g.prompt)
@@ -159,7 +165,7 @@ def test_import_then_export_round_trips_trl_text_rows(store, tmp_path):
     # re-importing the same file adds nothing
     again = import_jsonl(store, src, "preferences")
     assert again.new_records == 0
-    assert export_preferences(store).rows == TEXT_ROWS
+    assert export_preferences(store).rows == TEXT_EXPORT
     # imported replies are tied to an external model version
     version = ModelRegistry(store).get("external:prefs")
     assert version.kind == "external"
@@ -199,7 +205,14 @@ def test_sft_and_prompt_imports_round_trip(store):
         ({"prompt": [{"role": "assistant", "content": "p"}], "chosen": [{"role": "assistant", "content": "a"}],
           "rejected": [{"role": "assistant", "content": "b"}]}, "alternate"),
         ({"prompt": "", "chosen": "a", "rejected": "b"}, "empty"),
-        ({"prompt": "p", "chosen": "same", "rejected": "same"}, "same text"),
+        ({"prompt": "p", "chosen": "same", "rejected": "same"}, "row 2: chosen and rejected are the same text"),
+        ({"prompt": "p", "chosen": " same\n", "rejected": "same"}, "row 2: chosen and rejected are the same text"),
+        ({"prompt": "p", "chosen": "", "rejected": "b"}, "row 2: 'chosen' is empty"),
+        ({"prompt": "p", "chosen": "a", "rejected": " \n\t"}, "row 2: 'rejected' is empty"),
+        ({"prompt": [{"role": "user", "content": "p"}], "chosen": [{"role": "assistant", "content": "  "}],
+          "rejected": [{"role": "assistant", "content": "b"}]}, "row 2: 'chosen' is empty"),
+        ({"prompt": [{"role": "user", "content": " "}], "chosen": [{"role": "assistant", "content": "a"}],
+          "rejected": [{"role": "assistant", "content": "b"}]}, "row 2 message 0 is empty"),
     ],
 )
 def test_a_bad_row_aborts_the_whole_import(store, bad_row, match):
