@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .sequential_testing import Vote
 from .store import FeedbackStore
 
 
@@ -37,26 +38,41 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def win_rate(store: FeedbackStore, candidate_id: int, baseline_id: int) -> WinRate:
-    """How often replies of `candidate_id` beat replies of `baseline_id` when compared head to head."""
-    names = {r["id"]: r["name"] for r in store.db.query(
-        "SELECT id, name FROM model_versions WHERE id IN (?, ?)", [candidate_id, baseline_id])}
-    counts = {"win": 0, "loss": 0, "tie": 0, "both_bad": 0}
+def head_to_head_votes(store: FeedbackStore, candidate_id: int, baseline_id: int) -> list[Vote]:
+    """Every Compare vote between a reply of `candidate_id` and one of `baseline_id`, oldest first,
+    as seen from the candidate's side ('win', 'loss', 'tie', 'both_bad')."""
+    votes = []
     for r in store.db.query(
         """
-        SELECT c.choice, ma.model_version_id AS va, mb.model_version_id AS vb
+        SELECT c.user_id, c.choice, c.message_a, c.message_b, ma.model_version_id AS va,
+               ma.content AS text_a, mb.content AS text_b
         FROM comparisons c
         JOIN messages ma ON ma.id = c.message_a JOIN messages mb ON mb.id = c.message_b
         WHERE (ma.model_version_id = :c AND mb.model_version_id = :b)
            OR (ma.model_version_id = :b AND mb.model_version_id = :c)
+        ORDER BY c.id
         """,
         {"c": candidate_id, "b": baseline_id},
     ):
         if r["choice"] in ("tie", "both_bad"):
-            counts["tie" if r["choice"] == "tie" else "both_bad"] += 1
+            outcome = r["choice"]
         else:
-            winner = r["va"] if r["choice"] == "A" else r["vb"]
-            counts["win" if winner == candidate_id else "loss"] += 1
+            candidate_on_a = r["va"] == candidate_id
+            outcome = "win" if (r["choice"] == "A") == candidate_on_a else "loss"
+        votes.append(Vote(voter=r["user_id"], outcome=outcome,
+                          identical_texts=r["text_a"].strip() == r["text_b"].strip(),
+                          pair=(min(r["message_a"], r["message_b"]), max(r["message_a"], r["message_b"]))))
+    return votes
+
+
+def win_rate(store: FeedbackStore, candidate_id: int, baseline_id: int) -> WinRate:
+    """How often replies of `candidate_id` beat replies of `baseline_id` when compared head to head
+    (every vote counts here; the promotion test's counting rules are in sequential_testing.py)."""
+    names = {r["id"]: r["name"] for r in store.db.query(
+        "SELECT id, name FROM model_versions WHERE id IN (?, ?)", [candidate_id, baseline_id])}
+    counts = {"win": 0, "loss": 0, "tie": 0, "both_bad": 0}
+    for vote in head_to_head_votes(store, candidate_id, baseline_id):
+        counts[vote.outcome] += 1
     n = counts["win"] + counts["loss"]
     low, high = wilson_interval(counts["win"], n) if n else (None, None)
     return WinRate(names.get(candidate_id, str(candidate_id)), names.get(baseline_id, str(baseline_id)),

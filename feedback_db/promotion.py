@@ -1,35 +1,66 @@
-"""Automatic promotion of a candidate that users prefer, by the numbers.
+"""Automatic promotion of a candidate that users prefer, by a sequential test that may be checked often.
 
-A candidate is promoted when its round's gates passed (metric `gates_passed`) and, after at
-least `min_votes` decisive Compare votes against the live version, the 95% Wilson lower
-bound of its win rate is above 50%. Safe to call often, from the server or from cron.
+A policy candidate goes live when its round's gates passed (metric ``gates_passed``) and its
+Compare votes against the live version pass the always-valid test of ``sequential_testing.py``
+(a one-sided mixture likelihood ratio reaching 1/alpha, with at least ``min_voters`` voters and
+each voter's weight capped). Calling it after every vote, from the server or from cron, keeps the
+chance of promoting a candidate no better than live at most alpha.
 """
 
 from __future__ import annotations
 
-from .analytics import win_rate
+from dataclasses import replace
+
+from .analytics import head_to_head_votes
 from .errors import RegistryError
-from .registry import ModelRegistry
+from .registry import ModelRegistry, ModelVersion
+from .sequential_testing import PromotionEvidence, PromotionPolicy, promotion_decision, tally_votes
 from .store import FeedbackStore
 
 
-def auto_promote_candidate(store: FeedbackStore, base_model: str, min_votes: int = 30) -> str | None:
-    """Promote the newest gated policy candidate on `base_model` if users prefer it; return its name."""
+def promotion_evidence(store: FeedbackStore, candidate_id: int, live_id: int,
+                       policy: PromotionPolicy | None = None) -> PromotionEvidence:
+    """Where the test of `candidate_id` against `live_id` stands now (reads only; promotes nothing)."""
+    policy = policy or PromotionPolicy()
+    return promotion_decision(tally_votes(head_to_head_votes(store, candidate_id, live_id), policy), policy)
+
+
+def promotion_candidate(store: FeedbackStore, base_model: str) -> tuple[ModelVersion, ModelVersion] | None:
+    """(newest policy candidate on `base_model`, live policy), or None when either is missing."""
     registry = ModelRegistry(store)
     live = registry.live("policy")
-    if live is None:
-        return None
     candidates = [c for c in registry.candidates("policy") if c.base_model in (None, base_model)]
-    if not candidates or not candidates[0].metrics.get("gates_passed"):
+    if live is None or not candidates:
         return None
-    candidate = candidates[0]
-    wr = win_rate(store, candidate.id, live.id)
-    if wr.decisive < min_votes or wr.ci_low is None or wr.ci_low <= 0.5:
+    return candidates[0], live
+
+
+def auto_promote_candidate(store: FeedbackStore, base_model: str, min_votes: int | None = None, *,
+                           policy: PromotionPolicy | None = None) -> str | None:
+    """Promote the newest gated policy candidate on `base_model` if the test says users prefer it
+    to live; return its name, else None. Records the evidence in its metrics (``auto_promoted``).
+
+    `min_votes`, when given, overrides ``policy.min_votes`` (the call of earlier versions).
+    """
+    policy = policy or PromotionPolicy()
+    if min_votes is not None:
+        policy = replace(policy, min_votes=min_votes)
+    pair = promotion_candidate(store, base_model)
+    if pair is None:
         return None
+    candidate, live = pair
+    if candidate.metrics.get("gates_passed") is not True:
+        return None
+    evidence = promotion_evidence(store, candidate.id, live.id, policy)
+    if not evidence.promote:
+        return None
+    registry = ModelRegistry(store)
     try:
         registry.promote(candidate.id, actor="auto-promote")
     except RegistryError:
         return None  # promoted (or retired) by someone else meanwhile
-    registry.update_metrics(candidate.id, {"auto_promoted": {"wins": wr.wins, "losses": wr.losses,
-                                                             "ci_low": wr.ci_low, "ci_high": wr.ci_high}})
+    registry.update_metrics(candidate.id, {"auto_promoted": {
+        **evidence.as_dict(), "against": live.name, "alpha": policy.alpha, "min_voters": policy.min_voters,
+        "max_votes_per_voter": policy.max_votes_per_voter, "min_votes": policy.min_votes,
+        "prior_concentration": policy.prior_concentration}})
     return candidate.name
