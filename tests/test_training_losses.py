@@ -132,3 +132,22 @@ def test_ppo_ptx_loss_combines_terms() -> None:
     t = torch.tensor
     assert close(L.ppo_ptx_loss(t(1.0), t(2.0), t(3.0), t(4.0), vf_coef=0.5, entropy_coef=0.1, ptx_coef=2.0),
                  1 + 1 - 0.3 + 8)
+
+
+def test_adaptive_beta_moves_toward_the_target_within_one_default_run() -> None:
+    """The default horizon is on the scale of the run: β really adapts within it (Ziegler's 10,000
+    rollouts against a run of a few hundred left β fixed)."""
+    from training.config import PPOConfig
+
+    for cfg in (PPOConfig(), PPOConfig(iterations=10, rollout_batch=16)):  # the default run, and a round-sized one
+        high = L.AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon_rollouts())
+        low = L.AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon_rollouts())
+        for _ in range(cfg.iterations):
+            high.update(2 * cfg.target_kl, cfg.rollout_batch)  # KL far above target: β must grow
+            low.update(0.0, cfg.rollout_batch)  # far below: β must shrink
+        assert high.value > 2.0 * cfg.init_kl_coef and low.value < 0.5 * cfg.init_kl_coef
+    old = L.AdaptiveKLController(0.05, 6.0, horizon=10000)  # the former default, over a 160-rollout round
+    for _ in range(10):
+        old.update(12.0, 16)
+    assert old.value < 1.04 * 0.05
+    assert PPOConfig(iterations=2, rollout_batch=16).kl_horizon_rollouts() == 16  # never under one batch

@@ -95,7 +95,7 @@ def test_rollout_batch_masks_everything_after_the_first_stop() -> None:
 def ppo_config(model: Path, data: dict[str, Path], out: Path, ptx_coef: float) -> PPOConfig:
     return PPOConfig(base_model=str(model), prompts=str(data["prompts"]), sft_data=str(data["sft"]),
                      output_dir=str(out), iterations=16, rollout_batch=32, minibatch=16, ppo_epochs=2, lr=2e-3,
-                     max_new_tokens=6, init_kl_coef=0.1, target_kl=2.0, kl_horizon=500, ptx_coef=ptx_coef,
+                     max_new_tokens=6, init_kl_coef=0.1, target_kl=2.0, ptx_coef=ptx_coef,
                      progress=False, lora=LoraSettings(r=8, alpha=16))
 
 
@@ -114,10 +114,39 @@ def test_ppo_raises_the_reward_with_bounded_kl_and_ptx_keeps_pretraining_loss(
         assert key in log[0]
     assert (plain.adapter_dir / "tensorboard").is_dir()
     assert plain.memory["ratio"] < 0.5
+    assert log[0]["policy/grad_norm"] > 0 and log[0]["value/grad_norm"] > 0
+    # The default horizon is a quarter of the run: β follows the KL within it (KL below target: β falls).
+    assert log[-1]["kl/beta"] < 0.9 * log[0]["kl/beta"], [round(r["kl/beta"], 4) for r in log]
 
     with_ptx = train_ppo(ppo_config(steerable_model, data, tmp_path / "ppo-ptx", ptx_coef=1.0), reward_fn=reward)
+    # The gate's documents are held out of the ptx term: both sets are reported, and ptx helps on both.
+    assert with_ptx.ptx_train_nll_after <= with_ptx.ptx_train_nll_before
     assert with_ptx.ptx_nll_after <= with_ptx.ptx_nll_before
     assert with_ptx.ptx_nll_after < plain.ptx_nll_after - 0.5
+    final = read_metrics(with_ptx.metrics_path)[-1]
+    assert final["ptx/held_out_docs"] == len(DEMOS) // 2 and final["ptx/train_docs"] == len(DEMOS) - len(DEMOS) // 2
+
+
+def test_ptx_documents_held_out_for_the_gate_are_never_trained_on() -> None:
+    from training.ppo import split_ptx_documents
+
+    docs = [f"document {i}" for i in range(10)] + ["document 3"]  # a duplicate must not land on both sides
+    train, held = split_ptx_documents(docs, eval_docs=4, seed=0)
+    assert len(held) == 4 and len(train) == 6 and not set(train) & set(held)
+    assert set(train) | set(held) == set(docs)
+    assert split_ptx_documents(docs, eval_docs=16, seed=0)[1].__len__() == 5  # at most half is held out
+    assert split_ptx_documents(docs, 4, seed=0) == (train, held)  # the seed fixes the split
+
+
+def test_actor_and_critic_gradients_are_clipped_separately() -> None:
+    from training.ppo import clip_actor_critic
+
+    policy, value = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    policy.grad, value.grad = torch.tensor([0.3, 0.4]), torch.tensor([300.0, 400.0])
+    norms = clip_actor_critic([policy], [value], max_norm=1.0)
+    assert [round(float(n), 3) for n in norms] == [0.5, 500.0]
+    assert torch.allclose(policy.grad, torch.tensor([0.3, 0.4]))  # a huge value gradient leaves the policy's alone
+    assert torch.allclose(value.grad, torch.tensor([0.6, 0.8]))
 
 
 @pytest.fixture(scope="module")

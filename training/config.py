@@ -184,18 +184,23 @@ class PPOConfig(BaseSettings):
     init_kl_coef: float = _f(0.05, "Initial beta, the per-token KL penalty.")
     adaptive_kl: bool = _f(True, "Adapt beta toward target_kl (Ziegler et al. 2019).")
     target_kl: float = _f(6.0, "Target KL(policy||reference) per reply, in nats, for the adaptive beta.")
-    kl_horizon: int = _f(10000, "Horizon (in rollouts) of the adaptive beta controller.")
+    kl_horizon: int = _f(0, "Horizon (in rollouts) of the adaptive beta controller; beta moves by at most 20% per horizon. 0: a quarter of this run's rollouts (iterations x rollout_batch / 4, at least one batch), so beta can move up to x2.2 within one run.")
     kl_estimator: Literal["k1", "k3"] = _f("k1", "Per-token KL estimator in the reward: k1 = log ratio, k3 = Schulman's.")
     approx_kl_stop: float = _f(0.1, "Stop this batch's PPO epochs early once approx-KL(old||new) exceeds this (0: never).")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
-    missing_eos_penalty: float = _f(0.0, "Subtracted from the score of replies cut off without EOS (0: none).")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm, applied separately to the policy's and the value's gradients.")
+    weight_decay: float = _f(0.0, "AdamW weight decay on the policy and value LoRA weights and the value head (0: none, the usual for LoRA; torch's AdamW default would be 0.01).")
+    missing_eos_penalty: float = _f(1.0, "Subtracted from the score of replies cut off without a stop token (0: none; TRL's PPO examples use 1.0).")
     whiten_rewards: bool = _f(False, "Whiten the per-token rewards before GAE.")
     ptx_coef: float = _f(1.0, "InstructGPT's gamma: weight of the pretraining NLL, a mean over tokens (nats/token), added to every PPO step's loss.")
     ptx_batch: int = _f(4, "Pretraining sequences per PPO step.")
     ptx_max_length: int = _f(256, "Longest pretraining sequence in tokens.")
-    ptx_eval_docs: int = _f(16, "Pretraining documents scored before and after training (the perplexity report).")
+    ptx_eval_docs: int = _f(16, "ptx documents held out of the ptx term and scored before and after training (the perplexity gate); at most half the corpus.")
     sampler: Literal["auto", "vllm", "hf"] = _f("auto", "Rollout engine: 'vllm' (chat-app engine, this iteration's adapter), 'hf' (generate on the training model); 'auto': vLLM on a GPU, else HF (on CPU vLLM would compete with training for the cores).")
     save_every: int = _f(0, "Save the policy adapter every N iterations into a new folder (0: only at the end).")
+
+    def kl_horizon_rollouts(self) -> int:
+        """The adaptive-β horizon in rollouts: ``kl_horizon``, else a quarter of this run's rollouts (at least one batch)."""
+        return self.kl_horizon or max(self.rollout_batch, self.iterations * self.rollout_batch // 4)
 
     def token_budget(self) -> TokenBudget:
         """PPO's reply budget is ``max_new_tokens``; prompts get ``max_length - max_new_tokens`` (or ``max_prompt_tokens``)."""

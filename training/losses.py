@@ -180,7 +180,10 @@ class AdaptiveKLController:
     """Ziegler et al. 2019, eq. 2.2: β ← β · (1 + K_β · e_t), e_t = clip(KL_t / KL_target − 1, −0.2, 0.2).
 
     ``K_β = n_steps / horizon`` (rollouts in this update over the horizon), so β moves by
-    at most 20 % per horizon when the KL is far from its target.
+    at most 20 % per horizon when the KL is far from its target: over R rollouts, by at most
+    a factor exp(±0.2 · R / horizon). The horizon must therefore be on the scale of a run
+    (``PPOConfig.kl_horizon_rollouts``): Ziegler's 10,000 rollouts against a round's ~160
+    would leave β fixed.
     """
 
     def __init__(self, init_beta: float, target: float, horizon: int, adaptive: bool = True):

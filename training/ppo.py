@@ -130,8 +130,13 @@ class PolicyStack:
         use_adapter(self.model, "reward", TRAINABLE)
         return sequence_rewards(self.model, self.reward_head, batch.input_ids, batch.attention_mask) - self.reward_shift
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return adapter_parameters(self.model, "policy") + adapter_parameters(self.model, "value") + list(self.value_head.parameters())
+    def policy_parameters(self) -> list[nn.Parameter]:
+        """The actor's trainable weights: the policy adapter."""
+        return adapter_parameters(self.model, "policy")
+
+    def value_parameters(self) -> list[nn.Parameter]:
+        """The critic's trainable weights: the value adapter and its head."""
+        return adapter_parameters(self.model, "value") + list(self.value_head.parameters())
 
 
 def build_stack(cfg: PPOConfig, with_reward_adapter: bool) -> PolicyStack:
@@ -232,14 +237,43 @@ def pretraining_nll(model: nn.Module, examples: list[Example], pad_id: int, devi
     return total / max(tokens, 1)
 
 
-def load_ptx_examples(cfg: PPOConfig, tokenizer: Any) -> list[Example]:
-    """The ptx corpus: ``pretrain_data``, else the SFT demonstrations; every token after the first is a target."""
+@dataclass
+class PtxCorpus:
+    """The ptx corpus split in two disjoint sets of documents: ``train`` feeds the ptx term,
+    ``held_out`` measures the pretraining perplexity the term never trained on (the gate)."""
+
+    train: list[Example]
+    held_out: list[Example]
+
+
+def split_ptx_documents(texts: list[str], eval_docs: int, seed: int) -> tuple[list[str], list[str]]:
+    """(training documents, held-out documents): distinct texts shuffled with ``seed``; at most
+    ``eval_docs`` and at most half of them are held out, so the ptx term keeps the larger part."""
+    unique = list(dict.fromkeys(t for t in texts if t.strip()))
+    random.Random(seed).shuffle(unique)
+    n_eval = min(eval_docs, len(unique) // 2)
+    return unique[n_eval:], unique[:n_eval]
+
+
+def load_ptx_corpus(cfg: PPOConfig, tokenizer: Any) -> PtxCorpus:
+    """The ptx corpus (``pretrain_data``, else the SFT demonstrations) as training and held-out
+    documents; every token after the first is a target."""
     path = cfg.pretrain_data or cfg.sft_data
     if not path:
         if cfg.ptx_coef > 0:
             raise ConfigError("ptx_coef > 0 needs a corpus: set pretrain_data (or sft_data), or set ptx_coef=0.")
-        return []
-    return [e for e in (encode_text(tokenizer, t, cfg.ptx_max_length) for t in pretraining_texts(path, tokenizer)) if len(e.input_ids) > 1]
+        return PtxCorpus([], [])
+    train, held_out = split_ptx_documents(pretraining_texts(path, tokenizer), cfg.ptx_eval_docs, cfg.seed)
+
+    def encode(texts: list[str]) -> list[Example]:
+        return [e for e in (encode_text(tokenizer, t, cfg.ptx_max_length) for t in texts) if len(e.input_ids) > 1]
+
+    corpus = PtxCorpus(encode(train), encode(held_out))
+    if cfg.ptx_coef > 0 and not corpus.train:
+        raise DataError(f"The ptx corpus {path} has no document to train on; add documents or set ptx_coef=0.")
+    if not corpus.held_out:
+        logger.warning("The ptx corpus %s has too few documents to hold any out: no ptx perplexity report.", path)
+    return corpus
 
 
 # --------------------------------------------------------------------------- #
@@ -257,8 +291,10 @@ class PPOResult:
     reward_first: float
     reward_last: float
     kl_last: float
-    ptx_nll_before: float
+    ptx_nll_before: float  # on held-out ptx documents (never trained on): the perplexity gate
     ptx_nll_after: float
+    ptx_train_nll_before: float  # on the documents the ptx term trains on (at most ptx_eval_docs of them)
+    ptx_train_nll_after: float
     memory: dict[str, float]
     seconds: float
     samples: list[dict[str, Any]]
@@ -315,18 +351,20 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> PPOResult:
     prompts = [to_messages(row["prompt"]) for row in read_rows(cfg.prompts)]
     # The one truncation rule: these ids go to the sampler and to every scorer, unchanged.
     encoded = [encode_prompt_fitted(tok, p, cfg.token_budget().generation_prompt) for p in prompts]
-    ptx_examples = load_ptx_examples(cfg, tok)
-    ptx_eval = ptx_examples[: cfg.ptx_eval_docs]
-    params = stack.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, eps=1e-5)
-    kl_ctl = L.AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon, cfg.adaptive_kl)
+    ptx = load_ptx_corpus(cfg, tok)
+    ptx_examples = ptx.train
+    ptx_seen = ptx.train[: cfg.ptx_eval_docs]
+    policy_params, value_params = stack.policy_parameters(), stack.value_parameters()
+    optimizer = torch.optim.AdamW(policy_params + value_params, lr=cfg.lr, eps=1e-5, weight_decay=cfg.weight_decay)
+    kl_ctl = L.AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon_rollouts(), cfg.adaptive_kl)
     sampler = make_sampler(cfg, stack)
     memory = memory_report(stack)
     log = MetricsLog(out, cfg.to_dict())
     (out / "memory.json").write_text(json.dumps(memory, indent=2) + "\n")
 
     use_adapter(stack.model, "policy", TRAINABLE)
-    ptx_before = pretraining_nll(stack.model, ptx_eval, pad, device, cfg.logits_chunk) if ptx_eval else float("nan")
+    ptx_before = ptx_nll(stack, ptx.held_out, cfg)
+    ptx_train_before = ptx_nll(stack, ptx_seen, cfg)
     order: list[int] = []
     reward_history: list[float] = []
     kl_last = 0.0
@@ -367,7 +405,8 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> PPOResult:
 
         # ---- 3. Update: PPO epochs over minibatches, each step with the ptx term ---------------------
         t0 = time.perf_counter()
-        stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "ptx", "entropy", "clipfrac", "approx_kl")}
+        stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "ptx", "entropy", "clipfrac", "approx_kl",
+                                                         "policy_grad_norm", "value_grad_norm")}
         for epoch in range(cfg.ppo_epochs):
             epoch_kl = []
             for mb in torch.from_numpy(rng.permutation(cfg.rollout_batch)).split(cfg.minibatch):
@@ -378,9 +417,9 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> PPOResult:
                 # backpropagated as soon as it is computed, and the activations of the ptx, value and
                 # policy passes are never held at the same time (peak memory), for the same step.
                 zero = torch.zeros((), device=device)
-                ptx_nll = ptx_step_loss(stack, ptx_examples, rng, cfg) if cfg.ptx_coef > 0 else zero
+                ptx_loss = ptx_step_loss(stack, ptx_examples, rng, cfg) if cfg.ptx_coef > 0 else zero
                 if cfg.ptx_coef > 0:
-                    L.ppo_ptx_loss(zero, zero, zero, ptx_nll, cfg.vf_coef, cfg.entropy_coef, cfg.ptx_coef).backward()
+                    L.ppo_ptx_loss(zero, zero, zero, ptx_loss, cfg.vf_coef, cfg.entropy_coef, cfg.ptx_coef).backward()
                 values = stack.values(ids[mb], mask[mb], ctx)
                 vf_loss = L.clipped_value_loss(values, old_values[mb], returns[mb], m, cfg.cliprange_value)
                 L.ppo_ptx_loss(zero, vf_loss, zero, zero, cfg.vf_coef, cfg.entropy_coef, cfg.ptx_coef).backward()
@@ -388,13 +427,14 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> PPOResult:
                 pg_loss, clipfrac = L.clipped_surrogate_loss(logprobs, old_logprobs[mb], advantages[mb], m, cfg.cliprange)
                 mean_entropy = L.masked_mean(entropy, m)
                 L.ppo_ptx_loss(pg_loss, zero, mean_entropy, zero, cfg.vf_coef, cfg.entropy_coef, cfg.ptx_coef).backward()
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                policy_norm, value_norm = clip_actor_critic(policy_params, value_params, cfg.max_grad_norm)
                 optimizer.step()
                 with torch.no_grad():
                     kl_now = L.approx_kl(logprobs, old_logprobs[mb], m).item()
                 epoch_kl.append(kl_now)
-                for key, value in (("pg", pg_loss), ("vf", vf_loss), ("ptx", ptx_nll), ("entropy", mean_entropy),
-                                   ("clipfrac", clipfrac), ("approx_kl", kl_now)):
+                for key, value in (("pg", pg_loss), ("vf", vf_loss), ("ptx", ptx_loss), ("entropy", mean_entropy),
+                                   ("clipfrac", clipfrac), ("approx_kl", kl_now), ("policy_grad_norm", policy_norm),
+                                   ("value_grad_norm", value_norm)):
                     stats[key].append(float(value.detach()) if torch.is_tensor(value) else float(value))
             if cfg.approx_kl_stop and float(np.mean(epoch_kl)) > cfg.approx_kl_stop:
                 break  # the policy moved too far from the one that sampled: stop reusing this batch
@@ -421,6 +461,8 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> PPOResult:
             "policy/clipfrac": float(np.mean(stats["clipfrac"])),
             "policy/approx_kl": float(np.mean(stats["approx_kl"])),
             "policy/epochs": float(epoch + 1),
+            "policy/grad_norm": float(np.mean(stats["policy_grad_norm"])),
+            "value/grad_norm": float(np.mean(stats["value_grad_norm"])),
             "value/explained_variance": L.explained_variance(old_values, returns, rmask).item(),
             "reply/length": rmask.sum(1).float().mean().item(),
             "reply/ended": rb.ended.float().mean().item(),
@@ -439,8 +481,11 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> PPOResult:
                         "score": raw_score[j].item()} for j, i in enumerate(idx[:4])]
 
     use_adapter(stack.model, "policy", TRAINABLE)
-    ptx_after = pretraining_nll(stack.model, ptx_eval, pad, device, cfg.logits_chunk) if ptx_eval else float("nan")
-    log.log(cfg.iterations, {"ptx/nll_before": ptx_before, "ptx/nll_after": ptx_after})
+    ptx_after = ptx_nll(stack, ptx.held_out, cfg)
+    ptx_train_after = ptx_nll(stack, ptx_seen, cfg)
+    log.log(cfg.iterations, {"ptx/nll_before": ptx_before, "ptx/nll_after": ptx_after,
+                             "ptx/train_nll_before": ptx_train_before, "ptx/train_nll_after": ptx_train_after,
+                             "ptx/held_out_docs": float(len(ptx.held_out)), "ptx/train_docs": float(len(ptx.train))})
     log.close()
     save_adapter(stack.model, "policy", out)
     save_adapter(stack.model, "value", out / "value")
@@ -448,7 +493,26 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> PPOResult:
     if isinstance(sampler, EngineSampler):
         sampler.close()
     return PPOResult(out, log.path, cfg.iterations, reward_history[0], reward_history[-1], kl_last, ptx_before,
-                     ptx_after, memory, time.perf_counter() - started, samples)
+                     ptx_after, ptx_train_before, ptx_train_after, memory, time.perf_counter() - started, samples)
+
+
+def clip_actor_critic(policy_params: list[nn.Parameter], value_params: list[nn.Parameter],
+                      max_norm: float) -> tuple[Tensor, Tensor]:
+    """Clip the actor's and the critic's gradients each to ``max_norm``; return their norms before clipping.
+
+    They are separate networks sharing an optimiser step: clipped together, a large value-loss
+    gradient (early, while V is far off) would shrink the policy's step, and the reverse.
+    """
+    return (torch.nn.utils.clip_grad_norm_(policy_params, max_norm),
+            torch.nn.utils.clip_grad_norm_(value_params, max_norm))
+
+
+def ptx_nll(stack: PolicyStack, examples: list[Example], cfg: PPOConfig) -> float:
+    """Mean NLL per token of ``examples`` under the policy (NaN when there are none)."""
+    if not examples:
+        return float("nan")
+    use_adapter(stack.model, "policy", TRAINABLE)
+    return pretraining_nll(stack.model, examples, pad_token_id(stack.tokenizer), stack.device, cfg.logits_chunk)
 
 
 def ptx_step_loss(stack: PolicyStack, examples: list[Example], rng: np.random.Generator, cfg: PPOConfig) -> Tensor:
