@@ -1,0 +1,658 @@
+"""Benchmark: does the loop learn? Simulated users with a hidden gold preference, through the real app.
+
+    python scripts/bench_loop.py --tiny --out runs/bench-tiny          # the whole pipeline on a tiny random model (~2 min)
+    python scripts/bench_loop.py --out runs/bench-rule                 # gold (a), the rule, on Gemma 3 270M
+    python scripts/bench_loop.py --out runs/bench-null --null          # users without a preference: must promote nothing
+    python scripts/bench_loop.py --train-gold --gold-pairs 400 --rounds 0 --out runs/gold   # train gold (b) once
+    ALIGNLOOP_GOLD_RM=runs/gold/gold/rm python scripts/bench_loop.py --gold scripts.gold_preferences:hh_gold_rm --out runs/bench-hh
+
+Only real parts (InstructGPT had labelers; AlpacaFarm, Dubois et al. 2023, showed that methods can be
+compared with simulated annotators). `alignloop serve` runs as a child process for the whole run, and
+each round:
+
+  1. users: N logged-in users x M actions through gradio_client, as a browser does: chat + 👍/👎 with
+     reasons, "write a better reply", Rank, Compare (scripts/simulated_users.py; choices follow the
+     gold scorer with Bradley–Terry noise at --noise-temperature);
+  2. round: `alignloop round` as a child process (the CLI: SFT -> reward model -> PPO-ptx -> gates ->
+     candidate) while the server keeps serving (a user keeps chatting meanwhile);
+  3. compare: users vote in Compare battles (the server pits the candidate against live) until
+     --compare-votes candidate-vs-live votes or a promotion;
+  4. promote: the server's own rule on every vote (`--auto-promote-after`), then one
+     `alignloop round --promote-only` (whatever rule the CLI has now);
+  5. evaluate, offline and deterministic: greedy replies (training.round.greedy_replies, the
+     transformers stack the round evaluates with) of the round-0 policy, live and candidate on
+     held-out prompts no user ever sent; the gold scorer judges candidate vs round 0 and live vs
+     round 0 (win rate over decisive prompts, 95% Wilson interval; ties reported apart); the
+     round's registered reward adapter (the proxy) is scored on the same replies: its accuracy on
+     the gold-labelled pairs among them. KL to SFT and ptx perplexity come from the round's metrics
+     in the registry.
+
+The round-0 policy is the one live when the run starts (the bare base model on a fresh database).
+Written to --out: results.json, results.md (the table), gold_win_rate.png (gold win rate against
+feedback votes), server.log, rounds/ (each round's log and report).
+
+Targets of the real run (Gemma 3 270M, 2 CPU cores, <= 3 h, gold (a)): the promoted policy wins
+>= 60% of gold-judged comparisons against round 0 with a 95% lower bound > 50%; KL within the
+round's bound; ptx perplexity within +10%. The null run promotes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from chat_app.server_process import ServerProcess, start_server, stop_server  # noqa: E402
+from feedback_db import FeedbackStore, ModelRegistry, wilson_interval  # noqa: E402
+from scripts.simulated_users import (  # noqa: E402
+    Action,
+    GoldScorer,
+    NoiseModel,
+    SimulatedUser,
+    gold_scores,
+    mix_weights,
+    plan_actions,
+)
+from training.config import _f  # noqa: E402
+from training.round import heldout_bucket  # noqa: E402
+
+# Round settings small enough for the tiny model on two CPU cores, with gates any candidate passes
+# (--tiny checks that every step runs, not the numbers).
+TINY_ROUND_SET = [
+    "heldout_fraction=0.3", "min_pairs=4", "min_prompts=3", "rm_floor=0.0", "rm_tolerance=1.0", "eval_prompts=2",
+    "eval_max_new_tokens=4", "report_prompts=1", "max_kl=1e9", "min_reward_gain=-1e9", "max_ptx_ppl_increase=1e9",
+    "sft.epochs=1", "sft.max_length=96", "sft.lora.r=4", "sft.lora.alpha=8",
+    "reward.max_length=96", "reward.lora.r=4", "reward.lora.alpha=8",
+    "ppo.iterations=2", "ppo.rollout_batch=4", "ppo.minibatch=2", "ppo.ppo_epochs=1", "ppo.max_new_tokens=4",
+    "ppo.max_length=96", "ppo.ptx_batch=2", "ppo.ptx_max_length=64", "ppo.sampler=hf", "ppo.lora.r=4",
+    "ppo.lora.alpha=8",
+]
+
+
+@dataclass
+class BenchLoopConfig:
+    """One benchmark run; every field is a command-line option (--rounds 3, --round-set ppo.iterations=8)."""
+
+    out: str = _f("runs/bench-loop", "A folder for everything this run writes (the database, logs, results).")
+    base_model: str = _f("default", "Base model of the app and the rounds: 'default' (embedded Gemma 3 270M), a folder or an HF id.")
+    engine: str = _f("auto", "The app's engine: auto (vLLM when importable) | vllm | hf.")
+    device: str = _f("auto", "Device of the offline evaluation (greedy replies, proxy and gold reward models).")
+    gold: str = _f("scripts.gold_preferences:rule_gold", "The hidden preference: package.module:function(prompt, reply) -> float.")
+    null: bool = _f(False, "Users without a preference: every vote, thumb and ranking a coin flip (must promote nothing).")
+    noise_temperature: float = _f(0.5, "Bradley–Terry temperature T in gold units: P(A over B) = sigmoid((g(A) - g(B)) / T).")
+    thumbs_threshold: float = _f(float("nan"), "Gold score at which 👍 and 👎 are equally likely (nan: the gold's own `threshold`, else 0).")
+    rounds: int = _f(3, "Retraining rounds.")
+    users: int = _f(4, "Simulated users (logged in, acting concurrently).")
+    actions: int = _f(10, "Actions per user per round, before the round trains.")
+    action_mix: str = _f("chat:3,demonstrate:1,rank:2,compare:2", "Relative frequency of each action (chat, demonstrate, rank, compare).")
+    actions_during_round: int = _f(2, "Chat actions one user takes while the round trains (the server keeps serving).")
+    best_of: int = _f(3, "Replies a user sees (Regenerate) before saving the best as its better reply.")
+    rank_k: int = _f(4, "Replies per Rank action.")
+    compare_votes: int = _f(40, "Candidate-vs-live Compare votes collected after each round (fewer if promoted first).")
+    auto_promote_after: int = _f(30, "The server's --auto-promote-after (and the --promote-only min_votes): decisive votes before a promotion is considered.")
+    max_new_tokens: int = _f(64, "The app's reply length limit, as users set it.")
+    temperature: float = _f(1.0, "The app's sampling temperature, as users set it.")
+    top_p: float = _f(1.0, "The app's top-p, as users set it.")
+    eval_prompts: int = _f(64, "Held-out prompts (never sent by a user) for the gold win rates and the proxy's accuracy.")
+    eval_fraction: float = _f(0.3, "Share of the prompt pool (by hash) kept away from the users for evaluation.")
+    eval_max_new_tokens: int = _f(64, "Longest greedy reply in the offline evaluation.")
+    round_set: list = _f([], "`alignloop round --set` overrides for every round, e.g. ppo.iterations=16 (repeatable).")
+    seed_starter: bool = _f(False, "Let the first round import the starter set (its preferences are not the gold's).")
+    budget_minutes: float = _f(180.0, "Stop before a round that would end after this much wall time (a running round is stopped at it).")
+    seed: int = _f(0, "Seed of the users' choices and plans.")
+    train_gold: bool = _f(False, "First train gold (b), the HH reward model, into OUT/gold and use it (ALIGNLOOP_GOLD_RM).")
+    gold_rm: str = _f("", "Folder of a trained gold reward model for hh_gold_rm (sets ALIGNLOOP_GOLD_RM).")
+    gold_pairs: int = _f(400, "HH pairs (gold part) the gold reward model trains on (CPU: ~0.2-0.9 pairs/s).")
+    gold_max_length: int = _f(384, "Prompt + reply tokens for the gold reward model.")
+    tiny: bool = _f(False, "Smoke run on a tiny random model with the transformers engine: 2 rounds, few actions (checks the steps, not the numbers).")
+
+
+def apply_tiny(cfg: BenchLoopConfig) -> BenchLoopConfig:
+    """The --tiny settings: build the tiny random model into OUT and shrink every step."""
+    from training.base_models import build_tiny_model
+
+    model = Path(cfg.out) / "tiny-model"
+    if not (model / "config.json").is_file():
+        build_tiny_model(model)
+    return dataclasses.replace(
+        cfg, base_model=str(model), engine="hf", device="cpu", gold="scripts.gold_preferences:rule_gold",
+        rounds=2, users=2, actions=5, actions_during_round=1, best_of=2, rank_k=3, compare_votes=3,
+        auto_promote_after=3, max_new_tokens=8, eval_prompts=6, eval_max_new_tokens=8, budget_minutes=6.0,
+        round_set=TINY_ROUND_SET + ["device=cpu"] + list(cfg.round_set))
+
+
+# --------------------------------------------------------------------------- #
+# Gold scorers and prompts
+# --------------------------------------------------------------------------- #
+
+
+def load_gold(spec: str) -> GoldScorer:
+    """The scorer named 'package.module:function'."""
+    module, sep, name = spec.partition(":")
+    if not sep or not name:
+        raise SystemExit(f"--gold takes package.module:function, not {spec!r} (e.g. scripts.gold_preferences:rule_gold).")
+    fn = getattr(importlib.import_module(module), name, None)
+    if not callable(fn):
+        raise SystemExit(f"{module} has no function {name!r}.")
+    return fn
+
+
+def split_prompts(prompts: list[str], eval_fraction: float, eval_n: int) -> tuple[list[str], list[str]]:
+    """(users' prompts, evaluation prompts) by a salted hash of the text: an evaluation prompt is never
+    sent by a user, so neither the proxy reward model nor the policy ever trains on it."""
+    held = sorted((p for p in prompts if heldout_bucket(["eval", p]) < eval_fraction),
+                  key=lambda p: heldout_bucket(["eval", p]))
+    users = [p for p in prompts if heldout_bucket(["eval", p]) >= eval_fraction]
+    if not users or not held:
+        raise SystemExit(f"{len(prompts)} prompts split into {len(users)} for users and {len(held)} for evaluation; "
+                         "use a larger prompt pool or another --eval-fraction.")
+    return users, held[:eval_n]
+
+
+# --------------------------------------------------------------------------- #
+# Statistics (each written once)
+# --------------------------------------------------------------------------- #
+
+
+def gold_win_rate(scores: list[float], baseline: list[float]) -> dict[str, Any]:
+    """Gold-judged head-to-head on the same prompts: a win when g(reply) > g(baseline reply).
+
+    rate = wins / (wins + losses), with the 95% Wilson interval (feedback_db.wilson_interval, the
+    same statistic as the app's Compare win rate); ties count for neither side and are reported.
+    """
+    wins = sum(a > b for a, b in zip(scores, baseline))
+    losses = sum(a < b for a, b in zip(scores, baseline))
+    n = wins + losses
+    low, high = wilson_interval(wins, n) if n else (None, None)
+    return {"wins": wins, "losses": losses, "ties": len(scores) - n, "rate": wins / n if n else None,
+            "ci_low": low, "ci_high": high}
+
+
+def proxy_accuracy(proxy: list[list[float]], gold: list[list[float]]) -> dict[str, Any]:
+    """Pairwise accuracy of the proxy reward model on gold-labelled pairs: for every prompt, every pair
+    of its replies whose gold scores differ; correct when the proxy orders them the same way (a proxy
+    tie is wrong, as in training.round.reward_accuracy). 95% Wilson interval."""
+    correct = total = 0
+    for p_row, g_row in zip(proxy, gold):
+        for i in range(len(g_row)):
+            for j in range(i + 1, len(g_row)):
+                if g_row[i] != g_row[j]:
+                    total += 1
+                    correct += (p_row[i] - p_row[j]) * (g_row[i] - g_row[j]) > 0
+    low, high = wilson_interval(correct, total) if total else (None, None)
+    return {"correct": correct, "pairs": total, "accuracy": correct / total if total else None,
+            "ci_low": low, "ci_high": high}
+
+
+# --------------------------------------------------------------------------- #
+# The registry (through feedback_db's API, read-only)
+# --------------------------------------------------------------------------- #
+
+
+def registry_read(db: Path, read: Callable[[ModelRegistry], Any]) -> Any:
+    """`read(registry)` on a short-lived connection (the server and the rounds write meanwhile)."""
+    with FeedbackStore(db, create=False) as store:
+        return read(ModelRegistry(store))
+
+
+def round_summary(db: Path, round_id: int) -> dict[str, Any]:
+    """What the table needs from a round's registry record; read defensively (the metrics' format changes)."""
+    record = registry_read(db, lambda r: r.get_round(round_id))
+    m, c = record.metrics, record.config
+    ev = m.get("evaluation") or {}
+    gates = m.get("gates") or {}
+    verdicts = {name: (g.get("verdict") if isinstance(g, dict) else g) for name, g in gates.items()}
+    kl_gate = gates.get("kl") if isinstance(gates.get("kl"), dict) else {}
+    return {
+        "round_id": round_id, "status": record.status, "reason": m.get("reason", ""), "mode": m.get("mode"),
+        "candidate": m.get("candidate"), "data": m.get("data", {}),
+        "kl_to_sft": ev.get("kl_to_reference", kl_gate.get("value")), "max_kl": c.get("max_kl"),
+        "ptx_ppl_before": ev.get("ptx_ppl_before"), "ptx_ppl_after": ev.get("ptx_ppl_after"),
+        "ptx_ppl_increase": ev.get("ptx_ppl_increase"), "max_ptx_ppl_increase": c.get("max_ptx_ppl_increase"),
+        "reward_gain": ev.get("reward_gain"), "gates": verdicts, "gates_passed": m.get("gates_passed"),
+        "rm_heldout_accuracy": (m.get("reward_model") or {}).get("eval_accuracy"),
+    }
+
+
+def reward_adapter_of(db: Path, round_id: int) -> str | None:
+    """The reward adapter the round registered (the proxy), if it trained one."""
+    versions = registry_read(db, lambda r: r.list("reward"))
+    return next((v.adapter_path for v in versions if v.round_id == round_id), None)
+
+
+# --------------------------------------------------------------------------- #
+# The steps of a round
+# --------------------------------------------------------------------------- #
+
+
+@dataclass
+class Users:
+    """The simulated users and the prompts they write."""
+
+    users: list[SimulatedUser]
+    prompts: list[str]
+    mix: dict[str, float]
+    rng: random.Random
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def prompt(self) -> str:
+        with self.lock:
+            return self.rng.choice(self.prompts)
+
+
+def users_phase(users: Users, actions: int, deadline: float) -> list[Action]:
+    """Each user takes `actions` actions of the mix, all users at once; returns what they did."""
+    def run(user: SimulatedUser) -> list[Action]:
+        done = []
+        for kind in plan_actions(users.mix, actions, user.rng):
+            if time.monotonic() > deadline:
+                break
+            done.append(user.act(kind, users.prompt()))
+        return done
+
+    with ThreadPoolExecutor(len(users.users)) as pool:
+        return [a for batch in pool.map(run, users.users) for a in batch]
+
+
+def round_command(cfg: BenchLoopConfig, db: Path, *extra: str) -> list[str]:
+    cmd = [sys.executable, "-m", "chat_app.cli", "round", "--db", str(db), "--base-model", cfg.base_model,
+           "--rounds-dir", str(Path(cfg.out) / "rounds")]
+    for item in cfg.round_set:
+        cmd += ["--set", item]
+    return cmd + list(extra)
+
+
+def run_round(cfg: BenchLoopConfig, db: Path, index: int, users: Users, deadline: float) -> tuple[int, str, list[Action]]:
+    """`alignloop round` in a child process while one user keeps chatting; (exit code, output, actions)."""
+    log = Path(cfg.out) / "rounds" / f"bench-round-{index}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    extra = ["--seed-starter"] if cfg.seed_starter and index == 0 else []
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with log.open("w") as out:
+        proc = subprocess.Popen(round_command(cfg, db, *extra), env=env, stdout=out, stderr=subprocess.STDOUT)
+        actions: list[Action] = []
+        try:
+            while proc.poll() is None:
+                if time.monotonic() > deadline:
+                    proc.terminate()  # recorded as stopped by the round itself; nothing registered
+                    proc.wait(timeout=120)
+                    break
+                if len(actions) < cfg.actions_during_round:
+                    actions.append(users.users[0].act("chat", users.prompt()))
+                else:
+                    time.sleep(0.5)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return proc.returncode, log.read_text(errors="replace"), actions
+
+
+def compare_phase(cfg: BenchLoopConfig, db: Path, users: Users, candidate: str, deadline: float) -> list[Action]:
+    """Compare battles by all users until `compare_votes` candidate-vs-live votes, or a promotion.
+
+    Battles that start before the server has loaded the candidate are live vs live: real votes that
+    count as signals, not as candidate votes. At most 3 x compare_votes + 10 battles in all.
+    """
+    counted, battles, stop = [0], [0], threading.Event()
+    limit = 3 * cfg.compare_votes + 10
+
+    def run(user: SimulatedUser) -> list[Action]:
+        done = []
+        while not stop.is_set() and time.monotonic() < deadline:
+            with users.lock:
+                if battles[0] >= limit:
+                    break
+                battles[0] += 1
+            action = user.act("compare", users.prompt())
+            done.append(action)
+            with users.lock:
+                if action.versions and candidate in action.versions and len(set(action.versions)) == 2:
+                    counted[0] += 1
+                if counted[0] >= cfg.compare_votes or live_policy(db) == candidate:
+                    stop.set()
+        return done
+
+    with ThreadPoolExecutor(len(users.users)) as pool:
+        return [a for batch in pool.map(run, users.users) for a in batch]
+
+
+def live_policy(db: Path) -> str | None:
+    live = registry_read(db, lambda r: r.live("policy"))
+    return live.name if live else None
+
+
+def promote_only(cfg: BenchLoopConfig, db: Path) -> str:
+    """`alignloop round --promote-only`: the CLI's current promotion rule gets the last word."""
+    cmd = round_command(cfg, db, "--promote-only", "--set", "auto_promote=true",
+                        "--set", f"min_votes={cfg.auto_promote_after}")
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if done.returncode != 0:
+        raise RuntimeError(f"`alignloop round --promote-only` failed ({done.returncode}):\n{done.stdout}{done.stderr}")
+    return done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+
+
+@dataclass
+class Evaluator:
+    """Greedy replies of each version on the held-out prompts (cached by version) and their gold scores."""
+
+    cfg: BenchLoopConfig
+    gold: GoldScorer
+    prompts: list[str]
+    replies: dict[str, list[str]] = field(default_factory=dict)
+    scores: dict[str, list[float]] = field(default_factory=dict)
+
+    def ensure(self, versions: dict[str, str | None]) -> None:
+        """Greedy replies (training.round.greedy_replies: one base in memory) of versions not seen yet."""
+        from training.round import greedy_replies
+
+        missing = {name: path for name, path in versions.items() if name not in self.replies}
+        if missing:
+            out = greedy_replies(self.cfg.base_model, self.cfg.device, missing, self.prompts,
+                                 self.cfg.eval_max_new_tokens)
+            for name, texts in out.items():
+                self.replies[name] = texts
+                self.scores[name] = gold_scores(self.gold, self.prompts, texts)
+
+    def proxy(self, adapter: str, names: list[str]) -> dict[str, Any]:
+        """The proxy reward model's accuracy on gold-labelled pairs among these versions' replies."""
+        from training.reward_model import RewardModel
+
+        rm = RewardModel.load(adapter, base_model=self.cfg.base_model, device=self.cfg.device)
+        names = list(dict.fromkeys(names))
+        proxy = {n: rm.score(self.prompts, self.replies[n]) for n in names}
+        rows = list(range(len(self.prompts)))
+        return proxy_accuracy([[proxy[n][i] for n in names] for i in rows],
+                              [[self.scores[n][i] for n in names] for i in rows])
+
+
+# --------------------------------------------------------------------------- #
+# The run
+# --------------------------------------------------------------------------- #
+
+
+def count_signals(actions: list[Action]) -> dict[str, int]:
+    """Chat turns, thumbs, Compare votes (and candidate-vs-live ones), rankings, demonstrations."""
+    signals = {
+        "chat_turns": sum(a.chat_turns for a in actions),
+        "thumbs_up": sum(a.thumbs > 0 for a in actions),
+        "thumbs_down": sum(a.thumbs < 0 for a in actions),
+        "compare_votes": sum(a.compare_votes for a in actions),
+        "rankings": sum(a.rankings for a in actions),
+        "demonstrations": sum(a.demonstrations for a in actions),
+    }
+    signals["votes"] = (signals["thumbs_up"] + signals["thumbs_down"] + signals["compare_votes"]
+                        + signals["rankings"] + signals["demonstrations"])
+    return signals
+
+
+def make_users(cfg: BenchLoopConfig, url: str, passwords: dict[str, str], gold: GoldScorer,
+               prompts: list[str]) -> Users:
+    from gradio_client import Client
+
+    threshold = cfg.thumbs_threshold if not math.isnan(cfg.thumbs_threshold) else getattr(gold, "threshold", 0.0)
+    noise = NoiseModel(math.inf if cfg.null else cfg.noise_temperature, threshold)
+    sampling = ("", cfg.temperature, cfg.top_p, cfg.max_new_tokens)
+    reasons = None if cfg.null else getattr(gold, "reasons", None)
+    users = [SimulatedUser(name, Client(url, auth=(name, pw), verbose=False), gold, noise,
+                           random.Random(f"{cfg.seed}-{name}"), sampling, cfg.best_of, cfg.rank_k, reasons)
+             for name, pw in passwords.items()]
+    return Users(users, prompts, mix_weights(cfg.action_mix), random.Random(cfg.seed))
+
+
+def run_bench(cfg: BenchLoopConfig) -> dict[str, Any]:
+    """Run the whole benchmark (see the module docstring); write and return the results."""
+    started = time.monotonic()
+    deadline = started + cfg.budget_minutes * 60
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.train_gold:
+        from scripts.gold_preferences import GOLD_RM_ENV, train_hh_gold_rm
+
+        t = time.monotonic()
+        cfg.gold_rm = str(train_hh_gold_rm(out / "gold", pairs=cfg.gold_pairs, base_model=cfg.base_model,
+                                           max_length=cfg.gold_max_length, device=cfg.device, seed=cfg.seed))
+        print(f"gold reward model: {cfg.gold_rm} ({time.monotonic() - t:.0f} s; see {out / 'gold' / 'gold_rm.json'})")
+        os.environ[GOLD_RM_ENV] = cfg.gold_rm
+    elif cfg.gold_rm:
+        os.environ["ALIGNLOOP_GOLD_RM"] = cfg.gold_rm
+    gold = load_gold(cfg.gold)
+    gold_scores(gold, ["Say hello."], ["Hello."])  # fails now, with its message, if the gold cannot score
+    pool = getattr(gold, "prompts", None)
+    if pool is None:
+        from scripts.gold_preferences import rule_prompts as pool
+    user_prompts, eval_prompts = split_prompts(list(pool()), cfg.eval_fraction, cfg.eval_prompts)
+    results: dict[str, Any] = {"config": dataclasses.asdict(cfg), "prompts": {"users": len(user_prompts),
+                               "eval": len(eval_prompts)}, "rounds": [], "stopped": None}
+    if cfg.rounds <= 0:
+        return write_results(out, results)
+
+    passwords = {f"user{i}": f"pw-{i}-{random.Random(cfg.seed + i).getrandbits(32):x}" for i in range(cfg.users)}
+    server = start_server(cfg.base_model, out, engine=cfg.engine, timeout=900.0, serve_args=[
+        "--max-new-tokens", str(cfg.max_new_tokens), "--rate-limit", "0",
+        "--auto-promote-after", str(cfg.auto_promote_after),
+        "--users", ",".join(f"{n}:{p}" for n, p in passwords.items())])
+    try:
+        db = server.db_path
+        round0 = registry_read(db, lambda r: r.live("policy"))
+        results["round0_policy"] = round0.name
+        users = make_users(cfg, server.url, passwords, gold, user_prompts)
+        evaluator = Evaluator(cfg, gold, eval_prompts)
+        t = time.monotonic()
+        evaluator.ensure({round0.name: round0.adapter_path})
+        results["round0_eval_seconds"] = time.monotonic() - t
+        votes_so_far, last_round_s = 0, 0.0
+        for index in range(cfg.rounds):
+            if time.monotonic() + last_round_s > deadline:
+                results["stopped"] = f"budget: round {index} would end after --budget-minutes {cfg.budget_minutes}"
+                break
+            row = one_round(cfg, server, users, evaluator, round0.name, index, deadline)
+            votes_so_far += row["signals"]["votes"]
+            row["cumulative_votes"] = votes_so_far
+            last_round_s = sum(row["seconds"].values())
+            results["rounds"].append(row)
+            print_table(results["rounds"])
+            write_results(out, results)
+            if server.process.poll() is not None:
+                raise RuntimeError(f"the app exited during the run; its log ends with:\n{server.log()}")
+    finally:
+        stop_server(server)
+    promoted = [r["promoted"] for r in results["rounds"] if r["promoted"]]
+    if cfg.null:
+        results["null_check"] = "passed: nothing promoted" if not promoted else f"FAILED: promoted {promoted}"
+    results["wall_seconds"] = time.monotonic() - started
+    return write_results(out, results)
+
+
+def one_round(cfg: BenchLoopConfig, server: ServerProcess, users: Users, evaluator: Evaluator, round0: str,
+              index: int, deadline: float) -> dict[str, Any]:
+    """Users act, a round trains, Compare votes, promotion decides, evaluation; one row of the table."""
+    db, seconds, actions = server.db_path, {}, []
+    t = time.monotonic()
+    actions += users_phase(users, cfg.actions, deadline)
+    seconds["users"] = time.monotonic() - t
+
+    before = registry_read(db, lambda r: [x.id for x in r.rounds()])
+    t = time.monotonic()
+    code, output, during = run_round(cfg, db, index, users, deadline)
+    actions += during
+    seconds["round"] = time.monotonic() - t
+    new = [x.id for x in registry_read(db, lambda r: r.rounds()) if x.id not in before]
+    summary = round_summary(db, new[-1]) if new else {"status": "skipped", "reason": output.strip()[-300:]}
+    summary["exit_code"] = code
+    candidate = summary.get("candidate") if summary.get("status") == "succeeded" else None
+
+    live_before = live_policy(db)
+    t = time.monotonic()
+    if candidate:
+        actions += compare_phase(cfg, db, users, candidate, deadline)
+    seconds["compare"] = time.monotonic() - t
+    t = time.monotonic()
+    promote_message = promote_only(cfg, db)
+    seconds["promote"] = time.monotonic() - t
+    live_after = live_policy(db)
+
+    t = time.monotonic()
+    versions = registry_read(db, lambda r: {v.name: v.adapter_path for v in r.list("policy")})
+    evaluator.ensure({n: versions[n] for n in {live_after, candidate} if n})
+    win = {"live": gold_win_rate(evaluator.scores[live_after], evaluator.scores[round0])}
+    if candidate:
+        win["candidate"] = gold_win_rate(evaluator.scores[candidate], evaluator.scores[round0])
+    adapter = reward_adapter_of(db, summary["round_id"]) if new else None
+    proxy = evaluator.proxy(adapter, [round0, live_after] + ([candidate] if candidate else [])) if adapter else None
+    seconds["evaluate"] = time.monotonic() - t
+    candidate_votes = [a for a in actions if a.versions and candidate in a.versions and len(set(a.versions)) == 2]
+    return {
+        "round": index, "round_id": summary.get("round_id"), "status": summary["status"],
+        "reason": summary.get("reason", ""), "candidate": candidate, "live_before": live_before,
+        "live_after": live_after, "promoted": live_after if live_after != live_before else None,
+        "promotion_cli": promote_message, "signals": {**count_signals(actions),
+                                                      "candidate_votes": len(candidate_votes)},
+        "round_metrics": summary, "gold_win_rate": win, "proxy_accuracy": proxy,
+        "mean_gold": {n: sum(s) / len(s) for n, s in evaluator.scores.items() if n in (round0, live_after, candidate)},
+        "seconds": seconds,
+    }
+
+
+# --------------------------------------------------------------------------- #
+# Output: the table, results.json / results.md, the plot
+# --------------------------------------------------------------------------- #
+
+
+def _rate(w: dict[str, Any] | None) -> str:
+    if not w or w.get("rate") is None:
+        return "—"
+    key = "rate" if "rate" in w else "accuracy"
+    return f"{w[key]:.0%} [{w['ci_low']:.0%}, {w['ci_high']:.0%}]"
+
+
+def _num(value: Any, fmt: str = "{:.3g}") -> str:
+    return fmt.format(value) if isinstance(value, (int, float)) and not math.isnan(value) else "—"
+
+
+def table_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The per-round table as Markdown."""
+    head = ("| round | status | chat | 👍/👎 | compare (cand.) | rank | demos | votes | proxy RM acc. | "
+            "cand. gold win vs r0 | live gold win vs r0 | KL to SFT (max) | ptx ppl (Δ) | promoted | "
+            "seconds: users / round / compare / promote / eval |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        s, m = r["signals"], r["round_metrics"]
+        proxy = r["proxy_accuracy"]
+        proxy_text = ("no RM" if not proxy else f"{proxy['accuracy']:.0%} of {proxy['pairs']}"
+                      if proxy["accuracy"] is not None else "0 gold-distinct pairs")
+        ppl = (f"{_num(m.get('ptx_ppl_after'))} ({_num(m.get('ptx_ppl_increase'), '{:+.1%}')})"
+               if m.get("ptx_ppl_after") is not None else "—")
+        secs = " / ".join(f"{r['seconds'].get(k, 0):.0f}" for k in ("users", "round", "compare", "promote", "evaluate"))
+        lines.append(
+            f"| {r['round']} (#{r['round_id']}) | {r['status']} | {s['chat_turns']} | {s['thumbs_up']}/{s['thumbs_down']} "
+            f"| {s['compare_votes']} ({s['candidate_votes']}) | {s['rankings']} | {s['demonstrations']} | {s['votes']} "
+            f"| {proxy_text} | {_rate(r['gold_win_rate'].get('candidate'))} | {_rate(r['gold_win_rate']['live'])} "
+            f"| {_num(m.get('kl_to_sft'))} ({_num(m.get('max_kl'))}) | {ppl} | {r['promoted'] or 'no'} | {secs} |")
+    return lines
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    print("\n".join(table_lines(rows)), flush=True)
+
+
+def plot_win_rates(rows: list[dict[str, Any]], path: Path) -> None:
+    """Gold win rate against round 0 (95% Wilson intervals) over the feedback votes collected so far."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, style in (("candidate", "o-"), ("live", "s--")):
+        points = [(r["cumulative_votes"], r["gold_win_rate"][key]) for r in rows
+                  if r["gold_win_rate"].get(key) and r["gold_win_rate"][key]["rate"] is not None]
+        if points:
+            x = [p[0] for p in points]
+            y = [p[1]["rate"] for p in points]
+            err = [[p[1]["rate"] - p[1]["ci_low"] for p in points], [p[1]["ci_high"] - p[1]["rate"] for p in points]]
+            ax.errorbar(x, y, yerr=err, fmt=style, capsize=4, label=f"{key} vs round 0")
+    ax.axhline(0.5, color="grey", linestyle=":")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("feedback votes so far (thumbs + Compare + rankings + demonstrations)")
+    ax.set_ylabel("gold win rate vs round-0 policy")
+    ax.set_title("Simulated users, real app: gold win rate per round (95% Wilson)")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_results(out: Path, results: dict[str, Any]) -> dict[str, Any]:
+    """results.json, results.md (config, table, notes) and gold_win_rate.png in `out`."""
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    rows = results["rounds"]
+    cfg = results["config"]
+    md = [f"# bench_loop: {cfg['gold']}{' (null users)' if cfg['null'] else ''}", "",
+          f"Base model `{cfg['base_model']}`, engine `{cfg['engine']}`, {cfg['users']} users x {cfg['actions']} "
+          f"actions per round, noise temperature {cfg['noise_temperature']}, round-0 policy "
+          f"`{results.get('round0_policy', '?')}`, {results['prompts']['eval']} held-out prompts "
+          f"({results['prompts']['users']} for users).", ""]
+    md += table_lines(rows) if rows else ["No round ran."]
+    md += ["", "Gold win rates: greedy replies on held-out prompts, wins / (wins + losses), 95% Wilson interval; "
+           "proxy RM accuracy: the round's reward adapter on the gold-labelled pairs among round 0's, live's and the "
+           "candidate's replies. KL and ptx perplexity: the round's own metrics (registry)."]
+    for key in ("stopped", "null_check", "wall_seconds"):
+        if results.get(key) is not None:
+            md.append(f"\n**{key}:** {results[key]}")
+    (out / "results.md").write_text("\n".join(md) + "\n")
+    if rows:
+        plot_win_rates(rows, out / "gold_win_rate.png")
+    return results
+
+
+# --------------------------------------------------------------------------- #
+# Command line: one option per BenchLoopConfig field
+# --------------------------------------------------------------------------- #
+
+
+def parse_args(argv: list[str] | None = None) -> BenchLoopConfig:
+    """A BenchLoopConfig from the command line (each field is `--name-with-dashes`, its help the field's)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(BenchLoopConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        helptext = f.metadata["help"] + f" (default: {default})"
+        if isinstance(default, bool):
+            parser.add_argument(flag, action="store_true", help=helptext)
+        elif isinstance(default, list):
+            parser.add_argument(flag, action="append", default=[], help=helptext)
+        else:
+            parser.add_argument(flag, type=type(default), default=default, help=helptext)
+    cfg = BenchLoopConfig(**vars(parser.parse_args(argv)))
+    return apply_tiny(cfg) if cfg.tiny else cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    results = run_bench(cfg)
+    print(f"\nresults: {Path(cfg.out) / 'results.md'}, {Path(cfg.out) / 'results.json'}, "
+          f"{Path(cfg.out) / 'gold_win_rate.png'} ({results.get('wall_seconds', 0):.0f} s)")
+    if results.get("null_check", "").startswith("FAILED"):
+        print(results["null_check"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
