@@ -201,21 +201,26 @@ def test_hot_swap_under_concurrent_load(tiny_model_path, tmp_db_path, adapters):
 
 
 def test_server_auto_promotes_a_gated_candidate_that_users_prefer(tiny_model_path, tmp_db_path, adapters):
+    """Checked after every vote: 5 voters preferring the candidate twice each reach the default test's
+    threshold (10 straight wins: e-value 20.3 >= 1/alpha) at the 10th vote, not before."""
     with FeedbackStore(tmp_db_path) as store:
         reg = ModelRegistry(store)
         reg.ensure_base_policy("tiny")
         reg.register("policy-r1", adapter_path=adapters[0], base_model="tiny", metrics={"gates_passed": True})
 
     async def body(svc: ChatService):
-        uid = svc.ensure_user("voter")
+        voters = [svc.ensure_user(f"voter-{k}") for k in range(5)]
         rng = random.Random(0)
-        for i in range(6):  # 4 of 4 already clears the Wilson bound; min_votes=6 holds it until the 6th
-            assert svc.router.live.name == "base:tiny"
+        for i in range(10):
+            assert ModelRegistry(svc.store).live().name == "base:tiny", f"promoted after {i} votes, too early"
+            uid = voters[i % 5]
             battle = (await _drain(svc.battle(uid, f"question {i}", rng=rng)))[-1]
+            assert battle.texts[0].strip() != battle.texts[1].strip()  # identical replies would not count
             svc.vote(uid, battle.user_message_id, "A" if battle.versions[0] == "policy-r1" else "B")
         await svc.router.sync()
         assert svc.router.live.name == "policy-r1"
-        promoted = ModelRegistry(svc.store).get("policy-r1")
-        assert promoted.metrics["auto_promoted"]["wins"] == 6
+        record = ModelRegistry(svc.store).get("policy-r1").metrics["auto_promoted"]
+        assert (record["wins"], record["losses"], record["voters"]) == (10, 0, 5)
+        assert record["e_value"] >= record["threshold"] == 20
 
     run_with_service(tiny_model_path, tmp_db_path, body, rate_limit_per_minute=0, auto_promote_min_votes=6)
