@@ -14,9 +14,10 @@ recorded since. Rows follow TRL's dataset conventions:
 Preference pairs are votes on two replies to the same context: a K-ranking gives its C(K,2)
 ordered pairs; a pairwise vote A/B one pair (tie and both-bad are votes for neither); a
 user's thumbs-up reply and thumbs-down reply to the same context one pair; a demonstration
-that replaces a reply one pair (the demonstration chosen). The votes are then cleaned
-(`_clean_votes`), and every vote that does not become a row is counted in `Export.dropped`
-under one reason (DROP_REASONS), so votes = rows + sum(dropped).
+that replaces a reply one pair (the demonstration chosen). A pair is identified by its prompt
+(contexts asking the same thing, in any conversation, share it) and its two texts, whitespace
+stripped. The votes are then cleaned (`_clean_votes`), and every vote that does not become a
+row is counted in `Export.dropped` under one reason (DROP_REASONS): votes = rows + sum(dropped).
 """
 
 from __future__ import annotations
@@ -50,9 +51,9 @@ DROP_REASONS: dict[str, str] = {
 
 @dataclass
 class PreferenceGroup:
-    """All preference pairs over the replies to one context: each distinct text appears once."""
+    """All preference pairs over the replies to one prompt: each distinct text appears once."""
 
-    context_id: int
+    context_id: int  # the first context (user message) with this prompt that gave a pair
     prompt: Prompt
     completions: list[str]
     completion_ids: list[int | None]  # the message holding each completion; None: a demonstration's text
@@ -119,6 +120,7 @@ class _Vote:
 
     user_id: str
     context_id: int
+    prompt: str  # the context's prompt in TRL form, as canonical JSON: the same question asked twice is one
     winner: _Reply
     loser: _Reply
     event: int  # the event that made this vote (a thumbs pair: the later of its two ratings)
@@ -127,13 +129,18 @@ class _Vote:
     abstain: bool = False  # a tie / both-bad comparison: a vote for neither reply
 
     @property
-    def key(self) -> tuple[int, frozenset[str]]:
-        """The unordered pair of texts this vote is about (whitespace-stripped), in its context."""
-        return self.context_id, frozenset((self.winner.text.strip(), self.loser.text.strip()))
+    def key(self) -> tuple[str, frozenset[str]]:
+        """What the vote is about: the prompt and the unordered pair of (whitespace-stripped) texts."""
+        return self.prompt, frozenset((self.winner.text.strip(), self.loser.text.strip()))
 
     @property
     def direction(self) -> str:
         return self.winner.text.strip()
+
+
+def _prompt_key(ctx: Context) -> str:
+    """A context's prompt (TRL form) as canonical JSON: contexts asking the same thing share it."""
+    return json.dumps(prompt_value(ctx), sort_keys=True, ensure_ascii=False)
 
 
 def _replies(store: FeedbackStore, ids: Iterable[int]) -> dict[int, _Reply]:
@@ -168,7 +175,8 @@ def _votes(store: FeedbackStore, snapshot: int, include_thumbs: bool) -> list[_V
     raw: list[tuple[str, int, int | str, int, int, str, bool]] = []  # user, ctx, winner, loser, event, source, abstain
     for r in store.db.query("SELECT * FROM comparisons WHERE event_id <= ? ORDER BY event_id", [snapshot]):
         win, lose = (r["message_b"], r["message_a"]) if r["choice"] == "B" else (r["message_a"], r["message_b"])
-        raw.append((r["user_id"], r["context_id"], win, lose, r["event_id"], "comparison", r["choice"] not in ("A", "B")))
+        abstain = r["choice"] not in ("A", "B")  # tie / both_bad: a vote for neither reply
+        raw.append((r["user_id"], r["context_id"], win, lose, r["event_id"], "comparison", abstain))
     ranked: dict[int, list[int]] = defaultdict(list)
     rankings = list(store.db.query("SELECT * FROM rankings WHERE event_id <= ? ORDER BY event_id", [snapshot]))
     for i in store.db.query(
@@ -196,13 +204,14 @@ def _votes(store: FeedbackStore, snapshot: int, include_thumbs: bool) -> list[_V
         " WHERE event_id <= ? AND replaces_message_id IS NOT NULL ORDER BY event_id", [snapshot]
     ))
     replies = _replies(store, [m for v in raw for m in v[2:4]] + [d["replaces_message_id"] for d in demos])
+    prompts = {c: _prompt_key(store.context(c)) for c in sorted({v[1] for v in raw} | {d["context_id"] for d in demos})}
     votes = [
-        _Vote(user, ctx, replies[win], replies[lose], event, seq, source, abstain)
+        _Vote(user, ctx, prompts[ctx], replies[win], replies[lose], event, seq, source, abstain)
         for seq, (user, ctx, win, lose, event, source, abstain) in enumerate(raw)
     ]
     votes += [
-        _Vote(d["user_id"], d["context_id"], _Reply(None, d["content"]), replies[d["replaces_message_id"]],
-              d["event_id"], len(raw) + n, "demonstration")
+        _Vote(d["user_id"], d["context_id"], prompts[d["context_id"]], _Reply(None, d["content"]),
+              replies[d["replaces_message_id"]], d["event_id"], len(raw) + n, "demonstration")
         for n, d in enumerate(demos)
     ]
     return votes
@@ -213,7 +222,7 @@ def _clean_votes(votes: list[_Vote]) -> tuple[list[_Vote], dict[str, int]]:
 
     1. A vote on a failed or stopped reply, on an empty reply, or on two texts that are the
        same once whitespace is stripped gives no pair.
-    2. Per user, the latest vote on a pair of texts (same context, either order) counts: a
+    2. Per user, the latest vote on a pair of texts (same prompt, either order) counts: a
        later one, including a tie, supersedes it. Within one event (one ranking) the vote from
        the best positions counts: a reply repeating a better-ranked text adds nothing.
     3. Across users, the majority of their votes on the pair decides; the kept row is the
@@ -237,10 +246,10 @@ def _clean_votes(votes: list[_Vote]) -> tuple[list[_Vote], dict[str, int]]:
     def recency(v: _Vote) -> tuple[int, int]:
         return v.event, -v.seq
 
-    per_user: dict[tuple[str, int, frozenset[str]], list[_Vote]] = defaultdict(list)
+    per_user: dict[tuple[str, str, frozenset[str]], list[_Vote]] = defaultdict(list)
     for v in valid:
         per_user[(v.user_id, *v.key)].append(v)
-    by_pair: dict[tuple[int, frozenset[str]], list[_Vote]] = defaultdict(list)
+    by_pair: dict[tuple[str, frozenset[str]], list[_Vote]] = defaultdict(list)
     for user_votes in per_user.values():
         latest = max(user_votes, key=recency)
         for v in user_votes:
@@ -267,17 +276,17 @@ def _clean_pairs(store: FeedbackStore, snapshot: int, include_thumbs: bool) -> t
 
 
 def _groups(store: FeedbackStore, kept: list[_Vote]) -> list[PreferenceGroup]:
-    """Kept pairs grouped per context (in order of each context's first pair), each text once."""
-    groups: dict[int, PreferenceGroup] = {}
-    index: dict[int, dict[str, int]] = {}  # context -> stripped text -> index into completions
+    """Kept pairs grouped per prompt (in order of each prompt's first pair), each text once."""
+    groups: dict[str, PreferenceGroup] = {}
+    index: dict[str, dict[str, int]] = {}  # prompt -> stripped text -> index into completions
     for v in kept:
-        group = groups.get(v.context_id)
+        group = groups.get(v.prompt)
         if group is None:
-            group = groups[v.context_id] = PreferenceGroup(
+            group = groups[v.prompt] = PreferenceGroup(
                 v.context_id, prompt_value(store.context(v.context_id)), [], [], [], []
             )
-            index[v.context_id] = {}
-        where = index[v.context_id]
+            index[v.prompt] = {}
+        where = index[v.prompt]
         for reply in (v.winner, v.loser):
             if reply.text.strip() not in where:
                 where[reply.text.strip()] = len(group.completions)
@@ -290,7 +299,7 @@ def _groups(store: FeedbackStore, kept: list[_Vote]) -> list[PreferenceGroup]:
 
 def export_preference_groups(store: FeedbackStore, snapshot: int | None = None, *,
                              include_thumbs: bool = True) -> tuple[list[PreferenceGroup], int]:
-    """Clean preference pairs grouped per context, in order of each context's first pair."""
+    """Clean preference pairs grouped per prompt, in order of each prompt's first pair."""
     snapshot = _snapshot(store, snapshot)
     kept, _ = _clean_pairs(store, snapshot, include_thumbs)
     return _groups(store, kept), snapshot
@@ -299,7 +308,7 @@ def export_preference_groups(store: FeedbackStore, snapshot: int | None = None, 
 def export_preferences(store: FeedbackStore, snapshot: int | None = None, *, fmt: str = "trl",
                        include_thumbs: bool = True) -> Export:
     """Clean preference data: `fmt="trl"` gives one prompt/chosen/rejected row per pair, in the
-    order the deciding votes arrived; `fmt="groups"` one row per context for K-wise RM batches.
+    order the deciding votes arrived; `fmt="groups"` one row per prompt for K-wise RM batches.
     `Export.dropped` counts the votes left out, by reason (see `_clean_votes`)."""
     if fmt not in ("trl", "groups"):
         raise InvalidInputError(f"preferences export as 'trl' or 'groups', not {fmt!r}.")

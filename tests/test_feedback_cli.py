@@ -43,6 +43,34 @@ def test_init_import_export_round_trip_and_stats(tmp_path):
     assert "external:pairs" in result.output
 
 
+def test_export_says_what_it_dropped_and_exports_thumbs(tmp_path):
+    from feedback_db import FeedbackStore, ModelRegistry, Reply
+
+    db = tmp_path / "cli.db"
+    with FeedbackStore(db) as store:
+        version = ModelRegistry(store).ensure_base_policy("tiny")
+        u = store.ensure_user("alice")
+        conv = store.create_conversation(u)
+        q = store.add_user_message(conv, u, "Capital of France?")
+        paris, same, lyon = (store.add_reply(conv, u, q, t, Reply(version.id, finish_reason="stop"))
+                             for t in ("Paris.", "Paris.", "Lyon."))
+        store.record_ranking(u, [paris, same, lyon])  # Paris = Paris, and Lyon under a repeated Paris
+        store.record_rating(u, lyon, 1)
+        store.record_rating(u, lyon, -1)
+
+    result = runner.invoke(app, ["export", "--kind", "preferences", "--no-thumbs", "--db", str(db)])
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["chosen"][0]["content"] for line in result.stdout.splitlines()] == ["Paris."]
+    assert result.stderr.strip() == "1 preferences rows at snapshot 7; dropped 2 (identical_texts 2)"
+
+    result = runner.invoke(app, ["export", "--kind", "thumbs", "--db", str(db)])
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line) for line in result.stdout.splitlines()] == [
+        {"prompt": [{"role": "user", "content": "Capital of France?"}],
+         "completion": [{"role": "assistant", "content": "Lyon."}], "label": False}]
+    assert result.stderr.strip() == "1 thumbs rows at snapshot 7; dropped 1 (superseded_by_same_user 1)"
+
+
 def test_errors_are_clear_and_exit_nonzero(tmp_path):
     db = tmp_path / "cli.db"
     result = runner.invoke(app, ["stats", "--db", str(db)])

@@ -250,3 +250,27 @@ def test_training_rounds(store):
     assert [x.id for x in reg.rounds()] == [r.id]
     with pytest.raises(InvalidInputError):
         reg.finish_round(r.id, "maybe")
+
+
+@pytest.mark.parametrize("finish_reason, match", [("error", "failed"), ("abort", "stopped before it finished")])
+def test_failed_or_stopped_replies_cannot_be_voted_on(store, chat, finish_reason, match):
+    u, conv, q, (a, b, _) = chat["user"], chat["conv"], chat["q"], chat["replies"]
+    bad = store.add_reply(conv, u, q, "Fo", Reply(chat["version"].id, finish_reason=finish_reason))
+    before = _counts(store)
+    for call in (lambda: store.record_rating(u, bad, 1), lambda: store.record_rating(u, bad, 0),
+                 lambda: store.record_comparison(u, a, bad, "A"), lambda: store.record_comparison(u, bad, b, "tie"),
+                 lambda: store.record_ranking(u, [a, b, bad])):
+        with pytest.raises(InvalidInputError, match=f"{match}.*regenerate"):
+            call()
+    assert _counts(store) == before
+    # a better reply may replace it: that is when one helps most
+    store.record_demonstration(u, q, "2+2 = 4.", replaces_message_id=bad)
+
+
+def test_replies_cut_at_max_tokens_can_be_voted_on(store, chat):
+    u, conv, q, (a, _, _) = chat["user"], chat["conv"], chat["q"], chat["replies"]
+    cut = store.add_reply(conv, u, q, "Two plus two is", Reply(chat["version"].id, finish_reason="length"))
+    store.record_rating(u, cut, -1)
+    store.record_comparison(u, a, cut, "A")
+    store.record_ranking(u, [a, cut])
+    assert (store.db["ratings"].count, store.db["comparisons"].count, store.db["rankings"].count) == (1, 1, 1)
