@@ -41,7 +41,7 @@ Doob's optional skipping theorem applies):
 * ``min_voters`` distinct voters and ``min_votes`` counted votes are extra conditions for
   promoting: they only shrink the rejection event, so the error bound still holds.
 
-Alpha is per candidate: across many candidates equal to live, about alpha of them get promoted.
+Alpha is per candidate: of many candidates no better than live, at most a share alpha get promoted.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ OUTCOMES: tuple[str, ...] = ("win", "loss", "tie", "both_bad")
 
 
 def _f(default: Any, help_text: str) -> Any:
-    """A dataclass field with a default and a one-line help text (as in training/config.py)."""
+    """A dataclass field with a default and a one-line help text (training/config.py's `_f`; feedback_db
+    cannot import training)."""
     return field(default=default, metadata={"help": help_text})
 
 

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -36,10 +36,7 @@ from feedback_db.sequential_testing import (  # noqa: E402
     VoteTally,
     promotion_decision,
 )
-
-
-def _f(default: object, help_text: str) -> object:
-    return field(default=default, metadata={"help": help_text})
+from training.config import _f  # noqa: E402
 
 
 @dataclass(frozen=True)
