@@ -38,3 +38,13 @@ def test_config_file_round_trip_and_sft_run(tiny_model_path: Path, tmp_path: Pat
     assert json.loads(again.output)["epochs"] == 2.0
     refused = runner.invoke(train_app, ["sft", str(data), "--config", str(out / "train_config.json")])
     assert refused.exit_code == 1 and "not empty" in refused.output
+
+
+def test_rm_takes_thumbs_with_or_without_pairs(tmp_path: Path) -> None:
+    result = runner.invoke(train_app, ["rm", "--thumbs-data", "thumbs.jsonl", "-o", str(tmp_path / "rm"),
+                                       "--set", "pointwise_weight=0.25", "--show-config"])
+    assert result.exit_code == 0, result.output
+    cfg = json.loads(result.output)
+    assert cfg["thumbs_data"] == "thumbs.jsonl" and cfg["data"] == "" and cfg["pointwise_weight"] == 0.25
+    refused = runner.invoke(train_app, ["rm", "-o", str(tmp_path / "rm2")])
+    assert refused.exit_code == 1 and "thumbs_data" in refused.output

@@ -393,16 +393,43 @@ def preference_groups(rows: Iterable[dict[str, Any]]) -> list[PreferenceGroup]:
     return [g for g in groups.values() if g.pairs]
 
 
+@dataclass
+class RatedReply:
+    """One reply rated on its own (👍 liked, 👎 not), unpaired."""
+
+    prompt: Messages
+    completion: str
+    liked: bool
+
+
+def rated_replies(rows: Iterable[dict[str, Any]]) -> list[RatedReply]:
+    """Rows in TRL's unpaired-preference (KTO) format, {'prompt', 'completion', 'label': bool},
+    as rated replies (`alignloop db export --kind thumbs` writes them)."""
+    rated = []
+    for n, row in enumerate(rows, 1):
+        if not {"prompt", "completion", "label"} <= set(row):
+            raise DataError(f"Thumbs row {n} needs 'prompt', 'completion' and 'label' (true for 👍, false for 👎); "
+                            f"got keys {sorted(row)}.")
+        label = row["label"]
+        if label not in (True, False, 0, 1):
+            raise DataError(f"Thumbs row {n}: 'label' must be true or false, got {label!r}.")
+        rated.append(RatedReply(to_messages(row["prompt"]), _reply_text(row["completion"]), bool(label)))
+    return rated
+
+
+def split_rows(rows: list[Any], eval_fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
+    """Shuffle rows with ``seed`` and hold out ``eval_fraction`` of them (at least one when asked, never all)."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_eval = int(round(len(rows) * eval_fraction)) if eval_fraction > 0 else 0
+    if eval_fraction > 0 and len(rows) > 1:
+        n_eval = max(1, min(n_eval, len(rows) - 1))
+    return [rows[i] for i in order[n_eval:]], [rows[i] for i in order[:n_eval]]
+
+
 def split_groups(groups: list[PreferenceGroup], eval_fraction: float, seed: int) -> tuple[list[PreferenceGroup], list[PreferenceGroup]]:
     """Shuffle prompts with ``seed`` and hold out ``eval_fraction`` of them (whole prompts, never single pairs)."""
-    order = list(range(len(groups)))
-    random.Random(seed).shuffle(order)
-    n_eval = int(round(len(groups) * eval_fraction)) if eval_fraction > 0 else 0
-    if eval_fraction > 0 and len(groups) > 1:
-        n_eval = max(1, min(n_eval, len(groups) - 1))
-    held = [groups[i] for i in order[:n_eval]]
-    train = [groups[i] for i in order[n_eval:]]
-    return train, held
+    return split_rows(groups, eval_fraction, seed)
 
 
 def pretraining_texts(path: str | Path, tokenizer: Any) -> list[str]:

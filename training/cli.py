@@ -172,7 +172,8 @@ def train_sft_command(
 
 @train_app.command("rm")
 def train_rm_command(
-    data: Annotated[Path, typer.Argument(help="Preferences JSONL: groups or TRL prompt/chosen/rejected rows.")],
+    data: Annotated[Optional[Path], typer.Argument(help="Preferences JSONL: groups or TRL prompt/chosen/rejected rows (optional with --thumbs-data).", show_default=False)] = None,
+    thumbs_data: Annotated[Optional[Path], typer.Option("--thumbs-data", help="Unpaired 👍/👎 JSONL in TRL's KTO format {prompt, completion, label} (`alignloop db export --kind thumbs`).", show_default=False)] = None,
     output_dir: OutputOption = None,
     base_model: BaseModelOption = None,
     init_adapter: Annotated[Optional[Path], typer.Option("--init-adapter", help="Warm start from a previous reward adapter.", show_default=False)] = None,
@@ -180,9 +181,11 @@ def train_rm_command(
     overrides: SetOption = None,
     show_config: ShowConfigOption = False,
 ) -> None:
-    """Reward model: base + LoRA + scalar head on K-wise comparisons (InstructGPT eq. 1).
+    """Reward model: base + LoRA + scalar head on K-wise comparisons (InstructGPT eq. 1) and unpaired 👍/👎.
 
     Example: alignloop train rm prefs.jsonl -o runs/rm-1 --set eval_fraction=0.2
+
+    Example: alignloop train rm prefs.jsonl --thumbs-data thumbs.jsonl -o runs/rm-1 --set pointwise_weight=0.5
 
     Example: alignloop db export preferences --format groups -o prefs.jsonl && alignloop train rm prefs.jsonl -o runs/rm-2 --init-adapter runs/rm-1
     """
@@ -194,8 +197,13 @@ def train_rm_command(
         r = train_reward_model(cfg)
         typer.echo(f"Reward adapter: {r.adapter_dir}  held-out accuracy {r.eval_accuracy:.3f} on {r.eval_pairs} pairs, "
                    f"{r.pairs_per_second:.1f} pairs/s, shift {r.shift:+.3f}, std {r.std:.3f}")
+        if r.thumbs_train:
+            typer.echo(f"👍/👎: {r.thumbs_train} rated replies trained on, held-out accuracy {r.thumbs_eval_accuracy:.3f}, "
+                       f"threshold {r.threshold:+.3f}")
+        t = r.truncation
+        typer.echo(f"Truncation: {t.prompts_cut}/{t.prompts} prompts and {t.replies_cut}/{t.replies} replies cut")
 
-    _run(RewardConfig, show_config, config_file, overrides, train, data=data, output_dir=output_dir,
+    _run(RewardConfig, show_config, config_file, overrides, train, data=data, thumbs_data=thumbs_data, output_dir=output_dir,
          base_model=base_model, init_adapter=init_adapter)
 
 

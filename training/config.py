@@ -145,9 +145,12 @@ class RewardConfig(BaseSettings):
     """Reward model: the base + LoRA + a scalar head, trained on K-wise comparisons (InstructGPT step 2)."""
 
     data: str = _f("", "JSONL of preferences: groups {'prompt','completions','pairs'} or TRL {'prompt','chosen','rejected'}.")
-    reference_data: str = _f("", "Replies whose mean reward is shifted to 0 (e.g. the SFT demonstrations); default: the preferred replies.")
+    thumbs_data: str = _f("", "JSONL of unpaired 👍/👎 in TRL's KTO format {'prompt','completion','label': bool} (`alignloop db export --kind thumbs`); trains the same head against a learned threshold.")
+    pointwise_weight: float = _f(0.5, "Weight of the 👍/👎 loss (BCE against the learned threshold) beside eq. 1's pairwise loss.")
+    thumbs_per_batch: int = _f(8, "Rated replies per step, mixed with groups_per_batch preference prompts.")
+    reference_data: str = _f("", "Replies whose mean reward is shifted to 0 (e.g. the SFT demonstrations); default: the preferred (and liked) replies.")
     init_adapter: str = _f("", "Warm start: a previous reward adapter folder (LoRA + head).")
-    eval_fraction: float = _f(0.2, "Share of prompts held out for pairwise accuracy.")
+    eval_fraction: float = _f(0.2, "Share of prompts (and of rated replies) held out for pairwise (and 👍/👎) accuracy.")
     epochs: float = _f(1.0, "Passes over the training prompts (InstructGPT: 1, the RM overfits quickly).")
     lr: float = _f(1e-4, "AdamW learning rate for LoRA and head.")
     groups_per_batch: int = _f(8, "Prompts per step; all K replies of a prompt are in the same batch.")

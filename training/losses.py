@@ -13,6 +13,8 @@ References:
         Generalized Advantage Estimation", eq. 16.
     [PPO] Schulman et al. 2017, "Proximal Policy Optimization Algorithms", eq. 7 and 9.
     [k3] Schulman 2020, "Approximating KL Divergence", http://joschu.net/blog/kl-approx.html
+    [KTO] Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization",
+        section 4 (unpaired desirable / undesirable labels against a reference point).
 """
 
 from __future__ import annotations
@@ -139,6 +141,31 @@ def pairwise_reward_loss(rewards: Tensor, winners: Tensor, losers: Tensor, pair_
 def pairwise_accuracy(rewards: Tensor, winners: Tensor, losers: Tensor) -> Tensor:
     """Share of pairs where the preferred reply gets the higher reward (ties count as wrong)."""
     return (rewards[winners] > rewards[losers]).float().mean()
+
+
+def pointwise_reward_loss(rewards: Tensor, liked: Tensor, threshold: Tensor) -> Tensor:
+    """Unpaired 👍/👎 on the reward head: binary cross-entropy against a learned threshold τ,
+
+        loss(θ, τ) = −E_(x,y,ℓ) [ ℓ · log σ(r_θ(x,y) − τ) + (1 − ℓ) · log σ(τ − r_θ(x,y)) ]
+
+    with ℓ = 1 for a liked reply and 0 for a disliked one. Each rated reply is compared, as in
+    eq. 1, with a virtual reply whose reward is τ: liked replies are pushed above it, disliked
+    ones below, on the same scale as the pairwise loss. τ plays the role of KTO's reference
+    point z_0 for unpaired desirable / undesirable examples [KTO], but is learned with θ
+    (KTO's value σ(r − z_0) enters linearly; here its log, as in eq. 1 and logistic regression).
+
+    Args:
+        rewards: [N] one raw reward per rated reply.
+        liked: [N] bool or 0/1 labels.
+        threshold: scalar tensor τ (a trainable parameter).
+    """
+    sign = liked.to(rewards.dtype) * 2 - 1  # +1 liked, −1 disliked: log σ(±(r − τ))
+    return -F.logsigmoid(sign * (rewards - threshold)).mean()
+
+
+def pointwise_accuracy(rewards: Tensor, liked: Tensor, threshold: Tensor | float) -> Tensor:
+    """Share of rated replies on the right side of the threshold (liked above τ, disliked at or below)."""
+    return ((rewards > threshold) == liked.bool()).float().mean()
 
 
 # --------------------------------------------------------------------------- #

@@ -1,4 +1,5 @@
-"""Reward model (InstructGPT step 2): the base + LoRA + a scalar head, on K-wise comparisons.
+"""Reward model (InstructGPT step 2): the base + LoRA + a scalar head, on K-wise comparisons
+and on unpaired 👍/👎.
 
 * Each of a prompt's K replies goes through the model once; the C(K,2) pairs are
   formed from the K scalars (InstructGPT section 3.5), and all of a prompt's
@@ -7,6 +8,9 @@
   prompt + reply + stop token. Truncation is ``chat_data.fit_group``'s one rule: a
   reply cut to its budget has no stop token and is read at its last kept token;
   how many prompts and replies were cut is logged (``data/*``) and returned.
+* Unpaired 👍/👎 rows (TRL's KTO format) train the same head with a binary cross-entropy
+  against a learned threshold (``losses.pointwise_reward_loss``), mixed into every step
+  beside the pairs; the threshold is saved in ``scalar_head.json`` and reloaded on warm start.
 * After training, rewards are shifted so that reference replies (the
   demonstrations, or the preferred replies) score 0 on average; the shift and
   the std are stored with the adapter and applied by :class:`RewardModel`.
@@ -40,6 +44,7 @@ from training.chat_data import (
     DataError,
     Example,
     PreferenceGroup,
+    RatedReply,
     TruncationReport,
     collate,
     encode_prompt,
@@ -48,13 +53,21 @@ from training.chat_data import (
     left_pad,
     pad_token_id,
     preference_groups,
+    rated_replies,
     read_rows,
     sft_pair,
     split_groups,
+    split_rows,
 )
 from training.config import RewardConfig, TokenBudget
 from training.logprobs import causal_lm_parts, hidden_states
-from training.losses import last_token_index, pairwise_accuracy, pairwise_reward_loss
+from training.losses import (
+    last_token_index,
+    pairwise_accuracy,
+    pairwise_reward_loss,
+    pointwise_accuracy,
+    pointwise_reward_loss,
+)
 from training.metrics_log import MetricsLog
 
 
@@ -231,6 +244,47 @@ def score_texts(model: nn.Module, head: ScalarHead, tokenizer: Any, prompts: Seq
     return scores
 
 
+def accumulate_thumbs_gradients(model: nn.Module, head: ScalarHead, threshold: Tensor, rated: Sequence[RatedReply],
+                                tokenizer: Any, cfg: RewardConfig, device: torch.device) -> tuple[float, float]:
+    """Backward of ``pointwise_weight`` x the 👍/👎 loss of one step's rated replies, in micro-batches of
+    ``cfg.micro_batch_groups`` replies (each weighted by its share: same gradient); (loss, accuracy)."""
+    size = cfg.micro_batch_groups or len(rated)
+    loss_sum = correct = 0.0
+    for start in range(0, len(rated), size):
+        chunk = rated[start : start + size]
+        rewards = rated_rewards(model, head, chunk, tokenizer, cfg.token_budget(), device)
+        liked = torch.tensor([r.liked for r in chunk], device=device)
+        loss = pointwise_reward_loss(rewards, liked, threshold)
+        weight = len(chunk) / len(rated)
+        (cfg.pointwise_weight * loss * weight).backward()
+        loss_sum += loss.item() * weight
+        correct += pointwise_accuracy(rewards.detach(), liked, threshold.detach()).item() * len(chunk)
+    return loss_sum, correct / max(len(rated), 1)
+
+
+def rated_rewards(model: nn.Module, head: ScalarHead, rated: Sequence[RatedReply], tokenizer: Any,
+                  budget: TokenBudget, device: torch.device) -> Tensor:
+    """Raw rewards [N] of rated replies, fitted to ``budget`` like every other example."""
+    batch = collate([example_for(tokenizer, r.prompt, r.completion, budget) for r in rated],
+                    pad_token_id(tokenizer)).to(device)
+    return sequence_rewards(model, head, batch.input_ids, batch.attention_mask)
+
+
+@torch.no_grad()
+def evaluate_thumbs(model: nn.Module, head: ScalarHead, threshold: Tensor, rated: Sequence[RatedReply],
+                    tokenizer: Any, cfg: RewardConfig, device: torch.device) -> dict[str, float]:
+    """👍/👎 accuracy (side of the threshold) and loss on held-out rated replies."""
+    correct = loss_sum = 0.0
+    for start in range(0, len(rated), cfg.eval_batch_rows):
+        chunk = rated[start : start + cfg.eval_batch_rows]
+        rewards = rated_rewards(model, head, chunk, tokenizer, cfg.token_budget(), device)
+        liked = torch.tensor([r.liked for r in chunk], device=device)
+        correct += pointwise_accuracy(rewards, liked, threshold).item() * len(chunk)
+        loss_sum += pointwise_reward_loss(rewards, liked, threshold).item() * len(chunk)
+    n = max(len(rated), 1)
+    return {"accuracy": correct / n, "loss": loss_sum / n, "rows": float(len(rated))}
+
+
 @dataclass
 class RewardResult:
     """Where the reward adapter went, its held-out accuracy and speed."""
@@ -245,82 +299,127 @@ class RewardResult:
     shift: float
     std: float
     truncation: TruncationReport
+    thumbs_train: int = 0  # rated replies trained on (counting repeats over epochs)
+    thumbs_eval_accuracy: float = float("nan")  # held-out 👍/👎 on the right side of the threshold
+    threshold: float = float("nan")  # the learned 👍/👎 threshold, on the raw (unshifted) scale
+
+
+def _cycle(n: int, take: int, rng: random.Random, order: list[int]) -> list[int]:
+    """The next ``take`` indices of a reshuffled-every-epoch order over ``n`` items (``order`` is consumed)."""
+    while len(order) < take:
+        refill = list(range(n))
+        rng.shuffle(refill)
+        order += refill
+    picked = order[:take]
+    del order[:take]
+    return picked
 
 
 def train_reward_model(cfg: RewardConfig) -> RewardResult:
-    """Train a reward adapter + head on preference data; write it to ``cfg.output_dir``.
+    """Train a reward adapter + head on preference data and/or 👍/👎; write it to ``cfg.output_dir``.
+
+    Each step mixes ``groups_per_batch`` preference prompts (InstructGPT eq. 1) with
+    ``thumbs_per_batch`` rated replies (:func:`training.losses.pointwise_reward_loss`, weighted by
+    ``pointwise_weight``); the learned threshold is saved in ``scalar_head.json`` (``threshold``).
 
     Example:
-        >>> train_reward_model(RewardConfig(data="prefs.jsonl", output_dir="runs/rm-1"))  # doctest: +SKIP
+        >>> train_reward_model(RewardConfig(data="prefs.jsonl", thumbs_data="thumbs.jsonl", output_dir="runs/rm-1"))  # doctest: +SKIP
     """
-    if not cfg.data:
-        raise DataError("The reward model needs preferences: pass data=PATH (`alignloop db export preferences --format groups`).")
+    if not cfg.data and not cfg.thumbs_data:
+        raise DataError("The reward model needs preferences or 👍/👎: pass data=PATH (`alignloop db export preferences "
+                        "--format groups`) and/or thumbs_data=PATH (`alignloop db export --kind thumbs`).")
+    groups = preference_groups(read_rows(cfg.data)) if cfg.data else []
+    if cfg.data and not groups:
+        raise DataError(f"{cfg.data} has no usable preference pairs.")
+    rated = rated_replies(read_rows(cfg.thumbs_data)) if cfg.thumbs_data else []
+    budget = cfg.token_budget()
     out = fresh_dir(cfg.output_dir)
     cfg.save(out)
     torch.manual_seed(cfg.seed)
-    groups = preference_groups(read_rows(cfg.data))
-    if not groups:
-        raise DataError(f"{cfg.data} has no usable preference pairs.")
     train, held_out = split_groups(groups, cfg.eval_fraction, cfg.seed)
-    budget = cfg.token_budget()
+    thumbs_train, thumbs_held = split_rows(rated, cfg.eval_fraction, cfg.seed)
     base, tokenizer, device = load_base(cfg)
     # A prompt the chat template refuses fails now, not halfway through training.
     truncation = truncation_report(groups, tokenizer, budget)
+    for r in rated:
+        example = example_for(tokenizer, r.prompt, r.completion, budget)
+        truncation.add(example.prompt_cut, [example.reply_cut])
     model = attach_adapter(base, "default", cfg.init_adapter or None, cfg.lora, trainable=True)
+    info: dict[str, Any] = {}
     if cfg.init_adapter:
-        head, _ = load_head(cfg.init_adapter, device)  # warm start: LoRA and head from the previous RM
+        head, info = load_head(cfg.init_adapter, device)  # warm start: LoRA and head from the previous RM
     else:
         head = ScalarHead(model.get_base_model().config.hidden_size).to(device)
+    # τ starts where the previous RM put it, else at its reference replies' mean reward (its shift), else 0.
+    threshold = nn.Parameter(torch.tensor(float(info.get("threshold", info.get("shift", 0.0))), device=device))
     params = adapter_parameters(model, "default") + list(head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = max(1, math.ceil(cfg.epochs * len(train) / cfg.groups_per_batch))
+    optimizer = torch.optim.AdamW(params + ([threshold] if rated else []), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = max(1, math.ceil(cfg.epochs * len(train) / cfg.groups_per_batch) if train else 0,
+                math.ceil(cfg.epochs * len(thumbs_train) / cfg.thumbs_per_batch) if thumbs_train else 0)
     log = MetricsLog(out, cfg.to_dict())
     log.log(0, truncation.as_metrics("data"))
     rng = random.Random(cfg.seed)
-    order: list[int] = []
-    pairs_seen = 0
+    group_order: list[int] = []
+    thumbs_order: list[int] = []
+    pairs_seen = thumbs_seen = 0
     model.train()
     started = time.perf_counter()
     for step in tqdm(range(steps), desc="RM", disable=not cfg.progress):
-        if len(order) < cfg.groups_per_batch:
-            refill = list(range(len(train)))
-            rng.shuffle(refill)
-            order += refill
-        chunk = [train[i] for i in order[: cfg.groups_per_batch]]
-        del order[: cfg.groups_per_batch]
         optimizer.zero_grad(set_to_none=True)
-        loss, acc, pairs = accumulate_kwise_gradients(model, head, chunk, tokenizer, cfg, device)
+        metrics: dict[str, float] = {}
+        if train:
+            chunk = [train[i] for i in _cycle(len(train), min(cfg.groups_per_batch, len(train)), rng, group_order)]
+            loss, acc, pairs = accumulate_kwise_gradients(model, head, chunk, tokenizer, cfg, device)
+            pairs_seen += pairs
+            metrics.update({"rm/loss": loss, "rm/accuracy": acc})
+        if thumbs_train:
+            rows = [thumbs_train[i] for i in _cycle(len(thumbs_train), min(cfg.thumbs_per_batch, len(thumbs_train)),
+                                                     rng, thumbs_order)]
+            loss, acc = accumulate_thumbs_gradients(model, head, threshold, rows, tokenizer, cfg, device)
+            thumbs_seen += len(rows)
+            metrics.update({"rm/thumbs_loss": loss, "rm/thumbs_accuracy": acc, "rm/threshold": threshold.item()})
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
-        pairs_seen += pairs
-        log.log(step, {"rm/loss": loss, "rm/accuracy": acc, "rm/grad_norm": float(grad_norm),
+        log.log(step, {**metrics, "rm/grad_norm": float(grad_norm),
                        "rm/pairs_per_s": pairs_seen / (time.perf_counter() - started)})
     train_seconds = time.perf_counter() - started
     model.eval()
-    metrics = evaluate_pairs(model, head, held_out, tokenizer, cfg, device) if held_out else {"accuracy": float("nan"), "loss": float("nan"), "pairs": 0.0}
-    shift, std = reward_normalisation(model, head, tokenizer, cfg, train, device)
-    log.log(steps, {"rm/eval_accuracy": metrics["accuracy"], "rm/eval_loss": metrics["loss"], "rm/shift": shift, "rm/std": std})
+    nan = float("nan")
+    metrics = evaluate_pairs(model, head, held_out, tokenizer, cfg, device) if held_out else {"accuracy": nan, "loss": nan, "pairs": 0.0}
+    thumbs = (evaluate_thumbs(model, head, threshold, thumbs_held, tokenizer, cfg, device) if thumbs_held
+              else {"accuracy": nan, "loss": nan, "rows": 0.0})
+    references = [(g.prompt, g.completions[w]) for g in train for w in sorted({w for w, _ in g.pairs})]
+    references += [(r.prompt, r.completion) for r in thumbs_train if r.liked]
+    shift, std = reward_normalisation(model, head, tokenizer, cfg, references, device)
+    log.log(steps, {"rm/eval_accuracy": metrics["accuracy"], "rm/eval_loss": metrics["loss"],
+                    "rm/thumbs_eval_accuracy": thumbs["accuracy"], "rm/thumbs_eval_loss": thumbs["loss"],
+                    "rm/shift": shift, "rm/std": std})
     log.close()
     save_adapter(model, "default", out)
-    save_head(head, out, {"shift": shift, "std": std, "eval_accuracy": metrics["accuracy"],
-                          "eval_pairs": int(metrics["pairs"]), "base_model": str(cfg.base_model)})
+    head_info = {"shift": shift, "std": std, "eval_accuracy": metrics["accuracy"], "eval_pairs": int(metrics["pairs"]),
+                 "base_model": str(cfg.base_model)}
+    if rated or "threshold" in info:
+        head_info.update({"threshold": threshold.item(), "thumbs_eval_accuracy": thumbs["accuracy"],
+                          "thumbs_eval_rows": int(thumbs["rows"])})
+    save_head(head, out, head_info)
     return RewardResult(out, metrics["accuracy"], metrics["loss"], pairs_seen, int(metrics["pairs"]), train_seconds,
-                        pairs_seen / train_seconds, shift, std, truncation)
+                        pairs_seen / train_seconds, shift, std, truncation, thumbs_seen, thumbs["accuracy"],
+                        threshold.item() if rated or "threshold" in info else nan)
 
 
 def reward_normalisation(model: nn.Module, head: ScalarHead, tokenizer: Any, cfg: RewardConfig,
-                         train: Sequence[PreferenceGroup], device: torch.device, limit: int = 256) -> tuple[float, float]:
+                         references: Sequence[tuple[Any, str]], device: torch.device,
+                         limit: int = 256) -> tuple[float, float]:
     """(shift, std): the mean and std of raw rewards of reference replies.
 
     InstructGPT: "we normalize the reward model using a bias so that the labeler
     demonstrations achieve a mean score of 0". References are ``cfg.reference_data``
-    (SFT rows), else every reply that wins at least one pair.
+    (SFT rows), else ``references`` (every reply that wins a pair, and every liked reply).
     """
-    if cfg.reference_data:
-        pairs = [sft_pair(row) for row in read_rows(cfg.reference_data)]
-    else:
-        pairs = [(g.prompt, g.completions[w]) for g in train for w in sorted({w for w, _ in g.pairs})]
+    pairs = [sft_pair(row) for row in read_rows(cfg.reference_data)] if cfg.reference_data else list(references)
     pairs = pairs[:limit]
+    if not pairs:
+        return 0.0, 1.0
     scores = torch.tensor(score_texts(model, head, tokenizer, [p for p, _ in pairs], [r for _, r in pairs],
                                       cfg.token_budget(), device, cfg.eval_batch_rows))
     std = scores.std().item() if len(scores) > 1 else 1.0
@@ -344,6 +443,11 @@ class RewardModel:
     @property
     def shift(self) -> float:
         return float(self.info.get("shift", 0.0))
+
+    @property
+    def threshold(self) -> float:
+        """The learned 👍/👎 threshold on the scale of :meth:`score` (NaN if trained without 👍/👎)."""
+        return float(self.info.get("threshold", float("nan"))) - self.shift
 
     @classmethod
     def load(cls, folder: str | Path, base_model: str | None = None, device: str = "auto") -> RewardModel:
