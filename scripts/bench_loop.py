@@ -97,14 +97,14 @@ class BenchLoopConfig:
     noise_temperature: float = _f(0.5, "Bradley–Terry temperature T in gold units: P(A over B) = sigmoid((g(A) - g(B)) / T).")
     thumbs_threshold: float = _f(float("nan"), "Gold score at which 👍 and 👎 are equally likely (nan: the gold's own `threshold`, else 0).")
     rounds: int = _f(3, "Retraining rounds.")
-    users: int = _f(4, "Simulated users (logged in, acting concurrently).")
+    users: int = _f(6, "Simulated users (logged in, acting concurrently); promotion needs votes from several (the test's min_voters, 5).")
     actions: int = _f(10, "Actions per user per round, before the round trains.")
     action_mix: str = _f("chat:3,demonstrate:1,rank:2,compare:2", "Relative frequency of each action (chat, demonstrate, rank, compare).")
     actions_during_round: int = _f(2, "Chat actions one user takes while the round trains (the server keeps serving).")
     best_of: int = _f(3, "Replies a user sees (Regenerate) before saving the best as its better reply.")
     rank_k: int = _f(4, "Replies per Rank action.")
-    compare_votes: int = _f(40, "Candidate-vs-live Compare votes collected after each round (fewer if promoted first).")
-    auto_promote_after: int = _f(30, "The server's --auto-promote-after (and the --promote-only min_votes): decisive votes before a promotion is considered.")
+    compare_votes: int = _f(60, "Candidate-vs-live Compare votes collected after each round (fewer if promoted first).")
+    auto_promote_after: int = _f(10, "The server's --auto-promote-after (and the --promote-only min_votes): counted decisive votes before the promotion test may promote.")
     max_new_tokens: int = _f(64, "The app's reply length limit, as users set it.")
     temperature: float = _f(1.0, "The app's sampling temperature, as users set it.")
     top_p: float = _f(1.0, "The app's top-p, as users set it.")
@@ -256,17 +256,21 @@ class Users:
 
 
 def users_phase(users: Users, actions: int, deadline: float) -> list[Action]:
-    """Each user takes `actions` actions of the mix, all users at once; returns what they did."""
-    def run(user: SimulatedUser) -> list[Action]:
-        done = []
-        for kind in plan_actions(users.mix, actions, user.rng):
+    """Each user takes `actions` actions, all users at once; one plan for all of them has every action
+    of the mix at least once (when there are enough actions). Returns what they did."""
+    n = len(users.users)
+    plan = plan_actions(users.mix, actions * n, users.rng)
+
+    def run(i: int) -> list[Action]:
+        user, done = users.users[i], []
+        for kind in plan[i::n]:
             if time.monotonic() > deadline:
                 break
             done.append(user.act(kind, users.prompt()))
         return done
 
-    with ThreadPoolExecutor(len(users.users)) as pool:
-        return [a for batch in pool.map(run, users.users) for a in batch]
+    with ThreadPoolExecutor(n) as pool:
+        return [a for batch in pool.map(run, range(n)) for a in batch]
 
 
 def round_command(cfg: BenchLoopConfig, db: Path, *extra: str) -> list[str]:

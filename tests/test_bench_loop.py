@@ -1,0 +1,162 @@
+"""scripts/bench_loop.py: the simulated users' noise model, the gold rule, the statistics, and the whole
+benchmark on the tiny model (`--tiny`, a subprocess: the app, two real rounds, Compare, promotion, evaluation)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from scripts.bench_loop import BenchLoopConfig, gold_win_rate, load_gold, parse_args, proxy_accuracy, split_prompts
+from scripts.gold_preferences import (
+    first_human_turn,
+    is_gold_part,
+    rule_components,
+    rule_gold,
+    rule_prompts,
+    rule_reasons,
+)
+from scripts.simulated_users import (
+    NoiseModel,
+    mix_weights,
+    parse_reveal,
+    plackett_luce_order,
+    plan_actions,
+    preference_probability,
+)
+from tests.app_server import count_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- the noise model ----------------------------------------------------------------------------
+
+
+def test_bradley_terry_probability_on_hand_computed_values() -> None:
+    assert preference_probability(3.0, 2.5, 0.5) == pytest.approx(1 / (1 + math.exp(-1)))  # σ(1) = 0.7311
+    assert preference_probability(2.0, 3.0, 0.25) == pytest.approx(1 / (1 + math.exp(4)))  # σ(-4) = 0.0180
+    assert preference_probability(1.0, 0.0, 0.0) == 1.0 and preference_probability(0.0, 1.0, 0.0) == 0.0
+    assert preference_probability(1.0, 1.0, 0.0) == 0.5
+    assert preference_probability(9.0, -9.0, math.inf) == 0.5  # the null user
+
+
+def test_plackett_luce_with_two_replies_draws_the_bradley_terry_probability() -> None:
+    rng = random.Random(0)
+    draws = 20_000
+    firsts = sum(plackett_luce_order([1.5, 1.0], 0.5, rng)[0] == 0 for _ in range(draws))
+    assert firsts / draws == pytest.approx(preference_probability(1.5, 1.0, 0.5), abs=0.015)
+
+
+def test_noiseless_and_null_orders() -> None:
+    rng = random.Random(1)
+    assert plackett_luce_order([0.1, 3.0, 2.0, -1.0], 0.0, rng) == [1, 2, 0, 3]
+    tops = [plackett_luce_order([10.0, 0.0, 0.0], math.inf, rng)[0] for _ in range(3000)]
+    assert all(abs(tops.count(i) / 3000 - 1 / 3) < 0.04 for i in range(3))  # no preference at all
+    noise = NoiseModel(temperature=0.0, threshold=3.0)
+    assert noise.thumbs_up(3.5, rng) and not noise.thumbs_up(2.5, rng)
+
+
+def test_action_plans_and_reveals() -> None:
+    weights = mix_weights("chat:3,demonstrate:1,rank:2,compare:2")
+    plan = plan_actions(weights, 6, random.Random(0))
+    assert len(plan) == 6 and set(plan) == {"chat", "demonstrate", "rank", "compare"}
+    with pytest.raises(ValueError, match="unknown action"):
+        mix_weights("chat:1,vote:2")
+    assert parse_reveal("Thanks! **A** was `policy-r1`, **B** was `base:tiny`.") == ("policy-r1", "base:tiny")
+
+
+# -- the gold rule ------------------------------------------------------------------------------
+
+
+def test_rule_gold_scores_each_part() -> None:
+    prompt = "How do I bake bread at home?"
+    good = "Mix flour, water, yeast and salt, knead, let it rise, then bake the bread at home for 40 minutes."
+    assert rule_gold(prompt, good) == 4.0
+    assert rule_gold(prompt, "") == 0.0
+    cut = rule_components(prompt, "Mix flour and water, then bake the bread and")
+    assert cut["complete"] == 0.0 and cut["on_topic"] == 2 / 3  # bake, bread of {bake, bread, home}
+    repeated = rule_components(prompt, "Bake the bread.\nBake the bread.\nBake the bread.")
+    assert repeated["non_repetitive"] == pytest.approx(1 - max(4 / 7, 2 / 3))  # 4 of 7 trigrams, 2 of 3 lines
+    long = rule_components(prompt, " ".join(["bread"] * 90) + ".")
+    assert long["concise"] == pytest.approx(0.5)  # 90 words: 1 - 30 / 60
+    assert rule_reasons(prompt, "Something else entirely") == ["cut off", "off topic"]
+    assert len(rule_prompts()) == len(set(rule_prompts())) >= 100
+
+
+def test_hh_split_is_fixed_and_opening_turns_are_extracted() -> None:
+    transcript = "\n\nHuman: How do I fix a flat tyre?\n\nAssistant: Which bike?\n\nHuman: A road bike.\n\nAssistant:"
+    assert first_human_turn(transcript) == "How do I fix a flat tyre?"
+    share = sum(is_gold_part(f"prompt {i}") for i in range(2000)) / 2000
+    assert 0.45 < share < 0.55 and is_gold_part("prompt 7") == is_gold_part("prompt 7")
+
+
+# -- statistics and options ---------------------------------------------------------------------
+
+
+def test_gold_win_rate_counts_ties_apart_with_a_wilson_interval() -> None:
+    result = gold_win_rate([3.0, 2.0, 1.0, 4.0, 2.0], [1.0, 2.0, 2.0, 0.0, 1.0])
+    assert (result["wins"], result["losses"], result["ties"]) == (3, 1, 1)
+    assert result["rate"] == 0.75
+    assert result["ci_low"] == pytest.approx(0.3006, abs=1e-3) and result["ci_high"] == pytest.approx(0.9544, abs=1e-3)
+
+
+def test_proxy_accuracy_on_gold_distinct_pairs_only() -> None:
+    # prompt 1: gold 1 < 2 < 3, proxy gets (0,1) and (0,2) right, (1,2) wrong; prompt 2: a gold tie is skipped,
+    # and a proxy tie on a gold-distinct pair is wrong.
+    result = proxy_accuracy([[0.0, 2.0, 1.0], [5.0, 5.0, 1.0]], [[1.0, 2.0, 3.0], [2.0, 2.0, 1.0]])
+    assert (result["correct"], result["pairs"]) == (4, 5)
+
+
+def test_options_mirror_the_config_and_the_prompt_split_keeps_evaluation_prompts_away() -> None:
+    cfg = parse_args(["--rounds", "5", "--round-set", "ppo.iterations=8", "--round-set", "min_pairs=4", "--null",
+                      "--noise-temperature", "0.25"])
+    assert cfg == BenchLoopConfig(rounds=5, round_set=["ppo.iterations=8", "min_pairs=4"], null=True,
+                                  noise_temperature=0.25)
+    users, held = split_prompts(rule_prompts(), 0.3, 10)
+    assert len(held) == 10 and not set(users) & set(held) and len(users) > 70
+    assert load_gold("scripts.gold_preferences:rule_gold") is rule_gold
+    with pytest.raises(SystemExit, match="package.module:function"):
+        load_gold("rule_gold")
+
+
+# -- the whole benchmark on the tiny model ------------------------------------------------------
+
+
+def test_tiny_benchmark_runs_every_step_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_loop.py"), "--tiny", "--out", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    wall = time.monotonic() - started
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["round0_policy"].startswith("base:") and len(results["rounds"]) == 2, results.get("stopped")
+    for row in results["rounds"]:
+        assert row["status"] == "succeeded" and row["candidate"].startswith("policy-r"), row["reason"]
+        signals = row["signals"]
+        for kind in ("chat_turns", "compare_votes", "rankings", "demonstrations"):
+            assert signals[kind] > 0, (kind, signals)
+        assert signals["thumbs_up"] + signals["thumbs_down"] > 0 and signals["candidate_votes"] > 0
+        assert row["proxy_accuracy"] is not None  # the round's reward adapter was loaded and scored
+        assert {"live", "candidate"} <= set(row["gold_win_rate"])
+        assert row["round_metrics"]["kl_to_sft"] is not None and row["round_metrics"]["ptx_ppl_after"] is not None
+        assert "promot" in row["promotion_cli"] and row["live_after"]
+        assert set(row["seconds"]) == {"users", "round", "compare", "promote", "evaluate"}
+    assert results["rounds"][1]["cumulative_votes"] > results["rounds"][0]["cumulative_votes"]
+    table = (out / "results.md").read_text()
+    assert "| round | status |" in table and "| 1 (#2) | succeeded |" in table
+    assert (out / "gold_win_rate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| 0 (#1) |" in done.stdout  # the table is printed as the run goes
+    # Everything went through the app: its database holds the users' feedback.
+    db = out / "feedback.db"
+    for table_name in ("ratings", "comparisons", "rankings", "demonstrations"):
+        assert count_rows(db, f"SELECT COUNT(*) FROM {table_name}") > 0, table_name
+    print(f"bench_loop --tiny: {wall:.0f} s")
