@@ -123,14 +123,15 @@ class BenchLoopConfig:
 
 
 def apply_tiny(cfg: BenchLoopConfig) -> BenchLoopConfig:
-    """The --tiny settings: build the tiny random model into OUT and shrink every step."""
+    """The --tiny settings: build the tiny random model into OUT and shrink every step (the gold stays
+    --gold's: the rule by default)."""
     from training.base_models import build_tiny_model
 
     model = Path(cfg.out) / "tiny-model"
     if not (model / "config.json").is_file():
         build_tiny_model(model)
     return dataclasses.replace(
-        cfg, base_model=str(model), engine="hf", device="cpu", gold="scripts.gold_preferences:rule_gold",
+        cfg, base_model=str(model), engine="hf", device="cpu",
         rounds=2, users=2, actions=5, actions_during_round=1, best_of=2, rank_k=3, compare_votes=3,
         auto_promote_after=3, max_new_tokens=8, eval_prompts=6, eval_max_new_tokens=8, budget_minutes=6.0,
         round_set=TINY_ROUND_SET + ["device=cpu"] + list(cfg.round_set))
@@ -444,6 +445,7 @@ def run_bench(cfg: BenchLoopConfig) -> dict[str, Any]:
     results: dict[str, Any] = {"config": dataclasses.asdict(cfg), "prompts": {"users": len(user_prompts),
                                "eval": len(eval_prompts)}, "rounds": [], "stopped": None}
     if cfg.rounds <= 0:
+        results["wall_seconds"] = time.monotonic() - started
         return write_results(out, results)
 
     passwords = {f"user{i}": f"pw-{i}-{random.Random(cfg.seed + i).getrandbits(32):x}" for i in range(cfg.users)}
@@ -651,8 +653,8 @@ def parse_args(argv: list[str] | None = None) -> BenchLoopConfig:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     results = run_bench(cfg)
-    print(f"\nresults: {Path(cfg.out) / 'results.md'}, {Path(cfg.out) / 'results.json'}, "
-          f"{Path(cfg.out) / 'gold_win_rate.png'} ({results.get('wall_seconds', 0):.0f} s)")
+    written = [p for p in ("results.md", "results.json", "gold_win_rate.png") if (Path(cfg.out) / p).is_file()]
+    print(f"\nresults in {cfg.out}: {', '.join(written)} ({results.get('wall_seconds', 0):.0f} s)")
     if results.get("null_check", "").startswith("FAILED"):
         print(results["null_check"])
     return 0
