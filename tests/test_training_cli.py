@@ -48,3 +48,30 @@ def test_rm_takes_thumbs_with_or_without_pairs(tmp_path: Path) -> None:
     assert cfg["thumbs_data"] == "thumbs.jsonl" and cfg["data"] == "" and cfg["pointwise_weight"] == 0.25
     refused = runner.invoke(train_app, ["rm", "-o", str(tmp_path / "rm2")])
     assert refused.exit_code == 1 and "thumbs_data" in refused.output
+
+
+def test_ppo_sampler_option_and_the_factory_from_the_top_level_app(tmp_path: Path, monkeypatch) -> None:
+    """`alignloop train ppo` passes on the sampler factory that the top-level app puts in the context."""
+    import training.ppo
+
+    shown = runner.invoke(train_app, ["ppo", "prompts.jsonl", "--reward-adapter", "rm", "--sampler", "vllm",
+                                      "--show-config"])
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.output)["sampler"] == "vllm"
+    bad = runner.invoke(train_app, ["ppo", "prompts.jsonl", "--reward-adapter", "rm", "--sampler", "fast"])
+    assert bad.exit_code == 1 and "'auto', 'vllm', 'hf'" in bad.output
+
+    seen = {}
+
+    def fake_train_ppo(cfg, reward_fn=None, sampler_factory=None):
+        seen["factory"] = sampler_factory
+        raise training.ppo.ConfigError("stop here")
+
+    def factory(cfg, ctx):  # what chat_app's vllm_sampler_factory stands for
+        raise AssertionError("not called by the CLI itself")
+
+    monkeypatch.setattr(training.ppo, "train_ppo", fake_train_ppo)
+    result = runner.invoke(train_app, ["ppo", "prompts.jsonl", "--reward-adapter", "rm", "-o", str(tmp_path / "p")],
+                           obj={"ppo_sampler_factory": factory})
+    assert result.exit_code == 1 and "stop here" in result.output
+    assert seen["factory"] is factory

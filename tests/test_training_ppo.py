@@ -220,3 +220,63 @@ def test_trained_adapters_load_in_the_chat_engines(kind: str, full_loop: dict, t
             await engine.close()
 
     assert len(asyncio.run(serve())) == 3
+
+
+def test_training_never_imports_chat_app() -> None:
+    """Imports flow one way (feedback_db <- training <- chat_app): no training module imports chat_app,
+    at any depth (the vLLM sampler comes in as a factory)."""
+    import ast
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1] / "training"
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.name}:{node.lineno} {n}" for n in names if n.split(".")[0] == "chat_app"]
+    assert not offenders, offenders
+    modules = ["training"] + [f"training.{p.stem}" for p in sorted(root.glob("*.py")) if p.stem != "__init__"]
+    code = ("import importlib, sys\n"
+            f"for m in {modules!r}: importlib.import_module(m)\n"
+            "loaded = sorted(m for m in sys.modules if m.split('.')[0] == 'chat_app')\n"
+            "assert not loaded, loaded\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root.parent)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_engine_sampler_sends_the_fitted_prompt_ids_to_the_engine(tiny_model_path: Path) -> None:
+    """chat_app's EngineSampler generates from the ids PPO scores, never from re-rendered messages."""
+    from chat_app.engines import EngineConfig, SamplingConfig, create_engine
+    from chat_app.engines.rollout_sampler import EngineSampler
+    from training.chat_data import encode_prompt, encode_prompt_fitted, stop_token_ids
+
+    engine = create_engine("hf", tiny_model_path, EngineConfig(max_model_len=64, max_lora_rank=8, dtype="float32",
+                                                                cpu_threads=1))
+    tok = engine.format.tokenizer
+    long = [{"role": "system", "content": "Be brief."}] + [
+        {"role": r, "content": f"turn {i} " + "water " * 20} for i, r in enumerate(["user", "assistant"] * 3)] + [
+        {"role": "user", "content": "last question"}]
+    fitted = encode_prompt_fitted(tok, long, 48)
+    assert len(encode_prompt(tok, long)) > 64 >= 48 >= len(fitted)  # rendered whole, it would not even fit the engine
+    sent = []
+    original = engine.generate_tokens
+
+    async def recording(prompt_ids, n=1, **kwargs):
+        sent.append(list(prompt_ids))
+        return await original(prompt_ids, n, **kwargs)
+
+    engine.generate_tokens = recording
+    sampler = EngineSampler(engine, stop_token_ids(tok), max_new_tokens=8, temperature=1.0, top_p=1.0)
+    try:
+        replies = sampler.sample([fitted], [long])
+        assert sent == [fitted] and len(replies) == 1 and 1 <= len(replies[0]) <= 8
+        # Token ids in, the same reply as from the messages that render to them (greedy).
+        msgs = [{"role": "user", "content": "Hello! How are you?"}]
+        greedy = SamplingConfig(temperature=0.0, max_tokens=6)
+        by_ids = sampler._loop.run_until_complete(original(engine.format.render(msgs), 1, sampling=greedy))
+        by_messages = sampler._loop.run_until_complete(engine.generate(msgs, 1, sampling=greedy))
+        assert by_ids[0].token_ids == by_messages[0].token_ids
+    finally:
+        sampler.close()

@@ -160,3 +160,52 @@ def test_reward_of_a_cut_reply_is_read_at_its_last_kept_token(tiny) -> None:
     assert not torch.allclose(rewards[0], old_rule[0], atol=1e-3)
     report = truncation_report(groups, tok, budget)
     assert (report.prompts, report.prompts_cut, report.replies, report.replies_cut) == (1, 0, 2, 1)
+
+
+def test_ppo_sampler_and_scorer_see_identical_prompt_ids(tiny_model_path: Path, tok, tmp_path: Path, monkeypatch) -> None:
+    import json
+
+    import training.ppo
+    from training.config import LoraSettings
+    from training.rollout import hf_sampler_factory
+
+    prompts = [conversation(turns=3, words=12), conversation(turns=1, words=4), "Hello! How are you?",
+               [SYSTEM, {"role": "user", "content": "Opening " + " ".join(["water"] * 200)}]]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    cfg = PPOConfig(base_model=str(tiny_model_path), prompts=str(path), output_dir=str(tmp_path / "ppo"), iterations=1,
+                    rollout_batch=4, minibatch=4, ppo_epochs=1, max_new_tokens=8, max_length=96, ptx_coef=0.0,
+                    progress=False, lora=LoraSettings(r=4, alpha=8))
+    sampled, scored = [], []
+
+    class RecordingSampler:
+        def __init__(self, inner):
+            self.inner, self.needs_adapter_folder = inner, inner.needs_adapter_folder
+
+        def sample(self, prompt_ids, messages):
+            sampled.extend(list(p) for p in prompt_ids)
+            return self.inner.sample(prompt_ids, messages)
+
+        def set_policy(self, name, folder):
+            self.inner.set_policy(name, folder)
+
+        def close(self):
+            self.inner.close()
+
+    make_batch = training.ppo.make_rollout_batch
+
+    def recording_batch(prompt_ids, *args, **kwargs):
+        batch = make_batch(prompt_ids, *args, **kwargs)
+        pad = batch.context_length
+        for row, mask, ids in zip(batch.input_ids.tolist(), batch.attention_mask.tolist(), prompt_ids):
+            scored.append([t for t, m in zip(row[:pad], mask[:pad]) if m])  # what the log-prob scorers read
+            assert batch.prompt_ids[len(scored) - 1] == ids  # what the reward model reads
+        return batch
+
+    monkeypatch.setattr(training.ppo, "make_rollout_batch", recording_batch)
+    reward = lambda reply, mask: mask.sum(1).float()  # noqa: E731
+    training.ppo.train_ppo(cfg, reward_fn=reward, sampler_factory=lambda c, ctx: RecordingSampler(hf_sampler_factory(c, ctx)))
+    expected = {json.dumps(encode_prompt_fitted(tok, p, cfg.token_budget().generation_prompt)) for p in prompts}
+    assert sampled == scored and {json.dumps(s) for s in sampled} == expected
+    assert all(len(s) <= 96 - 8 for s in sampled)
+    assert any(len(encode_prompt(tok, p)) > 96 for p in prompts)  # some prompts really had to be fitted

@@ -119,12 +119,15 @@ OutputOption = Annotated[
 
 def _resolve_config(cls: type, config_file: Optional[Path], overrides: Optional[list[str]], **fields: object):
     """Config = defaults ← --config file ← named options ← --set overrides."""
-    from training.config import apply_overrides, load_config
+    import dataclasses
+
+    from training.config import apply_overrides, coerce, load_config
 
     cfg = load_config(cls, config_file) if config_file else cls()
+    types = {f.name: f.type for f in dataclasses.fields(cfg)}
     for name, value in fields.items():
-        if value is not None:
-            setattr(cfg, name, str(value) if isinstance(value, Path) else value)
+        if value is not None:  # checked like --set (e.g. a Literal's choices)
+            setattr(cfg, name, coerce(str(value), types[name]) if isinstance(value, (str, Path)) else value)
     return apply_overrides(cfg, overrides or [])
 
 
@@ -207,8 +210,14 @@ def train_rm_command(
          base_model=base_model, init_adapter=init_adapter)
 
 
+# The key under which the top-level `alignloop` app (chat_app/cli.py) puts a rollout sampler factory
+# in the click context's ``obj``: training never imports chat_app, so the vLLM sampler comes from above.
+SAMPLER_FACTORY_KEY = "ppo_sampler_factory"
+
+
 @train_app.command("ppo")
 def train_ppo_command(
+    ctx: typer.Context,
     prompts: Annotated[Path, typer.Argument(help="Prompts JSONL (`alignloop db export prompts`).")],
     reward_adapter: Annotated[Path, typer.Option("--reward-adapter", help="Reward adapter from `alignloop train rm`.")],
     output_dir: OutputOption = None,
@@ -216,6 +225,7 @@ def train_ppo_command(
     init_adapter: Annotated[Optional[Path], typer.Option("--init-adapter", help="Start the policy from this adapter (e.g. the live policy) instead of the SFT adapter.", show_default=False)] = None,
     sft_data: Annotated[Optional[Path], typer.Option("--sft-data", help="Demonstrations; the default ptx corpus.", show_default=False)] = None,
     pretrain_data: Annotated[Optional[Path], typer.Option("--pretrain-data", help="ptx corpus (.txt or .jsonl).", show_default=False)] = None,
+    sampler: Annotated[Optional[str], typer.Option("--sampler", help="Rollout engine: auto (vLLM on a GPU, else HF) | vllm (the chat app's vLLM engine) | hf (generate on the training model).", show_default=False)] = None,
     base_model: BaseModelOption = None,
     config_file: ConfigFileOption = None,
     overrides: SetOption = None,
@@ -225,6 +235,8 @@ def train_ppo_command(
 
     Example: alignloop train ppo prompts.jsonl --reward-adapter runs/rm-1 --sft-adapter runs/sft-1 --sft-data sft.jsonl -o runs/ppo-1 --set iterations=200 --set ptx_coef=1.0
 
+    Example: alignloop train ppo prompts.jsonl --reward-adapter runs/rm-1 --sampler vllm -o runs/ppo-2   (rollouts on vLLM, GPU)
+
     Metrics: runs/ppo-1/metrics.jsonl and `tensorboard --logdir runs/ppo-1`.
     """
     from training.config import PPOConfig
@@ -232,11 +244,11 @@ def train_ppo_command(
     def train(cfg: PPOConfig) -> None:
         from training.ppo import train_ppo
 
-        r = train_ppo(cfg)
+        r = train_ppo(cfg, sampler_factory=(ctx.obj or {}).get(SAMPLER_FACTORY_KEY))
         typer.echo(f"Policy adapter: {r.adapter_dir}  reward {r.reward_first:+.3f} -> {r.reward_last:+.3f}, "
                    f"KL {r.kl_last:.3f}, ptx NLL {r.ptx_nll_before:.3f} -> {r.ptx_nll_after:.3f}, "
                    f"memory {r.memory['shared_mb']:.0f} MB vs {r.memory['four_models_mb']:.0f} MB for four models")
 
     _run(PPOConfig, show_config, config_file, overrides, train, prompts=prompts, reward_adapter=reward_adapter,
          output_dir=output_dir, sft_adapter=sft_adapter, init_adapter=init_adapter, sft_data=sft_data,
-         pretrain_data=pretrain_data, base_model=base_model)
+         pretrain_data=pretrain_data, sampler=sampler, base_model=base_model)

@@ -68,7 +68,7 @@ from training.config import ConfigError, PPOConfig
 from training.logprobs import hidden_states, reply_logprobs, token_logprobs
 from training.metrics_log import MetricsLog
 from training.reward_model import sequence_rewards
-from training.rollout import EngineSampler, HFSampler
+from training.rollout import Sampler, SamplerContext, SamplerFactory, hf_sampler_factory
 
 # A reward function replacing the reward adapter (tests, rule-based rewards):
 # (reply ids [batch, reply_len], reply mask [batch, reply_len]) -> scores [batch].
@@ -300,33 +300,31 @@ class PPOResult:
     samples: list[dict[str, Any]]
 
 
-def make_sampler(cfg: PPOConfig, stack: PolicyStack) -> HFSampler | EngineSampler:
-    """vLLM through the chat app's engine when asked for (or 'auto' on a GPU with vLLM), else HF generate."""
-    stop_ids, pad = stop_token_ids(stack.tokenizer), pad_token_id(stack.tokenizer)
-    want_vllm = cfg.sampler == "vllm" or (cfg.sampler == "auto" and stack.device.type == "cuda")
-    if want_vllm:
-        try:
-            from chat_app.engines import EngineConfig, create_engine
-            from training.base_models import prepare_model
-
-            rank = next(r for r in (8, 16, 32, 64, 128, 256) if r >= cfg.lora.r)
-            engine_cfg = EngineConfig(max_model_len=cfg.max_length + cfg.max_new_tokens, max_lora_rank=rank, seed=cfg.seed)
-            engine = create_engine("vllm", prepare_model(cfg.base_model), engine_cfg)
-            return EngineSampler(engine, stop_ids, cfg.max_new_tokens, cfg.temperature, cfg.top_p)
-        except Exception as exc:  # noqa: BLE001 - fall back to HF generate, but say why
-            if cfg.sampler == "vllm":
-                raise ConfigError(f"sampler='vllm' but the vLLM engine could not start ({exc}); use sampler='hf'.") from exc
-            logger.warning("vLLM engine unavailable (%s); sampling with HF generate.", exc)
-    return HFSampler(stack.model, stack.tokenizer, TRAINABLE, stop_ids, pad, cfg.max_new_tokens, cfg.temperature,
-                     cfg.top_p, stack.device)
+def make_sampler(cfg: PPOConfig, stack: PolicyStack, sampler_factory: SamplerFactory | None) -> Sampler:
+    """The rollout sampler: HF generate when ``cfg.sampler`` is 'hf' or no factory is given, else the
+    caller's factory (which decides for 'auto', e.g. vLLM on a GPU). 'vllm' without a factory is an error:
+    ``training`` cannot start the chat app's engine itself (imports flow one way)."""
+    ctx = SamplerContext(stack.model, stack.tokenizer, TRAINABLE, stop_token_ids(stack.tokenizer),
+                         pad_token_id(stack.tokenizer), stack.device)
+    if cfg.sampler == "vllm" and sampler_factory is None:
+        raise ConfigError("sampler='vllm' needs the chat app's engine: run `alignloop train ppo --sampler vllm`, or pass "
+                          "sampler_factory=chat_app.engines.rollout_sampler.vllm_sampler_factory to train_ppo; "
+                          "or set sampler='hf'.")
+    if cfg.sampler == "hf" or sampler_factory is None:
+        return hf_sampler_factory(cfg, ctx)
+    return sampler_factory(cfg, ctx)
 
 
-def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> PPOResult:
+def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None,
+              sampler_factory: SamplerFactory | None = None) -> PPOResult:
     """Run PPO-ptx; write the policy adapter to ``cfg.output_dir`` (value adapter in ``value/``).
 
     Args:
         cfg: the run's configuration.
         reward_fn: score replies with this instead of ``cfg.reward_adapter`` (rule-based rewards, tests).
+        sampler_factory: builds the rollout sampler from ``(cfg, SamplerContext)`` unless ``cfg.sampler``
+            is 'hf' (see :mod:`training.rollout`); e.g. ``chat_app.engines.rollout_sampler.vllm_sampler_factory``.
+            None: HF generate on the training model.
 
     Example:
         >>> train_ppo(PPOConfig(prompts="prompts.jsonl", sft_adapter="runs/sft-1",
@@ -357,7 +355,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> PPOResult:
     policy_params, value_params = stack.policy_parameters(), stack.value_parameters()
     optimizer = torch.optim.AdamW(policy_params + value_params, lr=cfg.lr, eps=1e-5, weight_decay=cfg.weight_decay)
     kl_ctl = L.AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon_rollouts(), cfg.adaptive_kl)
-    sampler = make_sampler(cfg, stack)
+    sampler = make_sampler(cfg, stack, sampler_factory)
     memory = memory_report(stack)
     log = MetricsLog(out, cfg.to_dict())
     (out / "memory.json").write_text(json.dumps(memory, indent=2) + "\n")
@@ -490,8 +488,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> PPOResult:
     save_adapter(stack.model, "policy", out)
     save_adapter(stack.model, "value", out / "value")
     save_head(stack.value_head, out / "value", {"shift": 0.0, "std": 1.0})
-    if isinstance(sampler, EngineSampler):
-        sampler.close()
+    sampler.close()
     return PPOResult(out, log.path, cfg.iterations, reward_history[0], reward_history[-1], kl_last, ptx_before,
                      ptx_after, ptx_train_before, ptx_train_after, memory, time.perf_counter() - started, samples)
 

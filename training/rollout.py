@@ -1,19 +1,23 @@
-"""Sampling replies for PPO rollouts: HF ``generate`` on the training model, or a chat engine.
+"""Sampling replies for PPO rollouts: the :class:`Sampler` contract and HF ``generate``.
 
 A sampler turns prompt token ids into reply token ids. Only the tokens come
 back: PPO recomputes every log-prob with the training model (with the sampling
-temperature), so a sampler's own numbers never enter the loss.
+temperature), so a sampler's own numbers never enter the loss. The prompt ids it
+gets are the ones every scorer sees (``chat_data.encode_prompt_fitted``): a sampler
+must generate from exactly those ids, never re-render the messages.
 
 * :class:`HFSampler` generates with the policy adapter of the training model.
-* :class:`EngineSampler` uses a chat-app engine (vLLM): each iteration's
-  policy adapter is saved to a new folder and registered under a new name.
+* Other samplers come from the caller as a :data:`SamplerFactory`: ``training``
+  never imports ``chat_app`` (imports flow one way). The chat app's vLLM sampler is
+  ``chat_app.engines.rollout_sampler.vllm_sampler_factory``, which
+  ``alignloop train ppo --sampler vllm`` passes to ``train_ppo``.
 """
 
 from __future__ import annotations
 
-import asyncio
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -21,13 +25,48 @@ from torch import nn
 from training.adapters import use_adapter
 from training.chat_data import Messages, left_pad
 
+if TYPE_CHECKING:
+    from training.config import PPOConfig
+
 
 class Sampler(Protocol):
-    """Reply token ids for prompts (token ids and the same prompts as messages)."""
+    """Reply token ids for prompts, sampled with the current policy.
 
-    def sample(self, prompt_ids: Sequence[list[int]], prompts: Sequence[Messages]) -> list[list[int]]: ...
+    ``needs_adapter_folder``: True when the sampler runs the policy elsewhere (an engine), so
+    PPO saves each iteration's policy adapter to a new folder and calls ``set_policy`` with it.
+    """
 
-    def set_policy(self, name: str, folder: Path | None) -> None: ...
+    needs_adapter_folder: bool
+
+    def sample(self, prompt_ids: Sequence[list[int]], prompts: Sequence[Messages]) -> list[list[int]]:
+        """One reply's token ids per prompt, generated from ``prompt_ids`` (``prompts``: the same, as messages)."""
+        ...
+
+    def set_policy(self, name: str, folder: Path | None) -> None:
+        """Sample with the policy adapter saved in ``folder`` under the new, unique ``name`` from now on."""
+        ...
+
+    def close(self) -> None:
+        """Release what the sampler started (an engine process); called once, after training."""
+        ...
+
+
+@dataclass
+class SamplerContext:
+    """What PPO hands a sampler factory besides its config: the training model (with its
+    ``policy`` adapter), tokenizer, reply stop ids, pad id and device. An engine sampler
+    typically needs only ``tokenizer`` and ``stop_ids``; :class:`HFSampler` uses all of it."""
+
+    model: nn.Module
+    tokenizer: Any
+    trainable: set[str]
+    stop_ids: list[int]
+    pad_id: int
+    device: torch.device
+
+
+# Builds the rollout sampler of a PPO run from its config and the training side's context.
+SamplerFactory = Callable[["PPOConfig", SamplerContext], Sampler]
 
 
 class HFSampler:
@@ -61,49 +100,11 @@ class HFSampler:
         )
         return [row.tolist() for row in out[:, ids.shape[1] :].cpu()]
 
-
-class EngineSampler:
-    """Rollouts through a chat-app engine (``generate(messages, n, adapter=..., sampling=...)``).
-
-    The engine applies the chat template itself, as it does for users; the
-    policy adapter is registered under a fresh name every iteration.
-    """
-
-    needs_adapter_folder = True
-
-    def __init__(self, engine: Any, stop_ids: list[int], max_new_tokens: int, temperature: float, top_p: float):
-        self.engine, self.stop_ids = engine, stop_ids
-        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
-        self.adapter: str | None = None
-        self._loop = asyncio.new_event_loop()
-
-    def set_policy(self, name: str, folder: Path | None) -> None:
-        from chat_app.engines.base import AdapterRef
-
-        if folder is None:
-            return
-        previous = self.adapter
-        self._loop.run_until_complete(self.engine.add_adapter(AdapterRef(name, Path(folder))))
-        self.adapter = name
-        if previous is not None:
-            self._loop.run_until_complete(self.engine.remove_adapter(previous))
-
-    def sample(self, prompt_ids: Sequence[list[int]], prompts: Sequence[Messages]) -> list[list[int]]:
-        from chat_app.engines.base import SamplingConfig
-
-        sampling = SamplingConfig(temperature=self.temperature, top_p=self.top_p, top_k=0, max_tokens=self.max_new_tokens)
-
-        async def run_all() -> list[Any]:
-            return await asyncio.gather(*(self.engine.generate(m, 1, adapter=self.adapter, sampling=sampling) for m in prompts))
-
-        replies = []
-        for (completion,) in self._loop.run_until_complete(run_all()):
-            ids = list(completion.token_ids)
-            if completion.finish_reason == "stop" and (not ids or ids[-1] not in self.stop_ids):
-                ids.append(self.stop_ids[0])  # some engines drop the stop token from the ids
-            replies.append(ids)
-        return replies
-
     def close(self) -> None:
-        self._loop.run_until_complete(self.engine.close())
-        self._loop.close()
+        """Nothing to release: the model belongs to the trainer."""
+
+
+def hf_sampler_factory(cfg: PPOConfig, ctx: SamplerContext) -> HFSampler:
+    """A :data:`SamplerFactory` for :class:`HFSampler` (``generate`` on the training model)."""
+    return HFSampler(ctx.model, ctx.tokenizer, ctx.trainable, ctx.stop_ids, ctx.pad_id, cfg.max_new_tokens,
+                     cfg.temperature, cfg.top_p, ctx.device)

@@ -2,6 +2,7 @@
 
     stream(messages, adapter, sampling)        -> async iterator of ReplyChunk (text deltas, then a final chunk)
     generate(messages, n, adapter, sampling)   -> n alternative Completions
+    generate_tokens(prompt_ids, n, ...)        -> the same, from prompt token ids already rendered (PPO rollouts)
     add_adapter(adapter) / remove_adapter(name)-> make a LoRA version servable / release it once idle
     close()
 
@@ -81,6 +82,9 @@ class Engine(Protocol):
 
     async def generate(self, messages: Messages, n: int = 1, *, adapter: str | None = None,
                        sampling: SamplingConfig | None = None) -> list[Completion]: ...
+
+    async def generate_tokens(self, prompt_ids: list[int], n: int = 1, *, adapter: str | None = None,
+                              sampling: SamplingConfig | None = None) -> list[Completion]: ...
 
     async def add_adapter(self, adapter: AdapterRef) -> None: ...
 

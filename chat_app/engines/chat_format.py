@@ -71,7 +71,12 @@ class ChatFormat:
             )
         except Exception as exc:  # jinja's TemplateError, raise_exception() in the template, bad content
             raise EngineError(f"The chat template could not render this conversation: {exc}") from exc
-        ids = list(ids)
+        return self.check_prompt(list(ids))
+
+    def check_prompt(self, ids: list[int]) -> list[int]:
+        """``ids`` if a reply can follow them within max_model_len; else an EngineError that says what to do."""
+        if not ids:
+            raise EngineError("The prompt has no tokens; render a conversation first.")
         if len(ids) >= self.max_model_len:
             raise EngineError(
                 f"The conversation is {len(ids)} tokens, but the engine allows {self.max_model_len} "

@@ -112,11 +112,16 @@ class HFEngine:
     async def generate(self, messages: Messages, n: int = 1, *, adapter: str | None = None,
                        sampling: SamplingConfig | None = None) -> list[Completion]:
         """`n` alternative replies to the same conversation, decoded together as one batch."""
+        return await self.generate_tokens(self.format.render(messages), n, adapter=adapter, sampling=sampling)
+
+    async def generate_tokens(self, prompt_ids: list[int], n: int = 1, *, adapter: str | None = None,
+                              sampling: SamplingConfig | None = None) -> list[Completion]:
+        """`n` alternative replies to a prompt given as token ids (already rendered with the chat template)."""
         if n < 1:
             raise EngineError(f"n={n}; ask for at least one reply.")
         sampling = sampling or SamplingConfig()
         check_sampling(sampling)
-        prompt = self.format.render(messages)
+        prompt = self.format.check_prompt(list(prompt_ids))
         budget = self.format.reply_budget(len(prompt), sampling.max_tokens)
         samples = 1 if sampling.temperature == 0 else n  # greedy alternatives are identical: decode one
         async with self._adapters.use(adapter) as served:

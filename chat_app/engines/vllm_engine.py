@@ -130,13 +130,19 @@ class VLLMEngine:
     async def generate(self, messages: Messages, n: int = 1, *, adapter: str | None = None,
                        sampling: SamplingConfig | None = None) -> list[Completion]:
         """`n` alternative replies to the same conversation (one vLLM request with n samples)."""
+        return await self.generate_tokens(self.format.render(messages), n, adapter=adapter, sampling=sampling)
+
+    async def generate_tokens(self, prompt_ids: list[int], n: int = 1, *, adapter: str | None = None,
+                              sampling: SamplingConfig | None = None) -> list[Completion]:
+        """`n` alternative replies to a prompt given as token ids (already rendered with the chat template),
+        sent to vLLM as they are (`TokensPrompt`)."""
         from vllm.sampling_params import RequestOutputKind
 
         if n < 1:
             raise EngineError(f"n={n}; ask for at least one reply.")
         sampling = sampling or SamplingConfig()
         check_sampling(sampling)
-        prompt = self.format.render(messages)
+        prompt = self.format.check_prompt(list(prompt_ids))
         # vLLM refuses n > 1 when greedy; greedy alternatives are identical, so decode one.
         samples = 1 if sampling.temperature == 0 else n
         params = self._sampling_params(sampling, samples, len(prompt), RequestOutputKind.FINAL_ONLY)
