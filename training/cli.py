@@ -169,6 +169,8 @@ def train_sft_command(
         r = train_sft(cfg)
         typer.echo(f"SFT adapter: {r.adapter_dir}  ({r.steps} steps, loss {r.first_loss:.3f} -> {r.final_loss:.3f}, "
                    f"{r.seconds:.0f} s)")
+        t = r.truncation
+        typer.echo(f"Truncation: {t.prompts_cut}/{t.prompts} prompts and {t.replies_cut}/{t.replies} replies cut")
 
     _run(SFTConfig, show_config, config_file, overrides, train, data=data, output_dir=output_dir, base_model=base_model)
 
@@ -246,7 +248,8 @@ def train_ppo_command(
 
         r = train_ppo(cfg, sampler_factory=(ctx.obj or {}).get(SAMPLER_FACTORY_KEY))
         typer.echo(f"Policy adapter: {r.adapter_dir}  reward {r.reward_first:+.3f} -> {r.reward_last:+.3f}, "
-                   f"KL {r.kl_last:.3f}, ptx NLL {r.ptx_nll_before:.3f} -> {r.ptx_nll_after:.3f}, "
+                   f"KL {r.kl_last:.3f}, ptx NLL held-out {r.ptx_nll_before:.3f} -> {r.ptx_nll_after:.3f} "
+                   f"(trained-on {r.ptx_train_nll_before:.3f} -> {r.ptx_train_nll_after:.3f}), "
                    f"memory {r.memory['shared_mb']:.0f} MB vs {r.memory['four_models_mb']:.0f} MB for four models")
 
     _run(PPOConfig, show_config, config_file, overrides, train, prompts=prompts, reward_adapter=reward_adapter,

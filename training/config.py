@@ -198,7 +198,7 @@ class PPOConfig(BaseSettings):
     ptx_batch: int = _f(4, "Pretraining sequences per PPO step.")
     ptx_max_length: int = _f(256, "Longest pretraining sequence in tokens.")
     ptx_eval_docs: int = _f(16, "ptx documents held out of the ptx term and scored before and after training (the perplexity gate); at most half the corpus.")
-    sampler: Literal["auto", "vllm", "hf"] = _f("auto", "Rollout engine: 'vllm' (chat-app engine, this iteration's adapter), 'hf' (generate on the training model); 'auto': vLLM on a GPU, else HF (on CPU vLLM would compete with training for the cores).")
+    sampler: Literal["auto", "vllm", "hf"] = _f("auto", "Rollout engine: 'vllm' (the chat app's engine, this iteration's adapter; through the sampler_factory that `alignloop train ppo` passes to train_ppo), 'hf' (generate on the training model); 'auto': the factory's choice (vLLM on a GPU), else HF (on CPU vLLM would compete with training for the cores).")
     save_every: int = _f(0, "Save the policy adapter every N iterations into a new folder (0: only at the end).")
 
     def kl_horizon_rollouts(self) -> int:
