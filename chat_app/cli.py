@@ -8,12 +8,22 @@ from typing import Annotated, Optional
 import typer
 
 from feedback_db.cli import app as db_app
-from training.cli import models_app, train_app
+from training.cli import SAMPLER_FACTORY_KEY, models_app, train_app
+
+
+def rollout_sampler_factory(cfg, context):  # noqa: ANN001, ANN201 - training.rollout's SamplerFactory
+    """PPO's rollout sampler: the chat app's vLLM engine when the config asks for it (or 'auto' on a GPU),
+    else HF generate. Training never imports chat_app, so the top of the stack hands this down."""
+    from chat_app.engines.rollout_sampler import vllm_sampler_factory
+
+    return vllm_sampler_factory(cfg, context)
+
 
 app = typer.Typer(
     help="alignloop: serve an aligned LM, collect feedback, retrain, hot-swap.",
     no_args_is_help=True,
     add_completion=False,
+    context_settings={"obj": {SAMPLER_FACTORY_KEY: rollout_sampler_factory}},
 )
 app.add_typer(db_app, name="db")
 app.add_typer(models_app, name="models")
@@ -34,7 +44,9 @@ MaxModelLenOpt = Annotated[int, typer.Option("--max-model-len", help="Longest pr
 RateLimitOpt = Annotated[int, typer.Option("--rate-limit", help="Requests per user per minute (0: no limit).")]
 MaxInputOpt = Annotated[int, typer.Option("--max-input-chars", help="Longest user message accepted.")]
 MaxNewTokensOpt = Annotated[int, typer.Option("--max-new-tokens", help="Default reply length limit (users can change it).")]
-AutoPromoteOpt = Annotated[int, typer.Option("--auto-promote-after", help="Promote a gated candidate whose Compare win rate is significantly above 50% after N decisive votes (0: off).")]
+AutoPromoteOpt = Annotated[int, typer.Option("--auto-promote-after", help="Promote a gated candidate once its Compare votes vs live pass the sequential test (feedback_db/sequential_testing.py), after at least N counted decisive votes (0: never from the server).")]
+PromoteAlphaOpt = Annotated[float, typer.Option("--promote-alpha", help="Chance of promoting a candidate no better than live, however often the test is checked.")]
+PromoteVotersOpt = Annotated[int, typer.Option("--promote-min-voters", help="Distinct voters needed before a promotion.")]
 
 
 @app.command()
@@ -52,6 +64,8 @@ def serve(
     max_input_chars: MaxInputOpt = 4000,
     max_new_tokens: MaxNewTokensOpt = 256,
     auto_promote_after: AutoPromoteOpt = 0,
+    promote_alpha: PromoteAlphaOpt = 0.05,
+    promote_min_voters: PromoteVotersOpt = 5,
 ) -> None:
     """Start the chat app (Chat, Compare, Rank, Dashboard) on the live policy.
 
@@ -65,22 +79,29 @@ def serve(
 
 def _app_config(*, base_model: str, engine: str, db: Optional[Path], host: str, port: int, users: Optional[str],
                 admins: Optional[str], admin_password: Optional[str], max_model_len: int, rate_limit: int,
-                max_input_chars: int, max_new_tokens: int, auto_promote_after: int):
+                max_input_chars: int, max_new_tokens: int, auto_promote_after: int, promote_alpha: float,
+                promote_min_voters: int):
     """The AppConfig that `serve`'s options describe (shared with `demo`)."""
     from chat_app.app import AppConfig
     from chat_app.engines import EngineConfig, SamplingConfig
     from chat_app.service import ServiceConfig
+    from feedback_db import PromotionPolicy
 
     try:
         user_map = dict(u.split(":", 1) for u in users.split(",")) if users else {}
     except ValueError:
         raise typer.BadParameter("--users takes 'name:password' pairs separated by commas.") from None
+    try:
+        promotion = (PromotionPolicy(alpha=promote_alpha, min_voters=promote_min_voters, min_votes=auto_promote_after)
+                     if auto_promote_after > 0 else None)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
     return AppConfig(
         base_model=base_model, engine=engine, db=db, host=host, port=port, users=user_map,
         admin_users=set(admins.split(",")) if admins else set(), admin_password=admin_password,
         engine_config=EngineConfig(max_model_len=max_model_len),
         service=ServiceConfig(rate_limit_per_minute=rate_limit, max_input_chars=max_input_chars,
-                              auto_promote_min_votes=auto_promote_after,
+                              auto_promote=promotion,
                               default_sampling=SamplingConfig(max_tokens=max_new_tokens)),
     )
 
@@ -238,7 +259,7 @@ def round_(
 
     signal.signal(signal.SIGTERM, _terminated)
     try:
-        result = run_round(cfg, seed_starter=seed_starter)
+        result = run_round(cfg, seed_starter=seed_starter, sampler_factory=rollout_sampler_factory)
     except RoundBusyError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(75) from None

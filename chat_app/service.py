@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 
-from feedback_db import FeedbackError, FeedbackStore, ModelRegistry, Reply, auto_promote_candidate
+from feedback_db import FeedbackError, FeedbackStore, ModelRegistry, PromotionPolicy, Reply, auto_promote_candidate
 
 from .engines.base import Engine, Messages, ReplyChunk, SamplingConfig
 from .limits import RateLimiter, UserFacingError
@@ -32,7 +32,8 @@ class ServiceConfig:
     rate_limit_per_minute: int = 30  # generation requests per user per minute (0: off)
     default_sampling: SamplingConfig = field(default_factory=SamplingConfig)
     rank_k_default: int = 4
-    auto_promote_min_votes: int = 0  # >0: promote a gated candidate users prefer after this many decisive votes
+    # Promote a gated candidate once its Compare votes pass this sequential test (None: never from the server).
+    auto_promote: PromotionPolicy | None = None
 
 
 @dataclass
@@ -123,8 +124,8 @@ class ChatService:
                     else:
                         yield StreamUpdate(text, conversation_id, user_message_id)
             except (GeneratorExit, asyncio.CancelledError):
-                # The user pressed Stop (the generator was closed): the cut-off reply is kept,
-                # so it can still be rated, and its finish_reason says what happened.
+                # The user pressed Stop (the generator was closed): the cut-off reply is kept so the
+                # conversation shows it; it cannot be voted on (feedback_db.UNVOTABLE_FINISH_REASONS).
                 self._store_reply(user_id, conversation_id, user_message_id, served, text, sampling, start, last,
                                   "abort")
                 raise
@@ -256,8 +257,8 @@ class ChatService:
         except FeedbackError as exc:
             raise UserFacingError(str(exc)) from exc
         self._battles.pop(battle.user_message_id, None)
-        if self.config.auto_promote_min_votes > 0:
-            promoted = auto_promote_candidate(self.store, self.router.base_model, self.config.auto_promote_min_votes)
+        if self.config.auto_promote is not None:
+            promoted = auto_promote_candidate(self.store, self.router.base_model, policy=self.config.auto_promote)
             if promoted:  # the router's next registry poll (≤ 0.25 s) switches to it
                 log.info("auto-promoted %s after Compare votes", promoted)
         return battle.versions

@@ -13,7 +13,7 @@ from chat_app.engines import EngineConfig, SamplingConfig, create_engine
 from chat_app.limits import UserFacingError
 from chat_app.router import RouterConfig, ServingRouter
 from chat_app.service import ChatService, ServiceConfig
-from feedback_db import FeedbackStore, ModelRegistry
+from feedback_db import FeedbackStore, ModelRegistry, PromotionPolicy
 from tests.engine_contract import make_lora_adapter
 
 GREEDY = SamplingConfig(temperature=0.0, max_tokens=12)
@@ -223,4 +223,5 @@ def test_server_auto_promotes_a_gated_candidate_that_users_prefer(tiny_model_pat
         assert (record["wins"], record["losses"], record["voters"]) == (10, 0, 5)
         assert record["e_value"] >= record["threshold"] == 20
 
-    run_with_service(tiny_model_path, tmp_db_path, body, rate_limit_per_minute=0, auto_promote_min_votes=6)
+    run_with_service(tiny_model_path, tmp_db_path, body, rate_limit_per_minute=0,
+                     auto_promote=PromotionPolicy(min_votes=6))

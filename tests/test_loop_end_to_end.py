@@ -24,7 +24,8 @@ from tests.app_server import ADMIN_PASSWORD, count_rows, fetch_rows
 from training.config import LoraSettings, PPOConfig, RewardConfig, SFTConfig
 from training.round import RoundConfig
 
-AUTO_PROMOTE_AFTER = 5  # 5 of 5 decisive votes: Wilson lower bound 0.57 > 0.5
+AUTO_PROMOTE_AFTER = 5  # a floor; the sequential test itself needs 10 straight wins from >= 5 voters
+VOTES_TO_PROMOTE = 10  # the default PromotionPolicy: e-value 20.3 >= 1/alpha at 10 wins, 0 losses
 SAMPLING = ("", 0.9, 0.95, 16)  # system prompt, temperature, top-p, max tokens
 LORA = LoraSettings(r=4, alpha=8)
 
@@ -122,11 +123,13 @@ def users_gave_feedback(server: ServerProcess) -> dict[str, int]:
     return counts
 
 
-def vote_for_candidate_until_promoted(server: ServerProcess, candidate: str, limit: int = 30) -> int:
-    """Compare battles; the voter always prefers the candidate's reply (a tie when it cannot tell them apart)."""
-    carol = Client(server.url, verbose=False)
+def vote_for_candidate_until_promoted(server: ServerProcess, candidate: str, limit: int = 40) -> int:
+    """Compare battles by five voters (the promotion test counts distinct voters) in turn; each always
+    prefers the candidate's reply (a tie when it cannot tell them apart)."""
+    voters = [Client(server.url, verbose=False) for _ in range(5)]
     decisive = 0
     for i in range(limit):
+        carol = voters[decisive % len(voters)]  # the next voter after each counted vote
         if live_and_candidate(carol)[0] == candidate:
             return decisive
         a, b, *_ = carol.predict(f"Battle {i}: what should I cook tonight?", *SAMPLING, api_name="/compare")
@@ -159,7 +162,7 @@ def test_feedback_round_candidate_votes_promotion_then_replies_from_the_new_adap
     assert newest_reply_version(server.db_path).startswith("base:")  # live is unchanged until promotion
 
     decisive = vote_for_candidate_until_promoted(server, candidate)
-    assert decisive == AUTO_PROMOTE_AFTER
+    assert decisive == VOTES_TO_PROMOTE
     # The router follows the registry every 0.25 s and the candidate's adapter is already loaded.
     deadline, served = time.monotonic() + 10, []
     while not served or served[-1] != candidate:
