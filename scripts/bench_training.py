@@ -171,17 +171,22 @@ def _bench_prompts(opts: dict[str, Any], work: Path) -> tuple[Path, Path, Path]:
     return prompts, demos, rm.adapter_dir
 
 
-def ppo_ours(opts: dict[str, Any], work: Path) -> dict[str, Any]:
+def _ppo_config(opts: dict[str, Any], work: Path, prompts: Path, demos: Path, rm_dir: Path) -> Any:
+    """The PPO-ptx run every PPO implementation of this benchmark makes (same data, sizes and seed)."""
     from training.config import LoraSettings, PPOConfig
+
+    return PPOConfig(base_model=opts["model"], prompts=str(prompts), reward_adapter=str(rm_dir), sft_data=str(demos),
+                     output_dir=str(work / "ppo"), iterations=opts["iterations"], rollout_batch=opts["batch"],
+                     minibatch=min(4, opts["batch"]), ppo_epochs=opts["ppo_epochs"], max_new_tokens=opts["max_new_tokens"],
+                     max_length=opts["max_length"], progress=False, lora=LoraSettings(r=16, alpha=32))
+
+
+def ppo_ours(opts: dict[str, Any], work: Path) -> dict[str, Any]:
     from training.metrics_log import read_metrics
     from training.ppo import train_ppo
 
     prompts, demos, rm_dir = _bench_prompts(opts, work)
-    cfg = PPOConfig(base_model=opts["model"], prompts=str(prompts), reward_adapter=str(rm_dir), sft_data=str(demos),
-                    output_dir=str(work / "ppo"), iterations=opts["iterations"], rollout_batch=opts["batch"],
-                    minibatch=min(4, opts["batch"]), ppo_epochs=opts["ppo_epochs"], max_new_tokens=opts["max_new_tokens"],
-                    max_length=opts["max_length"], progress=False, lora=LoraSettings(r=16, alpha=32))
-    result = train_ppo(cfg)
+    result = train_ppo(_ppo_config(opts, work, prompts, demos, rm_dir))
     log = [r for r in read_metrics(result.metrics_path) if "reward/mean" in r]
     steady = log[1:] or log  # the first iteration pays one-time warm-up costs
     split = {k: sum(r[f"time/{k}_s"] for r in steady) / len(steady) for k in ("generation", "scoring", "update")}
@@ -190,29 +195,90 @@ def ppo_ours(opts: dict[str, Any], work: Path) -> dict[str, Any]:
             "param_mb_four_models": result.memory["four_models_mb"]}
 
 
+class _FourModelStack:
+    """PPO's four roles on four separately loaded copies of the base (the baseline of the memory target).
+
+    Built by :func:`ppo_four_models` and handed to the unchanged ``training.ppo.train_ppo`` in place of
+    its one-base stack: each role's method runs the one-base code on that role's own model (``_on``).
+    """
+
+    def __init__(self, stack: Any, reference: Any, reward: Any, value: Any) -> None:
+        self._stack, self.reference, self.reward, self.value = stack, reference, reward, value
+        self.policy = stack.model
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stack, name)
+
+    def _on(self, model: Any, method: str, *args: Any, **kwargs: Any) -> Any:
+        self._stack.model = model
+        try:
+            return getattr(type(self._stack), method)(self._stack, *args, **kwargs)
+        finally:
+            self._stack.model = self.policy
+
+    def reference_logprobs(self, *args: Any) -> Any:
+        return self._on(self.reference, "reference_logprobs", *args)
+
+    def values(self, *args: Any) -> Any:
+        return self._on(self.value, "values", *args)
+
+    def scores(self, *args: Any) -> Any:
+        return self._on(self.reward, "scores", *args)
+
+    def value_parameters(self) -> list:
+        return self._on(self.value, "value_parameters")
+
+
 def ppo_four_models(opts: dict[str, Any], work: Path) -> dict[str, Any]:
-    """Four separate copies of the base (policy, reference, reward, value), each run forward once."""
+    """The same PPO-ptx run as :func:`ppo_ours` (``train_ppo``, same data and settings), but policy, reference,
+    reward and value each live on their own copy of the base: the memory a naive PPO implementation pays."""
     import torch
 
-    from training.base_models import load_model_and_tokenizer, prepare_model
-    from training.chat_data import encode_prompt
+    import training.ppo as ppo
+    from training.adapters import attach_adapter, load_base
+    from training.metrics_log import read_metrics
 
-    folder = prepare_model(opts["model"])
-    dtype = "bfloat16" if torch.cuda.is_available() else "float32"
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    models, tok = [], None
-    for _ in range(4):
-        model, tok = load_model_and_tokenizer(folder, dtype=dtype, device=device)
+    prompts, demos, rm_dir = _bench_prompts(opts, work)
+    cfg = _ppo_config(opts, work, prompts, demos, rm_dir)
+
+    def own_copy(name: str, folder: Path | None, trainable: bool) -> Any:
+        base, _, _ = load_base(cfg)
         with torch.no_grad():  # safetensors are memory-mapped: four loads of one file would share its pages
-            for p in model.parameters():
-                p.data = p.data.clone()
-        models.append(model)
-    ids = torch.tensor([encode_prompt(tok, "Hello! How are you?")] * opts["batch"], device=device)
-    with torch.no_grad():
-        for model in models:
-            model.model(input_ids=ids)
-    return {"impl": "four separate models", "peak_mb": _peak_mb(),
-            "param_mb": 4 * sum(p.numel() * p.element_size() for p in models[0].parameters()) / 2**20}
+            for param in base.parameters():
+                param.data = param.data.clone()
+        return attach_adapter(base, name, folder, cfg.lora, trainable=trainable).eval()
+
+    one_base = ppo.build_stack
+    stacks: list[_FourModelStack] = []
+
+    def build_four(cfg: Any, with_reward_adapter: bool) -> Any:
+        stack = one_base(cfg, with_reward_adapter)  # the policy (and the heads) on the first copy
+        for role in ("reference", "reward", "value"):  # the other three copies play these
+            if role in stack.model.peft_config:
+                stack.model.delete_adapter(role)
+        # No SFT adapter in this run: the reference is its copy's base with the (fresh) adapter disabled.
+        four = _FourModelStack(stack, own_copy("reference", None, False), own_copy("reward", rm_dir, False),
+                               own_copy("value", rm_dir, True))
+        stacks.append(four)
+        return four
+
+    def four_memory(stack: Any) -> dict[str, float]:
+        models = [stack.policy, stack.reference, stack.reward, stack.value]
+        mb = sum(p.numel() * p.element_size() for m in models for p in m.parameters()) / 2**20
+        return {"shared_mb": mb, "four_models_mb": mb, "ratio": 1.0}
+
+    def save(model: Any, name: str, folder: Any) -> Path:
+        owner = stacks[-1].value if name == "value" else model
+        return one_save(owner, name, folder)
+
+    one_save = ppo.save_adapter
+    ppo.build_stack, ppo.memory_report, ppo.save_adapter = build_four, four_memory, save
+    result = ppo.train_ppo(cfg)
+    log = [r for r in read_metrics(result.metrics_path) if "reward/mean" in r]
+    steady = log[1:] or log
+    split = {k: sum(r[f"time/{k}_s"] for r in steady) / len(steady) for k in ("generation", "scoring", "update")}
+    return {"impl": "four separate models", "iteration_s": sum(split.values()),
+            **{f"{k}_s": v for k, v in split.items()}, "peak_mb": _peak_mb(), "param_mb": result.memory["four_models_mb"]}
 
 
 def ppo_trl(opts: dict[str, Any], work: Path) -> dict[str, Any]:
