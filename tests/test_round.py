@@ -23,17 +23,20 @@ from training.round import (
     split_heldout,
     starter_rows,
 )
+from training.round_data import judge_split
 
 LORA = LoraSettings(r=4, alpha=8)
 
 
 @pytest.fixture
 def config(tiny_model_path: Path, tmp_path: Path) -> RoundConfig:
-    """A round small enough for two shared CPU cores: one SFT/RM epoch, two PPO iterations of 4 rollouts."""
+    """A round small enough for two shared CPU cores: one SFT/RM epoch, two PPO iterations of 4 rollouts;
+    gates any candidate passes once there is a held-out prompt and pair (rm_floor -1: any accuracy)."""
     return RoundConfig(
         db=str(tmp_path / "feedback.db"), base_model=str(tiny_model_path), rounds_dir=str(tmp_path / "rounds"),
-        device="cpu", heldout_fraction=0.3, min_pairs=4, min_prompts=3, rm_floor=0.0, rm_tolerance=1.0,
-        eval_prompts=2, eval_max_new_tokens=4, max_kl=1e9, min_reward_gain=-1e9, max_ptx_ppl_increase=1e9,
+        device="cpu", heldout_fraction=0.3, min_pairs=4, min_prompts=3, rm_floor=-1.0, rm_tolerance=1.0,
+        min_rm_eval_pairs=1, eval_prompts=2, min_eval_prompts=1, eval_max_new_tokens=4, max_kl=1e9,
+        min_reward_gain=-1e9, max_ptx_ppl_increase=1e9, bootstrap_resamples=200,
         sft=SFTConfig(epochs=1.0, batch_size=8, max_length=96, progress=False, lora=LORA),
         reward=RewardConfig(epochs=1.0, groups_per_batch=8, max_length=96, progress=False, lora=LORA),
         ppo=PPOConfig(iterations=2, rollout_batch=4, minibatch=2, ppo_epochs=1, max_new_tokens=4, max_length=96,
@@ -86,6 +89,22 @@ def test_heldout_split_is_stable() -> None:
     assert all(r in grown_held for r in held) and all(r in grown_train for r in train)  # new prompts move none
     few = [{"prompt": "a"}, {"prompt": "b"}]
     assert len(split_heldout(few, 0.0, min_heldout=1)[1]) == 1 and split_heldout(few[:1], 0.0, min_heldout=1)[1] == []
+
+
+def test_judge_split_shares_no_prompt_with_the_proxy() -> None:
+    groups = [{"prompt": f"p{i}", "completions": ["a", "b"], "pairs": [[0, 1]]} for i in range(40)]
+    thumbs = [{"prompt": f"p{i}", "completion": "a", "label": True} for i in range(40)]
+    thumbs += [{"prompt": f"only thumbs {i}", "completion": "b", "label": False} for i in range(10)]
+    split = judge_split(groups, thumbs)
+    proxy, judge = {g["prompt"] for g in split.proxy_groups}, {g["prompt"] for g in split.judge_groups}
+    assert not proxy & judge and proxy | judge == {g["prompt"] for g in groups} and 10 < len(judge) < 30
+    assert {t["prompt"] for t in split.judge_thumbs} & {f"p{i}" for i in range(40)} == judge  # thumbs follow their prompt
+    assert not {t["prompt"] for t in split.proxy_thumbs} & {t["prompt"] for t in split.judge_thumbs}
+    assert len(split.proxy_thumbs) + len(split.judge_thumbs) == 50
+    held = set(r["prompt"] for r in split_heldout(groups, 0.5)[1])
+    assert judge != held  # a second, independent hash: not the held-out split again
+    two = judge_split(groups[:2])
+    assert len(two.proxy_groups) == len(two.judge_groups) == 1 and judge_split(groups[:1]).judge_groups == []
 
 
 # --------------------------------------------------------------------------- #
@@ -144,14 +163,33 @@ def test_interrupted_round_registers_nothing_and_the_next_one_runs(config: Round
     assert rounds(config.db)[0].status == "failed"  # the stale one was recovered by that run
     assert not stale_dir.parents[1].exists()
 
-    result = run_round(config)
+    seen: dict[str, list[str]] = {}
+
+    def read_training_data(step: str, round_dir: Path) -> None:
+        if step == "evaluate":  # what each reward model and PPO trained on
+            for name in ("rm_preferences", "judge_preferences", "prompts"):
+                path = round_dir / "work" / "data" / f"{name}.jsonl"
+                seen[name] = [json.dumps(json.loads(line)["prompt"]) for line in path.read_text().splitlines()]
+
+    result = run_round(config, step_hook=read_training_data)
     assert result.status == "succeeded" and result.metrics["mode"] == "rm+ppo"
     m = result.metrics
     assert m["data"]["preference_pairs"] == 24 and m["reward_model"]["eval_pairs"] > 0
     assert m["ppo"]["iterations"] == 2 and len(m["ppo"]["curve"]) == 2
-    for key in ("reward_live", "reward_candidate", "reward_gain", "kl_to_reference", "ptx_ppl_increase"):
+    for key in ("reward_live", "reward_candidate", "reward_gain", "reward_gain_ci", "judge_reward_gain",
+                "judge_reward_gain_ci", "kl_to_reference", "ptx_ppl_increase"):
         assert key in m["evaluation"]
-    assert m["gates_passed"] is True and set(m["gates"]) == {"kl", "reward_gain", "ptx_perplexity"}
+    assert m["gates_passed"] is True and set(m["gates"]) == {"reward_model", "kl", "reward_gain", "ptx_perplexity"}
+    assert all(g["verdict"] == "passed" for g in m["gates"].values())
+    # No previous reward model: the judge is a second one, trained on prompts the PPO proxy never saw.
+    assert m["judge"]["kind"] == "split" and m["judge"]["train_prompts"] >= 1
+    assert seen["rm_preferences"] and seen["judge_preferences"]
+    assert not set(seen["rm_preferences"]) & set(seen["judge_preferences"])
+    assert m["reward_model"]["train_pairs"] + m["judge"]["train_pairs"] <= 24 - m["reward_model"]["eval_pairs"]
+    # The candidate is judged on held-out prompts only: none that PPO or either reward model trained on.
+    judged = {json.dumps(s["prompt"]) for s in m["samples"]}
+    assert judged and m["evaluation"]["heldout_prompts"] == len(judged)
+    assert not judged & (set(seen["rm_preferences"]) | set(seen["judge_preferences"]) | set(seen["prompts"]))
     with FeedbackStore(config.db) as store:
         registry = ModelRegistry(store)
         candidate = registry.get(result.candidate)
@@ -213,39 +251,38 @@ def test_cli_round_reports_busy_and_shows_config(config: RoundConfig, tmp_path: 
 # --------------------------------------------------------------------------- #
 
 
-def _vote(store: FeedbackStore, user: str, candidate_id: int, live_id: int, candidate_wins: bool) -> None:
+def _vote(store: FeedbackStore, user: str, candidate_id: int, live_id: int, candidate_wins: bool, i: int) -> None:
     conv = store.create_conversation(user)
-    q = store.add_user_message(conv, user, "Compare these")
-    a = store.add_reply(conv, user, q, "candidate reply", Reply(candidate_id))
-    b = store.add_reply(conv, user, q, "live reply", Reply(live_id))
+    q = store.add_user_message(conv, user, f"Compare these, question {i}")
+    a = store.add_reply(conv, user, q, f"candidate reply {i}", Reply(candidate_id))
+    b = store.add_reply(conv, user, q, f"live reply {i}", Reply(live_id))
     store.record_comparison(user, a, b, "A" if candidate_wins else "B")
 
 
-def test_auto_promotion_needs_gates_votes_and_a_significant_win_rate(tmp_db_path: Path) -> None:
+def test_auto_promotion_needs_passed_gates_and_users_preference(tmp_db_path: Path) -> None:
+    """maybe_auto_promote is opt-in, never promotes a candidate whose gates did not all pass (e.g. not
+    enough evidence), and otherwise leaves the decision to feedback_db's test on the Compare votes."""
     config = RoundConfig(base_model="gemma-3-270m", auto_promote=True, min_votes=10)
     with FeedbackStore(tmp_db_path) as store:
         registry = ModelRegistry(store)
         live = registry.ensure_base_policy("gemma-3-270m")
-        failed_gates = registry.register("policy-old", base_model="gemma-3-270m", metrics={"gates_passed": False})
-        user = store.ensure_user("voter")
-        for _ in range(12):
-            _vote(store, user, failed_gates.id, live.id, True)
-        assert maybe_auto_promote(store, config) is None  # wins, but its gates failed
+        unproven = registry.register("policy-old", base_model="gemma-3-270m", metrics={
+            "gates_passed": False, "gates": {"reward_gain": {"verdict": "not enough evidence"}}})
+        voters = [store.ensure_user(f"voter-{k}") for k in range(5)]
+        for i in range(20):
+            _vote(store, voters[i % 5], unproven.id, live.id, True, i)
+        assert maybe_auto_promote(store, config) is None  # users prefer it, but its gates did not pass
 
         candidate = registry.register("policy-new", base_model="gemma-3-270m", metrics={"gates_passed": True})
-        for i in range(9):
-            _vote(store, user, candidate.id, live.id, True)
-        assert maybe_auto_promote(store, config) is None  # 9 < N decisive votes
-        for _ in range(3):
-            _vote(store, user, candidate.id, live.id, False)
-        assert maybe_auto_promote(store, config) is None  # 9/12: Wilson lower bound 0.47, not above 0.5
-        for _ in range(3):
-            _vote(store, user, candidate.id, live.id, True)
+        for i in range(3):
+            _vote(store, voters[i % 5], candidate.id, live.id, True, 100 + i)
+        assert maybe_auto_promote(store, config) is None  # 3 < min_votes decisive votes
+        for i in range(3, 20):
+            _vote(store, voters[i % 5], candidate.id, live.id, True, 100 + i)
         off = RoundConfig(base_model="gemma-3-270m", auto_promote=False, min_votes=10)
         assert maybe_auto_promote(store, off) is None  # auto-promotion is opt-in
-        assert maybe_auto_promote(store, config) == "policy-new"  # 12/15: lower bound 0.55
-        assert registry.live().name == "policy-new"
-        assert registry.get("policy-new").metrics["auto_promoted"]["wins"] == 12
+        assert maybe_auto_promote(store, config) == "policy-new"  # 20 straight wins from 5 voters
+        assert registry.live().name == "policy-new" and registry.get("policy-new").metrics["auto_promoted"]
         assert maybe_auto_promote(store, config) is None  # nothing left to promote
 
 
@@ -323,7 +360,14 @@ def test_starter_round_runs_sft_then_rm_then_ppo_from_the_sft_adapter(config: Ro
     nxt = run_round(config)  # the live policy has seen every demonstration: no SFT this time
     assert nxt.metrics["data"]["new_demonstrations"] == 0 and "sft" not in nxt.metrics
     assert nxt.status == "succeeded" and nxt.metrics["mode"] == "rm+ppo"
-    assert nxt.metrics["gates"]["kl"] is False and nxt.metrics["gates_passed"] is False
+    assert nxt.metrics["gates"]["kl"]["verdict"] == "failed" and nxt.metrics["gates_passed"] is False
+    # A previous reward model exists: it judges the candidate (PPO optimised the new one, not it).
+    judge = nxt.metrics["judge"]
+    assert judge["kind"] == "previous" and judge["name"] == f"reward-r{result.round_id}"
+    assert nxt.metrics["evaluation"]["judge"] == judge["name"]
+    assert nxt.metrics["evaluation"]["judge_reward_gain"] is not None
+    assert "judge_candidate" in nxt.metrics["samples"][0]
+    assert nxt.metrics["gates"]["reward_model_vs_previous"]["verdict"] == "passed"
     with FeedbackStore(config.db) as store:
         assert ModelRegistry(store).get(nxt.candidate).metrics["gates_passed"] is False
     assert nxt.metrics["reward_model"]["warm_start"] == f"reward-r{result.round_id}"
@@ -340,10 +384,26 @@ def test_cli_round_with_the_starter_set_then_a_promotion_check(config: RoundConf
     path = tmp_path / "round.json"
     path.write_text(json.dumps(config.to_dict()))
     runner = CliRunner()
-    ran = runner.invoke(app, ["round", "--config", str(path), "--seed-starter", "--set", "min_prompts=8"])
+    # No prompt hashes into the held-out set (only the one preference prompt held out so that the reward
+    # model is judged on something), and too few pairs for a reward-model verdict: the candidate is not
+    # judged on training prompts instead; it is registered with gates not passed, its reward model not live.
+    no_evidence = ["--set", "min_prompts=8", "--set", "heldout_fraction=0", "--set", "min_eval_prompts=2",
+                   "--set", "min_rm_eval_pairs=1000"]
+    ran = runner.invoke(app, ["round", "--config", str(path), "--seed-starter", *no_evidence])
     assert ran.exit_code == 0, ran.output
     assert "round 1 succeeded" in ran.output and "report:" in ran.output
+    (done,) = rounds(config.db)
+    gates, held = done.metrics["gates"], done.metrics["data"]["heldout_prompts"]
+    assert held < 2 and done.metrics["evaluation"]["heldout_prompts"] == len(done.metrics["samples"]) == held
+    assert gates["reward_gain"]["verdict"] == "not enough evidence" and gates["reward_gain"]["n"] == held
+    assert gates["reward_model"]["verdict"] == "not enough evidence" and done.metrics["gates_passed"] is False
+    report = Path(done.report_path).read_text()
+    assert "**not enough evidence**" in report and f"held-out prompts: {held}, need at least 2" in report
+    with FeedbackStore(config.db) as store:
+        registry = ModelRegistry(store)
+        assert registry.get(done.metrics["candidate"]).metrics["gates_passed"] is False
+        assert registry.live("reward") is None and len(versions(config.db, "reward")) == 1
     check = runner.invoke(app, ["round", "--config", str(path), "--promote-only", "--set", "auto_promote=true"])
-    assert check.exit_code == 0 and "no candidate qualifies" in check.output  # no Compare votes yet
-    again = runner.invoke(app, ["round", "--config", str(path), "--set", "min_prompts=8"])
+    assert check.exit_code == 0 and "no candidate qualifies" in check.output  # gates not passed, no votes yet
+    again = runner.invoke(app, ["round", "--config", str(path), *no_evidence])
     assert again.exit_code == 0 and "skipped" in again.output

@@ -1,30 +1,130 @@
-"""Evaluating a round's models: greedy replies of candidate and live, reward-model accuracy."""
+"""Evaluating a round's models, with intervals: greedy replies, paired reward gains, RM accuracy.
+
+The statistics every gate reads are written here once:
+
+* ``bootstrap_interval``: percentile bootstrap of a mean (Efron & Tibshirani 1993), used for the
+  candidate's reward gain over live (paired per held-out prompt) and for a new reward model's
+  accuracy minus the previous one's (paired per held-out pair);
+* ``accuracy_interval``: Wilson score interval of a reward model's held-out pairwise accuracy.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Any
 
+import numpy as np
+
+from feedback_db import wilson_interval
 from training.config import SFTConfig
 
+BOOTSTRAP_RESAMPLES = 2000
+CONFIDENCE = 0.95
 
-def reward_accuracy(rm: Any, groups: list[Any]) -> float:
-    """Pairwise accuracy of a loaded RewardModel on preference groups (ties count as wrong)."""
-    correct = total = 0
+
+# --------------------------------------------------------------------------- #
+# Statistics
+# --------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A statistic, its 95% interval and how many units (prompts, pairs) it was computed on.
+
+    ``low``/``high`` are NaN when there is nothing to estimate from (``n == 0``).
+    """
+
+    value: float
+    low: float
+    high: float
+    n: int
+
+    @property
+    def ci(self) -> list[float]:
+        return [self.low, self.high]
+
+
+def bootstrap_interval(values: Sequence[float], *, confidence: float = CONFIDENCE,
+                       resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> Estimate:
+    """The mean of ``values`` and its percentile-bootstrap interval (Efron & Tibshirani 1993,
+    *An Introduction to the Bootstrap*, ch. 13).
+
+    Draw ``resamples`` samples of size n with replacement, take each one's mean; the interval is
+    the (1-confidence)/2 and (1+confidence)/2 quantiles of those means. Deterministic for a given
+    ``seed``. The units must be independent: pass one value per prompt (a paired difference), not
+    one per token. With n == 1 the interval has zero width (it says nothing); gates therefore
+    also demand a minimum n.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    n = len(x)
+    if n == 0:
+        return Estimate(float("nan"), float("nan"), float("nan"), 0)
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    block = max(1, 1_000_000 // n)  # bound the index matrix to ~8 MB whatever n is
+    for start in range(0, resamples, block):
+        stop = min(start + block, resamples)
+        means[start:stop] = x[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
+    tail = (1.0 - confidence) / 2
+    low, high = np.quantile(means, [tail, 1.0 - tail])
+    return Estimate(float(x.mean()), float(low), float(high), n)
+
+
+def accuracy_interval(correct: Sequence[bool], *, confidence: float = CONFIDENCE) -> Estimate:
+    """Pairwise accuracy and its Wilson score interval (Wilson 1927; ``feedback_db.wilson_interval``).
+
+    Treats pairs as independent: pairs of one K-wise ranking share replies, so with many pairs
+    per prompt the true interval is somewhat wider.
+    """
+    n = len(correct)
+    if n == 0:
+        return Estimate(float("nan"), float("nan"), float("nan"), 0)
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    low, high = wilson_interval(sum(bool(c) for c in correct), n, z=z)
+    return Estimate(sum(bool(c) for c in correct) / n, low, high, n)
+
+
+def paired_gains(candidate: Sequence[float], live: Sequence[float]) -> list[float]:
+    """Per-prompt reward of the candidate's reply minus live's reply to the same prompt."""
+    if len(candidate) != len(live):
+        raise ValueError(f"paired gains need one live score per candidate score ({len(candidate)} != {len(live)}).")
+    return [c - lv for c, lv in zip(candidate, live)]
+
+
+# --------------------------------------------------------------------------- #
+# Models
+# --------------------------------------------------------------------------- #
+
+
+def pairwise_correct(rm: Any, groups: Sequence[Any]) -> list[bool]:
+    """For each preference pair of each group, whether a loaded RewardModel scores the winner
+    strictly higher (a tie counts as wrong). Pairs in group order, then pair order."""
+    correct: list[bool] = []
     for g in groups:
         scores = rm.score([g.prompt] * len(g.completions), g.completions)
-        for w, lose in g.pairs:
-            correct += scores[w] > scores[lose]
-            total += 1
-    return correct / total if total else float("nan")
+        correct += [scores[w] > scores[lose] for w, lose in g.pairs]
+    return correct
+
+
+def reward_accuracy(rm: Any, groups: Sequence[Any]) -> float:
+    """Pairwise accuracy of a loaded RewardModel on preference groups (ties count as wrong; NaN without pairs)."""
+    correct = pairwise_correct(rm, groups)
+    return sum(correct) / len(correct) if correct else float("nan")
 
 
 def greedy_replies(base_model: str, device: str, adapters: dict[str, str | None], prompts: list[Any],
-                   max_new_tokens: int) -> dict[str, list[str]]:
-    """Greedy replies of each named adapter (None: the bare base) on the same prompts, one base in memory."""
+                   max_new_tokens: int, max_prompt_tokens: int = 0) -> dict[str, list[str]]:
+    """Greedy replies of each named adapter (None: the bare base) on the same prompts, one base in memory.
+
+    ``max_prompt_tokens`` > 0 cuts long prompts the way training does (``chat_data.encode_prompt_fitted``,
+    oldest turns first); 0 keeps them whole.
+    """
     import torch
 
+    from training import chat_data
     from training.adapters import attach_adapter, load_base, use_adapter
-    from training.chat_data import encode_prompt, left_pad, pad_token_id, stop_token_ids
 
     base, tok, dev = load_base(SFTConfig(base_model=base_model, device=device))
     model = base
@@ -32,13 +132,19 @@ def greedy_replies(base_model: str, device: str, adapters: dict[str, str | None]
         if folder:
             model = attach_adapter(model, name, folder, None, trainable=False)
     model.eval()
-    ids, mask = left_pad([encode_prompt(tok, p) for p in prompts], pad_token_id(tok))
-    stops = stop_token_ids(tok)
+    fitted = getattr(chat_data, "encode_prompt_fitted", None)
+    if max_prompt_tokens and fitted is not None:
+        encoded = [fitted(tok, p, max_prompt_tokens) for p in prompts]
+    else:
+        encoded = [chat_data.encode_prompt(tok, p) for p in prompts]
+    pad = chat_data.pad_token_id(tok)
+    ids, mask = chat_data.left_pad(encoded, pad)
+    stops = chat_data.stop_token_ids(tok)
     out: dict[str, list[str]] = {}
     for name, folder in adapters.items():
         with torch.no_grad():
             kwargs = dict(input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=False,
-                          max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad_token_id(tok))
+                          max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad)
             if folder:
                 use_adapter(model, name, set())
                 gen = model.generate(**kwargs)

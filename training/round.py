@@ -1,23 +1,47 @@
 """One retraining round: feedback snapshot → reward model → PPO-ptx → candidate → (auto-)promotion.
 
-    snapshot the feedback (recorded with the round)
+    snapshot the feedback (recorded with the round) and split it by prompt hash into training and
+      held-out prompts (``round_data``), the same split for pairs, PPO prompts and thumbs
     → SFT when there are new demonstrations (continuing the live policy's adapter)
-    → reward model, warm-started from the live one; stop if its held-out accuracy is under
-      a floor or worse than the previous reward model's on the same held-out prompts
-    → PPO-ptx from the SFT adapter (or the live policy) against the new reward model, with the KL
-      measured to the lineage's last SFT adapter (pi_SFT; kept beside the policy as ``sft-rN``)
-    → evaluate candidate vs live: reward on held-out prompts, KL to SFT, ptx perplexity
+    → the proxy reward model PPO will optimise, and a judge it will not (see "The judge" below);
+      the reward-model gates judge the proxy's held-out accuracy (Wilson interval) against a floor
+      and against the previous reward model on the same held-out pairs (paired bootstrap)
+    → PPO-ptx from the SFT adapter (or the live policy) against the proxy, with the KL measured to
+      the lineage's last SFT adapter (pi_SFT; kept beside the policy as ``sft-rN``)
+    → evaluate candidate vs live on held-out prompts only (``evaluation``): the proxy's and the
+      judge's reward gain, each paired per prompt with a bootstrap interval; KL to SFT; ptx perplexity
+    → gate verdicts (``gates``: passed, failed or not enough evidence)
     → register the candidate (and the new reward model) in one transaction
+
+A reward-model gate that clearly fails stops the round before PPO. Any other verdict than
+"passed" (a failed candidate gate, or not enough evidence: too few held-out prompts or pairs, an
+interval straddling its threshold, no judge) still registers the candidate, for the operator to
+read and users to compare, but with ``gates_passed`` False, so it is never auto-promoted; its
+reward model is registered but not made live.
+
+The judge. PPO maximises the proxy reward model, so the proxy's own score of the candidate is
+biased upwards (Goodhart); the reward-gain gate is decided by a judge PPO did not optimise:
+
+* ``previous``: the live reward model before this round. It never saw this round's new pairs, and
+  held-out prompts are held out in every round. The proxy is warm-started from it, so errors they
+  share are not caught, and the live policy was tuned against it (which favours live, not the
+  candidate).
+* ``split``: a second reward model trained on half of this round's training prompts (a second,
+  independent prompt hash); the proxy trains on the other half. No pair is on both sides, and
+  neither warm-starts (the previous reward model may have trained on either half). Cost: the
+  proxy learns from half the pairs, and a second reward model is trained (about as long as the
+  proxy, each on half the data) and loaded to score.
+* ``auto``: previous when there is one, else split. ``none``: no judge and no reward-gain gate.
 
 The server then pits the candidate against live in Compare; `maybe_auto_promote` promotes it
 once the gates passed and its win rate after `min_votes` decisive votes is significantly above
 50% (the Wilson lower bound > 0.5). Round 0, before any preference data exists, is SFT only
-(on the starter set, see `seed_starter_set`).
+(on the starter set, see `seed_starter_set`); it has no gates, the Compare votes decide.
 
 Safe to interrupt: every step writes under ``<round_dir>/work``; finished adapters are checked
 to load, moved into ``<round_dir>/adapters/`` and registered together with the round's result
 in one transaction. A round killed at any point leaves nothing registered; the next round
-marks it failed and deletes its folder. A lock file refuses two rounds at once.
+marks it failed and deletes its folder (``round_lock``). A lock file refuses two rounds at once.
 """
 
 from __future__ import annotations
@@ -33,19 +57,39 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from training.config import LoraSettings, PPOConfig, RewardConfig, SFTConfig, _f
-from training.evaluation import greedy_replies, reward_accuracy
-from training.gates import evaluate_gates
+from training.evaluation import (
+    Estimate,
+    accuracy_interval,
+    bootstrap_interval,
+    greedy_replies,
+    paired_gains,
+    pairwise_correct,
+    reward_accuracy,
+)
+from training.gates import (
+    FAILED,
+    PASSED,
+    all_passed,
+    missing_gate,
+    point_gate,
+    reward_gain_gate,
+    reward_model_gate,
+    reward_model_vs_previous_gate,
+)
 from training.round_data import (
     STARTER_DIR,
     STARTER_FILES,
     STARTER_SOURCE,
+    JudgeSplit,
     fixed_report_prompts,
     heldout_bucket,
+    judge_split,
     pair_count,
     seed_starter_set,
+    snapshot_data,
     split_heldout,
     starter_rows,
 )
@@ -78,16 +122,21 @@ class RoundConfig:
     rounds_dir: str = _f("~/.local/share/alignloop/rounds", "Where rounds write their work, adapters and reports.")
     device: str = _f("auto", "'auto', 'cpu' or 'cuda' for every step.")
     seed: int = _f(0, "Seed of every step and of the held-out splits.")
-    heldout_fraction: float = _f(0.2, "Share of preference prompts (RM) and PPO prompts held out for evaluation.")
+    heldout_fraction: float = _f(0.2, "Share of prompts held out of every training step, by prompt hash: the reward model and the candidate are judged on them only.")
     min_pairs: int = _f(8, "Fewest preference pairs to train a reward model and run PPO (else SFT only or stop).")
     min_prompts: int = _f(8, "Fewest PPO training prompts to run PPO.")
-    rm_floor: float = _f(0.55, "Stop the round when the reward model's held-out pairwise accuracy is below this.")
-    rm_tolerance: float = _f(0.02, "Stop when the new reward model is worse than the previous one by more than this (same held-out pairs).")
-    eval_prompts: int = _f(16, "Held-out prompts on which candidate and live replies are scored (and shown in the report).")
+    judge: Literal["auto", "previous", "split", "none"] = _f("auto", "Reward model that decides the reward-gain gate, one PPO did not optimise: 'previous' (the live reward model before this round), 'split' (a second reward model on half the training prompts; the proxy PPO optimises trains on the other half), 'auto' (previous if any, else split), 'none' (no reward-gain gate).")
+    rm_floor: float = _f(0.55, "Reward-model gate: held-out pairwise accuracy must be above this (its 95% Wilson interval); clearly below it (upper bound under it) stops the round.")
+    rm_tolerance: float = _f(0.02, "Reward-model gate: accuracy minus the previous reward model's on the same held-out pairs must be above -tolerance (95% bootstrap interval); clearly below stops the round.")
+    min_rm_eval_pairs: int = _f(20, "Fewest held-out preference pairs for a reward-model verdict; fewer: 'not enough evidence' (PPO still runs, the candidate's gates do not pass).")
+    eval_prompts: int = _f(32, "Held-out prompts on which candidate and live reply (greedy) and are scored; never training prompts.")
+    min_eval_prompts: int = _f(8, "Fewest held-out prompts for a reward-gain verdict; fewer: 'not enough evidence' (registered, never auto-promoted).")
     eval_max_new_tokens: int = _f(48, "Longest reply when evaluating candidate vs live (greedy).")
+    bootstrap_resamples: int = _f(2000, "Resamples of the percentile bootstrap behind the reward-gain intervals.")
     report_prompts: int = _f(4, "Fixed prompts (the starter set's first N) that every round's report answers with live and candidate, so reports compare across rounds.")
+    use_thumbs: bool = _f(True, "Train the reward models on thumbs up/down too (RewardConfig.thumbs_data), when feedback_db exports them.")
     max_kl: float = _f(10.0, "Gate: KL(policy || reference) per reply at the end of PPO, in nats.")
-    min_reward_gain: float = _f(0.0, "Gate: candidate's mean reward minus live's on held-out prompts must exceed this.")
+    min_reward_gain: float = _f(0.0, "Gate: the judge's reward of candidate minus live, paired per held-out prompt, must be above this (95% bootstrap interval).")
     max_ptx_ppl_increase: float = _f(0.1, "Gate: relative increase of the ptx perplexity (0.1 = +10%).")
     auto_promote: bool = _f(False, "Promote a candidate whose gates passed once its win rate vs live is significant.")
     min_votes: int = _f(30, "Decisive Compare votes (wins + losses) before auto-promotion is considered.")
@@ -157,11 +206,13 @@ def _unique_name(registry: Any, name: str) -> str:
     return f"{name}-{uuid.uuid4().hex[:6]}"
 
 
-def run_round(config: RoundConfig, *, seed_starter: bool = False, step_hook: StepHook | None = None) -> RoundResult:
+def run_round(config: RoundConfig, *, seed_starter: bool = False, step_hook: StepHook | None = None,
+              sampler_factory: Callable[..., Any] | None = None) -> RoundResult:
     """Run one round (see the module docstring); returns how it ended.
 
     Raises RoundBusyError when another round holds the lock. A step that fails marks the round
     failed and re-raises; a gate or too little data ends it as 'stopped' with the reason.
+    ``sampler_factory`` is passed to ``train_ppo`` (the rollout engine PPO samples with).
 
     Example:
         >>> run_round(RoundConfig(db="feedback.db"), seed_starter=True)  # doctest: +SKIP
@@ -185,26 +236,43 @@ def run_round(config: RoundConfig, *, seed_starter: bool = False, step_hook: Ste
                                    / round_dir_name(same.id))
             record = registry.start_round(config.to_dict(), snapshot)
             round_dir = rounds_dir / round_dir_name(record.id)
-            runner = RoundRunner(config, store, registry, record.id, snapshot, round_dir, step_hook)
+            runner = RoundRunner(config, store, registry, record.id, snapshot, round_dir, step_hook,
+                                 sampler_factory=sampler_factory)
             runner.metrics.update({"recovered_rounds": recovered, "seeded": seeded})
             return runner.run()
         finally:
             store.close()
 
 
+@dataclass
+class TrainedRewardModel:
+    """A reward model trained (or chosen) by this round, and how well it ranks the held-out pairs."""
+
+    adapter_dir: Path
+    name: str
+    correct: list[bool]  # per held-out pair, in ``evaluation.pairwise_correct`` order
+    train_pairs: int
+    seconds: float
+    warm_start: str | None = None  # the reward version it started from
+
+
 class RoundRunner:
     """The steps of one round, sharing its folders, registry and metrics."""
 
     def __init__(self, config: RoundConfig, store: Any, registry: Any, round_id: int, snapshot: int,
-                 round_dir: Path, step_hook: StepHook | None) -> None:
+                 round_dir: Path, step_hook: StepHook | None, *,
+                 sampler_factory: Callable[..., Any] | None = None) -> None:
         from training.base_models import resolve_model
 
         self.config, self.store, self.registry = config, store, registry
         self.round_id, self.snapshot, self.round_dir = round_id, snapshot, round_dir
         self.work = round_dir / "work"
+        self.data_dir = self.work / "data"
         self.step_hook = step_hook
+        self.sampler_factory = sampler_factory
         self.base_name = resolve_model(config.base_model).name
         self.metrics: dict[str, Any] = {"snapshot": snapshot}
+        self.previous_correct: list[bool] | None = None  # the previous reward model on the held-out pairs
 
     def step(self, name: str) -> None:
         self.metrics["last_step"] = name
@@ -248,31 +316,24 @@ class RoundRunner:
 
     # -- the steps ---------------------------------------------------------------------------------
     def train(self) -> str:
-        from feedback_db import export_ppo_prompts, export_preferences, export_sft, write_jsonl
+        from feedback_db import write_jsonl
 
         cfg = self.config
-        data = self.work / "data"
         self.step("export")
-        sft_rows = export_sft(self.store, self.snapshot).rows
-        groups = export_preferences(self.store, self.snapshot, fmt="groups").rows
-        prompt_rows = export_ppo_prompts(self.store, self.snapshot).rows
-        train_prompts, held_prompts = split_heldout(prompt_rows, cfg.heldout_fraction)
-        train_groups, held_groups = split_heldout(groups, cfg.heldout_fraction, min_heldout=1)
+        data = snapshot_data(self.store, self.snapshot, cfg.heldout_fraction)
         self.registry.ensure_base_policy(self.base_name)
         live = self.registry.live("policy")
         self.metrics["live_policy"] = live.name
         if live.base_model not in (None, self.base_name):
             raise _Stop(f"the live policy {live.name} runs on {live.base_model}, not {self.base_name}; "
                         "pass the base model the server runs (--base-model).")
-        new_demos = len(sft_rows) - self.demonstrations_at_last_sft(live)
-        pairs = pair_count(groups)
-        self.metrics["data"] = {"demonstrations": len(sft_rows), "new_demonstrations": new_demos,
-                                "preference_groups": len(groups), "preference_pairs": pairs,
-                                "prompts": len(prompt_rows), "train_prompts": len(train_prompts),
-                                "heldout_prompts": len(held_prompts)}
-        sft_path = data / "sft.jsonl"
-        if sft_rows:
-            write_jsonl(sft_rows, sft_path)
+        new_demos = len(data.sft) - self.demonstrations_at_last_sft(live)
+        pairs = pair_count(data.groups)
+        self.metrics["data"] = {**data.counts(), "new_demonstrations": new_demos}
+        sft_path = self.data_dir / "sft.jsonl"
+        if data.sft:
+            write_jsonl(data.sft, sft_path)
+        sft_data = sft_path if data.sft else None
         policy_adapter = live.adapter_path
         # The KL reference (pi_SFT in eq. 2) is the lineage's last SFT adapter, not the live policy.
         reference = self.sft_reference_of(live)
@@ -282,13 +343,13 @@ class RoundRunner:
             self.step("sft")
             sft_dir = self.train_sft(sft_path, policy_adapter)
             policy_adapter = reference = str(sft_dir)
-            self.metrics["sft_demonstrations"] = len(sft_rows)
+            self.metrics["sft_demonstrations"] = len(data.sft)
 
-        enough_prefs = pairs >= cfg.min_pairs and len(groups) >= 2
-        enough_prompts = len(train_prompts) >= cfg.min_prompts
+        enough_prefs = pairs >= cfg.min_pairs and len(data.groups) >= 2
+        enough_prompts = len(data.train_prompts) >= cfg.min_prompts
         if not (enough_prefs and enough_prompts):
-            why = (f"{pairs} preference pairs over {len(groups)} prompts (need {cfg.min_pairs} over 2+)"
-                   if not enough_prefs else f"{len(train_prompts)} training prompts (need {cfg.min_prompts})")
+            why = (f"{pairs} preference pairs over {len(data.groups)} prompts (need {cfg.min_pairs} over 2+)"
+                   if not enough_prefs else f"{len(data.train_prompts)} training prompts (need {cfg.min_prompts})")
             if sft_dir is None:
                 raise _Stop(f"not enough feedback for a round: {why}, and no new demonstrations. Collect more "
                             "Compare/Rank votes and prompts, seed the starter set (--seed-starter), or lower "
@@ -301,21 +362,29 @@ class RoundRunner:
             return self.register(policy=sft_dir, reward=None, live=live, sft=None)
 
         self.metrics["mode"] = "sft+rm+ppo" if sft_dir else "rm+ppo"
+        self.metrics["gates"] = {}
         self.step("reward_model")
-        prefs_path = data / "preferences.jsonl"
-        write_jsonl(train_groups, prefs_path)
-        rm_dir = self.train_reward_model(prefs_path, held_groups, sft_path if sft_rows else None)
+        previous = self.previous_reward_model()
+        judge_kind = self.judge_kind(previous)
+        split = judge_split(data.train_groups, data.train_thumbs) if judge_kind == "split" else None
+        held = self.held_groups(data.held_groups)
+        proxy = self.fit_reward_model(
+            "rm", split.proxy_groups if split else data.train_groups, split.proxy_thumbs if split else data.train_thumbs,
+            held, sft_data, warm=previous if judge_kind != "split" else None)
+        rm_promote = self.judge_reward_model(proxy, previous, held)
+
+        self.step("judge")
+        judge = self.choose_judge(judge_kind, previous, split, held, sft_data)
 
         self.step("ppo")
-        prompts_path = data / "prompts.jsonl"
-        write_jsonl(train_prompts, prompts_path)
-        ppo = self.train_ppo(prompts_path, policy_adapter, reference, rm_dir, sft_path if sft_rows else None)
+        prompts_path = self.data_dir / "prompts.jsonl"
+        write_jsonl(data.train_prompts, prompts_path)
+        ppo = self.train_ppo(prompts_path, policy_adapter, reference, proxy.adapter_dir, sft_data)
 
         self.step("evaluate")
-        held = held_prompts or train_prompts
-        self.evaluate(ppo, held[: cfg.eval_prompts], live.adapter_path, rm_dir)
-        return self.register(policy=ppo.adapter_dir, reward=rm_dir, live=live, sft=sft_dir,
-                             reference=reference)
+        self.evaluate(ppo, data.eval_prompts(cfg.eval_prompts), live.adapter_path, proxy.adapter_dir, judge)
+        return self.register(policy=ppo.adapter_dir, reward=proxy.adapter_dir, live=live, sft=sft_dir,
+                             reference=reference, promote_reward=rm_promote)
 
     def sample_fixed_prompts(self, live_adapter: str | None, candidate: Path) -> None:
         """Greedy replies of live and candidate on the report's fixed prompts (before / after)."""
@@ -323,8 +392,12 @@ class RoundRunner:
         if fixed:
             replies = greedy_replies(self.config.base_model, self.config.device,
                                      {"live": live_adapter, "candidate": str(candidate)}, fixed,
-                                     self.config.eval_max_new_tokens)
+                                     self.config.eval_max_new_tokens, self.eval_prompt_tokens())
             self.record_fixed_samples(fixed, replies)
+
+    def eval_prompt_tokens(self) -> int:
+        """Longest prompt in greedy evaluation: PPO's length budget minus the reply's."""
+        return max(8, self.config.ppo.max_length - self.config.eval_max_new_tokens)
 
     def record_fixed_samples(self, prompts: list[Any], replies: dict[str, list[str]]) -> None:
         self.metrics["fixed_samples"] = [{"prompt": t, "live": a, "candidate": b} for t, a, b in
@@ -382,42 +455,117 @@ class RoundRunner:
                                "seconds": result.seconds, "init_adapter": init_adapter or ""}
         return result.adapter_dir
 
-    def train_reward_model(self, prefs_path: Path, held_rows: list[dict[str, Any]], reference: Path | None) -> Path:
+    # -- reward models and the judge --------------------------------------------------------------
+    def previous_reward_model(self) -> Any | None:
+        """The live reward version before this round, when its adapter is still on disk."""
+        previous = self.registry.live("reward")
+        if previous and previous.adapter_path and Path(previous.adapter_path).is_dir():
+            return previous
+        return None
+
+    def held_groups(self, rows: list[dict[str, Any]]) -> list[Any]:
         from training.chat_data import preference_groups
+
+        held = preference_groups(rows)
+        if not held:
+            raise _Stop("no held-out preference prompts to judge a reward model on; collect feedback on more prompts.")
+        return held
+
+    def fit_reward_model(self, name: str, groups: list[dict[str, Any]], thumbs: list[dict[str, Any]],
+                         held: list[Any], reference: Path | None, *, warm: Any | None) -> TrainedRewardModel:
+        """Train a reward model on ``groups`` (and ``thumbs``) into ``work/<name>``, warm-started from the
+        ``warm`` version if given; score the held-out pairs with it."""
+        from feedback_db import write_jsonl
         from training.reward_model import RewardModel, train_reward_model
 
         c = self.config
-        held = preference_groups(held_rows)
-        if not held:
-            raise _Stop("no held-out preference prompts to judge a reward model on; collect feedback on more prompts.")
-        previous = self.registry.live("reward")
-        warm = previous.adapter_path if previous and previous.adapter_path and Path(previous.adapter_path).is_dir() else ""
-        # Held-out prompts are chosen by hash (split_heldout), the same in every round, so the previous
-        # reward model never trained on them either: both are judged on the same unseen pairs.
+        prefs_path = self.data_dir / f"{name}_preferences.jsonl"
+        write_jsonl(groups, prefs_path)
+        extra: dict[str, Any] = {}
+        if c.use_thumbs and thumbs and "thumbs_data" in {f.name for f in dataclasses.fields(RewardConfig)}:
+            thumbs_path = self.data_dir / f"{name}_thumbs.jsonl"
+            write_jsonl(thumbs, thumbs_path)
+            extra["thumbs_data"] = str(thumbs_path)
         cfg = dataclasses.replace(c.reward, base_model=c.base_model, device=c.device, data=str(prefs_path),
-                                  output_dir=str(self.work / "rm"), seed=c.seed, init_adapter=warm,
-                                  eval_fraction=0.0, reference_data=str(reference or ""))
+                                  output_dir=str(self.work / name), seed=c.seed,
+                                  init_adapter=warm.adapter_path if warm else "", eval_fraction=0.0,
+                                  reference_data=str(reference or ""), **extra)
         result = train_reward_model(cfg)
-        accuracy = reward_accuracy(RewardModel.load(result.adapter_dir, base_model=c.base_model, device=c.device), held)
-        rm = {"eval_accuracy": accuracy, "eval_pairs": sum(len(g.pairs) for g in held),
-              "eval_prompts": len(held), "train_pairs": result.train_pairs, "seconds": result.train_seconds,
-              "warm_start": previous.name if warm else None, "floor": c.rm_floor, "tolerance": c.rm_tolerance}
+        rm = RewardModel.load(result.adapter_dir, base_model=c.base_model, device=c.device)
+        return TrainedRewardModel(result.adapter_dir, name, pairwise_correct(rm, held), result.train_pairs,
+                                  result.train_seconds, warm.name if warm else None)
+
+    def judge_reward_model(self, proxy: TrainedRewardModel, previous: Any | None, held: list[Any]) -> bool:
+        """The reward-model gates on the proxy's held-out pairs; stop the round when one clearly fails.
+
+        Returns whether the new reward model may become the live one (both gates passed).
+        """
+        from training.reward_model import RewardModel
+
+        c = self.config
+        accuracy = accuracy_interval(proxy.correct)
+        rm = {"eval_accuracy": accuracy.value, "eval_accuracy_ci": accuracy.ci, "eval_pairs": accuracy.n,
+              "eval_prompts": len(held), "train_pairs": proxy.train_pairs, "seconds": proxy.seconds,
+              "warm_start": proxy.warm_start,
+              "floor": c.rm_floor, "tolerance": c.rm_tolerance}
         self.metrics["reward_model"] = rm
-        self.metrics["reward_model_history"] = self.reward_model_history(accuracy)
-        if warm:
-            rm["previous_accuracy"] = reward_accuracy(RewardModel.load(warm, base_model=c.base_model, device=c.device),
-                                                      held)
-        if accuracy < c.rm_floor:
-            raise _Stop(f"reward model held-out accuracy {accuracy:.3f} is below the floor {c.rm_floor} "
-                        f"({rm['eval_pairs']} pairs); collect more (and more consistent) preference votes.")
-        prev = rm.get("previous_accuracy")
-        if prev is not None and accuracy < prev - c.rm_tolerance:
-            raise _Stop(f"the new reward model ({accuracy:.3f}) is worse than the previous one "
-                        f"{previous.name} ({prev:.3f}) on the same held-out pairs; keeping the previous one.")
-        return result.adapter_dir
+        self.metrics["reward_model_history"] = self.reward_model_history(accuracy.value)
+        gates = self.metrics["gates"]
+        gates["reward_model"] = reward_model_gate(accuracy, c.rm_floor, c.min_rm_eval_pairs).to_dict()
+        if previous is not None:
+            before = pairwise_correct(RewardModel.load(previous.adapter_path, base_model=c.base_model,
+                                                       device=c.device), held)
+            self.previous_correct = before
+            rm["previous"] = previous.name
+            rm["previous_accuracy"] = sum(before) / len(before)
+            # Held-out prompts are chosen by hash, the same in every round, so the previous reward
+            # model never trained on them either: both are judged on the same unseen pairs.
+            difference = bootstrap_interval([int(a) - int(b) for a, b in zip(proxy.correct, before)],
+                                            resamples=c.bootstrap_resamples, seed=c.seed)
+            gates["reward_model_vs_previous"] = reward_model_vs_previous_gate(
+                difference, c.rm_tolerance, c.min_rm_eval_pairs).to_dict()
+        if gates["reward_model"]["verdict"] == FAILED:
+            lo, hi = accuracy.ci
+            raise _Stop(f"reward model held-out accuracy {accuracy.value:.3f} (95% interval {lo:.3f}-{hi:.3f}, "
+                        f"{accuracy.n} pairs) is below the floor {c.rm_floor}; collect more (and more consistent) "
+                        "preference votes.")
+        if gates.get("reward_model_vs_previous", {}).get("verdict") == FAILED:
+            raise _Stop(f"the new reward model ({accuracy.value:.3f}) is worse than the previous one "
+                        f"{previous.name} ({rm['previous_accuracy']:.3f}) on the same held-out pairs by more than "
+                        f"{c.rm_tolerance} (95% interval); keeping the previous one.")
+        return all(g["verdict"] == PASSED for k, g in gates.items() if k.startswith("reward_model"))
+
+    def judge_kind(self, previous: Any | None) -> str:
+        """The judge this round uses: ``config.judge``, with 'auto' resolved."""
+        if self.config.judge != "auto":
+            return self.config.judge
+        return "previous" if previous is not None else "split"
+
+    def choose_judge(self, kind: str, previous: Any | None, split: JudgeSplit | None, held: list[Any],
+                     reference: Path | None) -> TrainedRewardModel | None:
+        """The judge of the reward-gain gate (see the module docstring); None when there is none."""
+        record: dict[str, Any] = {"kind": kind}
+        self.metrics["judge"] = record
+        judge: TrainedRewardModel | None = None
+        if kind == "previous" and previous is not None:
+            judge = TrainedRewardModel(Path(previous.adapter_path), previous.name, self.previous_correct or [], 0, 0.0)
+        elif kind == "previous":
+            record["note"] = "no previous reward model to judge with; use judge=split (or auto)"
+        elif kind == "split" and split is not None and split.judge_groups:
+            judge = self.fit_reward_model("judge", split.judge_groups, split.judge_thumbs, held, reference, warm=None)
+            judge = dataclasses.replace(judge, name=f"judge-r{self.round_id} (trained on the other half; not kept)")
+            record.update({"train_pairs": judge.train_pairs, "train_prompts": len(split.judge_groups),
+                           "proxy_train_prompts": len(split.proxy_groups), "seconds": judge.seconds})
+        elif kind == "split":
+            record["note"] = "too few training prompts to split between the proxy and a judge"
+        if judge is not None:
+            accuracy = accuracy_interval(judge.correct)
+            record.update({"name": judge.name, "eval_accuracy": accuracy.value, "eval_accuracy_ci": accuracy.ci})
+        return judge
 
     def train_ppo(self, prompts_path: Path, policy_adapter: str | None, reference: str | None, rm_dir: Path,
                   sft_path: Path | None) -> Any:
+        from training.metrics_log import read_metrics
         from training.ppo import train_ppo
 
         c = self.config
@@ -427,9 +575,8 @@ class RoundRunner:
         cfg = dataclasses.replace(c.ppo, base_model=c.base_model, device=c.device, prompts=str(prompts_path),
                                   sft_adapter=reference or "", init_adapter=policy_adapter or "",
                                   reward_adapter=str(rm_dir), output_dir=str(self.work / "ppo"), seed=c.seed, **ptx)
-        result = train_ppo(cfg)
-        from training.metrics_log import read_metrics
-
+        extra = {"sampler_factory": self.sampler_factory} if self.sampler_factory is not None else {}
+        result = train_ppo(cfg, **extra)
         curve = [{"iteration": r.get("step"), "reward": r["reward/mean"], "kl": r["kl/per_reply"]}
                  for r in read_metrics(result.metrics_path) if "reward/mean" in r]
         self.metrics["ppo"] = {"iterations": result.iterations, "reward_first": result.reward_first,
@@ -439,44 +586,73 @@ class RoundRunner:
                                "reference": reference or "base"}
         return result
 
-    def evaluate(self, ppo: Any, prompts: list[dict], live_adapter: str | None, rm_dir: Path) -> None:
+    def evaluate(self, ppo: Any, prompts: list[dict[str, Any]], live_adapter: str | None, rm_dir: Path,
+                 judge: TrainedRewardModel | None) -> None:
+        """Candidate vs live on held-out prompts only: greedy replies scored by the proxy and the judge,
+        reward gains paired per prompt with bootstrap intervals; then every gate's verdict."""
         from training.reward_model import RewardModel
 
         c = self.config
         texts = [p["prompt"] for p in prompts]
         fixed = fixed_report_prompts(c.report_prompts)
         replies = greedy_replies(c.base_model, c.device, {"live": live_adapter, "candidate": str(ppo.adapter_dir)},
-                                 texts + fixed, c.eval_max_new_tokens)
+                                 texts + fixed, c.eval_max_new_tokens, self.eval_prompt_tokens())
         self.record_fixed_samples(fixed, {k: v[len(texts):] for k, v in replies.items()})
         replies = {k: v[: len(texts)] for k, v in replies.items()}
-        rm = RewardModel.load(rm_dir, base_model=c.base_model, device=c.device)
-        live_scores = rm.score(texts, replies["live"])
-        cand_scores = rm.score(texts, replies["candidate"])
+        scorers = {"proxy": rm_dir} | ({"judge": judge.adapter_dir} if judge is not None else {})
+        scores: dict[str, dict[str, list[float]]] = {}
+        gains: dict[str, Estimate] = {}
+        for role, folder in scorers.items():
+            rm = RewardModel.load(folder, base_model=c.base_model, device=c.device) if texts else None
+            scores[role] = {side: rm.score(texts, replies[side]) if rm else [] for side in ("live", "candidate")}
+            gains[role] = bootstrap_interval(paired_gains(scores[role]["candidate"], scores[role]["live"]),
+                                             resamples=c.bootstrap_resamples, seed=c.seed)
+            del rm
         before, after = ppo.ptx_nll_before, ppo.ptx_nll_after
-        evaluation = {
-            "heldout_prompts": len(texts),
-            "reward_live": sum(live_scores) / len(texts),
-            "reward_candidate": sum(cand_scores) / len(texts),
+        measured = not (math.isnan(before) or math.isnan(after))
+        evaluation: dict[str, Any] = {"heldout_prompts": len(texts)}
+        for role in scorers:
+            prefix = "" if role == "proxy" else "judge_"
+            live_s, cand_s = scores[role]["live"], scores[role]["candidate"]
+            evaluation.update({f"{prefix}reward_live": _mean(live_s), f"{prefix}reward_candidate": _mean(cand_s),
+                               f"{prefix}reward_gain": _finite(gains[role].value),
+                               f"{prefix}reward_gain_ci": [_finite(x) for x in gains[role].ci]})
+        evaluation.update({
+            "judge": judge.name if judge is not None else None,
             "kl_to_reference": ppo.kl_last,
-            "ptx_ppl_before": math.exp(before) if not math.isnan(before) else float("nan"),
-            "ptx_ppl_after": math.exp(after) if not math.isnan(after) else float("nan"),
-        }
-        evaluation["reward_gain"] = evaluation["reward_candidate"] - evaluation["reward_live"]
-        evaluation["ptx_ppl_increase"] = (math.exp(after - before) - 1) if not math.isnan(before) else 0.0
+            "ptx_ppl_before": math.exp(before) if measured else None,
+            "ptx_ppl_after": math.exp(after) if measured else None,
+            "ptx_ppl_increase": math.exp(after - before) - 1 if measured else None,
+        })
         self.metrics["evaluation"] = evaluation
-        self.metrics["samples"] = [{"prompt": t, "live": a, "candidate": b, "reward_live": ra, "reward_candidate": rb}
-                                   for t, a, b, ra, rb in zip(texts, replies["live"], replies["candidate"],
-                                                              live_scores, cand_scores)]
-        gates = evaluate_gates(evaluation, c)
-        self.metrics["gates"] = gates
-        self.metrics["gates_passed"] = all(gates.values())
+        samples = []
+        for i, (text, a, b) in enumerate(zip(texts, replies["live"], replies["candidate"])):
+            sample = {"prompt": text, "live": a, "candidate": b, "reward_live": scores["proxy"]["live"][i],
+                      "reward_candidate": scores["proxy"]["candidate"][i]}
+            if "judge" in scores:
+                sample.update(judge_live=scores["judge"]["live"][i], judge_candidate=scores["judge"]["candidate"][i])
+            samples.append(sample)
+        self.metrics["samples"] = samples
+
+        gates = self.metrics["gates"]
+        if c.judge != "none":
+            gates["reward_gain"] = (reward_gain_gate(gains["judge"], c.min_reward_gain, c.min_eval_prompts)
+                                    if judge is not None else
+                                    missing_gate(c.min_reward_gain, self.metrics["judge"].get("note", "no judge"))
+                                    ).to_dict()
+        gates["kl"] = point_gate(ppo.kl_last, c.max_kl).to_dict()
+        gates["ptx_perplexity"] = point_gate(evaluation["ptx_ppl_increase"] if measured else float("nan"),
+                                             c.max_ptx_ppl_increase).to_dict()
+        self.metrics["gates_passed"] = all_passed(gates)
 
     def register(self, *, policy: Path, reward: Path | None, live: Any, sft: Path | None,
-                 reference: str | None = None) -> str:
+                 reference: str | None = None, promote_reward: bool = False) -> str:
         """Check the adapters load, move them into place, register them and close the round: one transaction.
 
         ``sft``: this round's SFT adapter when PPO started from it; it is kept beside the policy as
-        the KL reference of this lineage's later rounds.
+        the KL reference of this lineage's later rounds. ``reward`` is registered, and made the live
+        reward model only when ``promote_reward`` (its gates passed): an unvalidated reward model
+        never becomes the next round's warm start or judge.
         """
         self.step("register")
         check_adapter(policy)
@@ -502,7 +678,7 @@ class RoundRunner:
         shutil.rmtree(self.work, ignore_errors=True)
         self.write_report("succeeded")
         version_metrics = {k: self.metrics[k] for k in ("mode", "gates", "gates_passed", "evaluation", "reward_model",
-                                                        "sft") if k in self.metrics}
+                                                        "judge", "sft") if k in self.metrics}
         if "ppo" in self.metrics:
             version_metrics["ppo"] = {k: v for k, v in self.metrics["ppo"].items() if k != "curve"}
             version_metrics["reference_adapter"] = reference or ""
@@ -510,16 +686,27 @@ class RoundRunner:
         self.step("commit")
         with self.store.transaction():
             if final_reward is not None:
+                rm_gates = {k: g for k, g in self.metrics.get("gates", {}).items() if k.startswith("reward_model")}
                 rm_version = self.registry.register(reward_name, kind="reward", adapter_path=str(final_reward),
                                                     base_model=self.base_name, round_id=self.round_id,
-                                                    metrics=self.metrics.get("reward_model", {}))
-                self.registry.promote(rm_version.id, actor=f"round-{self.round_id}")
+                                                    metrics={**self.metrics.get("reward_model", {}), "gates": rm_gates})
+                if promote_reward:
+                    self.registry.promote(rm_version.id, actor=f"round-{self.round_id}")
             self.registry.register(policy_name, kind="policy", adapter_path=str(final_policy),
                                    base_model=self.base_name, parent_id=live.id, round_id=self.round_id,
                                    metrics=version_metrics)
             self.registry.finish_round(self.round_id, "succeeded", metrics=self.metrics,
                                        report_path=self.report_path())
         return policy_name
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _finite(value: float) -> float | None:
+    """None for NaN (nothing to estimate from), so the metrics stay plain JSON."""
+    return None if math.isnan(value) else value
 
 
 # --------------------------------------------------------------------------- #

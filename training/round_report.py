@@ -52,17 +52,44 @@ def _plot_rm_accuracy(history: list[dict[str, Any]], floor: float | None, path: 
 
 
 def _sample_lines(sample: dict[str, Any], labels: tuple[str, str]) -> list[str]:
-    """A prompt and the live and candidate replies (with their rewards when scored)."""
+    """A prompt and the live and candidate replies (with the proxy's and the judge's rewards when scored)."""
     lines = [f"**Prompt:** {_prompt_text(sample['prompt'])}", ""]
     for side, label in zip(("live", "candidate"), labels):
-        reward = sample.get(f"reward_{side}")
-        scored = f" ({reward:.3f})" if reward is not None else ""
+        scores = [f"{name} {sample[key]:.3f}" for name, key in (("proxy", f"reward_{side}"), ("judge", f"judge_{side}"))
+                  if sample.get(key) is not None]
+        scored = f" ({', '.join(scores)})" if scores else ""
         lines.append(f"* {label}{scored}: {json.dumps(sample[side], ensure_ascii=False)}")
     return lines + [""]
 
 
 def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list) and len(value) == 2 and all(v is None or isinstance(v, (int, float)) for v in value):
+        return f"[{_fmt(value[0])}, {_fmt(value[1])}]"
+    return str(value)
+
+
+GATES_NOTE = ("Each gate is *passed* when its whole 95% interval is on the good side of the threshold, *failed* "
+              "when it is wholly on the bad side, and *not enough evidence* otherwise (the interval straddles the "
+              "threshold, too few held-out prompts or pairs, or no judge). Only a candidate whose gates all "
+              "passed can be auto-promoted. KL and ptx perplexity are single measurements (no interval).")
+
+
+def _gate_lines(gates: dict[str, dict[str, Any]]) -> list[str]:
+    """The gates as a table: verdict, value, 95% interval, units, threshold, why."""
+    lines = ["", "## Gates", "", GATES_NOTE, "", "| gate | verdict | value | 95% interval | n | threshold | note |",
+             "|---|---|---|---|---|---|---|"]
+    for name, g in gates.items():
+        if not isinstance(g, dict):  # a round recorded before verdicts had intervals
+            lines.append(f"| {name} | {'passed' if g else 'failed'} | | | | | |")
+            continue
+        ci = _fmt(g["ci"]) if g.get("ci") else "–"
+        lines.append(f"| {name} | **{g['verdict']}** | {_fmt(g.get('value'))} | {ci} | {_fmt(g.get('n'))} "
+                     f"| {_fmt(g.get('threshold'))} | {g.get('note', '')} |")
+    return lines
 
 
 def _prompt_text(prompt: Any) -> str:
@@ -80,10 +107,14 @@ def write_round_report(round_dir: Path, round_id: int, status: str, metrics: dic
         if key in metrics:
             lines.append(f"| {key} | {_fmt(metrics[key])} |")
     for title, key in (("Data", "data"), ("SFT", "sft"), ("Reward model", "reward_model"),
-                       ("Candidate vs live", "evaluation"), ("Gates", "gates")):
+                       ("Judge (a reward model PPO did not optimise)", "judge"),
+                       ("Candidate vs live (held-out prompts; gains paired per prompt, 95% bootstrap interval)",
+                        "evaluation")):
         if metrics.get(key):
             lines += ["", f"## {title}", "", "| | |", "|---|---|"]
             lines += [f"| {k} | {_fmt(v)} |" for k, v in metrics[key].items()]
+    if metrics.get("gates"):
+        lines += _gate_lines(metrics["gates"])
     history = metrics.get("reward_model_history")
     if history and _plot_rm_accuracy(history, (metrics.get("reward_model") or {}).get("floor"),
                                      round_dir / "rm_accuracy.png"):

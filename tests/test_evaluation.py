@@ -1,0 +1,78 @@
+"""The statistics behind the gates, on hand-made numbers: bootstrap and Wilson intervals, paired gains."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+import pytest
+
+from feedback_db import wilson_interval
+from training.evaluation import accuracy_interval, bootstrap_interval, paired_gains, pairwise_correct, reward_accuracy
+
+
+def test_bootstrap_of_constant_gains_is_a_zero_width_interval_at_the_constant() -> None:
+    est = bootstrap_interval([0.25] * 12)
+    assert (est.value, est.low, est.high, est.n) == (0.25, 0.25, 0.25, 12)
+
+
+def test_bootstrap_interval_holds_the_mean_and_has_the_normal_width() -> None:
+    # 0..9 repeated: mean 4.5, sd 2.87; 95% interval of the mean of n=100 is about 4.5 -/+ 1.96 * 0.287.
+    values = [float(i % 10) for i in range(100)]
+    est = bootstrap_interval(values, seed=3)
+    assert est.value == pytest.approx(4.5) and est.low < 4.5 < est.high
+    half = 1.96 * (sum((v - 4.5) ** 2 for v in values) / 100) ** 0.5 / 10
+    assert (est.high - est.low) / 2 == pytest.approx(half, rel=0.15)
+    assert bootstrap_interval(values, seed=3) == est  # a fixed seed gives the same interval
+    narrow = bootstrap_interval(values * 4, seed=3)  # 4x the prompts: about half the width
+    assert (narrow.high - narrow.low) == pytest.approx((est.high - est.low) / 2, rel=0.2)
+
+
+def test_bootstrap_covers_the_true_mean_about_95_percent_of_the_time() -> None:
+    rng = random.Random(0)
+    trials, covered = 200, 0
+    for t in range(trials):
+        sample = [rng.gauss(1.0, 2.0) for _ in range(40)]
+        est = bootstrap_interval(sample, resamples=500, seed=t)
+        covered += est.low <= 1.0 <= est.high
+    assert 0.88 <= covered / trials <= 0.99  # the percentile bootstrap runs a little short at n = 40
+
+
+def test_bootstrap_of_nothing_is_nan() -> None:
+    est = bootstrap_interval([])
+    assert est.n == 0 and all(math.isnan(x) for x in (est.value, est.low, est.high))
+
+
+def test_accuracy_interval_is_wilsons() -> None:
+    est = accuracy_interval([True] * 18 + [False] * 2)
+    assert est.value == 0.9 and est.n == 20
+    assert (est.low, est.high) == pytest.approx(wilson_interval(18, 20), abs=1e-4)  # z = 1.95996 vs 1.96
+    assert est.low == pytest.approx(0.699, abs=1e-3) and est.high == pytest.approx(0.972, abs=1e-3)
+    assert math.isnan(accuracy_interval([]).low)
+
+
+def test_paired_gains_pair_by_prompt() -> None:
+    assert paired_gains([1.0, 0.5, -1.0], [0.5, 0.5, 0.0]) == [0.5, 0.0, -1.0]
+    with pytest.raises(ValueError, match="one live score per candidate"):
+        paired_gains([1.0], [])
+
+
+@dataclass
+class Group:
+    prompt: str
+    completions: list[str]
+    pairs: list[tuple[int, int]] = field(default_factory=list)
+
+
+class LengthRM:
+    """A reward model that prefers longer replies."""
+
+    def score(self, prompts: list[str], replies: list[str]) -> list[float]:
+        return [float(len(r)) for r in replies]
+
+
+def test_pairwise_correct_counts_ties_as_wrong() -> None:
+    groups = [Group("p", ["long reply", "short", "tiny!"], [(0, 1), (1, 2), (2, 0)]), Group("q", ["ab", "a"], [(1, 0)])]
+    assert pairwise_correct(LengthRM(), groups) == [True, False, False, False]  # "short" vs "tiny!" is a tie
+    assert reward_accuracy(LengthRM(), groups) == 0.25 and math.isnan(reward_accuracy(LengthRM(), []))
