@@ -44,8 +44,9 @@ def config(tiny_model_path: Path, tmp_path: Path) -> RoundConfig:
     )
 
 
-def add_ranked_feedback(config: RoundConfig, prompts: int = 8, k: int = 3) -> None:
-    """Conversations with k replies per prompt from the live base model, ranked by a user, through the store API."""
+def add_ranked_feedback(config: RoundConfig, prompts: int = 8, k: int = 3, thumbs: bool = False) -> None:
+    """Conversations with k replies per prompt from the live base model, ranked by a user (and with
+    ``thumbs``, the best reply rated 👍 and the worst 👎), through the store API."""
     with FeedbackStore(config.db) as store:
         live = ModelRegistry(store).ensure_base_policy(resolve_model(config.base_model).name)
         user = store.ensure_user("rater")
@@ -55,6 +56,9 @@ def add_ranked_feedback(config: RoundConfig, prompts: int = 8, k: int = 3) -> No
             replies = [store.add_reply(conv, user, q, text, Reply(live.id)) for text in
                        (f"Take short breaks every {20 + i} minutes and remove distractions.", "Focus.", "no")[:k]]
             store.record_ranking(user, replies)
+            if thumbs:
+                store.record_rating(user, replies[0], 1)
+                store.record_rating(user, replies[-1], -1)
 
 
 def versions(db: str, kind: str) -> list[str]:
@@ -141,7 +145,7 @@ def test_round0_is_sft_only_and_registers_a_candidate_that_loads(config: RoundCo
 
 
 def test_interrupted_round_registers_nothing_and_the_next_one_runs(config: RoundConfig) -> None:
-    add_ranked_feedback(config)
+    add_ranked_feedback(config, thumbs=True)
     # A round killed earlier (its process died while 'running'), with half-written work on disk.
     with FeedbackStore(config.db) as store:
         stale = ModelRegistry(store).start_round({"rounds_dir": str(Path(config.rounds_dir).resolve())}, 0)
@@ -167,7 +171,7 @@ def test_interrupted_round_registers_nothing_and_the_next_one_runs(config: Round
 
     def read_training_data(step: str, round_dir: Path) -> None:
         if step == "evaluate":  # what each reward model and PPO trained on
-            for name in ("rm_preferences", "judge_preferences", "prompts"):
+            for name in ("rm_preferences", "judge_preferences", "prompts", "rm_thumbs", "judge_thumbs"):
                 path = round_dir / "work" / "data" / f"{name}.jsonl"
                 seen[name] = [json.dumps(json.loads(line)["prompt"]) for line in path.read_text().splitlines()]
 
@@ -175,6 +179,8 @@ def test_interrupted_round_registers_nothing_and_the_next_one_runs(config: Round
     assert result.status == "succeeded" and result.metrics["mode"] == "rm+ppo"
     m = result.metrics
     assert m["data"]["preference_pairs"] == 24 and m["reward_model"]["eval_pairs"] > 0
+    # Each 👍/👎 is used once, as its own row (not also folded into pairs), and never from a held-out prompt.
+    assert m["data"]["thumbs"] == 16 and m["data"]["train_thumbs"] == 16 - 2 * m["data"]["heldout_preference_groups"]
     assert m["ppo"]["iterations"] == 2 and len(m["ppo"]["curve"]) == 2
     for key in ("reward_live", "reward_candidate", "reward_gain", "reward_gain_ci", "judge_reward_gain",
                 "judge_reward_gain_ci", "kl_to_reference", "ptx_ppl_increase"):
@@ -185,6 +191,7 @@ def test_interrupted_round_registers_nothing_and_the_next_one_runs(config: Round
     assert m["judge"]["kind"] == "split" and m["judge"]["train_prompts"] >= 1
     assert seen["rm_preferences"] and seen["judge_preferences"]
     assert not set(seen["rm_preferences"]) & set(seen["judge_preferences"])
+    assert set(seen["rm_thumbs"]) == set(seen["rm_preferences"]) and set(seen["judge_thumbs"]) == set(seen["judge_preferences"])
     assert m["reward_model"]["train_pairs"] + m["judge"]["train_pairs"] <= 24 - m["reward_model"]["eval_pairs"]
     # The candidate is judged on held-out prompts only: none that PPO or either reward model trained on.
     judged = {json.dumps(s["prompt"]) for s in m["samples"]}

@@ -118,13 +118,13 @@ def greedy_replies(base_model: str, device: str, adapters: dict[str, str | None]
                    max_new_tokens: int, max_prompt_tokens: int = 0) -> dict[str, list[str]]:
     """Greedy replies of each named adapter (None: the bare base) on the same prompts, one base in memory.
 
-    ``max_prompt_tokens`` > 0 cuts long prompts the way training does (``chat_data.encode_prompt_fitted``,
+    ``max_prompt_tokens`` > 0 cuts long prompts the way PPO does (``chat_data.encode_prompt_fitted``,
     oldest turns first); 0 keeps them whole.
     """
     import torch
 
-    from training import chat_data
     from training.adapters import attach_adapter, load_base, use_adapter
+    from training.chat_data import encode_prompt, encode_prompt_fitted, left_pad, pad_token_id, stop_token_ids
 
     base, tok, dev = load_base(SFTConfig(base_model=base_model, device=device))
     model = base
@@ -132,14 +132,11 @@ def greedy_replies(base_model: str, device: str, adapters: dict[str, str | None]
         if folder:
             model = attach_adapter(model, name, folder, None, trainable=False)
     model.eval()
-    fitted = getattr(chat_data, "encode_prompt_fitted", None)
-    if max_prompt_tokens and fitted is not None:
-        encoded = [fitted(tok, p, max_prompt_tokens) for p in prompts]
-    else:
-        encoded = [chat_data.encode_prompt(tok, p) for p in prompts]
-    pad = chat_data.pad_token_id(tok)
-    ids, mask = chat_data.left_pad(encoded, pad)
-    stops = chat_data.stop_token_ids(tok)
+    encoded = [encode_prompt_fitted(tok, p, max_prompt_tokens) if max_prompt_tokens else encode_prompt(tok, p)
+               for p in prompts]
+    pad = pad_token_id(tok)
+    ids, mask = left_pad(encoded, pad)
+    stops = stop_token_ids(tok)
     out: dict[str, list[str]] = {}
     for name, folder in adapters.items():
         with torch.no_grad():

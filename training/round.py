@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from training.config import LoraSettings, PPOConfig, RewardConfig, SFTConfig, _f
+from training.config import MIN_PROMPT_TOKENS, LoraSettings, PPOConfig, RewardConfig, SFTConfig, _f
 from training.evaluation import (
     Estimate,
     accuracy_interval,
@@ -134,7 +134,7 @@ class RoundConfig:
     eval_max_new_tokens: int = _f(48, "Longest reply when evaluating candidate vs live (greedy).")
     bootstrap_resamples: int = _f(2000, "Resamples of the percentile bootstrap behind the reward-gain intervals.")
     report_prompts: int = _f(4, "Fixed prompts (the starter set's first N) that every round's report answers with live and candidate, so reports compare across rounds.")
-    use_thumbs: bool = _f(True, "Train the reward models on thumbs up/down too (RewardConfig.thumbs_data), when feedback_db exports them.")
+    use_thumbs: bool = _f(True, "Train the reward models on each 👍/👎 as its own row (RewardConfig.thumbs_data, KTO-style); off: a 👍 and a 👎 reply to the same message become a preference pair instead.")
     max_kl: float = _f(10.0, "Gate: KL(policy || reference) per reply at the end of PPO, in nats.")
     min_reward_gain: float = _f(0.0, "Gate: the judge's reward of candidate minus live, paired per held-out prompt, must be above this (95% bootstrap interval).")
     max_ptx_ppl_increase: float = _f(0.1, "Gate: relative increase of the ptx perplexity (0.1 = +10%).")
@@ -320,7 +320,7 @@ class RoundRunner:
 
         cfg = self.config
         self.step("export")
-        data = snapshot_data(self.store, self.snapshot, cfg.heldout_fraction)
+        data = snapshot_data(self.store, self.snapshot, cfg.heldout_fraction, thumbs=cfg.use_thumbs)
         self.registry.ensure_base_policy(self.base_name)
         live = self.registry.live("policy")
         self.metrics["live_policy"] = live.name
@@ -397,7 +397,7 @@ class RoundRunner:
 
     def eval_prompt_tokens(self) -> int:
         """Longest prompt in greedy evaluation: PPO's length budget minus the reply's."""
-        return max(8, self.config.ppo.max_length - self.config.eval_max_new_tokens)
+        return max(MIN_PROMPT_TOKENS, self.config.ppo.max_length - self.config.eval_max_new_tokens)
 
     def record_fixed_samples(self, prompts: list[Any], replies: dict[str, list[str]]) -> None:
         self.metrics["fixed_samples"] = [{"prompt": t, "live": a, "candidate": b} for t, a, b in
@@ -481,15 +481,13 @@ class RoundRunner:
         c = self.config
         prefs_path = self.data_dir / f"{name}_preferences.jsonl"
         write_jsonl(groups, prefs_path)
-        extra: dict[str, Any] = {}
-        if c.use_thumbs and thumbs and "thumbs_data" in {f.name for f in dataclasses.fields(RewardConfig)}:
-            thumbs_path = self.data_dir / f"{name}_thumbs.jsonl"
+        thumbs_path = self.data_dir / f"{name}_thumbs.jsonl"
+        if thumbs:
             write_jsonl(thumbs, thumbs_path)
-            extra["thumbs_data"] = str(thumbs_path)
         cfg = dataclasses.replace(c.reward, base_model=c.base_model, device=c.device, data=str(prefs_path),
                                   output_dir=str(self.work / name), seed=c.seed,
                                   init_adapter=warm.adapter_path if warm else "", eval_fraction=0.0,
-                                  reference_data=str(reference or ""), **extra)
+                                  reference_data=str(reference or ""), thumbs_data=str(thumbs_path) if thumbs else "")
         result = train_reward_model(cfg)
         rm = RewardModel.load(result.adapter_dir, base_model=c.base_model, device=c.device)
         return TrainedRewardModel(result.adapter_dir, name, pairwise_correct(rm, held), result.train_pairs,
@@ -575,8 +573,7 @@ class RoundRunner:
         cfg = dataclasses.replace(c.ppo, base_model=c.base_model, device=c.device, prompts=str(prompts_path),
                                   sft_adapter=reference or "", init_adapter=policy_adapter or "",
                                   reward_adapter=str(rm_dir), output_dir=str(self.work / "ppo"), seed=c.seed, **ptx)
-        extra = {"sampler_factory": self.sampler_factory} if self.sampler_factory is not None else {}
-        result = train_ppo(cfg, **extra)
+        result = train_ppo(cfg, sampler_factory=self.sampler_factory)
         curve = [{"iteration": r.get("step"), "reward": r["reward/mean"], "kl": r["kl/per_reply"]}
                  for r in read_metrics(result.metrics_path) if "reward/mean" in r]
         self.metrics["ppo"] = {"iterations": result.iterations, "reward_first": result.reward_first,

@@ -119,25 +119,26 @@ class RoundData:
         return sorted(self.held_prompts, key=lambda r: heldout_bucket(r["prompt"]))[:n]
 
 
-def snapshot_data(store: Any, snapshot: int, heldout_fraction: float) -> RoundData:
-    """Export demonstrations, preference groups, PPO prompts and thumbs (when feedback_db has
-    ``export_thumbs``) at ``snapshot``, and split them by prompt hash into training and held-out.
+def snapshot_data(store: Any, snapshot: int, heldout_fraction: float, *, thumbs: bool = True) -> RoundData:
+    """Export demonstrations, preference groups, PPO prompts and thumbs at ``snapshot``, and split
+    them by prompt hash into training and held-out.
 
+    Each 👍/👎 is used once: with ``thumbs`` as its own row (TRL KTO: prompt, completion, label),
+    else folded into preference pairs (a 👍 and a 👎 reply to the same message make a pair).
     At least one preference group is held out, so a reward model can always be judged on something.
     """
-    import feedback_db
+    from feedback_db import export_ppo_prompts, export_preferences, export_sft, export_thumbs
 
-    sft = feedback_db.export_sft(store, snapshot).rows
-    groups = feedback_db.export_preferences(store, snapshot, fmt="groups").rows
-    prompts = feedback_db.export_ppo_prompts(store, snapshot).rows
-    export_thumbs = getattr(feedback_db, "export_thumbs", None)
-    thumbs = export_thumbs(store, snapshot).rows if export_thumbs is not None else []
+    sft = export_sft(store, snapshot).rows
+    groups = export_preferences(store, snapshot, fmt="groups", include_thumbs=not thumbs).rows
+    prompts = export_ppo_prompts(store, snapshot).rows
+    thumbs_rows = export_thumbs(store, snapshot).rows if thumbs else []
     held = (heldout_keys(groups, heldout_fraction, min_heldout=1) | heldout_keys(prompts, heldout_fraction)
-            | heldout_keys(thumbs, heldout_fraction))
+            | heldout_keys(thumbs_rows, heldout_fraction))
     train_groups, held_groups = split_by_keys(groups, held)
     train_prompts, held_prompts = split_by_keys(prompts, held)
-    train_thumbs, _ = split_by_keys(thumbs, held)
-    return RoundData(sft, groups, prompts, thumbs, train_groups, held_groups, train_prompts, held_prompts,
+    train_thumbs, _ = split_by_keys(thumbs_rows, held)
+    return RoundData(sft, groups, prompts, thumbs_rows, train_groups, held_groups, train_prompts, held_prompts,
                      train_thumbs)
 
 
