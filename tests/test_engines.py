@@ -139,6 +139,18 @@ class TestEngineContract:
             temperature=1.0, top_p=1.0, max_tokens=48, seed=seed))))[-1]
         assert streamed.finish_reason in ("stop", "length") and END_OF_TURN not in streamed.text
 
+    def test_generate_tokens_from_rendered_prompt_ids_matches_generate(self, engine: Engine, loop: EventLoopThread,
+                                                                       greedy_replies: dict) -> None:
+        """PPO rollouts send the fitted prompt ids: the same ids as the rendered chat give the same reply."""
+        ids = list(engine.format.render(CHAT))
+        (completion,) = loop.run(engine.generate_tokens(ids, sampling=GREEDY))
+        assert completion.token_ids == greedy_replies[None]
+        assert completion.prompt_tokens == len(ids)
+        (with_adapter,) = loop.run(engine.generate_tokens(ids, adapter="a", sampling=GREEDY))
+        assert with_adapter.token_ids == greedy_replies["a"]
+        (shorter,) = loop.run(engine.generate_tokens(ids[:1] + ids[-6:], sampling=GREEDY))  # a prompt cut from the left
+        assert shorter.prompt_tokens == 7
+
     def test_n_alternatives(self, engine: Engine, loop: EventLoopThread) -> None:
         sampling = SamplingConfig(temperature=1.0, max_tokens=8, seed=123)
         completions = loop.run(engine.generate(CHAT, 4, sampling=sampling))

@@ -356,139 +356,141 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None,
     optimizer = torch.optim.AdamW(policy_params + value_params, lr=cfg.lr, eps=1e-5, weight_decay=cfg.weight_decay)
     kl_ctl = L.AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon_rollouts(), cfg.adaptive_kl)
     sampler = make_sampler(cfg, stack, sampler_factory)
-    memory = memory_report(stack)
-    log = MetricsLog(out, cfg.to_dict())
-    (out / "memory.json").write_text(json.dumps(memory, indent=2) + "\n")
+    try:  # a vLLM sampler owns an engine process: close it however the run ends
+        memory = memory_report(stack)
+        log = MetricsLog(out, cfg.to_dict())
+        (out / "memory.json").write_text(json.dumps(memory, indent=2) + "\n")
 
-    use_adapter(stack.model, "policy", TRAINABLE)
-    ptx_before = ptx_nll(stack, ptx.held_out, cfg)
-    ptx_train_before = ptx_nll(stack, ptx_seen, cfg)
-    order: list[int] = []
-    reward_history: list[float] = []
-    kl_last = 0.0
-    samples: list[dict[str, Any]] = []
-    started = time.perf_counter()
-    bar = tqdm(range(1, cfg.iterations + 1), desc="PPO", disable=not cfg.progress)
-    for iteration in bar:
-        # ---- 1. Rollout: sample replies with the current policy --------------------------------------
-        t0 = time.perf_counter()
-        while len(order) < cfg.rollout_batch:
-            order += [int(i) for i in rng.permutation(len(prompts))]
-        idx, order = order[: cfg.rollout_batch], order[cfg.rollout_batch :]
-        if sampler.needs_adapter_folder:  # vLLM: this iteration's policy, under a new name and folder
-            folder = save_adapter(stack.model, "policy", out / "rollout_adapters" / f"iter-{iteration:05d}")
-            sampler.set_policy(f"{out.name}-iter-{iteration:05d}", folder)
-        replies = sampler.sample([encoded[i] for i in idx], [prompts[i] for i in idx])
-        rb = make_rollout_batch([encoded[i] for i in idx], replies, stop_ids, pad, device)
-        ids, mask, rmask, ctx = rb.input_ids, rb.attention_mask, rb.reply_mask, rb.context_length
-        t_gen = time.perf_counter() - t0
+        use_adapter(stack.model, "policy", TRAINABLE)
+        ptx_before = ptx_nll(stack, ptx.held_out, cfg)
+        ptx_train_before = ptx_nll(stack, ptx_seen, cfg)
+        order: list[int] = []
+        reward_history: list[float] = []
+        kl_last = 0.0
+        samples: list[dict[str, Any]] = []
+        started = time.perf_counter()
+        bar = tqdm(range(1, cfg.iterations + 1), desc="PPO", disable=not cfg.progress)
+        for iteration in bar:
+            # ---- 1. Rollout: sample replies with the current policy --------------------------------------
+            t0 = time.perf_counter()
+            while len(order) < cfg.rollout_batch:
+                order += [int(i) for i in rng.permutation(len(prompts))]
+            idx, order = order[: cfg.rollout_batch], order[cfg.rollout_batch :]
+            if sampler.needs_adapter_folder:  # vLLM: this iteration's policy, under a new name and folder
+                folder = save_adapter(stack.model, "policy", out / "rollout_adapters" / f"iter-{iteration:05d}")
+                sampler.set_policy(f"{out.name}-iter-{iteration:05d}", folder)
+            replies = sampler.sample([encoded[i] for i in idx], [prompts[i] for i in idx])
+            rb = make_rollout_batch([encoded[i] for i in idx], replies, stop_ids, pad, device)
+            ids, mask, rmask, ctx = rb.input_ids, rb.attention_mask, rb.reply_mask, rb.context_length
+            t_gen = time.perf_counter() - t0
 
-        # ---- 2. Score: old log-probs (recomputed, not from the sampler), reference, values, reward ---
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            old_logprobs, _ = stack.policy_logprobs(ids, mask, rmask, ctx)
-            ref_logprobs = stack.reference_logprobs(ids, mask, rmask, ctx)
-            old_values = stack.values(ids, mask, ctx) * rmask
-            score = reward_fn(rb.reply, rmask).to(device).float() if reward_fn else stack.scores(rb.prompt_ids, rb.reply, rmask, rb.ended)
-        raw_score = score.clone()
-        if cfg.missing_eos_penalty:
-            score = score - cfg.missing_eos_penalty * (~rb.ended).float()  # replies cut off without EOS
-        kl = L.kl_per_token(old_logprobs, ref_logprobs, cfg.kl_estimator) * rmask
-        rewards, kl_rewards = L.per_token_rewards(score, kl, kl_ctl.value, rmask)
-        if cfg.whiten_rewards:
-            rewards = L.masked_whiten(rewards, rmask, shift_mean=False)
-        advantages, returns = L.gae(rewards, old_values, rmask, cfg.gamma, cfg.lam)  # returns before whitening
-        advantages = L.masked_whiten(advantages, rmask)
-        t_score = time.perf_counter() - t0
+            # ---- 2. Score: old log-probs (recomputed, not from the sampler), reference, values, reward ---
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                old_logprobs, _ = stack.policy_logprobs(ids, mask, rmask, ctx)
+                ref_logprobs = stack.reference_logprobs(ids, mask, rmask, ctx)
+                old_values = stack.values(ids, mask, ctx) * rmask
+                score = reward_fn(rb.reply, rmask).to(device).float() if reward_fn else stack.scores(rb.prompt_ids, rb.reply, rmask, rb.ended)
+            raw_score = score.clone()
+            if cfg.missing_eos_penalty:
+                score = score - cfg.missing_eos_penalty * (~rb.ended).float()  # replies cut off without EOS
+            kl = L.kl_per_token(old_logprobs, ref_logprobs, cfg.kl_estimator) * rmask
+            rewards, kl_rewards = L.per_token_rewards(score, kl, kl_ctl.value, rmask)
+            if cfg.whiten_rewards:
+                rewards = L.masked_whiten(rewards, rmask, shift_mean=False)
+            advantages, returns = L.gae(rewards, old_values, rmask, cfg.gamma, cfg.lam)  # returns before whitening
+            advantages = L.masked_whiten(advantages, rmask)
+            t_score = time.perf_counter() - t0
 
-        # ---- 3. Update: PPO epochs over minibatches, each step with the ptx term ---------------------
-        t0 = time.perf_counter()
-        stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "ptx", "entropy", "clipfrac", "approx_kl",
-                                                         "policy_grad_norm", "value_grad_norm")}
-        for epoch in range(cfg.ppo_epochs):
-            epoch_kl = []
-            for mb in torch.from_numpy(rng.permutation(cfg.rollout_batch)).split(cfg.minibatch):
-                mb = mb.to(device)
-                m = rmask[mb]
-                optimizer.zero_grad(set_to_none=True)
-                # Eq. 2's loss is a sum, so its gradient is the sum of its terms' gradients: each term is
-                # backpropagated as soon as it is computed, and the activations of the ptx, value and
-                # policy passes are never held at the same time (peak memory), for the same step.
-                zero = torch.zeros((), device=device)
-                ptx_loss = ptx_step_loss(stack, ptx_examples, rng, cfg) if cfg.ptx_coef > 0 else zero
-                if cfg.ptx_coef > 0:
-                    L.ppo_ptx_loss(zero, zero, zero, ptx_loss, cfg.vf_coef, cfg.entropy_coef, cfg.ptx_coef).backward()
-                values = stack.values(ids[mb], mask[mb], ctx)
-                vf_loss = L.clipped_value_loss(values, old_values[mb], returns[mb], m, cfg.cliprange_value)
-                L.ppo_ptx_loss(zero, vf_loss, zero, zero, cfg.vf_coef, cfg.entropy_coef, cfg.ptx_coef).backward()
-                logprobs, entropy = stack.policy_logprobs(ids[mb], mask[mb], m, ctx, with_entropy=True)
-                pg_loss, clipfrac = L.clipped_surrogate_loss(logprobs, old_logprobs[mb], advantages[mb], m, cfg.cliprange)
-                mean_entropy = L.masked_mean(entropy, m)
-                L.ppo_ptx_loss(pg_loss, zero, mean_entropy, zero, cfg.vf_coef, cfg.entropy_coef, cfg.ptx_coef).backward()
-                policy_norm, value_norm = clip_actor_critic(policy_params, value_params, cfg.max_grad_norm)
-                optimizer.step()
-                with torch.no_grad():
-                    kl_now = L.approx_kl(logprobs, old_logprobs[mb], m).item()
-                epoch_kl.append(kl_now)
-                for key, value in (("pg", pg_loss), ("vf", vf_loss), ("ptx", ptx_loss), ("entropy", mean_entropy),
-                                   ("clipfrac", clipfrac), ("approx_kl", kl_now), ("policy_grad_norm", policy_norm),
-                                   ("value_grad_norm", value_norm)):
-                    stats[key].append(float(value.detach()) if torch.is_tensor(value) else float(value))
-            if cfg.approx_kl_stop and float(np.mean(epoch_kl)) > cfg.approx_kl_stop:
-                break  # the policy moved too far from the one that sampled: stop reusing this batch
-        t_update = time.perf_counter() - t0
+            # ---- 3. Update: PPO epochs over minibatches, each step with the ptx term ---------------------
+            t0 = time.perf_counter()
+            stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "ptx", "entropy", "clipfrac", "approx_kl",
+                                                             "policy_grad_norm", "value_grad_norm")}
+            for epoch in range(cfg.ppo_epochs):
+                epoch_kl = []
+                for mb in torch.from_numpy(rng.permutation(cfg.rollout_batch)).split(cfg.minibatch):
+                    mb = mb.to(device)
+                    m = rmask[mb]
+                    optimizer.zero_grad(set_to_none=True)
+                    # Eq. 2's loss is a sum, so its gradient is the sum of its terms' gradients: each term is
+                    # backpropagated as soon as it is computed, and the activations of the ptx, value and
+                    # policy passes are never held at the same time (peak memory), for the same step.
+                    zero = torch.zeros((), device=device)
+                    ptx_loss = ptx_step_loss(stack, ptx_examples, rng, cfg) if cfg.ptx_coef > 0 else zero
+                    if cfg.ptx_coef > 0:
+                        L.ppo_ptx_loss(zero, zero, zero, ptx_loss, cfg.vf_coef, cfg.entropy_coef, cfg.ptx_coef).backward()
+                    values = stack.values(ids[mb], mask[mb], ctx)
+                    vf_loss = L.clipped_value_loss(values, old_values[mb], returns[mb], m, cfg.cliprange_value)
+                    L.ppo_ptx_loss(zero, vf_loss, zero, zero, cfg.vf_coef, cfg.entropy_coef, cfg.ptx_coef).backward()
+                    logprobs, entropy = stack.policy_logprobs(ids[mb], mask[mb], m, ctx, with_entropy=True)
+                    pg_loss, clipfrac = L.clipped_surrogate_loss(logprobs, old_logprobs[mb], advantages[mb], m, cfg.cliprange)
+                    mean_entropy = L.masked_mean(entropy, m)
+                    L.ppo_ptx_loss(pg_loss, zero, mean_entropy, zero, cfg.vf_coef, cfg.entropy_coef, cfg.ptx_coef).backward()
+                    policy_norm, value_norm = clip_actor_critic(policy_params, value_params, cfg.max_grad_norm)
+                    optimizer.step()
+                    with torch.no_grad():
+                        kl_now = L.approx_kl(logprobs, old_logprobs[mb], m).item()
+                    epoch_kl.append(kl_now)
+                    for key, value in (("pg", pg_loss), ("vf", vf_loss), ("ptx", ptx_loss), ("entropy", mean_entropy),
+                                       ("clipfrac", clipfrac), ("approx_kl", kl_now), ("policy_grad_norm", policy_norm),
+                                       ("value_grad_norm", value_norm)):
+                        stats[key].append(float(value.detach()) if torch.is_tensor(value) else float(value))
+                if cfg.approx_kl_stop and float(np.mean(epoch_kl)) > cfg.approx_kl_stop:
+                    break  # the policy moved too far from the one that sampled: stop reusing this batch
+            t_update = time.perf_counter() - t0
 
-        # ---- 4. Adapt β toward the target KL; log --------------------------------------------------
-        kl_per_reply = kl.sum(1).mean().item()
-        beta = kl_ctl.value
-        kl_ctl.update(kl_per_reply, cfg.rollout_batch)
-        reply_tokens = rmask.sum().item()
-        reward_history.append(raw_score.mean().item())
-        kl_last = kl_per_reply
-        metrics = {
-            "reward/mean": raw_score.mean().item(),
-            "reward/std": raw_score.std().item() if len(raw_score) > 1 else 0.0,
-            "reward/total_mean": (rewards * rmask).sum(1).mean().item(),
-            "kl/per_reply": kl_per_reply,
-            "kl/beta": beta,
-            "kl/non_score_reward": kl_rewards.sum(1).mean().item(),
-            "loss/policy": float(np.mean(stats["pg"])),
-            "loss/value": float(np.mean(stats["vf"])),
-            "loss/ptx": float(np.mean(stats["ptx"])),
-            "policy/entropy": float(np.mean(stats["entropy"])),
-            "policy/clipfrac": float(np.mean(stats["clipfrac"])),
-            "policy/approx_kl": float(np.mean(stats["approx_kl"])),
-            "policy/epochs": float(epoch + 1),
-            "policy/grad_norm": float(np.mean(stats["policy_grad_norm"])),
-            "value/grad_norm": float(np.mean(stats["value_grad_norm"])),
-            "value/explained_variance": L.explained_variance(old_values, returns, rmask).item(),
-            "reply/length": rmask.sum(1).float().mean().item(),
-            "reply/ended": rb.ended.float().mean().item(),
-            "time/generation_s": t_gen,
-            "time/scoring_s": t_score,
-            "time/update_s": t_update,
-            "time/tokens_per_s": reply_tokens / max(t_gen, 1e-9),
-            "memory/peak_mb": peak_memory_mb(device),
-        }
-        log.log(iteration, metrics)
-        bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{kl_per_reply:.3f}", beta=f"{beta:.3f}")
-        if cfg.save_every and iteration % cfg.save_every == 0:
-            save_adapter(stack.model, "policy", out / "checkpoints" / f"iter-{iteration:05d}")
-        if iteration == cfg.iterations:
-            samples = [{"prompt": prompts[i], "reply": tok.decode(rb.reply[j][rmask[j].bool()], skip_special_tokens=True),
-                        "score": raw_score[j].item()} for j, i in enumerate(idx[:4])]
+            # ---- 4. Adapt β toward the target KL; log --------------------------------------------------
+            kl_per_reply = kl.sum(1).mean().item()
+            beta = kl_ctl.value
+            kl_ctl.update(kl_per_reply, cfg.rollout_batch)
+            reply_tokens = rmask.sum().item()
+            reward_history.append(raw_score.mean().item())
+            kl_last = kl_per_reply
+            metrics = {
+                "reward/mean": raw_score.mean().item(),
+                "reward/std": raw_score.std().item() if len(raw_score) > 1 else 0.0,
+                "reward/total_mean": (rewards * rmask).sum(1).mean().item(),
+                "kl/per_reply": kl_per_reply,
+                "kl/beta": beta,
+                "kl/non_score_reward": kl_rewards.sum(1).mean().item(),
+                "loss/policy": float(np.mean(stats["pg"])),
+                "loss/value": float(np.mean(stats["vf"])),
+                "loss/ptx": float(np.mean(stats["ptx"])),
+                "policy/entropy": float(np.mean(stats["entropy"])),
+                "policy/clipfrac": float(np.mean(stats["clipfrac"])),
+                "policy/approx_kl": float(np.mean(stats["approx_kl"])),
+                "policy/epochs": float(epoch + 1),
+                "policy/grad_norm": float(np.mean(stats["policy_grad_norm"])),
+                "value/grad_norm": float(np.mean(stats["value_grad_norm"])),
+                "value/explained_variance": L.explained_variance(old_values, returns, rmask).item(),
+                "reply/length": rmask.sum(1).float().mean().item(),
+                "reply/ended": rb.ended.float().mean().item(),
+                "time/generation_s": t_gen,
+                "time/scoring_s": t_score,
+                "time/update_s": t_update,
+                "time/tokens_per_s": reply_tokens / max(t_gen, 1e-9),
+                "memory/peak_mb": peak_memory_mb(device),
+            }
+            log.log(iteration, metrics)
+            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{kl_per_reply:.3f}", beta=f"{beta:.3f}")
+            if cfg.save_every and iteration % cfg.save_every == 0:
+                save_adapter(stack.model, "policy", out / "checkpoints" / f"iter-{iteration:05d}")
+            if iteration == cfg.iterations:
+                samples = [{"prompt": prompts[i], "reply": tok.decode(rb.reply[j][rmask[j].bool()], skip_special_tokens=True),
+                            "score": raw_score[j].item()} for j, i in enumerate(idx[:4])]
 
-    use_adapter(stack.model, "policy", TRAINABLE)
-    ptx_after = ptx_nll(stack, ptx.held_out, cfg)
-    ptx_train_after = ptx_nll(stack, ptx_seen, cfg)
-    log.log(cfg.iterations, {"ptx/nll_before": ptx_before, "ptx/nll_after": ptx_after,
-                             "ptx/train_nll_before": ptx_train_before, "ptx/train_nll_after": ptx_train_after,
-                             "ptx/held_out_docs": float(len(ptx.held_out)), "ptx/train_docs": float(len(ptx.train))})
-    log.close()
-    save_adapter(stack.model, "policy", out)
-    save_adapter(stack.model, "value", out / "value")
-    save_head(stack.value_head, out / "value", {"shift": 0.0, "std": 1.0})
-    sampler.close()
+        use_adapter(stack.model, "policy", TRAINABLE)
+        ptx_after = ptx_nll(stack, ptx.held_out, cfg)
+        ptx_train_after = ptx_nll(stack, ptx_seen, cfg)
+        log.log(cfg.iterations, {"ptx/nll_before": ptx_before, "ptx/nll_after": ptx_after,
+                                 "ptx/train_nll_before": ptx_train_before, "ptx/train_nll_after": ptx_train_after,
+                                 "ptx/held_out_docs": float(len(ptx.held_out)), "ptx/train_docs": float(len(ptx.train))})
+        log.close()
+        save_adapter(stack.model, "policy", out)
+        save_adapter(stack.model, "value", out / "value")
+        save_head(stack.value_head, out / "value", {"shift": 0.0, "std": 1.0})
+    finally:
+        sampler.close()
     return PPOResult(out, log.path, cfg.iterations, reward_history[0], reward_history[-1], kl_last, ptx_before,
                      ptx_after, ptx_train_before, ptx_train_after, memory, time.perf_counter() - started, samples)
 
