@@ -74,7 +74,8 @@ from training.round import heldout_bucket  # noqa: E402
 # Round settings small enough for the tiny model on two CPU cores, with gates any candidate passes
 # (--tiny checks that every step runs, not the numbers).
 TINY_ROUND_SET = [
-    "heldout_fraction=0.3", "min_pairs=4", "min_prompts=3", "rm_floor=0.0", "rm_tolerance=1.0", "eval_prompts=2",
+    "heldout_fraction=0.3", "min_pairs=4", "min_prompts=3", "rm_floor=-1.0", "rm_tolerance=1.0", "eval_prompts=2",
+    "min_rm_eval_pairs=1", "min_eval_prompts=1",
     "eval_max_new_tokens=4", "report_prompts=1", "max_kl=1e9", "min_reward_gain=-1e9", "max_ptx_ppl_increase=1e9",
     "sft.epochs=1", "sft.max_length=96", "sft.lora.r=4", "sft.lora.alpha=8",
     "reward.max_length=96", "reward.lora.r=4", "reward.lora.alpha=8",

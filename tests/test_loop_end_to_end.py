@@ -45,7 +45,8 @@ def round_config(server: ServerProcess, tiny_model_path: Path, rounds_dir: Path,
     """A round small enough for two CPU cores, with gates any candidate passes; written as JSON for the CLI."""
     config = RoundConfig(
         db=str(server.db_path), base_model=str(tiny_model_path), rounds_dir=str(rounds_dir), device="cpu",
-        heldout_fraction=0.3, min_pairs=4, min_prompts=3, rm_floor=0.0, rm_tolerance=1.0, eval_prompts=2,
+        heldout_fraction=0.3, min_pairs=4, min_prompts=3, rm_floor=-1.0, rm_tolerance=1.0, eval_prompts=2,
+        min_rm_eval_pairs=1, min_eval_prompts=1,
         eval_max_new_tokens=4, max_kl=1e9, min_reward_gain=-1e9, max_ptx_ppl_increase=1e9,
         sft=SFTConfig(epochs=1.0, batch_size=8, max_length=96, progress=False, lora=LORA),
         reward=RewardConfig(epochs=1.0, groups_per_batch=8, max_length=96, progress=False, lora=LORA),

@@ -288,6 +288,8 @@ def test_auto_promotion_needs_passed_gates_and_users_preference(tmp_db_path: Pat
             _vote(store, voters[i % 5], candidate.id, live.id, True, 100 + i)
         off = RoundConfig(base_model="gemma-3-270m", auto_promote=False, min_votes=10)
         assert maybe_auto_promote(store, off) is None  # auto-promotion is opt-in
+        six_voters = RoundConfig(base_model="gemma-3-270m", auto_promote=True, min_votes=10, promote_min_voters=6)
+        assert maybe_auto_promote(store, six_voters) is None  # the test's settings come from the round config
         assert maybe_auto_promote(store, config) == "policy-new"  # 20 straight wins from 5 voters
         assert registry.live().name == "policy-new" and registry.get("policy-new").metrics["auto_promoted"]
         assert maybe_auto_promote(store, config) is None  # nothing left to promote

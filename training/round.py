@@ -34,8 +34,8 @@ biased upwards (Goodhart); the reward-gain gate is decided by a judge PPO did no
 * ``auto``: previous when there is one, else split. ``none``: no judge and no reward-gain gate.
 
 The server then pits the candidate against live in Compare; `maybe_auto_promote` promotes it
-once the gates passed and its win rate after `min_votes` decisive votes is significantly above
-50% (the Wilson lower bound > 0.5). Round 0, before any preference data exists, is SFT only
+once the gates passed and its Compare votes pass the sequential test of
+feedback_db/sequential_testing.py (valid however often it is checked; distinct, capped voters). Round 0, before any preference data exists, is SFT only
 (on the starter set, see `seed_starter_set`); it has no gates, the Compare votes decide.
 
 Safe to interrupt: every step writes under ``<round_dir>/work``; finished adapters are checked
@@ -138,8 +138,11 @@ class RoundConfig:
     max_kl: float = _f(10.0, "Gate: KL(policy || reference) per reply at the end of PPO, in nats.")
     min_reward_gain: float = _f(0.0, "Gate: the judge's reward of candidate minus live, paired per held-out prompt, must be above this (95% bootstrap interval).")
     max_ptx_ppl_increase: float = _f(0.1, "Gate: relative increase of the ptx perplexity (0.1 = +10%).")
-    auto_promote: bool = _f(False, "Promote a candidate whose gates passed once its win rate vs live is significant.")
-    min_votes: int = _f(30, "Decisive Compare votes (wins + losses) before auto-promotion is considered.")
+    auto_promote: bool = _f(False, "Promote a candidate whose gates passed once its Compare votes vs live pass the sequential test.")
+    min_votes: int = _f(0, "Counted decisive Compare votes before auto-promotion is possible (the test is valid at any count).")
+    promote_alpha: float = _f(0.05, "Chance of promoting a candidate no better than live, however often promotion is checked.")
+    promote_min_voters: int = _f(5, "Distinct voters with a counted vote before auto-promotion is possible.")
+    promote_max_votes_per_voter: int = _f(20, "Counted votes per voter (their first ones): bounds one person's weight.")
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(epochs=2.0, batch_size=8, progress=False, lora=_small_lora()),
                            metadata={"help": "SFT step defaults (`--set sft.epochs=3`)."})
     reward: RewardConfig = field(default_factory=lambda: RewardConfig(epochs=1.0, groups_per_batch=8, progress=False,
@@ -711,9 +714,17 @@ def _finite(value: float) -> float | None:
 # --------------------------------------------------------------------------- #
 
 
+def promotion_policy(config: RoundConfig) -> Any:
+    """The sequential test's settings (feedback_db.PromotionPolicy) that ``config`` describes."""
+    from feedback_db import PromotionPolicy
+
+    return PromotionPolicy(alpha=config.promote_alpha, min_voters=config.promote_min_voters,
+                           max_votes_per_voter=config.promote_max_votes_per_voter, min_votes=config.min_votes)
+
+
 def maybe_auto_promote(store: Any, config: RoundConfig) -> str | None:
-    """Promote the newest policy candidate if auto-promotion is on, its gates passed, and after at least
-    ``min_votes`` decisive Compare votes against live its win rate's 95% Wilson lower bound is above 0.5.
+    """Promote the newest policy candidate if auto-promotion is on, its gates passed, and its Compare votes
+    against live pass the sequential test (:func:`promotion_policy`).
 
     Returns the promoted version's name, else None. Safe to call from cron or the server, often.
     """
@@ -722,7 +733,7 @@ def maybe_auto_promote(store: Any, config: RoundConfig) -> str | None:
 
     if not config.auto_promote:
         return None
-    return auto_promote_candidate(store, resolve_model(config.base_model).name, config.min_votes)
+    return auto_promote_candidate(store, resolve_model(config.base_model).name, policy=promotion_policy(config))
 
 
 def load_round_config(path: str | Path) -> RoundConfig:
