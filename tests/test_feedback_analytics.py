@@ -11,6 +11,8 @@ def test_wilson_interval_matches_hand_computation():
     low, high = wilson_interval(8, 10)
     assert low == pytest.approx(0.4902, abs=1e-4) and high == pytest.approx(0.9433, abs=1e-4)
     assert wilson_interval(0, 0) == (0.0, 1.0)
+    for n in range(1, 200):  # unanimous votes: the interval still contains the observed rate exactly
+        assert wilson_interval(n, n)[1] == 1.0 and wilson_interval(0, n)[0] == 0.0
 
 
 def test_win_rate_counts_both_sides_and_ignores_ties(tmp_path):

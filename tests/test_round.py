@@ -359,6 +359,10 @@ def test_starter_round_runs_sft_then_rm_then_ppo_from_the_sft_adapter(config: Ro
     assert result.metrics["ppo"]["reference"] == str(sft_kept)  # ... stays near it, and it is kept for later rounds
     assert (sft_kept / "adapter_config.json").is_file()
     assert result.metrics["data"]["demonstrations"] == len(starter_rows("sft"))
+    timing = result.metrics["step_seconds"]  # where the time went, step by step
+    assert {"export", "sft", "reward_model", "judge", "ppo", "evaluate", "register"} <= set(timing)
+    assert all(seconds >= 0 for seconds in timing.values()) and timing["sft"] > 0 and timing["ppo"] > 0
+    assert "## Where the time went" in result.report_path.read_text()
     with FeedbackStore(config.db) as store:
         registry = ModelRegistry(store)
         registry.promote(result.candidate)

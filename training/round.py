@@ -52,6 +52,7 @@ import json
 import math
 import os
 import shutil
+import time
 import traceback
 import uuid
 from collections.abc import Callable
@@ -278,6 +279,13 @@ class RoundRunner:
         self.previous_correct: list[bool] | None = None  # the previous reward model on the held-out pairs
 
     def step(self, name: str) -> None:
+        """Enter step ``name``: the time since the previous step is booked to it (the report's "where the time went")."""
+        now = time.perf_counter()
+        last = self.metrics.get("last_step")
+        if last is not None:
+            timing = self.metrics.setdefault("step_seconds", {})
+            timing[last] = timing.get(last, 0.0) + now - self._step_started
+        self._step_started = now
         self.metrics["last_step"] = name
         if self.step_hook:
             self.step_hook(name, self.round_dir)
@@ -302,6 +310,7 @@ class RoundRunner:
         return path if path.is_file() else None
 
     def finish(self, status: str, reason: str) -> RoundResult:
+        self.step("end")
         self.metrics["reason"] = reason
         shutil.rmtree(self.work, ignore_errors=True)
         shutil.rmtree(self.round_dir / "adapters", ignore_errors=True)  # moved into place but never registered
@@ -570,7 +579,15 @@ class RoundRunner:
         from training.ppo import train_ppo
 
         c = self.config
-        ptx = {"sft_data": str(sft_path)} if sft_path else {"sft_data": "", "pretrain_data": str(STARTER_DIR / STARTER_FILES["sft"])}
+        # The ptx corpus: the demonstrations of this snapshot plus the starter set's, so there are always
+        # documents enough to hold some out for the perplexity gate (ppo.split_ptx_documents).
+        from feedback_db import read_jsonl, write_jsonl
+
+        documents = list(read_jsonl(sft_path)) if sft_path else []
+        documents += starter_rows("sft")
+        ptx_path = self.work / "data" / "ptx.jsonl"
+        write_jsonl(documents, ptx_path)
+        ptx = {"sft_data": "", "pretrain_data": str(ptx_path)}
         # The policy starts from the live policy (or this round's SFT adapter) and is kept near
         # the lineage's SFT adapter: eq. 2's KL is to pi_SFT, however many PPO rounds came since.
         cfg = dataclasses.replace(c.ppo, base_model=c.base_model, device=c.device, prompts=str(prompts_path),
@@ -676,6 +693,7 @@ class RoundRunner:
         self.metrics["candidate"] = policy_name
         self.metrics["reason"] = "candidate registered"
         shutil.rmtree(self.work, ignore_errors=True)
+        self.step("report")  # books the registration's checks and moves; the commit itself takes milliseconds
         self.write_report("succeeded")
         version_metrics = {k: self.metrics[k] for k in ("mode", "gates", "gates_passed", "evaluation", "reward_model",
                                                         "judge", "sft") if k in self.metrics}

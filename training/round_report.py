@@ -92,6 +92,14 @@ def _gate_lines(gates: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _timing_lines(step_seconds: dict[str, float]) -> list[str]:
+    """Where the round's wall time went, step by step, with each step's share."""
+    total = sum(step_seconds.values()) or 1.0
+    lines = ["", "## Where the time went", "", "| step | seconds | share |", "|---|---|---|"]
+    lines += [f"| {step} | {seconds:.1f} | {seconds / total:.0%} |" for step, seconds in step_seconds.items()]
+    return lines + [f"| total | {sum(step_seconds.values()):.1f} | |"]
+
+
 def _prompt_text(prompt: Any) -> str:
     if isinstance(prompt, str):
         return prompt
@@ -115,6 +123,8 @@ def write_round_report(round_dir: Path, round_id: int, status: str, metrics: dic
             lines += [f"| {k} | {_fmt(v)} |" for k, v in metrics[key].items()]
     if metrics.get("gates"):
         lines += _gate_lines(metrics["gates"])
+    if metrics.get("step_seconds"):
+        lines += _timing_lines(metrics["step_seconds"])
     history = metrics.get("reward_model_history")
     if history and _plot_rm_accuracy(history, (metrics.get("reward_model") or {}).get("floor"),
                                      round_dir / "rm_accuracy.png"):
