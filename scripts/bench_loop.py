@@ -1,35 +1,59 @@
 """Benchmark: does the loop learn? Simulated users with a hidden gold preference, through the real app.
 
-    python scripts/bench_loop.py --tiny --out runs/bench-tiny          # the whole pipeline on a tiny random model (~2 min)
+    python scripts/bench_loop.py --tiny --out runs/bench-tiny          # the whole pipeline on a tiny random model (<= 3 min)
     python scripts/bench_loop.py --out runs/bench-rule                 # gold (a), the rule, on Gemma 3 270M
+    python scripts/bench_loop.py --out runs/bench-rule2 --round0-adapter runs/bench-rule/rounds/round-0001/adapters/policy-r1
     python scripts/bench_loop.py --out runs/bench-null --null          # users without a preference: must promote nothing
     python scripts/bench_loop.py --train-gold --gold-pairs 400 --rounds 0 --out runs/gold   # train gold (b) once
     ALIGNLOOP_GOLD_RM=runs/gold/gold/rm python scripts/bench_loop.py --gold scripts.gold_preferences:hh_gold_rm --out runs/bench-hh
 
 Only real parts (InstructGPT had labelers; AlpacaFarm, Dubois et al. 2023, showed that methods can be
-compared with simulated annotators). `alignloop serve` runs as a child process for the whole run, and
-each round:
+compared with simulated annotators). The app runs as a child process for the whole run.
+
+The baseline (--baseline). Every gold win rate is measured against one fixed policy:
+
+* ``round0`` (default): the policy users meet out of the box. Before any simulated user acts, round 0
+  is made exactly as the product makes it: `alignloop demo` (what `make run` runs) seeds the starter
+  set (training/starter/) and serves; `alignloop round --seed-starter` trains on it in a child process
+  (SFT on the demonstrations, then reward model and PPO-ptx on the starter preference pairs and
+  prompts: the round's own rule decides, see training/round.py); `alignloop promote <name>` (the
+  operator's action, whatever the round's gates said) makes it live. Round 0 runs with --round-set
+  and then --round0-set (the later setting wins). --round0-adapter PATH reuses a round-0 policy
+  adapter trained by an earlier run instead (the starter set is still seeded): it is recorded in the
+  registry through feedback_db's ModelRegistry API as a round of its own (metrics say "reused"), with
+  its KL reference (the `sft-rN` folder beside a `policy-rN` adapter, else the adapter itself) and
+  the demonstrations it stands for, so round 1 neither redoes round 0's SFT nor measures KL to the
+  wrong reference; its reward model is not reused (round 1's judge is then a split one).
+  Comparing later policies with the bare base would credit the starter set to the users' feedback.
+* ``base``: the old behaviour, the policy live when the run starts (the bare base model on a fresh
+  database, `alignloop serve`); --seed-starter lets the first users' round import the starter set.
+
+Then rounds 1..N, each:
 
   1. users: N logged-in users x M actions through gradio_client, as a browser does: chat + 👍/👎 with
      reasons, "write a better reply", Rank, Compare (scripts/simulated_users.py; choices follow the
      gold scorer with Bradley–Terry noise at --noise-temperature);
   2. round: `alignloop round` as a child process (the CLI: SFT -> reward model -> PPO-ptx -> gates ->
-     candidate) while the server keeps serving (a user keeps chatting meanwhile);
+     candidate) from the live policy, while the server keeps serving (a user keeps chatting meanwhile);
   3. compare: users vote in Compare battles (the server pits the candidate against live) until
      --compare-votes candidate-vs-live votes or a promotion;
-  4. promote: the server's own rule on every vote (`--auto-promote-after`), then one
-     `alignloop round --promote-only` (whatever rule the CLI has now);
+  4. promote: the server's own rule on every vote (`--auto-promote-after`: the sequential test of
+     feedback_db/sequential_testing.py, >= 5 distinct voters, each voter's first 20 votes counted),
+     then one `alignloop round --promote-only` (whatever rule the CLI has now);
   5. evaluate, offline and deterministic: greedy replies (training.round.greedy_replies, the
-     transformers stack the round evaluates with) of the round-0 policy, live and candidate on
-     held-out prompts no user ever sent; the gold scorer judges candidate vs round 0 and live vs
-     round 0 (win rate over decisive prompts, 95% Wilson interval; ties reported apart); the
-     round's registered reward adapter (the proxy) is scored on the same replies: its accuracy on
-     the gold-labelled pairs among them. KL to SFT and ptx perplexity come from the round's metrics
-     in the registry.
+     transformers stack the round evaluates with) of the baseline, live and candidate on held-out
+     prompts no user ever sent and no starter-set row contains (round 0 trained on those); the gold
+     scorer judges candidate vs baseline and live vs baseline (win rate over decisive prompts, 95%
+     Wilson interval; ties reported apart); the round's registered reward adapter (the proxy) is
+     scored on the same replies: its accuracy on the gold-labelled pairs among them. KL to SFT and
+     ptx perplexity come from the round's metrics in the registry.
 
-The round-0 policy is the one live when the run starts (the bare base model on a fresh database).
-Written to --out: results.json, results.md (the table), gold_win_rate.png (gold win rate against
-feedback votes), server.log, rounds/ (each round's log and report).
+The table's row 0 (with --baseline round0) is round 0 itself: no users, its wall time, and its
+policy's gold win rate against the bare base (what the starter set bought); rows 1..N show the
+candidate and live against round 0. Written to --out (a fresh folder: the run needs a fresh
+database): results.json (``baseline`` names the policy every row is judged against), results.md
+(the table), gold_win_rate.png (gold win rate against feedback votes), server.log, rounds/ (each
+round's log and report).
 
 Targets of the real run (Gemma 3 270M, 2 CPU cores, <= 3 h, gold (a)): the promoted policy wins
 >= 60% of gold-judged comparisons against round 0 with a 95% lower bound > 50%; KL within the
@@ -69,7 +93,7 @@ from scripts.simulated_users import (  # noqa: E402
     plan_actions,
 )
 from training.config import _f  # noqa: E402
-from training.round import heldout_bucket  # noqa: E402
+from training.round import heldout_bucket, starter_rows  # noqa: E402
 
 # Round settings small enough for the tiny model on two CPU cores, with gates any candidate passes
 # (--tiny checks that every step runs, not the numbers).
@@ -97,35 +121,39 @@ class BenchLoopConfig:
     null: bool = _f(False, "Users without a preference: every vote, thumb and ranking a coin flip (must promote nothing).")
     noise_temperature: float = _f(0.5, "Bradley–Terry temperature T in gold units: P(A over B) = sigmoid((g(A) - g(B)) / T).")
     thumbs_threshold: float = _f(float("nan"), "Gold score at which 👍 and 👎 are equally likely (nan: the gold's own `threshold`, else 0).")
-    rounds: int = _f(3, "Retraining rounds.")
+    baseline: str = _f("round0", "What the gold win rates are against: round0 (the starter-set round, trained and promoted before any user acts) | base (the bare base model live at the start).")
+    round0_set: list = _f([], "`alignloop round --set` overrides for round 0 only, applied after --round-set, e.g. sft.epochs=1 (repeatable).")
+    round0_adapter: str = _f("", "Reuse this round-0 policy adapter folder (e.g. an earlier run's rounds/round-0001/adapters/policy-r1) instead of training round 0.")
+    rounds: int = _f(3, "Retraining rounds by the users (after round 0).")
     users: int = _f(6, "Simulated users (logged in, acting concurrently); promotion needs votes from several (the test's min_voters, 5).")
     actions: int = _f(10, "Actions per user per round, before the round trains.")
     action_mix: str = _f("chat:3,demonstrate:1,rank:2,compare:2", "Relative frequency of each action (chat, demonstrate, rank, compare).")
     actions_during_round: int = _f(2, "Chat actions one user takes while the round trains (the server keeps serving).")
     best_of: int = _f(3, "Replies a user sees (Regenerate) before saving the best as its better reply.")
     rank_k: int = _f(4, "Replies per Rank action.")
-    compare_votes: int = _f(60, "Candidate-vs-live Compare votes collected after each round (fewer if promoted first).")
+    compare_votes: int = _f(120, "Candidate-vs-live Compare votes collected after each round (fewer if promoted first); the promotion test counts each voter's first 20, so more than users x 20 adds nothing.")
     auto_promote_after: int = _f(10, "The server's --auto-promote-after (and the --promote-only min_votes): counted decisive votes before the promotion test may promote.")
     max_new_tokens: int = _f(64, "The app's reply length limit, as users set it.")
     temperature: float = _f(1.0, "The app's sampling temperature, as users set it.")
     top_p: float = _f(1.0, "The app's top-p, as users set it.")
     eval_prompts: int = _f(64, "Held-out prompts (never sent by a user) for the gold win rates and the proxy's accuracy.")
-    eval_fraction: float = _f(0.3, "Share of the prompt pool (by hash) kept away from the users for evaluation.")
+    eval_fraction: float = _f(0.5, "Share of the prompt pool (by hash) kept away from the users for evaluation (starter-set prompts never are: round 0 trained on them).")
     eval_max_new_tokens: int = _f(64, "Longest greedy reply in the offline evaluation.")
     round_set: list = _f([], "`alignloop round --set` overrides for every round, e.g. ppo.iterations=16 (repeatable).")
-    seed_starter: bool = _f(False, "Let the first round import the starter set (its preferences are not the gold's).")
+    seed_starter: bool = _f(False, "With --baseline base: let the first users' round import the starter set (its preferences are not the gold's).")
     budget_minutes: float = _f(180.0, "Stop before a round that would end after this much wall time (a running round is stopped at it).")
     seed: int = _f(0, "Seed of the users' choices and plans.")
     train_gold: bool = _f(False, "First train gold (b), the HH reward model, into OUT/gold and use it (ALIGNLOOP_GOLD_RM).")
     gold_rm: str = _f("", "Folder of a trained gold reward model for hh_gold_rm (sets ALIGNLOOP_GOLD_RM).")
     gold_pairs: int = _f(400, "HH pairs (gold part) the gold reward model trains on (CPU: ~0.2-0.9 pairs/s).")
     gold_max_length: int = _f(384, "Prompt + reply tokens for the gold reward model.")
-    tiny: bool = _f(False, "Smoke run on a tiny random model with the transformers engine: 2 rounds, few actions (checks the steps, not the numbers).")
+    tiny: bool = _f(False, "Smoke run on a tiny random model with the transformers engine: round 0 and 2 rounds, few actions (checks the steps, not the numbers).")
 
 
 def apply_tiny(cfg: BenchLoopConfig) -> BenchLoopConfig:
-    """The --tiny settings: build the tiny random model into OUT and shrink every step (the gold stays
-    --gold's: the rule by default)."""
+    """The --tiny settings: build the tiny random model into OUT and shrink every step, round 0 included
+    (TINY_ROUND_SET is part of --round-set, which round 0 runs with too; the gold stays --gold's: the
+    rule by default)."""
     from training.base_models import build_tiny_model
 
     model = Path(cfg.out) / "tiny-model"
@@ -134,7 +162,7 @@ def apply_tiny(cfg: BenchLoopConfig) -> BenchLoopConfig:
     return dataclasses.replace(
         cfg, base_model=str(model), engine="hf", device="cpu",
         rounds=2, users=2, actions=5, actions_during_round=1, best_of=2, rank_k=3, compare_votes=3,
-        auto_promote_after=3, max_new_tokens=8, eval_prompts=6, eval_max_new_tokens=8, budget_minutes=6.0,
+        auto_promote_after=3, max_new_tokens=8, eval_prompts=6, eval_max_new_tokens=8, budget_minutes=8.0,
         round_set=TINY_ROUND_SET + ["device=cpu"] + list(cfg.round_set))
 
 
@@ -154,12 +182,28 @@ def load_gold(spec: str) -> GoldScorer:
     return fn
 
 
-def split_prompts(prompts: list[str], eval_fraction: float, eval_n: int) -> tuple[list[str], list[str]]:
+def starter_prompt_texts() -> set[str]:
+    """Every prompt text in the starter set's training files (demonstrations, prompts, preference pairs),
+    user turns of message-list prompts included: round 0 trains on all of them."""
+    texts: set[str] = set()
+    for kind in ("sft", "prompts", "preferences"):
+        for row in starter_rows(kind):
+            prompt = row.get("prompt")
+            if isinstance(prompt, str):
+                texts.add(prompt)
+            elif isinstance(prompt, list):
+                texts.update(m["content"] for m in prompt if isinstance(m, dict) and isinstance(m.get("content"), str))
+    return texts
+
+
+def split_prompts(prompts: list[str], eval_fraction: float, eval_n: int,
+                  trained: set[str] | frozenset[str] = frozenset()) -> tuple[list[str], list[str]]:
     """(users' prompts, evaluation prompts) by a salted hash of the text: an evaluation prompt is never
-    sent by a user, so neither the proxy reward model nor the policy ever trains on it."""
-    held = sorted((p for p in prompts if heldout_bucket(["eval", p]) < eval_fraction),
+    sent by a user, so neither the proxy reward model nor the policy ever trains on it. A prompt in
+    `trained` (the starter set's, which round 0 trains on) is never an evaluation prompt."""
+    held = sorted((p for p in prompts if p not in trained and heldout_bucket(["eval", p]) < eval_fraction),
                   key=lambda p: heldout_bucket(["eval", p]))
-    users = [p for p in prompts if heldout_bucket(["eval", p]) >= eval_fraction]
+    users = [p for p in prompts if p in trained or heldout_bucket(["eval", p]) >= eval_fraction]
     if not users or not held:
         raise SystemExit(f"{len(prompts)} prompts split into {len(users)} for users and {len(held)} for evaluation; "
                          "use a larger prompt pool or another --eval-fraction.")
@@ -275,30 +319,33 @@ def users_phase(users: Users, actions: int, deadline: float) -> list[Action]:
         return [a for batch in pool.map(run, range(n)) for a in batch]
 
 
-def round_command(cfg: BenchLoopConfig, db: Path, *extra: str) -> list[str]:
+def round_command(cfg: BenchLoopConfig, db: Path, *extra: str, sets: list[str] | None = None) -> list[str]:
+    """`alignloop round` on the run's database and base model with `sets` (default: --round-set) as --set."""
     cmd = [sys.executable, "-m", "chat_app.cli", "round", "--db", str(db), "--base-model", cfg.base_model,
            "--rounds-dir", str(Path(cfg.out) / "rounds")]
-    for item in cfg.round_set:
+    for item in cfg.round_set if sets is None else sets:
         cmd += ["--set", item]
     return cmd + list(extra)
 
 
-def run_round(cfg: BenchLoopConfig, db: Path, index: int, users: Users, deadline: float) -> tuple[int, str, list[Action]]:
-    """`alignloop round` in a child process while one user keeps chatting; (exit code, output, actions)."""
+def run_round(cfg: BenchLoopConfig, db: Path, index: int, users: Users | None, deadline: float, *extra: str,
+              sets: list[str] | None = None) -> tuple[int, str, list[Action]]:
+    """`alignloop round` in a child process while one user keeps chatting (none when `users` is None);
+    (exit code, output, actions). Stopped at `deadline`."""
     log = Path(cfg.out) / "rounds" / f"bench-round-{index}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    extra = ["--seed-starter"] if cfg.seed_starter and index == 0 else []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with log.open("w") as out:
-        proc = subprocess.Popen(round_command(cfg, db, *extra), env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(round_command(cfg, db, *extra, sets=sets), env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
         actions: list[Action] = []
         try:
             while proc.poll() is None:
                 if time.monotonic() > deadline:
                     proc.terminate()  # recorded as stopped by the round itself; nothing registered
-                    proc.wait(timeout=120)
+                    proc.wait(timeout=300)  # the real model may take a while to write its report
                     break
-                if len(actions) < cfg.actions_during_round:
+                if users is not None and len(actions) < cfg.actions_during_round:
                     actions.append(users.users[0].act("chat", users.prompt()))
                 else:
                     time.sleep(0.5)
@@ -307,6 +354,77 @@ def run_round(cfg: BenchLoopConfig, db: Path, index: int, users: Users, deadline
                 proc.kill()
                 proc.wait()
     return proc.returncode, log.read_text(errors="replace"), actions
+
+
+def new_round_summary(db: Path, before: list[int], code: int, output: str) -> dict[str, Any]:
+    """The summary of the round recorded after `before` (the registry's round ids then), or 'skipped'."""
+    new = [x.id for x in registry_read(db, lambda r: r.rounds()) if x.id not in before]
+    summary = round_summary(db, new[-1]) if new else {"status": "skipped", "reason": output.strip()[-300:]}
+    summary["exit_code"] = code
+    return summary
+
+
+def promote_version(db: Path, name: str) -> str:
+    """`alignloop promote NAME`: the operator makes a version live (the server follows within a second)."""
+    cmd = [sys.executable, "-m", "chat_app.cli", "promote", name, "--db", str(db), "--actor", "operator"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if done.returncode != 0:
+        raise RuntimeError(f"`alignloop promote {name}` failed ({done.returncode}):\n{done.stdout}{done.stderr}")
+    return done.stdout.strip()
+
+
+def wait_until_serving(server: ServerProcess, name: str, timeout: float = 900.0) -> None:
+    """Wait until the app has loaded version `name` (its log says `serving NAME`) and its registry poll
+    (every 0.25 s, chat_app/router.py) has had time to switch to it. Loading an adapter into vLLM on
+    the real model can take minutes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = server.log_path.read_text(errors="replace")
+        if f"cannot serve {name}:" in text:
+            raise RuntimeError(f"the app cannot load {name}; its log ends with:\n{server.log()}")
+        if f"serving {name} (" in text:
+            time.sleep(1.0)
+            return
+        if server.process.poll() is not None:
+            raise RuntimeError(f"the app exited; its log ends with:\n{server.log()}")
+        time.sleep(0.5)
+    raise RuntimeError(f"the app had not loaded {name} after {timeout:.0f} s; its log ends with:\n{server.log()}")
+
+
+def register_round0_adapter(cfg: BenchLoopConfig, db: Path) -> tuple[str, dict[str, Any]]:
+    """Record --round0-adapter in the registry (feedback_db's ModelRegistry API) as round 0 would have.
+
+    One recorded round (metrics: ``reused_adapter``, ``sft_demonstrations`` = the demonstrations in
+    the database now, i.e. the starter set's, so round 1 does not repeat round 0's SFT) and one
+    policy candidate descending from the bare base, whose ``reference_adapter`` (the KL reference
+    of later rounds) is the `sft-rN` folder beside a `policy-rN` adapter, else the adapter itself
+    (an SFT-only round 0). Returns (version name, round summary)."""
+    from feedback_db import export_sft
+    from training.round import check_adapter
+
+    path = Path(cfg.round0_adapter).expanduser().resolve()
+    try:
+        check_adapter(path)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"--round0-adapter {path} is not a complete LoRA adapter folder ({exc}); pass the "
+                         "policy folder of an earlier round 0, e.g. OUT/rounds/round-0001/adapters/policy-r1.") from None
+    sibling = path.parent / ("sft-" + path.name[len("policy-"):]) if path.name.startswith("policy-") else None
+    reference = sibling if sibling is not None and sibling.is_dir() else path
+    mode = "sft-only" if reference == path else "sft+rm+ppo"
+    with FeedbackStore(db, create=False) as store:
+        registry = ModelRegistry(store)
+        base = registry.live("policy")
+        snapshot = store.snapshot()
+        demonstrations = len(export_sft(store, snapshot).rows)
+        record = registry.start_round({"base_model": cfg.base_model, "reused_round0_adapter": str(path)}, snapshot)
+        name = f"round0-{path.name}"
+        registry.register(name, kind="policy", adapter_path=str(path), base_model=base.base_model,
+                          parent_id=base.id, round_id=record.id, actor="operator",
+                          metrics={"mode": mode, "reference_adapter": str(reference), "reused_adapter": str(path)})
+        registry.finish_round(record.id, "succeeded", metrics={
+            "mode": mode, "candidate": name, "sft_demonstrations": demonstrations, "reused_adapter": str(path),
+            "reason": f"round-0 adapter reused from {path} (not trained in this run)", "gates": {}})
+    return name, round_summary(db, record.id)
 
 
 def compare_phase(cfg: BenchLoopConfig, db: Path, users: Users, candidate: str, deadline: float) -> list[Action]:
@@ -421,12 +539,27 @@ def make_users(cfg: BenchLoopConfig, url: str, passwords: dict[str, str], gold: 
     return Users(users, prompts, mix_weights(cfg.action_mix), random.Random(cfg.seed))
 
 
+def check_options(cfg: BenchLoopConfig) -> None:
+    """Refuse option combinations that would not mean what they say."""
+    if cfg.baseline not in ("round0", "base"):
+        raise SystemExit(f"--baseline takes round0 or base, not {cfg.baseline!r}.")
+    if cfg.baseline == "base" and (cfg.round0_set or cfg.round0_adapter):
+        raise SystemExit("--round0-set and --round0-adapter need --baseline round0 (with base no round 0 is made).")
+    if cfg.baseline == "round0" and cfg.seed_starter:
+        raise SystemExit("--seed-starter is for --baseline base: with round0 the starter set is seeded and trained on "
+                         "(round 0) before any user acts.")
+
+
 def run_bench(cfg: BenchLoopConfig) -> dict[str, Any]:
     """Run the whole benchmark (see the module docstring); write and return the results."""
+    check_options(cfg)
     started = time.monotonic()
     deadline = started + cfg.budget_minutes * 60
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.rounds > 0 and (out / "feedback.db").exists():
+        raise SystemExit(f"{out / 'feedback.db'} exists from an earlier run; the benchmark needs a fresh database: "
+                         "pass another --out (reuse that run's round 0 with --round0-adapter).")
     if cfg.train_gold:
         from scripts.gold_preferences import GOLD_RM_ENV, train_hh_gold_rm
 
@@ -442,7 +575,8 @@ def run_bench(cfg: BenchLoopConfig) -> dict[str, Any]:
     pool = getattr(gold, "prompts", None)
     if pool is None:
         from scripts.gold_preferences import rule_prompts as pool
-    user_prompts, eval_prompts = split_prompts(list(pool()), cfg.eval_fraction, cfg.eval_prompts)
+    user_prompts, eval_prompts = split_prompts(list(pool()), cfg.eval_fraction, cfg.eval_prompts,
+                                               starter_prompt_texts())
     results: dict[str, Any] = {"config": dataclasses.asdict(cfg), "prompts": {"users": len(user_prompts),
                                "eval": len(eval_prompts)}, "rounds": [], "stopped": None}
     if cfg.rounds <= 0:
@@ -450,25 +584,39 @@ def run_bench(cfg: BenchLoopConfig) -> dict[str, Any]:
         return write_results(out, results)
 
     passwords = {f"user{i}": f"pw-{i}-{random.Random(cfg.seed + i).getrandbits(32):x}" for i in range(cfg.users)}
-    server = start_server(cfg.base_model, out, engine=cfg.engine, timeout=900.0, serve_args=[
-        "--max-new-tokens", str(cfg.max_new_tokens), "--rate-limit", "0",
-        "--auto-promote-after", str(cfg.auto_promote_after),
-        "--users", ",".join(f"{n}:{p}" for n, p in passwords.items())])
+    # `alignloop demo` is `serve` after seeding the starter set (what `make run` runs).
+    server = start_server(cfg.base_model, out, engine=cfg.engine, timeout=900.0,
+                          command="demo" if cfg.baseline == "round0" else "serve", serve_args=[
+                              "--max-new-tokens", str(cfg.max_new_tokens), "--rate-limit", "0",
+                              "--auto-promote-after", str(cfg.auto_promote_after),
+                              "--users", ",".join(f"{n}:{p}" for n, p in passwords.items())])
     try:
         db = server.db_path
-        round0 = registry_read(db, lambda r: r.live("policy"))
-        results["round0_policy"] = round0.name
-        users = make_users(cfg, server.url, passwords, gold, user_prompts)
+        base = registry_read(db, lambda r: r.live("policy"))  # the bare base model on a fresh database
         evaluator = Evaluator(cfg, gold, eval_prompts)
-        t = time.monotonic()
-        evaluator.ensure({round0.name: round0.adapter_path})
-        results["round0_eval_seconds"] = time.monotonic() - t
-        votes_so_far, last_round_s = 0, 0.0
-        for index in range(cfg.rounds):
+        last_round_s = 0.0
+        if cfg.baseline == "round0":
+            row = round_zero(cfg, server, evaluator, base.name, deadline)
+            row["cumulative_votes"] = 0
+            results["rounds"].append(row)
+            print_table(results["rounds"])
+            baseline = row["live_after"]
+            last_round_s = sum(row["seconds"].values())  # the first users' round is guessed to take as long
+        else:
+            t = time.monotonic()
+            evaluator.ensure({base.name: base.adapter_path})
+            results["baseline_eval_seconds"] = time.monotonic() - t
+            baseline = base.name
+        results["baseline"] = {"mode": cfg.baseline, "policy": baseline, "base": base.name}
+        results["round0_policy"] = baseline
+        write_results(out, results)
+        users = make_users(cfg, server.url, passwords, gold, user_prompts)
+        votes_so_far = 0
+        for index in range(1, cfg.rounds + 1):
             if time.monotonic() + last_round_s > deadline:
                 results["stopped"] = f"budget: round {index} would end after --budget-minutes {cfg.budget_minutes}"
                 break
-            row = one_round(cfg, server, users, evaluator, round0.name, index, deadline)
+            row = one_round(cfg, server, users, evaluator, baseline, index, deadline)
             votes_so_far += row["signals"]["votes"]
             row["cumulative_votes"] = votes_so_far
             last_round_s = sum(row["seconds"].values())
@@ -479,16 +627,58 @@ def run_bench(cfg: BenchLoopConfig) -> dict[str, Any]:
                 raise RuntimeError(f"the app exited during the run; its log ends with:\n{server.log()}")
     finally:
         stop_server(server)
-    promoted = [r["promoted"] for r in results["rounds"] if r["promoted"]]
+    promoted = [r["promoted"] for r in results["rounds"] if r["promoted"] and r["round"] > 0]
     if cfg.null:
         results["null_check"] = "passed: nothing promoted" if not promoted else f"FAILED: promoted {promoted}"
     results["wall_seconds"] = time.monotonic() - started
     return write_results(out, results)
 
 
-def one_round(cfg: BenchLoopConfig, server: ServerProcess, users: Users, evaluator: Evaluator, round0: str,
+def round_zero(cfg: BenchLoopConfig, server: ServerProcess, evaluator: Evaluator, base: str,
+               deadline: float) -> dict[str, Any]:
+    """Round 0 as the product makes it, before any user acts: `alignloop round --seed-starter` (or
+    --round0-adapter registered), then `alignloop promote` by the operator; evaluated against the bare
+    base `base`. Row 0 of the table."""
+    db, seconds = server.db_path, {"users": 0.0, "compare": 0.0}
+    t = time.monotonic()
+    if cfg.round0_adapter:
+        name, summary = register_round0_adapter(cfg, db)
+        summary["exit_code"] = 0
+    else:
+        before = registry_read(db, lambda r: [x.id for x in r.rounds()])
+        code, output, _ = run_round(cfg, db, 0, None, deadline, "--seed-starter", sets=cfg.round_set + cfg.round0_set)
+        summary = new_round_summary(db, before, code, output)
+        name = summary.get("candidate") if summary["status"] == "succeeded" else None
+        if not name:
+            raise SystemExit(
+                f"round 0 (the starter set) ended {summary['status']}: {summary.get('reason', '')}\n"
+                f"See {Path(cfg.out) / 'rounds' / 'bench-round-0.log'}. Change it with --round0-set, reuse an earlier "
+                "round 0 with --round0-adapter, or compare with the bare base (--baseline base).")
+    seconds["round"] = time.monotonic() - t
+    t = time.monotonic()
+    message = promote_version(db, name)
+    wait_until_serving(server, name)
+    seconds["promote"] = time.monotonic() - t
+    t = time.monotonic()
+    evaluator.ensure({base: None, name: registry_read(db, lambda r: r.get(name).adapter_path)})
+    win = gold_win_rate(evaluator.scores[name], evaluator.scores[base])
+    reward = reward_adapter_of(db, summary["round_id"])
+    proxy = evaluator.proxy(reward, [base, name]) if reward else None
+    seconds["evaluate"] = time.monotonic() - t
+    return {
+        "round": 0, "round_id": summary.get("round_id"), "status": summary["status"],
+        "reason": summary.get("reason", ""), "candidate": name, "live_before": base, "live_after": live_policy(db),
+        "promoted": name, "promotion_cli": message, "reused_adapter": cfg.round0_adapter or None,
+        "signals": {**count_signals([]), "candidate_votes": 0}, "round_metrics": summary,
+        "gold_win_rate": {"against": base, "candidate": win, "live": win}, "proxy_accuracy": proxy,
+        "mean_gold": {n: sum(evaluator.scores[n]) / len(evaluator.scores[n]) for n in (base, name)},
+        "seconds": seconds,
+    }
+
+
+def one_round(cfg: BenchLoopConfig, server: ServerProcess, users: Users, evaluator: Evaluator, baseline: str,
               index: int, deadline: float) -> dict[str, Any]:
-    """Users act, a round trains, Compare votes, promotion decides, evaluation; one row of the table."""
+    """Users act, a round trains, Compare votes, promotion decides, evaluation against `baseline`; one row."""
     db, seconds, actions = server.db_path, {}, []
     t = time.monotonic()
     actions += users_phase(users, cfg.actions, deadline)
@@ -496,12 +686,11 @@ def one_round(cfg: BenchLoopConfig, server: ServerProcess, users: Users, evaluat
 
     before = registry_read(db, lambda r: [x.id for x in r.rounds()])
     t = time.monotonic()
-    code, output, during = run_round(cfg, db, index, users, deadline)
+    extra = ["--seed-starter"] if cfg.seed_starter and index == 1 else []
+    code, output, during = run_round(cfg, db, index, users, deadline, *extra)
     actions += during
     seconds["round"] = time.monotonic() - t
-    new = [x.id for x in registry_read(db, lambda r: r.rounds()) if x.id not in before]
-    summary = round_summary(db, new[-1]) if new else {"status": "skipped", "reason": output.strip()[-300:]}
-    summary["exit_code"] = code
+    summary = new_round_summary(db, before, code, output)
     candidate = summary.get("candidate") if summary.get("status") == "succeeded" else None
 
     live_before = live_policy(db)
@@ -517,11 +706,11 @@ def one_round(cfg: BenchLoopConfig, server: ServerProcess, users: Users, evaluat
     t = time.monotonic()
     versions = registry_read(db, lambda r: {v.name: v.adapter_path for v in r.list("policy")})
     evaluator.ensure({n: versions[n] for n in {live_after, candidate} if n})
-    win = {"live": gold_win_rate(evaluator.scores[live_after], evaluator.scores[round0])}
+    win = {"against": baseline, "live": gold_win_rate(evaluator.scores[live_after], evaluator.scores[baseline])}
     if candidate:
-        win["candidate"] = gold_win_rate(evaluator.scores[candidate], evaluator.scores[round0])
-    adapter = reward_adapter_of(db, summary["round_id"]) if new else None
-    proxy = evaluator.proxy(adapter, [round0, live_after] + ([candidate] if candidate else [])) if adapter else None
+        win["candidate"] = gold_win_rate(evaluator.scores[candidate], evaluator.scores[baseline])
+    adapter = reward_adapter_of(db, summary["round_id"]) if "round_id" in summary else None
+    proxy = evaluator.proxy(adapter, [baseline, live_after] + ([candidate] if candidate else [])) if adapter else None
     seconds["evaluate"] = time.monotonic() - t
     candidate_votes = [a for a in actions if a.versions and candidate in a.versions and len(set(a.versions)) == 2]
     return {
@@ -531,7 +720,8 @@ def one_round(cfg: BenchLoopConfig, server: ServerProcess, users: Users, evaluat
         "promotion_cli": promote_message, "signals": {**count_signals(actions),
                                                       "candidate_votes": len(candidate_votes)},
         "round_metrics": summary, "gold_win_rate": win, "proxy_accuracy": proxy,
-        "mean_gold": {n: sum(s) / len(s) for n, s in evaluator.scores.items() if n in (round0, live_after, candidate)},
+        "mean_gold": {n: sum(s) / len(s) for n, s in evaluator.scores.items()
+                      if n in (baseline, live_after, candidate)},
         "seconds": seconds,
     }
 
@@ -553,9 +743,10 @@ def _num(value: Any, fmt: str = "{:.3g}") -> str:
 
 
 def table_lines(rows: list[dict[str, Any]]) -> list[str]:
-    """The per-round table as Markdown."""
+    """The per-round table as Markdown. Row 0 (round 0) is judged against the bare base, later rows
+    against the baseline (each row's ``gold_win_rate["against"]``)."""
     head = ("| round | status | chat | 👍/👎 | compare (cand.) | rank | demos | votes | proxy RM acc. | "
-            "cand. gold win vs r0 | live gold win vs r0 | KL to SFT (max) | ptx ppl (Δ) | promoted | "
+            "cand. gold win vs baseline | live gold win vs baseline | KL to SFT (max) | ptx ppl (Δ) | promoted | "
             "seconds: users / round / compare / promote / eval |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -566,8 +757,9 @@ def table_lines(rows: list[dict[str, Any]]) -> list[str]:
         ppl = (f"{_num(m.get('ptx_ppl_after'))} ({_num(m.get('ptx_ppl_increase'), '{:+.1%}')})"
                if m.get("ptx_ppl_after") is not None else "—")
         secs = " / ".join(f"{r['seconds'].get(k, 0):.0f}" for k in ("users", "round", "compare", "promote", "evaluate"))
+        status = r["status"] + (" (reused adapter)" if r.get("reused_adapter") else "")
         lines.append(
-            f"| {r['round']} (#{r['round_id']}) | {r['status']} | {s['chat_turns']} | {s['thumbs_up']}/{s['thumbs_down']} "
+            f"| {r['round']} (#{r['round_id']}) | {status} | {s['chat_turns']} | {s['thumbs_up']}/{s['thumbs_down']} "
             f"| {s['compare_votes']} ({s['candidate_votes']}) | {s['rankings']} | {s['demonstrations']} | {s['votes']} "
             f"| {proxy_text} | {_rate(r['gold_win_rate'].get('candidate'))} | {_rate(r['gold_win_rate']['live'])} "
             f"| {_num(m.get('kl_to_sft'))} ({_num(m.get('max_kl'))}) | {ppl} | {r['promoted'] or 'no'} | {secs} |")
@@ -579,25 +771,33 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 
 def plot_win_rates(rows: list[dict[str, Any]], path: Path) -> None:
-    """Gold win rate against round 0 (95% Wilson intervals) over the feedback votes collected so far."""
+    """Gold win rate against the baseline (95% Wilson intervals) over the feedback votes collected so
+    far; round 0 (against the bare base) as its own marker at 0 votes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, style in (("candidate", "o-"), ("live", "s--")):
-        points = [(r["cumulative_votes"], r["gold_win_rate"][key]) for r in rows
-                  if r["gold_win_rate"].get(key) and r["gold_win_rate"][key]["rate"] is not None]
+    def errorbar(points: list[tuple[int, dict[str, Any]]], style: str, label: str) -> None:
         if points:
             x = [p[0] for p in points]
             y = [p[1]["rate"] for p in points]
             err = [[p[1]["rate"] - p[1]["ci_low"] for p in points], [p[1]["ci_high"] - p[1]["rate"] for p in points]]
-            ax.errorbar(x, y, yerr=err, fmt=style, capsize=4, label=f"{key} vs round 0")
+            ax.errorbar(x, y, yerr=err, fmt=style, capsize=4, label=label)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    users_rows = [r for r in rows if r["round"] > 0]
+    baseline = users_rows[0]["gold_win_rate"]["against"] if users_rows else "baseline"
+    for key, style in (("candidate", "o-"), ("live", "s--")):
+        errorbar([(r["cumulative_votes"], r["gold_win_rate"][key]) for r in users_rows
+                  if r["gold_win_rate"].get(key) and r["gold_win_rate"][key]["rate"] is not None],
+                 style, f"{key} vs {baseline}")
+    zero = [r for r in rows if r["round"] == 0 and r["gold_win_rate"]["live"]["rate"] is not None]
+    errorbar([(0, r["gold_win_rate"]["live"]) for r in zero], "D", "round 0 vs bare base (starter set)")
     ax.axhline(0.5, color="grey", linestyle=":")
     ax.set_ylim(0, 1)
     ax.set_xlabel("feedback votes so far (thumbs + Compare + rankings + demonstrations)")
-    ax.set_ylabel("gold win rate vs round-0 policy")
+    ax.set_ylabel("gold win rate vs baseline")
     ax.set_title("Simulated users, real app: gold win rate per round (95% Wilson)")
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
@@ -613,13 +813,15 @@ def write_results(out: Path, results: dict[str, Any]) -> dict[str, Any]:
     cfg = results["config"]
     md = [f"# bench_loop: {cfg['gold']}{' (null users)' if cfg['null'] else ''}", "",
           f"Base model `{cfg['base_model']}`, engine `{cfg['engine']}`, {cfg['users']} users x {cfg['actions']} "
-          f"actions per round, noise temperature {cfg['noise_temperature']}, round-0 policy "
-          f"`{results.get('round0_policy', '?')}`, {results['prompts']['eval']} held-out prompts "
+          f"actions per round, noise temperature {cfg['noise_temperature']}, baseline "
+          f"`{results.get('round0_policy', '?')}` ({cfg['baseline']}), {results['prompts']['eval']} held-out prompts "
           f"({results['prompts']['users']} for users).", ""]
     md += table_lines(rows) if rows else ["No round ran."]
-    md += ["", "Gold win rates: greedy replies on held-out prompts, wins / (wins + losses), 95% Wilson interval; "
-           "proxy RM accuracy: the round's reward adapter on the gold-labelled pairs among round 0's, live's and the "
-           "candidate's replies. KL and ptx perplexity: the round's own metrics (registry)."]
+    md += ["", "Gold win rates: greedy replies on held-out prompts, wins / (wins + losses), 95% Wilson interval, "
+           "against the baseline; row 0 (round 0, the starter set, promoted by the operator before any user acted) "
+           "against the bare base: what the starter set bought. "
+           "Proxy RM accuracy: the round's reward adapter on the gold-labelled pairs among the baseline's, live's and "
+           "the candidate's replies. KL and ptx perplexity: the round's own metrics (registry)."]
     for key in ("stopped", "null_check", "wall_seconds"):
         if results.get(key) is not None:
             md.append(f"\n**{key}:** {results[key]}")

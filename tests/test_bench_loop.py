@@ -1,5 +1,6 @@
-"""scripts/bench_loop.py: the simulated users' noise model, the gold rule, the statistics, and the whole
-benchmark on the tiny model (`--tiny`, a subprocess: the app, two real rounds, Compare, promotion, evaluation)."""
+"""scripts/bench_loop.py: the simulated users' noise model, the gold rule, the statistics, round 0's
+registration, and the whole benchmark on the tiny model (`--tiny`, a subprocess: the app, round 0 on the
+starter set promoted by the operator, two real users' rounds, Compare, promotion, evaluation)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,18 @@ from pathlib import Path
 
 import pytest
 
-from scripts.bench_loop import BenchLoopConfig, gold_win_rate, load_gold, parse_args, proxy_accuracy, split_prompts
+from feedback_db import FeedbackStore, ModelRegistry
+from scripts.bench_loop import (
+    BenchLoopConfig,
+    check_options,
+    gold_win_rate,
+    load_gold,
+    parse_args,
+    proxy_accuracy,
+    register_round0_adapter,
+    split_prompts,
+    starter_prompt_texts,
+)
 from scripts.gold_preferences import (
     first_human_turn,
     is_gold_part,
@@ -32,6 +44,9 @@ from scripts.simulated_users import (
     preference_probability,
 )
 from tests.app_server import count_rows
+from tests.engine_contract import make_lora_adapter
+from training.base_models import resolve_model
+from training.round import RoundConfig, RoundRunner, seed_starter_set, starter_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,14 +131,66 @@ def test_proxy_accuracy_on_gold_distinct_pairs_only() -> None:
 
 def test_options_mirror_the_config_and_the_prompt_split_keeps_evaluation_prompts_away() -> None:
     cfg = parse_args(["--rounds", "5", "--round-set", "ppo.iterations=8", "--round-set", "min_pairs=4", "--null",
-                      "--noise-temperature", "0.25"])
+                      "--noise-temperature", "0.25", "--round0-set", "sft.epochs=1"])
     assert cfg == BenchLoopConfig(rounds=5, round_set=["ppo.iterations=8", "min_pairs=4"], null=True,
-                                  noise_temperature=0.25)
+                                  noise_temperature=0.25, round0_set=["sft.epochs=1"])
+    assert cfg.baseline == "round0"
+    check_options(cfg)
+    for bad in (["--baseline", "base", "--round0-set", "sft.epochs=1"], ["--baseline", "base", "--round0-adapter", "x"],
+                ["--seed-starter"], ["--baseline", "live"]):
+        with pytest.raises(SystemExit):
+            check_options(parse_args(bad))
     users, held = split_prompts(rule_prompts(), 0.3, 10)
     assert len(held) == 10 and not set(users) & set(held) and len(users) > 70
+    # Round 0 trains on every starter-set prompt: none of them may be an evaluation prompt.
+    trained = starter_prompt_texts()
+    assert len(trained) > 300 and "How do I bake bread at home?" not in trained
+    assert any(p in trained for p in split_prompts(rule_prompts(), 0.5, 64)[1])  # without the exclusion they would be
+    users, held = split_prompts(rule_prompts(), 0.5, 64, trained)
+    assert len(held) >= 48 and not set(held) & trained and not set(users) & set(held)
+    assert trained & set(rule_prompts()) <= set(users)  # the users still send them
     assert load_gold("scripts.gold_preferences:rule_gold") is rule_gold
     with pytest.raises(SystemExit, match="package.module:function"):
         load_gold("rule_gold")
+
+
+# -- round 0 ------------------------------------------------------------------------------------
+
+
+def test_a_reused_round0_adapter_is_registered_as_the_round_would_have(tiny_model_path: Path, tmp_path: Path) -> None:
+    adapters = tmp_path / "earlier" / "rounds" / "round-0001" / "adapters"
+    policy = make_lora_adapter(tiny_model_path, adapters / "policy-r1", seed=1, rank=4)
+    sft = make_lora_adapter(tiny_model_path, adapters / "sft-r1", seed=2, rank=4)
+    db = tmp_path / "feedback.db"
+    base_name = resolve_model(str(tiny_model_path)).name
+    with FeedbackStore(db) as store:
+        seed_starter_set(store)  # what `alignloop demo` does
+        base = ModelRegistry(store).ensure_base_policy(base_name)  # what the app does on start
+    cfg = BenchLoopConfig(out=str(tmp_path), base_model=str(tiny_model_path), round0_adapter=str(policy))
+    name, summary = register_round0_adapter(cfg, db)
+    assert summary["status"] == "succeeded" and summary["candidate"] == name and "reused" in summary["reason"]
+    with FeedbackStore(db, create=False) as store:
+        registry = ModelRegistry(store)
+        version = registry.get(name)
+        assert (version.status, version.parent_id, version.base_model) == ("candidate", base.id, base_name)
+        assert version.adapter_path == str(policy.resolve())
+        # The next round reads the lineage as if round 0 had run here: no second SFT on the starter
+        # demonstrations, and KL measured to round 0's SFT adapter.
+        runner = RoundRunner(RoundConfig(base_model=str(tiny_model_path)), store, registry, 0, 0, tmp_path / "r", None)
+        assert runner.demonstrations_at_last_sft(version) == len(starter_rows("sft"))
+        assert runner.sft_reference_of(version) == str(sft.resolve())
+    # Without an `sft-rN` beside it, the adapter is its own reference (an SFT-only round 0).
+    lone = make_lora_adapter(tiny_model_path, tmp_path / "lone", seed=3, rank=4)
+    other = tmp_path / "other"
+    other.mkdir()
+    with FeedbackStore(other / "feedback.db") as store:
+        ModelRegistry(store).ensure_base_policy(base_name)
+    name, _ = register_round0_adapter(BenchLoopConfig(out=str(other), round0_adapter=str(lone)), other / "feedback.db")
+    with FeedbackStore(other / "feedback.db", create=False) as store:
+        assert ModelRegistry(store).get(name).metrics["mode"] == "sft-only"
+    with pytest.raises(SystemExit, match="not a complete LoRA adapter"):
+        register_round0_adapter(BenchLoopConfig(out=str(other), round0_adapter=str(tmp_path / "missing")),
+                                other / "feedback.db")
 
 
 # -- the whole benchmark on the tiny model ------------------------------------------------------
@@ -138,9 +205,24 @@ def test_tiny_benchmark_runs_every_step_end_to_end(tmp_path: Path) -> None:
     wall = time.monotonic() - started
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    assert results["round0_policy"].startswith("base:") and len(results["rounds"]) == 2, results.get("stopped")
-    for row in results["rounds"]:
+    assert len(results["rounds"]) == 3, results.get("stopped")
+
+    # Round 0: the starter set, trained by `alignloop round --seed-starter` before any user acted, promoted
+    # by the operator, and the baseline of every later row.
+    zero, users_rows = results["rounds"][0], results["rounds"][1:]
+    baseline = results["baseline"]
+    assert baseline["mode"] == "round0" and baseline["base"].startswith("base:")
+    assert baseline["policy"] == results["round0_policy"] == zero["candidate"] == zero["live_after"] == "policy-r1"
+    assert zero["round"] == 0 and zero["status"] == "succeeded" and zero["live_before"] == baseline["base"]
+    assert zero["round_metrics"]["data"]["new_demonstrations"] == len(starter_rows("sft"))
+    assert zero["round_metrics"]["mode"] == "sft+rm+ppo"  # the starter set's preference pairs train the RM and PPO
+    assert zero["signals"]["votes"] == 0 and zero["cumulative_votes"] == 0
+    assert zero["gold_win_rate"]["against"] == baseline["base"] and zero["seconds"]["round"] > 0
+    assert "policy-r1 is live" in zero["promotion_cli"]
+
+    for row in users_rows:
         assert row["status"] == "succeeded" and row["candidate"].startswith("policy-r"), row["reason"]
+        assert row["gold_win_rate"]["against"] == baseline["policy"]
         signals = row["signals"]
         for kind in ("chat_turns", "compare_votes", "rankings", "demonstrations"):
             assert signals[kind] > 0, (kind, signals)
@@ -150,13 +232,19 @@ def test_tiny_benchmark_runs_every_step_end_to_end(tmp_path: Path) -> None:
         assert row["round_metrics"]["kl_to_sft"] is not None and row["round_metrics"]["ptx_ppl_after"] is not None
         assert "promot" in row["promotion_cli"] and row["live_after"]
         assert set(row["seconds"]) == {"users", "round", "compare", "promote", "evaluate"}
-    assert results["rounds"][1]["cumulative_votes"] > results["rounds"][0]["cumulative_votes"]
+    assert users_rows[0]["live_before"] == baseline["policy"]  # the users' rounds start from round 0
+    assert users_rows[1]["cumulative_votes"] > users_rows[0]["cumulative_votes"] > 0
     table = (out / "results.md").read_text()
-    assert "| round | status |" in table and "| 1 (#2) | succeeded |" in table
+    assert "| round | status |" in table and "| 0 (#1) | succeeded |" in table and "| 2 (#3) | succeeded |" in table
     assert (out / "gold_win_rate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| 0 (#1) |" in done.stdout  # the table is printed as the run goes
-    # Everything went through the app: its database holds the users' feedback.
+    assert "| 1 (#2) |" in done.stdout  # the table is printed as the run goes
+    # Everything went through the app: its database holds the starter set, the operator's promotion of
+    # round 0 (before any user's feedback) and the users' feedback.
     db = out / "feedback.db"
-    for table_name in ("ratings", "comparisons", "rankings", "demonstrations"):
+    assert count_rows(db, "SELECT COUNT(*) FROM demonstrations") > len(starter_rows("sft"))
+    assert count_rows(db, "SELECT COUNT(*) FROM registry_log l JOIN model_versions v ON v.id = l.version_id "
+                          "WHERE l.action = 'promote' AND l.actor = 'operator' AND v.name = 'policy-r1' "
+                          "AND l.at < (SELECT MIN(created_at) FROM ratings)") == 1
+    for table_name in ("ratings", "comparisons", "rankings"):
         assert count_rows(db, f"SELECT COUNT(*) FROM {table_name}") > 0, table_name
-    print(f"bench_loop --tiny: {wall:.0f} s")
+    print(f"bench_loop --tiny: {wall:.0f} s (the run itself: {results['wall_seconds']:.0f} s)")
