@@ -96,13 +96,14 @@ from training.config import _f  # noqa: E402
 from training.round import heldout_bucket, starter_rows  # noqa: E402
 
 # Round settings small enough for the tiny model on two CPU cores, with gates any candidate passes
-# (--tiny checks that every step runs, not the numbers).
+# (--tiny checks that every step runs, not the numbers). Round 0 runs with them too: SFT on the 301
+# starter demonstrations in batches of 32, and every users' round with a new demonstration repeats it.
 TINY_ROUND_SET = [
     "heldout_fraction=0.3", "min_pairs=4", "min_prompts=3", "rm_floor=-1.0", "rm_tolerance=1.0", "eval_prompts=2",
     "min_rm_eval_pairs=1", "min_eval_prompts=1",
     "eval_max_new_tokens=4", "report_prompts=1", "max_kl=1e9", "min_reward_gain=-1e9", "max_ptx_ppl_increase=1e9",
-    "sft.epochs=1", "sft.max_length=96", "sft.lora.r=4", "sft.lora.alpha=8",
-    "reward.max_length=96", "reward.lora.r=4", "reward.lora.alpha=8",
+    "sft.epochs=1", "sft.max_length=96", "sft.batch_size=32", "sft.lora.r=4", "sft.lora.alpha=8",
+    "reward.max_length=96", "reward.groups_per_batch=32", "reward.lora.r=4", "reward.lora.alpha=8",
     "ppo.iterations=2", "ppo.rollout_batch=4", "ppo.minibatch=2", "ppo.ppo_epochs=1", "ppo.max_new_tokens=4",
     "ppo.max_length=96", "ppo.ptx_batch=2", "ppo.ptx_max_length=64", "ppo.sampler=hf", "ppo.lora.r=4",
     "ppo.lora.alpha=8",

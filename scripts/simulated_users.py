@@ -164,6 +164,9 @@ class SimulatedUser:
             history = list(self.client.predict(history, *self.sampling, api_name="/regenerate")[0])
             replies.append(_text(history[-1]))
         best = replies[self.noise.order(gold_scores(self.gold, [prompt] * len(replies), replies), self.rng)[0]]
+        # A NUL (a random model emits any token) is invisible in the text box, and the app refuses it
+        # ("remove it and try again", feedback_db.validation): a person's edited copy would not hold one.
+        best = best.replace("\x00", "")
         if not best.strip():  # the app refuses an empty demonstration; a person would not save one either
             return Action("demonstrate", self.name, prompt, chat_turns=1)
         self.client.predict(best, api_name="/demonstrate")

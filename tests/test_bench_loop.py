@@ -37,6 +37,7 @@ from scripts.gold_preferences import (
 )
 from scripts.simulated_users import (
     NoiseModel,
+    SimulatedUser,
     mix_weights,
     parse_reveal,
     plackett_luce_order,
@@ -85,6 +86,35 @@ def test_action_plans_and_reveals() -> None:
     with pytest.raises(ValueError, match="unknown action"):
         mix_weights("chat:1,vote:2")
     assert parse_reveal("Thanks! **A** was `policy-r1`, **B** was `base:tiny`.") == ("policy-r1", "base:tiny")
+
+
+class RecordingClient:
+    """A stand-in for gradio_client.Client: canned replies, every call recorded."""
+
+    def __init__(self, reply: str) -> None:
+        self.reply, self.calls = reply, []
+
+    def reset_session(self) -> None:
+        pass
+
+    def predict(self, *args: object, api_name: str) -> object:
+        self.calls.append((api_name, args))
+        history = [{"role": "user", "content": "q"}, {"role": "assistant", "content": self.reply}]
+        return ("", history) if api_name == "/chat" else (history,)
+
+
+def test_a_demonstration_is_saved_without_nul_characters_as_the_app_asks() -> None:
+    def make(reply: str) -> tuple[SimulatedUser, RecordingClient]:
+        client = RecordingClient(reply)
+        return SimulatedUser("u", client, rule_gold, NoiseModel(0.0, 3.0), random.Random(0), ("", 1.0, 1.0, 8),
+                             best_of=2), client
+
+    user, client = make("Bake\x00 the bread.")
+    assert user.act("demonstrate", "How do I bake bread?").demonstrations == 1
+    assert client.calls[-1] == ("/demonstrate", ("Bake the bread.",))
+    user, client = make("\x00\x00 ")  # nothing left to save: a person would not save it either
+    assert user.act("demonstrate", "How do I bake bread?").demonstrations == 0
+    assert all(name != "/demonstrate" for name, _ in client.calls)
 
 
 # -- the gold rule ------------------------------------------------------------------------------
