@@ -57,7 +57,12 @@ round's log and report).
 
 Targets of the real run (Gemma 3 270M, 2 CPU cores, <= 3 h, gold (a)): the promoted policy wins
 >= 60% of gold-judged comparisons against round 0 with a 95% lower bound > 50%; KL within the
-round's bound; ptx perplexity within +10%. The null run promotes nothing.
+round's bound; ptx perplexity within +10%. The null run promotes nothing. Time on the real model:
+round 0's SFT on the 301 starter demonstrations is the longest step (about 25 min on 2 CPU cores), and
+a users' round with a new demonstration repeats SFT on all demonstrations (the round's rule), so
+--round0-set sft.epochs=1 / --round-set sft.epochs=1 and --round0-adapter keep a run within the
+budget; the budget check before each round assumes it takes as long as the one before (round 0's
+time before round 1).
 """
 
 from __future__ import annotations

@@ -106,7 +106,9 @@ _TOPICS = ("baking bread", "growing tomatoes", "learning the guitar", "saving mo
 
 
 def rule_prompts() -> list[str]:
-    """The users' prompts for the rule gold: the starter prompts, then templates x topics (144 in all)."""
+    """The users' prompts for the rule gold: the starter prompts (text ones), then templates x topics.
+    bench_loop never evaluates on a starter prompt (round 0 trains on them): its held-out prompts
+    come from the templates x topics."""
     starter = [r["prompt"] for r in starter_rows("prompts") if isinstance(r["prompt"], str)]
     return starter + [t.format(topic) for topic in _TOPICS for t in _TEMPLATES]
 
