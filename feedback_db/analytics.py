@@ -35,10 +35,8 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    # At p = 0 or 1 one bound is exactly 0 or 1; say so rather than leave it to rounding (0.9999999 < p).
-    low = 0.0 if successes == 0 else max(0.0, centre - half)
-    high = 1.0 if successes == n else min(1.0, centre + half)
-    return low, high
+    # The interval always holds p; at p = 0 or 1 rounding alone would leave it out (0.9999999 < 1).
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
 
 
 def head_to_head_votes(store: FeedbackStore, candidate_id: int, baseline_id: int) -> list[Vote]:

@@ -348,16 +348,11 @@ class FeedbackStore:
     def _votable_reply(self, db: sqlite_utils.Database, message_id: int, user_id: str) -> dict:
         """The user's reply, if it may be voted on: not failed, not stopped (UNVOTABLE_FINISH_REASONS)."""
         msg = self._owned_reply(db, message_id, user_id)
-        if msg["finish_reason"] == "error":
+        if msg["finish_reason"] in UNVOTABLE_FINISH_REASONS:
+            why = {"error": "failed (the model could not answer)", "abort": "was stopped before it finished"}
             raise InvalidInputError(
-                f"reply {message_id} failed (the model could not answer), so it cannot be rated, compared or "
-                "ranked; regenerate it and vote on the new reply."
-            )
-        if msg["finish_reason"] == "abort":
-            raise InvalidInputError(
-                f"reply {message_id} was stopped before it finished, so it cannot be rated, compared or ranked; "
-                "regenerate it and vote on the complete reply."
-            )
+                f"reply {message_id} {why.get(msg['finish_reason'], 'did not finish')}, so it cannot be rated, "
+                "compared or ranked; regenerate it and vote on the new reply.")
         return msg
 
     def record_rating(self, user_id: str, message_id: int, value: int, *, reasons: list[str] | None = None,

@@ -67,9 +67,9 @@ def _groups(data: Path, pairs: int, seed: int) -> list:
 
 def _split(data: Path, pairs: int, seed: int) -> tuple[list, list]:
     """The 80/20 prompt split both trainers use (the one `train_reward_model` makes with this seed)."""
-    from training.chat_data import split_groups
+    from training.chat_data import split_rows
 
-    return split_groups(_groups(data, pairs, seed), 0.2, seed)
+    return split_rows(_groups(data, pairs, seed), 0.2, seed)
 
 
 def _group_rows(groups: list) -> list[dict]:

@@ -427,11 +427,6 @@ def split_rows(rows: list[Any], eval_fraction: float, seed: int) -> tuple[list[A
     return [rows[i] for i in order[n_eval:]], [rows[i] for i in order[:n_eval]]
 
 
-def split_groups(groups: list[PreferenceGroup], eval_fraction: float, seed: int) -> tuple[list[PreferenceGroup], list[PreferenceGroup]]:
-    """Shuffle prompts with ``seed`` and hold out ``eval_fraction`` of them (whole prompts, never single pairs)."""
-    return split_rows(groups, eval_fraction, seed)
-
-
 def pretraining_texts(path: str | Path, tokenizer: Any) -> list[str]:
     """Documents for the ptx term: lines of a ``.txt`` file, or JSONL rows
     ('text' fields, or SFT rows rendered as whole conversations with the chat template)."""

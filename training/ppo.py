@@ -348,9 +348,9 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None,
     stop_ids, pad = stop_token_ids(tok), pad_token_id(tok)
     prompts = [to_messages(row["prompt"]) for row in read_rows(cfg.prompts)]
     # The one truncation rule: these ids go to the sampler and to every scorer, unchanged.
-    encoded = [encode_prompt_fitted(tok, p, cfg.token_budget().generation_prompt) for p in prompts]
+    prompt_budget = cfg.token_budget().generation_prompt
+    encoded = [encode_prompt_fitted(tok, p, prompt_budget) for p in prompts]
     ptx = load_ptx_corpus(cfg, tok)
-    ptx_examples = ptx.train
     ptx_seen = ptx.train[: cfg.ptx_eval_docs]
     policy_params, value_params = stack.policy_parameters(), stack.value_parameters()
     optimizer = torch.optim.AdamW(policy_params + value_params, lr=cfg.lr, eps=1e-5, weight_decay=cfg.weight_decay)
@@ -361,7 +361,6 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None,
         log = MetricsLog(out, cfg.to_dict())
         (out / "memory.json").write_text(json.dumps(memory, indent=2) + "\n")
 
-        use_adapter(stack.model, "policy", TRAINABLE)
         ptx_before = ptx_nll(stack, ptx.held_out, cfg)
         ptx_train_before = ptx_nll(stack, ptx_seen, cfg)
         order: list[int] = []
@@ -416,7 +415,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None,
                     # backpropagated as soon as it is computed, and the activations of the ptx, value and
                     # policy passes are never held at the same time (peak memory), for the same step.
                     zero = torch.zeros((), device=device)
-                    ptx_loss = ptx_step_loss(stack, ptx_examples, rng, cfg) if cfg.ptx_coef > 0 else zero
+                    ptx_loss = ptx_step_loss(stack, ptx.train, rng, cfg) if cfg.ptx_coef > 0 else zero
                     if cfg.ptx_coef > 0:
                         L.ppo_ptx_loss(zero, zero, zero, ptx_loss, cfg.vf_coef, cfg.entropy_coef, cfg.ptx_coef).backward()
                     values = stack.values(ids[mb], mask[mb], ctx)
@@ -479,7 +478,6 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None,
                 samples = [{"prompt": prompts[i], "reply": tok.decode(rb.reply[j][rmask[j].bool()], skip_special_tokens=True),
                             "score": raw_score[j].item()} for j, i in enumerate(idx[:4])]
 
-        use_adapter(stack.model, "policy", TRAINABLE)
         ptx_after = ptx_nll(stack, ptx.held_out, cfg)
         ptx_train_after = ptx_nll(stack, ptx_seen, cfg)
         log.log(cfg.iterations, {"ptx/nll_before": ptx_before, "ptx/nll_after": ptx_after,

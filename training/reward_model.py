@@ -56,7 +56,6 @@ from training.chat_data import (
     rated_replies,
     read_rows,
     sft_pair,
-    split_groups,
     split_rows,
 )
 from training.config import RewardConfig, TokenBudget
@@ -336,7 +335,7 @@ def train_reward_model(cfg: RewardConfig) -> RewardResult:
     out = fresh_dir(cfg.output_dir)
     cfg.save(out)
     torch.manual_seed(cfg.seed)
-    train, held_out = split_groups(groups, cfg.eval_fraction, cfg.seed)
+    train, held_out = split_rows(groups, cfg.eval_fraction, cfg.seed)  # whole prompts, never single pairs
     thumbs_train, thumbs_held = split_rows(rated, cfg.eval_fraction, cfg.seed)
     base, tokenizer, device = load_base(cfg)
     # A prompt the chat template refuses fails now, not halfway through training.
@@ -456,13 +455,13 @@ class RewardModel:
 
         folder = Path(folder)
         saved = json.loads((folder / "train_config.json").read_text()) if (folder / "train_config.json").is_file() else {}
-        cfg = RewardConfig(base_model=base_model or saved.get("base_model", "default"), device=device)
+        cfg = RewardConfig(base_model=base_model or saved.get("base_model", "default"), device=device,
+                           **{k: saved[k] for k in ("max_length", "max_prompt_tokens", "max_reply_tokens") if k in saved})
         base, tokenizer, dev = load_base(cfg)
         model = attach_adapter(base, "default", folder, cfg.lora, trainable=False)
         model.eval()
         head, info = load_head(folder, dev)
-        budget = TokenBudget(saved.get("max_length", 512), saved.get("max_prompt_tokens", 0), saved.get("max_reply_tokens", 0))
-        return cls(model, head, tokenizer, info, dev, budget)  # scored with the budget it was trained with
+        return cls(model, head, tokenizer, info, dev, cfg.token_budget())  # scored with the budget it was trained with
 
     def score(self, prompts: Sequence[Any], replies: Sequence[str]) -> list[float]:
         """Rewards of (prompt, reply) pairs, shifted so reference replies average 0."""

