@@ -10,6 +10,7 @@ The statistics every gate reads are written here once:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
@@ -82,8 +83,14 @@ def accuracy_interval(correct: Sequence[bool], *, confidence: float = CONFIDENCE
     if n == 0:
         return Estimate(float("nan"), float("nan"), float("nan"), 0)
     z = NormalDist().inv_cdf(0.5 + confidence / 2)
-    low, high = wilson_interval(sum(bool(c) for c in correct), n, z=z)
-    return Estimate(sum(bool(c) for c in correct) / n, low, high, n)
+    k = sum(bool(c) for c in correct)
+    low, high = wilson_interval(k, n, z=z)
+    return Estimate(k / n, low, high, n)
+
+
+def json_number(x: float | None) -> float | None:
+    """None for a missing or NaN number (nothing to estimate from), so metrics stay plain JSON."""
+    return None if x is None or math.isnan(x) else x
 
 
 def paired_gains(candidate: Sequence[float], live: Sequence[float]) -> list[float]:

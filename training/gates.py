@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from training.evaluation import Estimate
+from training.evaluation import Estimate, json_number
 
 PASSED = "passed"
 FAILED = "failed"
@@ -43,13 +43,9 @@ class Gate:
 
     def to_dict(self) -> dict[str, Any]:
         """As stored in the round's metrics (NaN becomes None: plain JSON)."""
-        ci = [_json_number(x) for x in self.ci] if self.ci is not None else None
-        return {"verdict": self.verdict, "value": _json_number(self.value), "ci": ci, "n": self.n,
+        ci = [json_number(x) for x in self.ci] if self.ci is not None else None
+        return {"verdict": self.verdict, "value": json_number(self.value), "ci": ci, "n": self.n,
                 "threshold": self.threshold, "note": self.note}
-
-
-def _json_number(x: float | None) -> float | None:
-    return None if x is None or math.isnan(x) else x
 
 
 def interval_verdict(low: float, high: float, threshold: float, *, higher_is_better: bool = True) -> str:

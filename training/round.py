@@ -65,6 +65,7 @@ from training.evaluation import (
     Estimate,
     accuracy_interval,
     bootstrap_interval,
+    json_number,
     greedy_replies,
     paired_gains,
     pairwise_correct,
@@ -527,7 +528,7 @@ class RoundRunner:
                                                        device=c.device), held)
             self.previous_correct = before
             rm["previous"] = previous.name
-            rm["previous_accuracy"] = sum(before) / len(before)
+            rm["previous_accuracy"] = json_number(accuracy_interval(before).value)
             # Held-out prompts are chosen by hash, the same in every round, so the previous reward
             # model never trained on them either: both are judged on the same unseen pairs.
             difference = bootstrap_interval([int(a) - int(b) for a, b in zip(proxy.correct, before)],
@@ -632,8 +633,8 @@ class RoundRunner:
             prefix = "" if role == "proxy" else "judge_"
             live_s, cand_s = scores[role]["live"], scores[role]["candidate"]
             evaluation.update({f"{prefix}reward_live": _mean(live_s), f"{prefix}reward_candidate": _mean(cand_s),
-                               f"{prefix}reward_gain": _finite(gains[role].value),
-                               f"{prefix}reward_gain_ci": [_finite(x) for x in gains[role].ci]})
+                               f"{prefix}reward_gain": json_number(gains[role].value),
+                               f"{prefix}reward_gain_ci": [json_number(x) for x in gains[role].ci]})
         evaluation.update({
             "judge": judge.name if judge is not None else None,
             "kl_to_reference": ppo.kl_last,
@@ -720,11 +721,6 @@ class RoundRunner:
 
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
-
-
-def _finite(value: float) -> float | None:
-    """None for NaN (nothing to estimate from), so the metrics stay plain JSON."""
-    return None if math.isnan(value) else value
 
 
 # --------------------------------------------------------------------------- #
