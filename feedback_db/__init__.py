@@ -10,6 +10,7 @@ from .errors import (
     NotFoundError,
     RegistryError,
     SchemaVersionError,
+    StoreBusyError,
 )
 from .exports import (
     DROP_REASONS,
@@ -38,7 +39,7 @@ __all__ = [
     "AccessDeniedError", "CHOICES", "Context", "DROP_REASONS", "Export", "FeedbackError", "FeedbackStore",
     "ImportResult", "UNVOTABLE_FINISH_REASONS",
     "InvalidInputError", "ModelRegistry", "ModelVersion", "NotFoundError", "PreferenceGroup", "RegistryError",
-    "Reply", "SchemaVersionError", "StoreConfig", "TrainingRound", "export", "export_ppo_prompts",
+    "Reply", "SchemaVersionError", "StoreBusyError", "StoreConfig", "TrainingRound", "export", "export_ppo_prompts",
     "export_preference_groups", "export_preferences", "export_sft", "export_thumbs", "import_jsonl", "import_rows",
     "read_jsonl", "write_jsonl", "default_db_path",
 ]

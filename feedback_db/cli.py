@@ -104,13 +104,19 @@ def import_cmd(
     source: Optional[str] = typer.Option(None, "--source", help="Name of the data source (default: file name)."),
     db: Optional[Path] = DbOption,
 ) -> None:
-    """Import a dataset (all rows or none; re-importing the same file adds nothing).
+    """Import a dataset. Every row is checked first (a bad row: nothing written); rows then commit
+    in batches, so the app keeps writing during a long import. Re-importing the same file adds
+    nothing, so an interrupted import is completed by running it again.
 
     Example: alignloop db import --kind preferences hh_pairs.jsonl.gz
     """
+
+    def progress(done: int, total: int) -> None:
+        typer.echo(f"\r{done:,}/{total:,} rows imported", err=True, nl=done == total)
+
     with _open(db, create=True) as store:
         try:
-            result = import_jsonl(store, path, kind, source=source)
+            result = import_jsonl(store, path, kind, source=source, progress=progress)
         except FeedbackError as exc:
             _fail(exc)
     typer.echo(f"{result.rows} rows read, {result.new_records} new records (source {result.source!r})")

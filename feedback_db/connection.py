@@ -2,9 +2,16 @@
 
 Writers queue on an advisory file lock (`<db>.lock`) before `BEGIN IMMEDIATE`.
 SQLite's own busy handler sleeps in growing steps (up to 100 ms) while it polls, which
-wrecks tail latency with several writer processes; a kernel file lock wakes the next
-writer as soon as the previous one commits. The busy timeout stays as a safety net for
-other tools (sqlite-utils CLI, datasette) writing to the same file.
+wrecks tail latency with several writer processes; the file lock is polled in steps of at
+most `LOCK_POLL_MAX_S`. The busy timeout stays as a safety net for other tools (sqlite-utils
+CLI, datasette) writing to the same file.
+
+Every wait has a deadline (`StoreConfig.lock_timeout_s`): a writer that cannot get the lock
+in time raises `StoreBusyError` with nothing written, instead of hanging a server behind an
+import. A writer that waits announces it with a shared lock on `<db>.lock.wait`, so a long
+job that commits in batches (an import) can let it in between two batches
+(`WriteLock.let_waiters_in`): flock alone hands the lock to whoever asks first, which is
+usually the job itself, immediately after it released it.
 """
 
 from __future__ import annotations
@@ -14,11 +21,18 @@ import fcntl
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import sqlite_utils
+
+from .errors import StoreBusyError
+
+LOCK_POLL_MAX_S = 0.002  # longest sleep between two tries of a busy write lock
+BUSY_MESSAGE = ("The feedback database is busy (another process is writing, e.g. an import); "
+                "try again in a few seconds.")
 
 
 def default_db_path() -> Path:
@@ -31,7 +45,10 @@ def default_db_path() -> Path:
 class StoreConfig:
     """Settings of a feedback store."""
 
-    busy_timeout_ms: int = 30_000  # how long SQLite waits on a lock held by another tool
+    busy_timeout_ms: int = 30_000  # how long SQLite waits on a lock held by another tool (reads)
+    lock_timeout_s: float = 10.0  # longest wait for the write lock before StoreBusyError
+    import_batch_rows: int = 500  # rows an import commits per transaction (the lock is free between them)
+    max_system_prompt_chars: int = 4_000  # longest system prompt accepted (the chat UI's message limit)
     max_text_chars: int = 32_000  # longest message, comment or demonstration accepted
     max_comment_chars: int = 4_000  # longest free-text comment on a rating
     synchronous: str = "NORMAL"  # WAL + NORMAL: a commit survives a killed process (not a power cut)
@@ -51,13 +68,18 @@ def connect(path: Path, config: StoreConfig) -> sqlite_utils.Database:
 
 
 class WriteLock:
-    """Serialises writers across threads (a mutex) and processes (flock on `<db>.lock`)."""
+    """Serialises writers across threads (a mutex) and processes (flock on `<db>.lock`).
 
-    def __init__(self, db_path: Path) -> None:
+    `held()` waits at most `timeout_s` (None: forever), then raises StoreBusyError.
+    """
+
+    def __init__(self, db_path: Path, timeout_s: float | None = None) -> None:
         self._mutex = threading.Lock()
         self._lock_path = Path(str(db_path) + ".lock")
+        self._wait_path = Path(str(db_path) + ".lock.wait")
         self._fd: int | None = None
         self._pid = os.getpid()
+        self.timeout_s = timeout_s
 
     def _file(self) -> int:
         # A forked child must not share the parent's open file description:
@@ -68,14 +90,71 @@ class WriteLock:
         return self._fd
 
     @contextlib.contextmanager
-    def held(self) -> Iterator[None]:
-        with self._mutex:
+    def _announced(self) -> Iterator[None]:
+        """While blocked: hold a shared lock on `<db>.lock.wait` (its own open file, so every
+        waiting thread counts), which tells `let_waiters_in` that a writer is queued."""
+        fd = os.open(self._wait_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)  # closing releases the shared lock
+
+    def _busy(self, waited: float) -> StoreBusyError:
+        return StoreBusyError(f"{BUSY_MESSAGE} (waited {waited:.1f} s for the write lock on {self._lock_path})")
+
+    def _acquire(self, deadline: float | None) -> None:
+        """Take the mutex, then the file lock, before `deadline` (time.monotonic), or raise StoreBusyError."""
+        start = time.monotonic()
+        if not self._mutex.acquire(blocking=False):
+            with self._announced():
+                left = -1 if deadline is None else max(0.0, deadline - time.monotonic())
+                if not self._mutex.acquire(timeout=left):
+                    raise self._busy(time.monotonic() - start)
+        try:
             fd = self._file()
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
+            if not _try_flock(fd):
+                with self._announced():
+                    pause = 0.0001
+                    while not _try_flock(fd):
+                        now = time.monotonic()
+                        if deadline is not None and now >= deadline:
+                            raise self._busy(now - start)
+                        time.sleep(pause if deadline is None else min(pause, deadline - now))
+                        pause = min(pause * 2, LOCK_POLL_MAX_S)
+        except BaseException:
+            self._mutex.release()
+            raise
+
+    @contextlib.contextmanager
+    def held(self, timeout_s: float | None = None) -> Iterator[float | None]:
+        """Hold the lock; wait at most `timeout_s` (default: this lock's), then raise StoreBusyError.
+
+        Yields the deadline (time.monotonic) the wait had, None for no deadline.
+        """
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self._acquire(deadline)
+        try:
+            yield deadline
+        finally:
+            fcntl.flock(self._file(), fcntl.LOCK_UN)
+            self._mutex.release()
+
+    def waiters(self) -> bool:
+        """Whether some writer (this or another process) is queued for the lock right now."""
+        fd = os.open(self._wait_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            return not _try_flock(fd)
+        finally:
+            os.close(fd)
+
+    def let_waiters_in(self, max_wait_s: float = 1.0) -> None:
+        """Between the batches of a long job (the lock not held): wait until the writers queued
+        now have had their turn, at most `max_wait_s` (so a stream of writers cannot stall the job)."""
+        deadline = time.monotonic() + max_wait_s
+        while self.waiters() and time.monotonic() < deadline:
+            time.sleep(LOCK_POLL_MAX_S / 2)
 
     def close(self) -> None:
         if self._fd is not None and self._pid == os.getpid():
@@ -83,17 +162,47 @@ class WriteLock:
         self._fd = None
 
 
+def _try_flock(fd: int) -> bool:
+    """Take an exclusive flock on `fd` without blocking; whether it was free."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
 @contextlib.contextmanager
-def write_transaction(db: sqlite_utils.Database, lock: WriteLock) -> Iterator[sqlite_utils.Database]:
+def write_transaction(db: sqlite_utils.Database, lock: WriteLock,
+                      timeout_s: float | None = None) -> Iterator[sqlite_utils.Database]:
     """All-or-nothing write: take the lock, BEGIN IMMEDIATE, COMMIT or ROLLBACK.
 
+    The whole wait (the lock, then SQLite's own lock, which another tool may hold) ends at
+    one deadline, after which StoreBusyError is raised and nothing is written.
     sqlite-utils calls inside the block nest as savepoints, so they join this transaction.
     """
-    with lock.held():
-        db.execute("BEGIN IMMEDIATE")
+    with lock.held(timeout_s) as deadline:
+        _begin_immediate(db, deadline)
         try:
             yield db
         except BaseException:
             db.rollback()
             raise
         db.execute("COMMIT")
+
+
+def _begin_immediate(db: sqlite_utils.Database, deadline: float | None) -> None:
+    """BEGIN IMMEDIATE, waiting on a lock of another tool only until `deadline`."""
+    if deadline is None:
+        db.execute("BEGIN IMMEDIATE")
+        return
+    (normal,) = db.execute("PRAGMA busy_timeout").fetchone()
+    left_ms = max(0, int((deadline - time.monotonic()) * 1000))
+    db.execute(f"PRAGMA busy_timeout = {min(int(normal), left_ms)}")
+    try:
+        db.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as exc:
+        if "locked" not in str(exc) and "busy" not in str(exc):
+            raise
+        raise StoreBusyError(f"{BUSY_MESSAGE} (another program holds SQLite's write lock on the file)") from None
+    finally:
+        db.execute(f"PRAGMA busy_timeout = {int(normal)}")

@@ -25,3 +25,7 @@ class RegistryError(FeedbackError):
 
 class SchemaVersionError(FeedbackError):
     """The database was written by a newer alignloop than this one."""
+
+
+class StoreBusyError(FeedbackError):
+    """Another writer held the database longer than `StoreConfig.lock_timeout_s`; retry shortly."""

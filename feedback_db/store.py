@@ -85,7 +85,7 @@ class FeedbackStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._connections: list[sqlite_utils.Database] = []
-        self._lock = WriteLock(self.path)
+        self._lock = WriteLock(self.path, timeout_s=self.config.lock_timeout_s)
         with self._lock.held():
             migrate(self.db)
 
@@ -103,7 +103,10 @@ class FeedbackStore:
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite_utils.Database]:
         """An all-or-nothing write. Nested calls (e.g. an import calling record_*) join the
-        outer transaction as savepoints, so the whole outer block lands or none of it does."""
+        outer transaction as savepoints, so the whole outer block lands or none of it does.
+
+        Waits at most `config.lock_timeout_s` for the write lock, then raises StoreBusyError
+        (nothing written): callers can tell the user to try again."""
         if getattr(self._local, "depth", 0):
             self._local.depth += 1
             try:
@@ -118,6 +121,13 @@ class FeedbackStore:
                 yield db
         finally:
             self._local.depth = 0
+
+    def let_writers_in(self, max_wait_s: float = 1.0) -> None:
+        """Between the transactions of a long job (an import): let writers queued for the lock
+        (in any process) go first, waiting at most `max_wait_s`. Inside a transaction (the lock
+        held, so they could not go) it returns at once."""
+        if not getattr(self._local, "depth", 0):
+            self._lock.let_waiters_in(max_wait_s)
 
     def close(self) -> None:
         for db in self._connections:
