@@ -3,27 +3,38 @@
 `serve(AppConfig(...))` prepares the base model, opens the feedback database, starts
 uvicorn with a FastAPI app whose lifespan creates the engine (vLLM's AsyncLLM must live
 on the serving loop), starts the router, and mounts the Gradio UI.
+
+`/healthz` says whether the server is live and ready, and which version it serves. A watchdog
+checks the engine every few seconds; when the engine is gone (vLLM's engine process died), the
+server stops and `serve` exits with status 3, so a supervisor restarts it instead of it storing
+empty error replies forever.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+import sys
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import gradio as gr
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 
 from feedback_db import FeedbackStore, default_db_path
 
 from .engines import EngineConfig, create_engine
+from .identity import AnonymousIdQuota, IdentityConfig, IdentitySigner, load_or_create_key, secret_key_path
 from .router import RouterConfig, ServingRouter
 from .service import ChatService, ServiceConfig
 from .ui import build_ui
 from .ui.common import Runtime
+
+ENGINE_GONE_EXIT_STATUS = 3
 
 log = logging.getLogger(__name__)
 
@@ -45,23 +56,49 @@ class AppConfig:
     engine_config: EngineConfig = field(default_factory=EngineConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
+    identity: IdentityConfig = field(default_factory=IdentityConfig)
+    health_interval_s: float = 2.0  # how often the watchdog checks the engine
 
 
-def build_app(config: AppConfig, model_path: Path, base_model_name: str) -> tuple[FastAPI, Runtime]:
-    """The FastAPI app (Gradio mounted at /) and the runtime its lifespan fills in."""
-    rt = Runtime(admin_password=config.admin_password or os.environ.get("ALIGNLOOP_ADMIN_PASSWORD"),
+async def watch_engine(rt: Runtime, engine, interval_s: float, on_gone: Callable[[], None]) -> None:
+    """Check the engine every `interval_s`; when it is gone, mark the runtime and call `on_gone` once."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await engine.check_health()
+        except Exception as exc:
+            rt.fatal_error = f"The model engine stopped ({exc}). The server is shutting down to be restarted."
+            log.critical("the model engine is gone (%s); stopping the server with exit status %d so that a "
+                         "supervisor restarts it", exc, ENGINE_GONE_EXIT_STATUS)
+            on_gone()
+            return
+
+
+def build_app(config: AppConfig, model_path: Path, base_model_name: str,
+              on_engine_gone: Callable[[], None] | None = None) -> tuple[FastAPI, Runtime]:
+    """The FastAPI app (Gradio mounted at /, /healthz) and the runtime its lifespan fills in.
+
+    `on_engine_gone` is called once if the engine dies (serve() stops uvicorn then).
+    """
+    db_path = config.db or default_db_path()
+    signer = IdentitySigner(load_or_create_key(secret_key_path(db_path)))
+    rt = Runtime(signer=signer, anonymous_ids=AnonymousIdQuota(config.identity.anonymous_ids_per_hour),
+                 admin_password=config.admin_password or os.environ.get("ALIGNLOOP_ADMIN_PASSWORD"),
                  admin_users=set(config.admin_users))
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        store = FeedbackStore(config.db or default_db_path())
+        store = FeedbackStore(db_path)
         engine = None
         router = None
+        watchdog = None
         try:
             engine = create_engine(config.engine, model_path, config.engine_config)  # type: ignore[arg-type]
             router = ServingRouter(engine, store, base_model_name, config.router)
             await router.start()
             rt.service = ChatService(store, router, config.service)
+            watchdog = asyncio.create_task(watch_engine(rt, engine, config.health_interval_s,
+                                                        on_engine_gone or (lambda: None)))
             log.info("alignloop ready: %s engine, live version %s", engine.name, router.live.name)
         except Exception as exc:
             rt.startup_error = (f"The model engine failed to start ({type(exc).__name__}: {exc}). "
@@ -70,14 +107,33 @@ def build_app(config: AppConfig, model_path: Path, base_model_name: str) -> tupl
         try:
             yield
         finally:
+            if watchdog is not None:
+                watchdog.cancel()
             if router is not None:
                 await router.stop()
             if engine is not None:
-                await engine.close()
+                with contextlib.suppress(Exception):  # a dead engine may fail to close; we are leaving anyway
+                    await engine.close()
+            if rt.service is not None:
+                rt.service.close()
             store.close()
 
     demo = build_ui(rt, title=config.title, default_sampling=config.service.default_sampling)
     app = FastAPI(lifespan=lifespan)
+
+    @app.get("/healthz")
+    def healthz() -> JSONResponse:
+        """live: the process answers; ready: the engine serves. 200 when ready, else 503 (with why)."""
+        svc = rt.service
+        ready = svc is not None and rt.fatal_error is None
+        body = {"live": True, "ready": ready,
+                "live_version": svc.router.live.name if svc is not None and svc.router.live else None,
+                "candidate_version": svc.router.candidate.name if svc is not None and svc.router.candidate else None,
+                "engine": svc.engine.name if svc is not None else None}
+        if not ready:
+            body["error"] = rt.fatal_error or rt.startup_error or "starting: the model engine is loading"
+        return JSONResponse(body, status_code=200 if ready else 503)
+
     auth = list(config.users.items()) or None
     app = gr.mount_gradio_app(app, demo, path="", auth=auth)
     return app, rt
@@ -92,6 +148,16 @@ def serve(config: AppConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model_path = prepare_model(config.base_model, cache_dir=config.cache_dir)
     base_name = resolve_model(config.base_model).name
-    app, _ = build_app(config, Path(model_path), base_name)
+    server: uvicorn.Server | None = None
+
+    def stop() -> None:
+        if server is not None:
+            server.should_exit = True
+
+    app, rt = build_app(config, Path(model_path), base_name, on_engine_gone=stop)
     log.info("open http://%s:%d in a browser", config.host, config.port)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=5)
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
+                                           timeout_graceful_shutdown=5))
+    server.run()
+    if rt.fatal_error:
+        sys.exit(ENGINE_GONE_EXIT_STATUS)

@@ -28,6 +28,9 @@ app = typer.Typer(
 app.add_typer(db_app, name="db")
 app.add_typer(models_app, name="models")
 app.add_typer(train_app, name="train")
+users_app = typer.Typer(help="Logins for `alignloop serve --users-file` (passwords hashed with scrypt, file mode 0600).",
+                        no_args_is_help=True)
+app.add_typer(users_app, name="users")
 
 
 # The options of `serve` (`demo` passes every option it does not know on to `serve`).
@@ -36,10 +39,12 @@ EngineOpt = Annotated[str, typer.Option("--engine", help="auto (vLLM when import
 DbOpt = Annotated[Optional[Path], typer.Option("--db", help="Feedback database (default: $ALIGNLOOP_DB or ~/.local/share/alignloop/feedback.db).")]
 HostOpt = Annotated[str, typer.Option("--host")]
 PortOpt = Annotated[int, typer.Option("--port")]
-UsersOpt = Annotated[Optional[str], typer.Option("--users", help="Require login: 'alice:pw1,bob:pw2'.")]
-AdminsOpt = Annotated[Optional[str], typer.Option("--admins", help="Logged-in users allowed on the dashboard: 'alice,bob'.")]
-AdminPasswordOpt = Annotated[Optional[str], typer.Option("--admin-password", envvar="ALIGNLOOP_ADMIN_PASSWORD",
-                                                         help="Password for the operators' dashboard.")]
+UsersFileOpt = Annotated[Optional[Path], typer.Option("--users-file", envvar="ALIGNLOOP_USERS_FILE",
+                                                      help="Require login, with the users of this file (written by `alignloop users add`).")]
+AdminsOpt = Annotated[Optional[str], typer.Option("--admins", help="Logged-in users allowed on the dashboard besides those added with --admin: 'alice,bob'.")]
+# Passwords on the command line are visible to every local user (`ps`); these two only say what to use instead.
+OldUsersOpt = Annotated[Optional[str], typer.Option("--users", hidden=True)]
+OldAdminPasswordOpt = Annotated[Optional[str], typer.Option("--admin-password", hidden=True)]
 MaxModelLenOpt = Annotated[int, typer.Option("--max-model-len", help="Longest prompt + reply in tokens.")]
 RateLimitOpt = Annotated[int, typer.Option("--rate-limit", help="Requests per user per minute (0: no limit).")]
 MaxInputOpt = Annotated[int, typer.Option("--max-input-chars", help="Longest user message accepted.")]
@@ -56,9 +61,10 @@ def serve(
     db: DbOpt = None,
     host: HostOpt = "127.0.0.1",
     port: PortOpt = 7860,
-    users: UsersOpt = None,
+    users_file: UsersFileOpt = None,
     admins: AdminsOpt = None,
-    admin_password: AdminPasswordOpt = None,
+    users: OldUsersOpt = None,
+    admin_password: OldAdminPasswordOpt = None,
     max_model_len: MaxModelLenOpt = 2048,
     rate_limit: RateLimitOpt = 30,
     max_input_chars: MaxInputOpt = 4000,
@@ -69,7 +75,10 @@ def serve(
 ) -> None:
     """Start the chat app (Chat, Compare, Rank, Dashboard) on the live policy.
 
-    Example: alignloop serve --engine auto --port 7860 --admin-password s3cret
+    The Dashboard needs an admin: the password in $ALIGNLOOP_ADMIN_PASSWORD, or a login added with
+    `alignloop users add NAME --admin` (with --users-file, everyone logs in).
+
+    Example: ALIGNLOOP_ADMIN_PASSWORD=s3cret alignloop serve --engine auto --port 7860
     """
     options = dict(locals())
     from chat_app.app import serve as run_server
@@ -77,30 +86,48 @@ def serve(
     run_server(_app_config(**options))
 
 
-def _app_config(*, base_model: str, engine: str, db: Optional[Path], host: str, port: int, users: Optional[str],
-                admins: Optional[str], admin_password: Optional[str], max_model_len: int, rate_limit: int,
-                max_input_chars: int, max_new_tokens: int, auto_promote_after: int, promote_alpha: float,
-                promote_min_voters: int):
+def _refuse_passwords_on_argv(users: Optional[str], admin_password: Optional[str]) -> None:
+    """The old --users / --admin-password options: refused, with what to use instead."""
+    if users is not None:
+        raise typer.BadParameter("passwords on the command line are visible to every local user (`ps`). Add each "
+                                 "user with `alignloop users add NAME` (it asks for the password; `--admin` for the "
+                                 "dashboard), then start with `alignloop serve --users-file PATH`.", param_hint="--users")
+    if admin_password is not None:
+        raise typer.BadParameter("passwords on the command line are visible to every local user (`ps`). Set "
+                                 "ALIGNLOOP_ADMIN_PASSWORD in the server's environment instead, or log in as an admin "
+                                 "(`alignloop users add NAME --admin`, then `--users-file`).", param_hint="--admin-password")
+
+
+def _app_config(*, base_model: str, engine: str, db: Optional[Path], host: str, port: int, users_file: Optional[Path],
+                admins: Optional[str], users: Optional[str], admin_password: Optional[str], max_model_len: int,
+                rate_limit: int, max_input_chars: int, max_new_tokens: int, auto_promote_after: int,
+                promote_alpha: float, promote_min_voters: int):
     """The AppConfig that `serve`'s options describe (shared with `demo`)."""
     from chat_app.app import AppConfig
+    from chat_app.auth import UserDirectory, UsersFileError
     from chat_app.engines import EngineConfig, SamplingConfig
+    from chat_app.limits import LimitConfig
     from chat_app.service import ServiceConfig
     from feedback_db import PromotionPolicy
 
-    try:
-        user_map = dict(u.split(":", 1) for u in users.split(",")) if users else {}
-    except ValueError:
-        raise typer.BadParameter("--users takes 'name:password' pairs separated by commas.") from None
+    _refuse_passwords_on_argv(users, admin_password)
+    login: dict[str, Path] = {}
+    if users_file is not None:
+        try:
+            UserDirectory.load(users_file.expanduser())  # refuse a missing or empty file now, not at the first login
+        except (UsersFileError, OSError) as exc:
+            raise typer.BadParameter(str(exc), param_hint="--users-file") from None
+        login["users_file"] = users_file.expanduser()
     try:
         promotion = (PromotionPolicy(alpha=promote_alpha, min_voters=promote_min_voters, min_votes=auto_promote_after)
                      if auto_promote_after > 0 else None)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     return AppConfig(
-        base_model=base_model, engine=engine, db=db, host=host, port=port, users=user_map,
-        admin_users=set(admins.split(",")) if admins else set(), admin_password=admin_password,
+        base_model=base_model, engine=engine, db=db, host=host, port=port, **login,
+        admin_users=set(admins.split(",")) if admins else set(),
         engine_config=EngineConfig(max_model_len=max_model_len),
-        service=ServiceConfig(rate_limit_per_minute=rate_limit, max_input_chars=max_input_chars,
+        service=ServiceConfig(limits=LimitConfig(generations_per_user=rate_limit), max_input_chars=max_input_chars,
                               auto_promote=promotion,
                               default_sampling=SamplingConfig(max_tokens=max_new_tokens)),
     )
@@ -122,7 +149,7 @@ def demo(
     (log and report under the rounds folder) while the app serves. Every other option is
     `alignloop serve`'s (see `alignloop serve --help`).
 
-    Example: alignloop demo --engine hf --admin-password s3cret --train --round-set ppo.iterations=4
+    Example: ALIGNLOOP_ADMIN_PASSWORD=s3cret alignloop demo --engine hf --train --round-set ppo.iterations=4
     """
     import subprocess
     import sys
@@ -162,6 +189,105 @@ def demo(
             child.terminate()  # a round stopped early registers nothing; the next one starts clean
 
 
+UsersFileArg = Annotated[Optional[Path], typer.Option(
+    "--file", envvar="ALIGNLOOP_USERS_FILE", show_default=False,
+    help="The users file (default: $ALIGNLOOP_USERS_FILE, else users.json beside the feedback database).")]
+
+
+def _users_file(path: Optional[Path]):
+    from chat_app.auth import UsersFile, default_users_path
+
+    return UsersFile((path or default_users_path()).expanduser())
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(1)
+
+
+def _read_new_password(name: str, from_stdin: bool) -> str:
+    """The new password: one line of stdin, or typed twice at a prompt (never echoed, never on argv)."""
+    import getpass
+    import sys
+
+    if from_stdin:
+        return sys.stdin.readline().removesuffix("\n").removesuffix("\r")
+    password = getpass.getpass(f"Password for {name}: ")
+    if getpass.getpass("Again: ") != password:
+        raise _fail("the two passwords differ; nothing was changed.")
+    return password
+
+
+@users_app.command("add")
+def users_add(
+    name: str = typer.Argument(..., help="Login name (no spaces)."),
+    admin: bool = typer.Option(False, "--admin", help="May use the Dashboard (promote, roll back)."),
+    update: bool = typer.Option(False, "--update", help="Change an existing user's password and admin flag."),
+    password_stdin: bool = typer.Option(False, "--password-stdin", help="Read the password from the first line of stdin instead of a prompt."),
+    file: UsersFileArg = None,
+) -> None:
+    """Add a login (the password is asked for, or read from stdin; it never goes on the command line).
+
+    Example: alignloop users add alice --admin    |    printf '%s\\n' "$PW" | alignloop users add bob --password-stdin
+    """
+    from chat_app.auth import UsersFileError
+
+    users = _users_file(file)
+    try:
+        record = users.add(name, _read_new_password(name, password_stdin), admin=admin, replace=update)
+    except UsersFileError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"{'updated' if update else 'added'} {record.name}{' (admin)' if record.admin else ''} in {users.path}; "
+               "restart `alignloop serve --users-file` to apply.")
+
+
+@users_app.command("list")
+def users_list(file: UsersFileArg = None) -> None:
+    """The logins in the users file (names and admin flags; never the hashes).
+
+    Example: alignloop users list
+    """
+    from chat_app.auth import UsersFileError
+
+    users = _users_file(file)
+    try:
+        records = users.read()
+    except UsersFileError as exc:
+        raise _fail(str(exc)) from None
+    if not records:
+        typer.echo(f"no users in {users.path} (add one with `alignloop users add NAME`).")
+    for record in sorted(records.values(), key=lambda r: r.name):
+        typer.echo(f"{record.name}\t{'admin' if record.admin else 'user'}\t{record.created_at}")
+
+
+@users_app.command("remove")
+def users_remove(name: str = typer.Argument(..., help="Login name."), file: UsersFileArg = None) -> None:
+    """Remove a login (a running server forgets it, and its sessions, on restart).
+
+    Example: alignloop users remove bob
+    """
+    from chat_app.auth import UsersFileError
+
+    users = _users_file(file)
+    try:
+        users.remove(name)
+    except UsersFileError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"removed {name} from {users.path}; restart `alignloop serve --users-file` to apply.")
+
+
+def _cli_operator(actor: Optional[str]) -> str:
+    """Who runs promote / rollback, for the registry's log: --actor, else the OS login name."""
+    import getpass
+
+    if actor:
+        return actor
+    try:
+        return f"{getpass.getuser()}@cli"
+    except (KeyError, OSError):  # no login name (a container without a passwd entry)
+        return "operator@cli"
+
+
 def _registry(db: Optional[Path]):
     from feedback_db import FeedbackStore, ModelRegistry, default_db_path
 
@@ -172,7 +298,7 @@ def _registry(db: Optional[Path]):
 def promote(
     version: str = typer.Argument(..., help="Version name (or id) from `alignloop db versions`."),
     db: Optional[Path] = typer.Option(None, "--db", help="Feedback database."),
-    actor: str = typer.Option("operator", "--actor", help="Who promotes (kept in the registry log)."),
+    actor: Optional[str] = typer.Option(None, "--actor", help="Who promotes, for the registry log (default: your OS login name).", show_default=False),
 ) -> None:
     """Make a version live; running servers switch to it within about a second.
 
@@ -182,7 +308,7 @@ def promote(
 
     try:
         registry = _registry(db)
-        promoted = registry.promote(int(version) if version.isdigit() else version, actor=actor)
+        promoted = registry.promote(int(version) if version.isdigit() else version, actor=_cli_operator(actor))
     except FeedbackError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None
@@ -193,7 +319,7 @@ def promote(
 def rollback(
     kind: str = typer.Option("policy", "--kind", help="policy | reward"),
     db: Optional[Path] = typer.Option(None, "--db", help="Feedback database."),
-    actor: str = typer.Option("operator", "--actor"),
+    actor: Optional[str] = typer.Option(None, "--actor", help="Who rolls back, for the registry log (default: your OS login name).", show_default=False),
 ) -> None:
     """Return to the version that was live before the current one.
 
@@ -202,7 +328,7 @@ def rollback(
     from feedback_db import FeedbackError
 
     try:
-        restored = _registry(db).rollback(kind, actor=actor)
+        restored = _registry(db).rollback(kind, actor=_cli_operator(actor))
     except FeedbackError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None

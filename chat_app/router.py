@@ -78,7 +78,7 @@ class ServingRouter:
     # -- lifecycle --------------------------------------------------------------------
     async def start(self) -> None:
         """Register the bare base model (live if nothing else is), sync, and start polling."""
-        self.registry.ensure_base_policy(self.base_model)
+        await asyncio.to_thread(self.registry.ensure_base_policy, self.base_model)
         await self.sync()
         self._poller = asyncio.create_task(self._poll(), name="alignloop-registry-poll")
 
@@ -100,8 +100,8 @@ class ServingRouter:
     async def sync(self) -> None:
         """Make the registry's live and newest candidate versions servable, then switch to them."""
         async with self._sync_lock:
-            live = self.registry.live("policy")
-            candidates = [c for c in self.registry.candidates("policy") if c.base_model in (None, self.base_model)]
+            # Registry reads run off the event loop: a writer holding the database must not stall streams.
+            live, candidates = await asyncio.to_thread(self._read_registry)
             candidate = next((c for c in candidates if c.name not in self.load_errors), None)
             if live is not None and await self._ensure_loaded(live):
                 self.live = ServedVersion.of(live)
@@ -110,6 +110,17 @@ class ServingRouter:
             elif await self._ensure_loaded(candidate):
                 self.candidate = ServedVersion.of(candidate)
             await self._release_idle()
+
+    def _read_registry(self) -> tuple[ModelVersion | None, list[ModelVersion]]:
+        candidates = [c for c in self.registry.candidates("policy") if c.base_model in (None, self.base_model)]
+        return self.registry.live("policy"), candidates
+
+    async def prepare(self, version: ModelVersion) -> str | None:
+        """Load `version` into the engine now (retrying one that failed before); None when it is servable,
+        else why not. An operator's promote calls this first, so a broken adapter is never made live."""
+        async with self._sync_lock:
+            self.load_errors.pop(version.name, None)
+            return None if await self._ensure_loaded(version) else self.load_errors.get(version.name, "unknown error")
 
     async def _ensure_loaded(self, version: ModelVersion) -> bool:
         if version.name in self._slots:

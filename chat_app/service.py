@@ -9,17 +9,24 @@ only through feedback_db.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import math
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
 
 from feedback_db import FeedbackError, FeedbackStore, ModelRegistry, PromotionPolicy, Reply, auto_promote_candidate
+from feedback_db.validation import clean_text
 
 from .engines.base import Engine, Messages, ReplyChunk, SamplingConfig
-from .limits import RateLimiter, UserFacingError
+from .limits import LimitConfig, RequestLimits, UserFacingError
 from .router import ServedVersion, ServingRouter
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +36,9 @@ class ServiceConfig:
     """Limits and defaults of the chat service."""
 
     max_input_chars: int = 4_000  # longest user message accepted
-    rate_limit_per_minute: int = 30  # generation requests per user per minute (0: off)
+    max_system_prompt_chars: int = 4_000  # longest system prompt accepted
+    limits: LimitConfig = field(default_factory=LimitConfig)  # per identity and per address, per minute
+    store_threads: int = 4  # threads that run store calls, so that none blocks the event loop
     default_sampling: SamplingConfig = field(default_factory=SamplingConfig)
     rank_k_default: int = 4
     # Promote a gated candidate once its Compare votes pass this sequential test (None: never from the server).
@@ -73,7 +82,12 @@ def engine_failure_message(exc: BaseException) -> str:
 
 
 class ChatService:
-    """Conversations, streaming replies, feedback, Compare battles, rankings, operator actions."""
+    """Conversations, streaming replies, feedback, Compare battles, rankings, operator actions.
+
+    Every store call of an async method runs on the store's own threads (`_db`), never on the event
+    loop: a slow write (another process importing, a lock wait) delays that request only. Sync
+    methods are called by Gradio on its worker threads, where blocking is fine.
+    """
 
     def __init__(self, store: FeedbackStore, router: ServingRouter, config: ServiceConfig | None = None) -> None:
         self.store = store
@@ -81,36 +95,68 @@ class ChatService:
         self.engine: Engine = router.engine
         self.registry = ModelRegistry(store)
         self.config = config or ServiceConfig()
-        self.limiter = RateLimiter(self.config.rate_limit_per_minute)
+        self.limits = RequestLimits(self.config.limits)
         self._known_users: set[str] = set()
+        self._store_pool = ThreadPoolExecutor(max_workers=self.config.store_threads, thread_name_prefix="store")
         # Battles by the id of their prompt message: the UI keeps only this key, so a vote
         # never depends on which streamed update reached the browser last.
         self._battles: dict[int, Battle] = {}
+        self._generating: set[int] = set()  # conversations with a reply streaming now
+
+    async def _db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a blocking store call on the store's threads."""
+        return await asyncio.get_running_loop().run_in_executor(self._store_pool,
+                                                                functools.partial(fn, *args, **kwargs))
+
+    def close(self) -> None:
+        self._store_pool.shutdown(wait=True)
 
     def ensure_user(self, user_id: str, *, is_admin: bool = False) -> str:
         """Make sure the user exists in the store (cached: one write per user per process)."""
         if user_id not in self._known_users or is_admin:
             self.store.ensure_user(user_id, is_admin=is_admin)
             self._known_users.add(user_id)
+            while len(self._known_users) > 100_000:  # only a cache: forget an arbitrary one
+                self._known_users.pop()
         return user_id
 
     # -- input checks -----------------------------------------------------------------
-    def _check_request(self, user_id: str, text: str) -> str:
-        if not text or not text.strip():
+    def _check_request(self, user_id: str, text: str, *, client: str | None, cost: int = 1,
+                       system_prompt: str | None = None) -> str:
+        """Refuse, before anything is written or generated, what the store or the limits would refuse."""
+        if not isinstance(text, str) or not text.strip():
             raise UserFacingError("Write a message first.")
         if len(text) > self.config.max_input_chars:
             raise UserFacingError(
                 f"Your message is {len(text):,} characters; the limit is {self.config.max_input_chars:,}. "
                 "Please shorten it."
             )
-        self.limiter.check(user_id)
+        try:
+            clean_text(text, field="Your message", max_chars=self.config.max_input_chars)
+            if system_prompt:
+                clean_text(system_prompt, field="The system prompt", max_chars=self.config.max_system_prompt_chars,
+                           allow_empty=True)
+        except FeedbackError as exc:
+            raise UserFacingError(str(exc)) from exc
+        self.limits.generation(user_id, client, cost)
         return text
+
+    @staticmethod
+    def _check_sampling(sampling: SamplingConfig) -> SamplingConfig:
+        numbers = {"temperature": sampling.temperature, "top_p": sampling.top_p}
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in numbers.values()):
+            raise UserFacingError("Temperature and top-p must be numbers.")
+        if not 0 <= sampling.temperature <= 2 or not 0 < sampling.top_p <= 1:
+            raise UserFacingError("Temperature must be between 0 and 2, and top-p between 0 (excluded) and 1.")
+        if not 1 <= sampling.max_tokens <= 4096:
+            raise UserFacingError("Max new tokens must be between 1 and 4096.")
+        return sampling
 
     # -- chat -------------------------------------------------------------------------
     async def _stream_reply(self, user_id: str, conversation_id: int, user_message_id: int,
                             version: ServedVersion, sampling: SamplingConfig) -> AsyncIterator[StreamUpdate]:
         """Stream one reply to `user_message_id` from `version` and store it (even if stopped)."""
-        messages = self.store.context(user_message_id).as_chat()
+        messages = (await self._db(self.store.context, user_message_id)).as_chat()
         text, last = "", None
         start = time.perf_counter()
         finish_reason = "abort"
@@ -126,14 +172,15 @@ class ChatService:
             except (GeneratorExit, asyncio.CancelledError):
                 # The user pressed Stop (the generator was closed): the cut-off reply is kept so the
                 # conversation shows it; it cannot be voted on (feedback_db.UNVOTABLE_FINISH_REASONS).
-                self._store_reply(user_id, conversation_id, user_message_id, served, text, sampling, start, last,
-                                  "abort")
+                # Stored from a store thread without awaiting it: a closed generator cannot await.
+                self._store_pool.submit(self._store_reply, user_id, conversation_id, user_message_id, served, text,
+                                        sampling, start, last, "abort")
                 raise
             except Exception as exc:
                 log.exception("engine failed on %s", served.name)
                 finish_reason, error = "error", engine_failure_message(exc)
-            reply_id = self._store_reply(user_id, conversation_id, user_message_id, served, text, sampling,
-                                         start, last, finish_reason)
+            reply_id = await self._db(self._store_reply, user_id, conversation_id, user_message_id, served, text,
+                                      sampling, start, last, finish_reason)
         yield StreamUpdate(text, conversation_id, user_message_id, reply_id=reply_id, finished=True, error=error)
 
     def _store_reply(self, user_id: str, conversation_id: int, parent_id: int, served: ServedVersion, text: str,
@@ -150,37 +197,72 @@ class ChatService:
             ),
         )
 
-    async def chat(self, user_id: str, text: str, *, conversation_id: int | None = None, parent_id: int | None = None,
-                   system_prompt: str | None = None, sampling: SamplingConfig | None = None,
-                   client_id: str | None = None) -> AsyncIterator[StreamUpdate]:
-        """Add a user turn (a new conversation when `conversation_id` is None) and stream the live reply."""
-        self._check_request(user_id, text)
+    def _start_turn(self, user_id: str, text: str, conversation_id: int | None, parent_id: int | None,
+                    system_prompt: str | None, client_id: str | None) -> tuple[int, int]:
+        """(conversation id, user message id): a new conversation, or a turn answering `parent_id`.
+
+        A turn in an existing conversation must answer one of its replies: a turn with no parent
+        there would start a second root with no context (what a Send during a stream used to do).
+        """
         if conversation_id is None:
             conversation_id = self.store.create_conversation(user_id, system_prompt=system_prompt,
                                                              title=text.strip()[:80])
-        user_message_id = self.store.add_user_message(conversation_id, user_id, text, parent_id=parent_id,
-                                                      client_id=client_id)
-        async for update in self._stream_reply(user_id, conversation_id, user_message_id, self.router.pick("live"),
-                                               sampling or self.config.default_sampling):
+        elif parent_id is None:
+            raise UserFacingError("Wait until the reply has finished (or press Stop), then send your next message.")
+        message_id = self.store.add_user_message(conversation_id, user_id, text, parent_id=parent_id,
+                                                 client_id=client_id)
+        return conversation_id, message_id
+
+    async def chat(self, user_id: str, text: str, *, conversation_id: int | None = None, parent_id: int | None = None,
+                   system_prompt: str | None = None, sampling: SamplingConfig | None = None,
+                   client_id: str | None = None, client: str | None = None) -> AsyncIterator[StreamUpdate]:
+        """Add a user turn (a new conversation when `conversation_id` is None) and stream the live reply.
+
+        `client` is the caller's address (limits are per identity and per address).
+        """
+        sampling = self._check_sampling(sampling or self.config.default_sampling)
+        self._check_request(user_id, text, client=client, system_prompt=system_prompt)
+        if conversation_id is not None and conversation_id in self._generating:
+            raise UserFacingError("Wait until the reply has finished (or press Stop), then send your next message.")
+        try:
+            conversation_id, user_message_id = await self._db(self._start_turn, user_id, text, conversation_id,
+                                                              parent_id, system_prompt, client_id)
+        except FeedbackError as exc:
+            raise UserFacingError(str(exc)) from exc
+        async for update in self._guarded_stream(user_id, conversation_id, user_message_id, sampling):
             yield update
 
-    async def regenerate(self, user_id: str, user_message_id: int, *,
-                         sampling: SamplingConfig | None = None) -> AsyncIterator[StreamUpdate]:
-        """Another reply to the same user turn: stored as a sibling of the earlier ones."""
-        self.limiter.check(user_id)
+    async def _guarded_stream(self, user_id: str, conversation_id: int, user_message_id: int,
+                              sampling: SamplingConfig) -> AsyncIterator[StreamUpdate]:
+        """The live version's reply, with the conversation marked busy while it streams."""
+        if conversation_id in self._generating:
+            raise UserFacingError("Wait until the reply has finished (or press Stop), then try again.")
+        self._generating.add(conversation_id)
         try:
-            msg = self.store.message(user_message_id)
+            async for update in self._stream_reply(user_id, conversation_id, user_message_id,
+                                                   self.router.pick("live"), sampling):
+                yield update
+        finally:
+            self._generating.discard(conversation_id)
+
+    async def regenerate(self, user_id: str, user_message_id: int, *, sampling: SamplingConfig | None = None,
+                         client: str | None = None) -> AsyncIterator[StreamUpdate]:
+        """Another reply to the same user turn: stored as a sibling of the earlier ones."""
+        sampling = self._check_sampling(sampling or self.config.default_sampling)
+        self.limits.generation(user_id, client)
+        try:
+            msg = await self._db(self.store.message, user_message_id)
         except FeedbackError as exc:
             raise UserFacingError(str(exc)) from exc
         if msg["user_id"] != user_id or msg["role"] != "user":
             raise UserFacingError("That message cannot be regenerated.")
-        async for update in self._stream_reply(user_id, msg["conversation_id"], user_message_id,
-                                               self.router.pick("live"), sampling or self.config.default_sampling):
+        async for update in self._guarded_stream(user_id, msg["conversation_id"], user_message_id, sampling):
             yield update
 
-    # -- feedback ---------------------------------------------------------------------
+    # -- feedback (called on Gradio's worker threads) --------------------------------------
     def rate(self, user_id: str, reply_id: int, value: int, *, reasons: list[str] | None = None,
-             comment: str | None = None, client_id: str | None = None) -> int:
+             comment: str | None = None, client_id: str | None = None, client: str | None = None) -> int:
+        self.limits.feedback(user_id, client)
         try:
             return self.store.record_rating(user_id, reply_id, value, reasons=reasons, comment=comment or None,
                                             client_id=client_id)
@@ -188,7 +270,8 @@ class ChatService:
             raise UserFacingError(str(exc)) from exc
 
     def demonstrate(self, user_id: str, user_message_id: int, text: str, *, replaces_reply_id: int | None = None,
-                    client_id: str | None = None) -> int:
+                    client_id: str | None = None, client: str | None = None) -> int:
+        self.limits.feedback(user_id, client)
         try:
             return self.store.record_demonstration(user_id, user_message_id, text,
                                                    replaces_message_id=replaces_reply_id, client_id=client_id)
@@ -198,14 +281,21 @@ class ChatService:
     # -- compare ----------------------------------------------------------------------
     async def battle(self, user_id: str, text: str, *, system_prompt: str | None = None,
                      sampling: SamplingConfig | None = None, rng: random.Random | None = None,
-                     ) -> AsyncIterator[Battle]:
+                     client: str | None = None) -> AsyncIterator[Battle]:
         """Stream two replies side by side: live vs candidate (or two samples of live), sides shuffled."""
-        self._check_request(user_id, text)
-        sampling = sampling or self.config.default_sampling
+        sampling = self._check_sampling(sampling or self.config.default_sampling)
+        self._check_request(user_id, text, client=client, cost=2, system_prompt=system_prompt)
         left, right = self.router.battle_pair(rng)
-        conv = self.store.create_conversation(user_id, system_prompt=system_prompt, source="compare",
-                                              title=text.strip()[:80])
-        q = self.store.add_user_message(conv, user_id, text)
+
+        def open_battle() -> tuple[int, int]:
+            conv = self.store.create_conversation(user_id, system_prompt=system_prompt, source="compare",
+                                                  title=text.strip()[:80])
+            return conv, self.store.add_user_message(conv, user_id, text)
+
+        try:
+            conv, q = await self._db(open_battle)
+        except FeedbackError as exc:
+            raise UserFacingError(str(exc)) from exc
         battle = Battle(conv, q, [0, 0], ["", ""], [left.name, right.name])
         self._battles[q] = battle
         while len(self._battles) > 10_000:  # forget the oldest unvoted battles
@@ -246,12 +336,14 @@ class ChatService:
             raise UserFacingError("That comparison has expired; start a new one.")
         return battle
 
-    def vote(self, user_id: str, battle: Battle | int, choice: str, *, client_id: str | None = None) -> list[str]:
+    def vote(self, user_id: str, battle: Battle | int, choice: str, *, client_id: str | None = None,
+             client: str | None = None) -> list[str]:
         """Record the Compare vote; return the two version names (revealed after the vote)."""
         if isinstance(battle, int):
             battle = self.get_battle(battle)
         if not battle.done or 0 in battle.reply_ids:
             raise UserFacingError("Wait until both replies have finished, then vote.")
+        self.limits.feedback(user_id, client)
         try:
             self.store.record_comparison(user_id, battle.reply_ids[0], battle.reply_ids[1], choice, client_id=client_id)
         except FeedbackError as exc:
@@ -265,16 +357,24 @@ class ChatService:
 
     # -- rank -------------------------------------------------------------------------
     async def rank_candidates(self, user_id: str, text: str, k: int, *, system_prompt: str | None = None,
-                              sampling: SamplingConfig | None = None) -> tuple[int, list[int], list[str]]:
+                              sampling: SamplingConfig | None = None,
+                              client: str | None = None) -> tuple[int, list[int], list[str]]:
         """K replies from the live version to one prompt, stored as siblings; returns (prompt id, ids, texts)."""
-        if not 2 <= k <= 9:
+        if not isinstance(k, int) or not 2 <= k <= 9:
             raise UserFacingError("Choose between 2 and 9 replies to rank.")
-        self._check_request(user_id, text)
-        sampling = sampling or self.config.default_sampling
-        conv = self.store.create_conversation(user_id, system_prompt=system_prompt, source="rank",
-                                              title=text.strip()[:80])
-        q = self.store.add_user_message(conv, user_id, text)
-        messages: Messages = self.store.context(q).as_chat()
+        sampling = self._check_sampling(sampling or self.config.default_sampling)
+        self._check_request(user_id, text, client=client, cost=k, system_prompt=system_prompt)
+
+        def open_ranking() -> tuple[int, int, Messages]:
+            conv = self.store.create_conversation(user_id, system_prompt=system_prompt, source="rank",
+                                                  title=text.strip()[:80])
+            q = self.store.add_user_message(conv, user_id, text)
+            return conv, q, self.store.context(q).as_chat()
+
+        try:
+            conv, q, messages = await self._db(open_ranking)
+        except FeedbackError as exc:
+            raise UserFacingError(str(exc)) from exc
         version = self.router.pick("live")
         start = time.perf_counter()
         async with self.router.lease(version) as served:
@@ -284,35 +384,77 @@ class ChatService:
                 log.exception("engine failed on %s", served.name)
                 raise UserFacingError(engine_failure_message(exc)) from exc
         latency = round((time.perf_counter() - start) * 1000, 1)
-        ids = [
-            self.store.add_reply(conv, user_id, q, storable(c.text), Reply(served.version_id, sampling.as_dict(), latency,
-                                                                  c.prompt_tokens, c.completion_tokens,
-                                                                  c.finish_reason))
-            for c in completions
-        ]
+
+        def store_replies() -> list[int]:
+            return [self.store.add_reply(conv, user_id, q, storable(c.text),
+                                         Reply(served.version_id, sampling.as_dict(), latency, c.prompt_tokens,
+                                               c.completion_tokens, c.finish_reason))
+                    for c in completions]
+
+        ids = await self._db(store_replies)
         return q, ids, [c.text for c in completions]
 
-    def submit_ranking(self, user_id: str, ranked_reply_ids: list[int], *, client_id: str | None = None) -> int:
+    def submit_ranking(self, user_id: str, ranked_reply_ids: list[int], *, client_id: str | None = None,
+                       client: str | None = None) -> int:
+        self.limits.feedback(user_id, client)
         try:
             return self.store.record_ranking(user_id, ranked_reply_ids, client_id=client_id)
         except FeedbackError as exc:
             raise UserFacingError(str(exc)) from exc
 
     # -- operators --------------------------------------------------------------------
+    def promotable_versions(self) -> list[dict]:
+        """Policy versions an operator may make live here: built on this server's base model, not
+        failed, not live already, and not known to fail to load (newest first)."""
+        live = self.router.live.name if self.router.live else None
+        out = []
+        for v in reversed(self.registry.list(kind="policy")):
+            if v.status == "failed" or v.name == live or v.name in self.router.load_errors:
+                continue
+            if v.base_model not in (None, self.router.base_model):
+                continue
+            out.append({"name": v.name, "status": v.status, "created_at": v.created_at})
+        return out
+
     async def promote(self, version: int | str, *, actor: str) -> str:
-        """Make a version live now; the router switches before this returns."""
+        """Make a version live now and return its name, once the router serves it.
+
+        The adapter is loaded before the registry is touched: a version this server cannot serve is
+        refused with the engine's reason, and nothing changes.
+        """
         try:
-            promoted = self.registry.promote(version, actor=actor)
+            target = await self._db(self.registry.get, version)
+        except FeedbackError as exc:
+            raise UserFacingError(str(exc)) from exc
+        if target.kind != "policy":
+            raise UserFacingError(f"{target.name} is a {target.kind} model, not a policy; only policies go live.")
+        if target.base_model not in (None, self.router.base_model):
+            raise UserFacingError(f"{target.name} was trained on {target.base_model}, but this server serves "
+                                  f"{self.router.base_model}; it cannot go live here.")
+        error = await self.router.prepare(target)
+        if error:
+            raise UserFacingError(f"{target.name} cannot be served, so it was not promoted: {error}")
+        try:
+            promoted = await self._db(self.registry.promote, target.name, actor=actor)
         except FeedbackError as exc:
             raise UserFacingError(str(exc)) from exc
         await self.router.sync()
-        return promoted.name
+        return self._confirm_live(promoted.name)
 
     async def rollback(self, *, actor: str) -> str:
         """Return to the previous live version now."""
         try:
-            restored = self.registry.rollback("policy", actor=actor)
+            restored = await self._db(self.registry.rollback, "policy", actor=actor)
         except FeedbackError as exc:
             raise UserFacingError(str(exc)) from exc
         await self.router.sync()
-        return restored.name
+        return self._confirm_live(restored.name)
+
+    def _confirm_live(self, name: str) -> str:
+        """`name` if the router now serves it live, else an error saying what it serves instead."""
+        serving = self.router.live.name if self.router.live else None
+        if serving != name:
+            reason = self.router.load_errors.get(name, "the router did not switch")
+            raise UserFacingError(f"The registry now marks {name} live, but this server still serves {serving}: "
+                                  f"{reason}. Roll back, or fix the adapter and promote again.")
+        return name

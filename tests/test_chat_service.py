@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 
 from chat_app.engines import EngineConfig, SamplingConfig, create_engine
-from chat_app.limits import UserFacingError
+from chat_app.limits import LimitConfig, UserFacingError
 from chat_app.router import RouterConfig, ServingRouter
 from chat_app.service import ChatService, ServiceConfig
 from feedback_db import FeedbackStore, ModelRegistry, PromotionPolicy
 from tests.engine_contract import make_lora_adapter
 
 GREEDY = SamplingConfig(temperature=0.0, max_tokens=12)
+NO_LIMITS = LimitConfig(0, 0, 0, 0)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +126,7 @@ def test_limits_are_enforced_with_a_readable_message(tiny_model_path, tmp_db_pat
         with pytest.raises(UserFacingError, match="Please wait"):
             await _drain(svc.chat(uid, "three"))
 
-    run_with_service(tiny_model_path, tmp_db_path, body, max_input_chars=50, rate_limit_per_minute=2)
+    run_with_service(tiny_model_path, tmp_db_path, body, max_input_chars=50, limits=LimitConfig(generations_per_user=2))
 
 
 def test_engine_failure_shows_a_clear_message_and_is_stored(tiny_model_path, tmp_db_path):
@@ -197,7 +198,7 @@ def test_hot_swap_under_concurrent_load(tiny_model_path, tmp_db_path, adapters):
         await svc.router.sync()
         assert "policy-r1" not in svc.router.loaded()  # idle and retired: released
 
-    run_with_service(tiny_model_path, tmp_db_path, body, rate_limit_per_minute=0)
+    run_with_service(tiny_model_path, tmp_db_path, body, limits=NO_LIMITS)
 
 
 def test_server_auto_promotes_a_gated_candidate_that_users_prefer(tiny_model_path, tmp_db_path, adapters):
@@ -223,5 +224,5 @@ def test_server_auto_promotes_a_gated_candidate_that_users_prefer(tiny_model_pat
         assert (record["wins"], record["losses"], record["voters"]) == (10, 0, 5)
         assert record["e_value"] >= record["threshold"] == 20
 
-    run_with_service(tiny_model_path, tmp_db_path, body, rate_limit_per_minute=0,
+    run_with_service(tiny_model_path, tmp_db_path, body, limits=NO_LIMITS,
                      auto_promote=PromotionPolicy(min_votes=6))

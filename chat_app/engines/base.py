@@ -4,6 +4,7 @@
     generate(messages, n, adapter, sampling)   -> n alternative Completions
     generate_tokens(prompt_ids, n, ...)        -> the same, from prompt token ids already rendered (PPO rollouts)
     add_adapter(adapter) / remove_adapter(name)-> make a LoRA version servable / release it once idle
+    check_health()                             -> raise EngineError once the engine can no longer serve
     close()
 
 `adapter=None` means the bare base model. An adapter is named by its model-version name,
@@ -89,5 +90,7 @@ class Engine(Protocol):
     async def add_adapter(self, adapter: AdapterRef) -> None: ...
 
     async def remove_adapter(self, name: str) -> None: ...
+
+    async def check_health(self) -> None: ...
 
     async def close(self) -> None: ...

@@ -164,6 +164,11 @@ class HFEngine:
         """Stop serving `name`; its weights are freed once no running request uses it."""
         await self._adapters.remove(name)
 
+    async def check_health(self) -> None:
+        """Raise EngineError once the engine was closed (the model runs in this process otherwise)."""
+        if self._model is None:
+            raise EngineError("the transformers engine was closed; restart the server.")
+
     async def close(self) -> None:
         """Finish queued work and free the model."""
         await asyncio.get_running_loop().run_in_executor(None, self._worker.shutdown)

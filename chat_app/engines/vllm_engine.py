@@ -183,6 +183,13 @@ class VLLMEngine:
         """
         await self._adapters.remove(name)
 
+    async def check_health(self) -> None:
+        """Raise EngineError when vLLM's engine process has died (it cannot come back in this process)."""
+        try:
+            await self._llm.check_health()
+        except Exception as exc:
+            raise EngineError(f"vLLM's engine process is gone ({type(exc).__name__}: {exc}); restart the server.") from exc
+
     async def close(self) -> None:
         """Stop vLLM's engine process."""
         await asyncio.to_thread(self._llm.shutdown)

@@ -5,8 +5,12 @@ from __future__ import annotations
 import gradio as gr
 
 from ..engines.base import SamplingConfig
-from .chat_tab import build_chat_tab
-from .common import Runtime, user_id_for
+import hashlib
+import hmac
+
+from ..limits import UserFacingError
+from .chat_tab import browser_value, build_chat_tab
+from .common import Runtime
 from .compare_tab import build_compare_tab
 from .dashboard_tab import build_dashboard_tab
 from .rank_tab import build_rank_tab
@@ -20,9 +24,13 @@ def build_ui(rt: Runtime, *, title: str = "alignloop", default_sampling: Samplin
     """
     defaults = default_sampling or SamplingConfig()
     with gr.Blocks(title=title) as demo:
-        # The anonymous user id and the open conversation survive a page reload.
-        browser = gr.BrowserState({"user_id": None, "conversation_id": None}, storage_key="alignloop")
-        user_state = gr.State(None)
+        # The signed anonymous identity and the open conversation survive a reload and a restart: the
+        # browser's (client-side) encryption key is derived from the server's key, so it is the same
+        # after a restart. The signature, not that encryption, is what makes the identity unforgeable.
+        browser_secret = hmac.new(rt.signer.key_for("browser-state"), b"", hashlib.sha256).hexdigest()[:32]
+        browser = gr.BrowserState({"token": None, "conversation_id": None}, storage_key="alignloop",
+                                  secret=browser_secret)
+        user_state = gr.State(None)  # the caller's identity, held by the server for this session
         gr.Markdown(f"# {title}\nA model that learns from you: rate replies, compare, rank, "
                     "or write the reply you wanted.")
         with gr.Accordion("Settings: system prompt and sampling", open=False):
@@ -43,19 +51,27 @@ def build_ui(rt: Runtime, *, title: str = "alignloop", default_sampling: Samplin
                 build_dashboard_tab(rt)
 
         def on_load(saved, request: gr.Request):
-            saved = saved or {}
-            uid = user_id_for(request, saved.get("user_id"))
-            if rt.service is not None:
-                rt.service.ensure_user(uid)
-                agent = request.headers.get("user-agent") if request is not None else None
-                rt.service.store.start_session(uid, user_agent=(agent or "")[:300] or None)
+            """Who this browser is: the login, else the identity its signed token names, else a new one."""
+            saved = saved if isinstance(saved, dict) else {}
+            if rt.service is None:
+                return None, gr.skip(), [], gr.skip()
+            claimed = rt.signer.verify(saved.get("token"))
+            try:
+                svc, who = rt.resolve(request, claimed)
+            except UserFacingError as exc:
+                gr.Warning(str(exc))
+                return None, gr.skip(), [], gr.skip()
             history, state = [], gr.skip()
-            if rt.service is not None and saved.get("conversation_id") and saved.get("user_id") == uid:
-                try:
-                    history, state, _ = chat.restore(saved["conversation_id"], uid, request)
-                except gr.Error:
-                    history = []
-            return uid, {"user_id": uid, "conversation_id": saved.get("conversation_id")}, history, state
+            conversation = saved.get("conversation_id")
+            if claimed == who.user_id or getattr(request, "username", None):
+                if isinstance(conversation, int):
+                    try:
+                        history, state, _ = chat.restore(svc, who, conversation)
+                    except UserFacingError:
+                        conversation = None
+            else:
+                conversation = None  # another identity's conversation is never shown
+            return who.user_id, browser_value(rt, who, conversation), history, state
 
         demo.load(on_load, [browser], [user_state, browser, chat.chatbot, chat.state], api_name=False)
     # Gradio runs one call per event at a time unless told otherwise; the engine batches

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import time
-
 import gradio as gr
 
-from .chat_tab import STREAM_INTERVAL_S
-from .common import Runtime, sampling_from, show_error, user_id_for
+from ..limits import UserFacingError
+from .common import Runtime, sampling_from, throttled, user_handler
 
 CHOICES = {"A is better": "A", "B is better": "B", "Tie": "tie", "Both are bad": "both_bad"}
 
@@ -26,50 +24,39 @@ def build_compare_tab(rt: Runtime, user_state: gr.State, settings: dict) -> None
         buttons = [gr.Button(label, interactive=False, elem_id=f"vote-{value}") for label, value in CHOICES.items()]
     reveal = gr.Markdown("", elem_id="compare-reveal")
 
-    async def on_go(text, uid, system_prompt, temperature, top_p, max_tokens, request: gr.Request):
-        svc = rt.require()
-        uid = svc.ensure_user(user_id_for(request, uid))
+    @user_handler(rt)
+    async def on_go(svc, who, text, system_prompt, temperature, top_p, max_tokens):
         locked = [gr.Button(interactive=False)] * len(buttons)
-        try:
-            last_sent = 0.0
-            async for battle in svc.battle(uid, text, system_prompt=system_prompt or None,
-                                           sampling=sampling_from(temperature, top_p, max_tokens)):
-                if not battle.done and time.monotonic() - last_sent < STREAM_INTERVAL_S:
-                    continue
-                last_sent = time.monotonic()
-                yield [battle.texts[0], battle.texts[1], battle.user_message_id, uid, ""] + locked
-        except Exception as exc:
-            raise show_error(exc) from exc
+        stream = svc.battle(who.user_id, text, system_prompt=system_prompt or None,
+                            sampling=sampling_from(temperature, top_p, max_tokens), client=who.address)
+        async for battle in throttled(stream, lambda b: b.done):
+            yield [battle.texts[0], battle.texts[1], battle.user_message_id, who.user_id, ""] + locked
 
-    def on_done(key):
+    @user_handler(rt)
+    def on_done(svc, who, key):
         # Runs after the stream ends (`.then`): enable voting once both replies are stored.
         if key is None:
             return [gr.skip()] * (2 + len(buttons))
-        battle = rt.require().get_battle(key)
+        battle = svc.get_battle(key)
         ready = battle.done and 0 not in battle.reply_ids
         return [battle.texts[0], battle.texts[1]] + [gr.Button(interactive=ready)] * len(buttons)
 
     def on_vote(label: str):
-        def vote(key, uid, request: gr.Request):
-            svc = rt.require()
-            uid = svc.ensure_user(user_id_for(request, uid))
+        @user_handler(rt)
+        def vote(svc, who, key):
             if key is None:
-                raise gr.Error("Get two replies first.")
-            try:
-                versions = svc.vote(uid, int(key), CHOICES[label])
-            except Exception as exc:
-                raise show_error(exc) from exc
+                raise UserFacingError("Get two replies first.")
+            versions = svc.vote(who.user_id, int(key), CHOICES[label], client=who.address)
             text = f"Thanks! **A** was `{versions[0]}`, **B** was `{versions[1]}`."
             return [text, None] + [gr.Button(interactive=False)] * len(buttons)
         return vote
 
     settings_inputs = [settings["system_prompt"], settings["temperature"], settings["top_p"], settings["max_tokens"]]
-    go_event = dict(fn=on_go, inputs=[prompt, user_state] + settings_inputs,
+    go_event = dict(fn=on_go, inputs=[prompt] + settings_inputs + [user_state],
                     outputs=[reply_a, reply_b, battle_state, user_state, reveal] + buttons)
-    go.click(**go_event, api_name="compare").then(on_done, [battle_state], [reply_a, reply_b] + buttons,
-                                                  api_name=False)
-    prompt.submit(**go_event, api_name=False).then(on_done, [battle_state], [reply_a, reply_b] + buttons,
-                                                   api_name=False)
+    done = dict(fn=on_done, inputs=[battle_state, user_state], outputs=[reply_a, reply_b] + buttons, api_name=False)
+    go.click(**go_event, api_name="compare").then(**done)
+    prompt.submit(**go_event, api_name=False).then(**done)
     for button, (label, value) in zip(buttons, CHOICES.items()):
         button.click(on_vote(label), [battle_state, user_state], [reveal, battle_state] + buttons,
                      api_name=f"vote_{value}")

@@ -4,9 +4,21 @@ from __future__ import annotations
 
 import gradio as gr
 
-from .common import Runtime, sampling_from, show_error, user_id_for
+from ..limits import UserFacingError
+from .common import Runtime, sampling_from, user_handler
 
 MAX_K = 9
+
+
+def _whole_number(value: object) -> int:
+    """A rank or a count as the browser sent it ("3", 3 or 3.0), else a refusal."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not number.is_integer():
+        raise UserFacingError("Give each reply a rank (a whole number), and the number of replies as a whole number.")
+    return int(number)
 
 
 def build_rank_tab(rt: Runtime, user_state: gr.State, settings: dict) -> None:
@@ -27,39 +39,32 @@ def build_rank_tab(rt: Runtime, user_state: gr.State, settings: dict) -> None:
     submit = gr.Button("Submit ranking", variant="primary", elem_id="rank-submit")
     result = gr.Markdown("", elem_id="rank-result")
 
-    async def on_go(text, n, uid, system_prompt, temperature, top_p, max_tokens, request: gr.Request):
-        svc = rt.require()
-        uid = svc.ensure_user(user_id_for(request, uid))
-        n = int(n)
-        try:
-            _, ids, texts = await svc.rank_candidates(uid, text, n, system_prompt=system_prompt or None,
-                                                      sampling=sampling_from(temperature, top_p, max_tokens))
-        except Exception as exc:
-            raise show_error(exc) from exc
+    @user_handler(rt)
+    async def on_go(svc, who, text, n, system_prompt, temperature, top_p, max_tokens):
+        n = _whole_number(n)
+        _, ids, texts = await svc.rank_candidates(who.user_id, text, n, system_prompt=system_prompt or None,
+                                                  sampling=sampling_from(temperature, top_p, max_tokens),
+                                                  client=who.address)
         choices = [str(j) for j in range(1, n + 1)]
-        return ([{"ids": ids}, uid, ""]
+        return ([{"ids": ids}, who.user_id, ""]
                 + [gr.Row(visible=i < n) for i in range(MAX_K)]
                 + [texts[i] if i < n else "" for i in range(MAX_K)]
                 + [gr.Dropdown(choices=choices, value=None) for _ in range(MAX_K)])
 
-    def on_submit(state, uid, p1, p2, p3, p4, p5, p6, p7, p8, p9, request: gr.Request):
+    @user_handler(rt)
+    def on_submit(svc, who, state, p1, p2, p3, p4, p5, p6, p7, p8, p9):
         positions = (p1, p2, p3, p4, p5, p6, p7, p8, p9)  # the rank given to each shown reply
-        svc = rt.require()
-        uid = svc.ensure_user(user_id_for(request, uid))
         if not state:
-            raise gr.Error("Get replies first.")
+            raise UserFacingError("Get replies first.")
         ids = state["ids"]
-        given = positions[: len(ids)]
-        if any(p in (None, "") for p in given) or sorted(int(p) for p in given) != list(range(1, len(ids) + 1)):
-            raise gr.Error(f"Give each reply a different rank from 1 to {len(ids)}.")
-        ordered = [reply for _, reply in sorted(zip((int(p) for p in given), ids))]
-        try:
-            svc.submit_ranking(uid, ordered)
-        except Exception as exc:
-            raise show_error(exc) from exc
+        given = [_whole_number(p) for p in positions[: len(ids)]]
+        if sorted(given) != list(range(1, len(ids) + 1)):
+            raise UserFacingError(f"Give each reply a different rank from 1 to {len(ids)}.")
+        ordered = [reply for _, reply in sorted(zip(given, ids))]
+        svc.submit_ranking(who.user_id, ordered, client=who.address)
         return None, f"Thanks! Your ranking of {len(ids)} replies was saved."
 
-    go_inputs = [prompt, k, user_state, settings["system_prompt"], settings["temperature"], settings["top_p"],
-                 settings["max_tokens"]]
+    go_inputs = [prompt, k, settings["system_prompt"], settings["temperature"], settings["top_p"],
+                 settings["max_tokens"], user_state]
     go.click(on_go, go_inputs, [rank_state, user_state, result] + rows + replies + ranks, api_name="rank")
-    submit.click(on_submit, [rank_state, user_state] + ranks, [rank_state, result], api_name="submit_ranking")
+    submit.click(on_submit, [rank_state] + ranks + [user_state], [rank_state, result], api_name="submit_ranking")

@@ -1,0 +1,46 @@
+"""How message text is shown in the Chatbot, which renders Markdown with (sanitised) raw HTML.
+
+Stored text stays exactly as written; only what the browser renders is changed:
+
+* a user's message is shown as plain text: HTML and Markdown characters are escaped, so
+  `<script>` and `<img src=…>` appear as typed instead of vanishing or making the browser fetch;
+* a model's reply keeps its Markdown (lists, emphasis, code), but raw HTML outside code is
+  escaped, and images are shown as links, so a reply cannot load a remote URL by itself.
+"""
+
+from __future__ import annotations
+
+import re
+
+# Fenced code blocks (``` or ~~~, up to the same fence or the end) and inline code spans: their text
+# is shown literally by Markdown already, so it is left untouched.
+_CODE = re.compile(r"(^ {0,3}(`{3,}|~{3,})[^\n]*\n.*?(?:^ {0,3}\2[`~]*[ \t]*$|\Z)|(`+)(?!`).+?(?<!`)\3(?!`))",
+                   re.MULTILINE | re.DOTALL)
+_MARKDOWN_PUNCTUATION = re.compile(r"([\\`*_{}\[\]()#+\-.!|>~<])")
+
+
+def as_plain_text(text: str) -> str:
+    """`text` escaped so that Markdown and HTML render it exactly as typed."""
+    escaped = text.replace("&", "&amp;")
+    return _MARKDOWN_PUNCTUATION.sub(lambda m: "&lt;" if m.group(1) == "<" else "\\" + m.group(1), escaped)
+
+
+def _prose(text: str) -> str:
+    text = text.replace("&", "&amp;").replace("<", "&lt;")  # no tag can open; "> quote" stays a quote
+    return text.replace("![", "\\![")  # an image would be fetched on display; as a link it needs a click
+
+
+def as_safe_markdown(text: str) -> str:
+    """A model's Markdown with raw HTML and images neutralised outside code."""
+    out, pos = [], 0
+    for match in _CODE.finditer(text):
+        out.append(_prose(text[pos:match.start()]))
+        out.append(match.group(0))
+        pos = match.end()
+    out.append(_prose(text[pos:]))
+    return "".join(out)
+
+
+def for_display(role: str, text: str) -> str:
+    """The text of one chat message as the Chatbot should receive it."""
+    return as_plain_text(text) if role == "user" else as_safe_markdown(text)
