@@ -1,10 +1,15 @@
-"""Read-only aggregates for the operators' dashboard and round reports."""
+"""Read-only aggregates for the operators' dashboard and round reports.
+
+Every number here counts feedback by the rule the exports use (counting.py): a user's latest
+rating of a reply (a latest 0 removes it), a user's latest vote on a pair of replies.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
+from . import counting
 from .sequential_testing import Vote
 from .store import FeedbackStore
 
@@ -41,7 +46,11 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 
 def head_to_head_votes(store: FeedbackStore, candidate_id: int, baseline_id: int) -> list[Vote]:
     """Every Compare vote between a reply of `candidate_id` and one of `baseline_id`, oldest first,
-    as seen from the candidate's side ('win', 'loss', 'tie', 'both_bad')."""
+    as seen from the candidate's side ('win', 'loss', 'tie', 'both_bad').
+
+    All votes, repeats included: this is the vote stream of the promotion test, which counts the
+    FIRST vote on each pair (a later vote replacing an earlier one would change the past and void
+    the test's error bound; see sequential_testing.py). Dashboard numbers use `win_rate`."""
     votes = []
     for r in store.db.query(
         """
@@ -67,13 +76,19 @@ def head_to_head_votes(store: FeedbackStore, candidate_id: int, baseline_id: int
 
 
 def win_rate(store: FeedbackStore, candidate_id: int, baseline_id: int) -> WinRate:
-    """How often replies of `candidate_id` beat replies of `baseline_id` when compared head to head
-    (every vote counts here; the promotion test's counting rules are in sequential_testing.py)."""
+    """How often replies of `candidate_id` beat replies of `baseline_id` when compared head to head:
+    each user's latest vote on each pair counts once (the exports' rule); ties and both-bad count
+    for neither side. (The promotion test's counting rules are in sequential_testing.py.)"""
     names = {r["id"]: r["name"] for r in store.db.query(
         "SELECT id, name FROM model_versions WHERE id IN (?, ?)", [candidate_id, baseline_id])}
     counts = {"win": 0, "loss": 0, "tie": 0, "both_bad": 0}
-    for vote in head_to_head_votes(store, candidate_id, baseline_id):
-        counts[vote.outcome] += 1
+    for c in counting.counted_comparisons(store.db):
+        if {c["version_a"], c["version_b"]} != {candidate_id, baseline_id} or candidate_id == baseline_id:
+            continue
+        if c["choice"] in ("tie", "both_bad"):
+            counts[c["choice"]] += 1
+        else:
+            counts["win" if (c["choice"] == "A") == (c["version_a"] == candidate_id) else "loss"] += 1
     n = counts["win"] + counts["loss"]
     low, high = wilson_interval(counts["win"], n) if n else (None, None)
     return WinRate(names.get(candidate_id, str(candidate_id)), names.get(baseline_id, str(baseline_id)),
@@ -82,22 +97,19 @@ def win_rate(store: FeedbackStore, candidate_id: int, baseline_id: int) -> WinRa
 
 
 def feedback_over_time(store: FeedbackStore, bucket: str = "hour") -> list[dict]:
-    """Counts of each feedback kind per time bucket ('hour' or 'day'), oldest first."""
+    """Counted feedback of each kind per time bucket ('hour' or 'day'), oldest first: users' latest
+    thumbs up / down (by the time of that latest rating), latest comparisons and rankings,
+    demonstrations and user messages (see counting.COUNTED_FEEDBACK)."""
     width = {"hour": 13, "day": 10}[bucket]  # prefix length of the ISO timestamp
     return list(store.db.query(
         f"""
-        SELECT substr(created_at, 1, {width}) AS bucket, kind, COUNT(*) AS n FROM (
-            SELECT created_at, CASE WHEN value > 0 THEN 'thumbs up' WHEN value < 0 THEN 'thumbs down'
-                                    ELSE 'cleared' END AS kind FROM ratings
-            UNION ALL SELECT created_at, 'comparison' FROM comparisons
-            UNION ALL SELECT created_at, 'ranking' FROM rankings
-            UNION ALL SELECT created_at, 'demonstration' FROM demonstrations
-            UNION ALL SELECT created_at, 'message' FROM messages WHERE role = 'user'
-        ) GROUP BY bucket, kind ORDER BY bucket
-        """
+        SELECT substr(created_at, 1, {width}) AS bucket, kind, COUNT(*) AS n
+        FROM ({counting.COUNTED_FEEDBACK}) GROUP BY bucket, kind ORDER BY bucket, kind
+        """,
+        {"snapshot": counting.EVERYTHING},
     ))
 
 
 def thumbs_by_version(store: FeedbackStore) -> list[dict]:
-    """Thumbs up/down and up-rate per model version (the `thumbs_by_version` view)."""
-    return list(store.db.query("SELECT * FROM thumbs_by_version ORDER BY model_version_id"))
+    """Users' latest 👍 / 👎 and the up-rate per model version (a latest 0 removes a rating)."""
+    return counting.thumbs_by_version(store.db)

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .counting import latest_ratings
 from .errors import InvalidInputError
 from .store import UNVOTABLE_FINISH_REASONS, Context, FeedbackStore
 
@@ -156,18 +157,9 @@ def _replies(store: FeedbackStore, ids: Iterable[int]) -> dict[int, _Reply]:
 
 
 def _latest_ratings(store: FeedbackStore, snapshot: int) -> list[dict[str, Any]]:
-    """Each user's latest rating of each reply (value 0 = cleared), oldest first, with the reply's context."""
-    return list(store.db.query(
-        """
-        SELECT r.user_id, r.message_id, r.value, r.event_id, m.parent_id AS context_id
-        FROM ratings r JOIN messages m ON m.id = r.message_id
-        WHERE r.event_id = (
-            SELECT MAX(r2.event_id) FROM ratings r2
-            WHERE r2.user_id = r.user_id AND r2.message_id = r.message_id AND r2.event_id <= :snap)
-        ORDER BY r.event_id
-        """,
-        {"snap": snapshot},
-    ))
+    """Each user's latest rating of each reply (value 0 = cleared), oldest first, with the reply's
+    context: the rule of counting.py, which the dashboard counts by too."""
+    return latest_ratings(store.db, snapshot)
 
 
 def _votes(store: FeedbackStore, snapshot: int, include_thumbs: bool) -> list[_Vote]:

@@ -248,9 +248,52 @@ def _browsing_views(db: sqlite_utils.Database) -> None:
     db["ratings"].create_index(["user_id", "message_id"])
 
 
+def _latest_rating_views(db: sqlite_utils.Database) -> None:
+    """Migration 3: the browsing views count each user's latest rating of a reply (counting.py's
+    rule, as of this migration): 👍 then "Save feedback" is one thumbs-up, a changed vote counts
+    once, a latest 0 removes the rating, and failed or stopped replies count nowhere."""
+    db.create_view(
+        "latest_ratings",
+        """
+        SELECT r.* FROM ratings r
+        WHERE r.event_id = (SELECT MAX(r2.event_id) FROM ratings r2
+                            WHERE r2.user_id = r.user_id AND r2.message_id = r.message_id)
+        """,
+    )
+    db.create_view(
+        "reply_scores",
+        """
+        SELECT m.id AS message_id, m.conversation_id, m.parent_id AS context_id,
+               mv.name AS model_version, COALESCE(SUM(l.value), 0) AS score,
+               COUNT(l.id) AS n_ratings
+        FROM messages m
+        LEFT JOIN model_versions mv ON mv.id = m.model_version_id
+        LEFT JOIN latest_ratings l ON l.message_id = m.id AND l.value != 0
+        WHERE m.role = 'assistant'
+        GROUP BY m.id
+        """,
+        replace=True,
+    )
+    db.create_view(
+        "thumbs_by_version",
+        """
+        SELECT mv.id AS model_version_id, mv.name AS model_version, mv.status,
+               SUM(l.value = 1) AS thumbs_up, SUM(l.value = -1) AS thumbs_down,
+               ROUND(1.0 * SUM(l.value = 1) / COUNT(*), 4) AS up_rate
+        FROM latest_ratings l
+        JOIN messages m ON m.id = l.message_id
+        JOIN model_versions mv ON mv.id = m.model_version_id
+        WHERE l.value != 0 AND COALESCE(m.finish_reason, '') NOT IN ('error', 'abort')
+        GROUP BY mv.id
+        """,
+        replace=True,
+    )
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[sqlite_utils.Database], None]]] = [
     (1, "initial schema", _initial),
     (2, "browsing views", _browsing_views),
+    (3, "views count each user's latest rating", _latest_rating_views),
 ]
 LATEST_VERSION = MIGRATIONS[-1][0]
 

@@ -12,6 +12,7 @@ import contextlib
 import json
 import threading
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any, Literal
 import sqlite_utils
 
 from .connection import StoreConfig, WriteLock, connect, write_transaction
+from .counting import UNVOTABLE_FINISH_REASONS, counted_comparisons, counted_totals, thumbs_by_version
 from .errors import AccessDeniedError, InvalidInputError, NotFoundError
 from .schema import current_version, migrate, utc_now
 from .validation import clean_client_id, clean_tags, clean_text
@@ -28,11 +30,6 @@ Choice = Literal["A", "B", "tie", "both_bad"]
 CHOICES: tuple[str, ...] = ("A", "B", "tie", "both_bad")
 MIN_RANKED, MAX_RANKED = 2, 9
 
-# A reply the engine failed on ("error") or the user stopped ("abort") is not what the model
-# would have said: it cannot be rated, compared or ranked, and exports skip feedback on it
-# stored before this rule. A reply cut off at max_tokens ("length") is what the model said
-# under the serving budget, so it stays votable (exports treat it like any other reply).
-UNVOTABLE_FINISH_REASONS: tuple[str, ...] = ("error", "abort")
 
 
 @dataclass
@@ -498,7 +495,9 @@ class FeedbackStore:
 
     # -- reading ----------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        """Row counts, thumbs per model version, the live versions and the current snapshot id."""
+        """Row counts, what counts of the feedback (`counted`: each user's latest rating per reply,
+        latest vote per pair, ..., see counting.py), thumbs per model version (the same rule), the
+        live versions and the current snapshot id."""
         db = self.db
         tables = ["users", "sessions", "conversations", "messages", "ratings", "comparisons", "rankings",
                   "demonstrations", "model_versions", "training_rounds"]
@@ -508,10 +507,9 @@ class FeedbackStore:
             "schema_version": self.schema_version,
             "snapshot": self.snapshot(),
             "counts": counts,
-            "thumbs_by_version": list(db.query("SELECT * FROM thumbs_by_version ORDER BY model_version_id")),
-            "comparison_choices": {
-                r["choice"]: r["n"] for r in db.query("SELECT choice, COUNT(*) AS n FROM comparisons GROUP BY choice")
-            },
+            "counted": counted_totals(db),
+            "thumbs_by_version": thumbs_by_version(db),
+            "comparison_choices": dict(Counter(c["choice"] for c in counted_comparisons(db))),
             "live": {
                 r["kind"]: r["name"] for r in db.query("SELECT kind, name FROM model_versions WHERE status = 'live'")
             },
