@@ -1,9 +1,9 @@
 """The Dashboard tab (operators): feedback over time, thumbs per version, candidate win rate,
-training rounds, and promote / roll back. Everything here needs the admin credential."""
+training rounds, and promote / roll back. Every handler is `admin_only` (chat_app/auth.py): the server
+checks the login or the admin password on each call and records who promoted or rolled back."""
 
 from __future__ import annotations
 
-import hmac
 from collections import defaultdict
 from pathlib import Path
 
@@ -16,14 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from feedback_db import feedback_over_time, thumbs_by_version, win_rate  # noqa: E402
 
+from ..auth import AdminGuard, admin_only  # noqa: E402
 from .common import Runtime, show_error  # noqa: E402
-
-
-def _is_admin(rt: Runtime, request: gr.Request | None, password: str | None) -> bool:
-    username = getattr(request, "username", None) if request is not None else None
-    if username and username in rt.admin_users:
-        return True
-    return bool(rt.admin_password and password and hmac.compare_digest(rt.admin_password, password))
 
 
 def _feedback_plot(rows: list[dict]):
@@ -75,7 +69,9 @@ def _win_plot(wr):
     return fig
 
 
-def build_dashboard_tab(rt: Runtime) -> None:
+def build_dashboard_tab(rt: Runtime, guard: AdminGuard | None = None) -> None:
+    """The Dashboard tab; `guard` decides who is the admin (default: from rt's admin password and admin users)."""
+    admin = admin_only(guard or AdminGuard(rt.admin_password, rt.admin_users))
     with gr.Row():
         password = gr.Textbox(label="Admin password", type="password", scale=4, elem_id="admin-password")
         unlock = gr.Button("Open dashboard", scale=1, elem_id="admin-unlock")
@@ -98,9 +94,8 @@ def build_dashboard_tab(rt: Runtime) -> None:
             rollback = gr.Button("Roll back", variant="stop", scale=1)
         action = gr.Markdown("")
 
-    def refresh_data(pw, request: gr.Request):
-        if not _is_admin(rt, request, pw):
-            raise gr.Error("The dashboard needs the admin password (set ALIGNLOOP_ADMIN_PASSWORD on the server).")
+    @admin
+    def refresh_data(_actor: str):
         svc = rt.require()
         store, reg, router = svc.store, svc.registry, svc.router
         live, cand = router.live, router.candidate
@@ -126,9 +121,8 @@ def build_dashboard_tab(rt: Runtime) -> None:
                 gr.Dataframe(value=version_rows, headers=["id", "name", "kind", "status", "adapter", "created"]),
                 gr.Dropdown(choices=choices, value=cand.name if cand else None))
 
-    def show_report(pw, round_id, request: gr.Request):
-        if not _is_admin(rt, request, pw):
-            raise gr.Error("Reports need the admin password.")
+    @admin
+    def show_report(_actor: str, round_id):
         if round_id is None:
             return "", []
         path = rt.require().registry.get_round(int(round_id)).report_path
@@ -140,22 +134,20 @@ def build_dashboard_tab(rt: Runtime) -> None:
         # Loaded here (not served by path) so the round folders need not be exposed to Gradio.
         return text, [Image.open(p).copy() for p in sorted(report.parent.glob("*.png"))]
 
-    async def on_promote(pw, name, request: gr.Request):
-        if not _is_admin(rt, request, pw):
-            raise gr.Error("Promoting needs the admin password.")
+    @admin
+    async def on_promote(actor: str, name):
         if not name:
-            raise gr.Error("Choose a version to promote.")
+            raise gr.Error("Choose a version to promote.", print_exception=False)
         try:
-            live = await rt.require().promote(name, actor=getattr(request, "username", None) or "admin")
+            live = await rt.require().promote(name, actor=actor)
         except Exception as exc:
             raise show_error(exc) from exc
         return f"✅ `{live}` is live; new requests use it now."
 
-    async def on_rollback(pw, request: gr.Request):
-        if not _is_admin(rt, request, pw):
-            raise gr.Error("Rolling back needs the admin password.")
+    @admin
+    async def on_rollback(actor: str):
         try:
-            live = await rt.require().rollback(actor=getattr(request, "username", None) or "admin")
+            live = await rt.require().rollback(actor=actor)
         except Exception as exc:
             raise show_error(exc) from exc
         return f"↩️ Rolled back: `{live}` is live again."
