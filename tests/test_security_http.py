@@ -1,0 +1,151 @@
+"""The live server attacked as a stranger would: raw HTTP by `fn_index` (tests/raw_gradio.py), forged
+and replayed identities, every handler called from a session that never loaded the page, and a
+restart (identities and conversations survive it)."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+import pytest
+
+from tests.app_server import count_rows, start_test_server, stop_server
+from tests.raw_gradio import RawGradio
+
+SAMPLING = ["", 0.0, 0.95, 8]  # system prompt, temperature, top-p, max new tokens
+# A refusal names what to do; an exception that escaped a handler shows up as one of these.
+PYTHON_ERRORS = re.compile(r"Traceback|(Type|Key|Attribute|Index|Value|Runtime|Assertion)Error|File \"/|went wrong")
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model_path, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("security")
+    box = {"server": start_test_server(tiny_model_path, workdir), "workdir": workdir}
+    yield box
+    stop_server(box["server"])
+
+
+@pytest.fixture(scope="module")
+def raw(served):
+    client = RawGradio(served["server"].url)
+    yield client
+    client.close()
+
+
+def load(raw: RawGradio, session: str, saved) -> tuple[str | None, dict, list]:
+    """The page-load handler with what the browser keeps: (the browser value it sends back, history)."""
+    outcome = raw.call(raw.fn_index(trigger="load"), [saved], session)
+    assert outcome.success, outcome.error
+    _, browser, history, _ = outcome.data
+    return browser.get("token"), browser, history
+
+
+def chat(raw: RawGradio, session: str, text: str, conversation_state=None):
+    outcome = raw.call(raw.fn_index("chat"), [text, [], conversation_state, *SAMPLING, None], session)
+    assert outcome.success, outcome.error
+    return outcome.data
+
+
+def user_of(token: str) -> str:
+    return token.rsplit(".", 1)[0]
+
+
+def test_a_forged_identity_gets_a_new_one_never_the_victims(raw, served) -> None:
+    db = served["server"].db_path
+    victim = raw.new_session()
+    token, _, _ = load(raw, victim, {})
+    assert token and user_of(token).startswith("anon-")
+    browser = chat(raw, victim, "my private question")[4]
+    conversation = browser["conversation_id"]
+    assert isinstance(conversation, int) and browser["token"] == token
+
+    victim_id = user_of(token)
+    other_id = "anon-" + "0" * 16
+    forgeries = [{"token": f"{victim_id}.forged-signature", "conversation_id": conversation},
+                 {"user_id": victim_id, "conversation_id": conversation},  # what the old app trusted
+                 {"token": victim_id, "conversation_id": conversation},
+                 {"token": "importer.x", "conversation_id": conversation},
+                 {"token": f"{other_id}.{token.rsplit('.', 1)[1]}", "conversation_id": conversation}]
+    for forged in forgeries:
+        attacker = raw.new_session()
+        new_token, browser, history = load(raw, attacker, forged)
+        assert user_of(new_token) != victim_id and history == [] and browser["conversation_id"] is None, forged
+        # Asking for the victim's conversation by id from the forged session is refused (by Gradio: the
+        # id is not among this session's choices; by the handler: it is not this caller's).
+        outcome = raw.call(raw.fn_index("load_conversation"), [conversation, None], attacker)
+        assert not outcome.success and re.search("not yours|not in the list of choices", outcome.error)
+    reply_id = count_rows(db, "SELECT MAX(id) FROM messages WHERE conversation_id = ? AND role = 'assistant'",
+                          [conversation])
+    assert count_rows(db, "SELECT COUNT(*) FROM ratings WHERE message_id = ?", [reply_id]) == 0
+    assert count_rows(db, "SELECT COUNT(*) FROM users WHERE id = 'importer'") == 0
+
+    # The real token is a bearer credential: the browser that holds it gets its own conversation back.
+    same, browser, history = load(raw, raw.new_session(), {"token": token, "conversation_id": conversation})
+    assert same == token and browser["conversation_id"] == conversation
+    assert "my private question" in str(history)
+
+
+def test_a_session_that_never_loaded_the_page_is_a_new_user_each_time(raw, served) -> None:
+    db = served["server"].db_path
+    before = count_rows(db, "SELECT COUNT(*) FROM users")
+    a, b = raw.new_session(), raw.new_session()
+    chat(raw, a, "first")
+    chat(raw, a, "second")  # the same session keeps the identity the server gave it
+    chat(raw, b, "third")
+    assert count_rows(db, "SELECT COUNT(*) FROM users") == before + 2
+
+
+def test_every_handler_answers_a_stranger_without_leaking_internals(raw, served) -> None:
+    """Each handler, from a fresh session that never loaded the page, with each input at its component's
+    default value (what Gradio's own checks let through to the handler): an answer or a readable refusal,
+    never a traceback or an exception name. Then with None everywhere: Gradio refuses what it cannot
+    preprocess, still without a traceback. The server stays healthy."""
+    called = 0
+    for dep in raw.dependencies:
+        if not dep.get("backend_fn"):
+            continue
+        defaults = [c.get("props", {}).get("value") for c in raw.inputs_of(dep["id"])]
+        outcome = raw.call(dep["id"], defaults, raw.new_session())
+        called += 1
+        assert outcome.status_code == 200, (dep.get("api_name"), outcome.error)
+        if not outcome.success:
+            assert not PYTHON_ERRORS.search(outcome.error or ""), (dep["id"], dep.get("api_name"), outcome.error)
+        nothing = raw.call(dep["id"], [None] * len(dep["inputs"]), raw.new_session())
+        assert nothing.success or not re.search(r"Traceback|File \"/", nothing.error or ""), nothing.error
+    assert called >= 15
+    health = httpx.get(served["server"].url + "healthz", timeout=10)
+    assert health.status_code == 200 and health.json()["ready"] is True
+
+
+def test_a_replayed_vote_counts_once(raw, served) -> None:
+    db = served["server"].db_path
+    session = raw.new_session()
+    outcome = raw.call(raw.fn_index("compare"), ["Name a colour", *SAMPLING, None], session)
+    assert outcome.success, outcome.error
+    before = count_rows(db, "SELECT COUNT(*) FROM comparisons")
+    first = raw.call(raw.fn_index("vote_A"), [None, None], session)
+    assert first.success, first.error
+    again = raw.call(raw.fn_index("vote_A"), [None, None], session)
+    elsewhere = raw.call(raw.fn_index("vote_B"), [None, None], raw.new_session())
+    assert not again.success and not elsewhere.success
+    assert count_rows(db, "SELECT COUNT(*) FROM comparisons") == before + 1
+
+
+def test_healthz_names_the_live_version(served) -> None:
+    body = httpx.get(served["server"].url + "healthz", timeout=10).json()
+    assert body == {"live": True, "ready": True, "live_version": "base:tiny-gemma3", "candidate_version": None,
+                    "engine": "hf"}
+
+
+def test_identities_and_conversations_survive_a_restart(raw, served, tiny_model_path) -> None:
+    session = raw.new_session()
+    token, _, _ = load(raw, session, {})
+    conversation = chat(raw, session, "remember me")[4]["conversation_id"]
+    stop_server(served["server"])
+    served["server"] = start_test_server(tiny_model_path, served["workdir"])
+    after = RawGradio(served["server"].url)
+    try:
+        same, browser, history = load(after, after.new_session(), {"token": token, "conversation_id": conversation})
+    finally:
+        after.close()
+    assert same == token and browser["conversation_id"] == conversation and "remember me" in str(history)
