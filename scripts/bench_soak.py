@@ -30,7 +30,8 @@ It prints and writes to --out (results.json, results.md):
     python scripts/bench_soak.py --users 8 --minutes 10 --out runs/soak   # the embedded Gemma 3 270M
 
 The gap is measured between the streamed updates a client receives (the app sends at most one
-every 50 ms), which is what a user sees, not between the engine's tokens.
+every 50 ms), which is what a user sees, not between the engine's tokens. An action counts in the
+phase it started in; with replies slower than a phase, make T longer.
 """
 
 from __future__ import annotations
