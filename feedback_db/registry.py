@@ -1,7 +1,10 @@
 """The model registry: which adapter versions exist, which one is live, and their history.
 
-Live is a status on `model_versions` (at most one live version per kind), changed only
-inside one transaction together with an entry in `registry_log`. Rollback replays that
+Live is a status on `model_versions` (at most one live version per kind, enforced by a
+partial unique index), changed only inside one transaction together with an entry in
+`registry_log`. Every change reads the rows it depends on inside its write transaction, so
+concurrent promotes, rollbacks, retirements and metric updates (threads or processes) neither
+lose an update nor leave a kind without its live version. Rollback replays that
 log as a stack (promote pushes, rollback pops), so repeated rollbacks walk back in time.
 """
 
@@ -75,8 +78,12 @@ class ModelRegistry:
     # -- reading ----------------------------------------------------------------------
     def get(self, version: int | str) -> ModelVersion:
         """A version by id or name."""
+        return self._get(self.store.db, version)
+
+    @staticmethod
+    def _get(db: sqlite_utils.Database, version: int | str) -> ModelVersion:
         column = "id" if isinstance(version, int) else "name"
-        rows = list(self.store.db.query(f"SELECT * FROM model_versions WHERE {column} = ?", [version]))
+        rows = list(db.query(f"SELECT * FROM model_versions WHERE {column} = ?", [version]))
         if not rows:
             raise NotFoundError(f"no model version {version!r}; see `alignloop db versions` for the list.")
         return ModelVersion.from_row(rows[0])
@@ -165,9 +172,8 @@ class ModelRegistry:
 
     def promote(self, version: int | str, *, actor: str = "operator") -> ModelVersion:
         """Make `version` live for its kind, atomically retiring the previous live one."""
-        target = self.get(version)
         with self.store.transaction() as db:
-            target = ModelVersion.from_row(next(db.query("SELECT * FROM model_versions WHERE id = ?", [target.id])))
+            target = self._get(db, version)
             if target.status == "live":
                 raise RegistryError(f"{target.name} is already live.")
             if target.kind == "external":
@@ -193,19 +199,20 @@ class ModelRegistry:
 
     def retire(self, version: int | str, *, actor: str = "operator") -> ModelVersion:
         """Take a candidate out of service (a live version is replaced by promote or rollback instead)."""
-        target = self.get(version)
-        if target.status == "live":
-            raise RegistryError(f"{target.name} is live; promote another version or roll back instead.")
         with self.store.transaction() as db:
+            target = self._get(db, version)
+            if target.status == "live":
+                raise RegistryError(f"{target.name} is live; promote another version or roll back instead.")
             db["model_versions"].update(target.id, {"status": "retired"})
             self._log(db, target.kind, "retire", target.id, None, actor)
         return self.get(target.id)
 
     def update_metrics(self, version: int | str, metrics: dict[str, Any]) -> ModelVersion:
-        """Merge `metrics` into a version's stored metrics."""
-        target = self.get(version)
-        merged = {**target.metrics, **metrics}
+        """Merge `metrics` into a version's stored metrics (read and written in one transaction,
+        so concurrent updates of different keys all land)."""
         with self.store.transaction() as db:
+            target = self._get(db, version)
+            merged = {**target.metrics, **metrics}
             db["model_versions"].update(target.id, {"metrics": json.dumps(merged, sort_keys=True)})
         return self.get(target.id)
 
@@ -255,8 +262,8 @@ class ModelRegistry:
         """Close a round as succeeded, failed or stopped, with its metrics and report."""
         if status not in ("succeeded", "failed", "stopped"):
             raise InvalidInputError(f"a round finishes as succeeded, failed or stopped, not {status!r}.")
-        current = self.get_round(round_id)
         with self.store.transaction() as db:
+            current = self._get_round(db, round_id)
             db["training_rounds"].update(
                 round_id,
                 {
@@ -269,7 +276,12 @@ class ModelRegistry:
         return self.get_round(round_id)
 
     def get_round(self, round_id: int) -> TrainingRound:
-        rows = list(self.store.db.query("SELECT * FROM training_rounds WHERE id = ?", [round_id]))
+        """One training round by id."""
+        return self._get_round(self.store.db, round_id)
+
+    @staticmethod
+    def _get_round(db: sqlite_utils.Database, round_id: int) -> TrainingRound:
+        rows = list(db.query("SELECT * FROM training_rounds WHERE id = ?", [round_id]))
         if not rows:
             raise NotFoundError(f"no training round {round_id}.")
         return TrainingRound.from_row(rows[0])

@@ -290,10 +290,34 @@ def _latest_rating_views(db: sqlite_utils.Database) -> None:
     )
 
 
+def _one_live_version_per_kind(db: sqlite_utils.Database) -> None:
+    """Migration 4: a partial unique index allows at most one live version per kind.
+
+    A database that raced into two live versions of a kind keeps the one promoted last (then
+    the newest) live; the others are retired, each with a `retire` entry by 'migration 4'.
+    """
+    now = utc_now()
+    for (kind,) in db.execute(
+        "SELECT kind FROM model_versions WHERE status = 'live' GROUP BY kind HAVING COUNT(*) > 1"
+    ).fetchall():
+        live = db.execute(
+            "SELECT id FROM model_versions WHERE kind = ? AND status = 'live'"
+            " ORDER BY COALESCE(promoted_at, '') DESC, id DESC", [kind]
+        ).fetchall()
+        for (version_id,) in live[1:]:
+            db.execute("UPDATE model_versions SET status = 'retired' WHERE id = ?", [version_id])
+            db.execute(
+                "INSERT INTO registry_log (kind, action, version_id, previous_version_id, actor, at)"
+                " VALUES (?, 'retire', ?, NULL, 'migration 4', ?)", [kind, version_id, now]
+            )
+    db.execute("CREATE UNIQUE INDEX one_live_version_per_kind ON model_versions (kind) WHERE status = 'live'")
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[sqlite_utils.Database], None]]] = [
     (1, "initial schema", _initial),
     (2, "browsing views", _browsing_views),
     (3, "views count each user's latest rating", _latest_rating_views),
+    (4, "one live version per kind", _one_live_version_per_kind),
 ]
 LATEST_VERSION = MIGRATIONS[-1][0]
 
