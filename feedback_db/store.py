@@ -24,11 +24,12 @@ from .connection import StoreConfig, WriteLock, connect, write_transaction
 from .counting import UNVOTABLE_FINISH_REASONS, counted_comparisons, counted_totals, thumbs_by_version
 from .errors import AccessDeniedError, InvalidInputError, NotFoundError
 from .schema import current_version, migrate, utc_now
-from .validation import clean_client_id, clean_tags, clean_text
+from .validation import clean_client_id, clean_number, clean_tags, clean_text, sampling_json
 
 Choice = Literal["A", "B", "tie", "both_bad"]
 CHOICES: tuple[str, ...] = ("A", "B", "tie", "both_bad")
 MIN_RANKED, MAX_RANKED = 2, 9
+SOURCES: tuple[str, ...] = ("chat", "compare", "rank", "import")  # where a conversation came from
 
 
 
@@ -206,10 +207,11 @@ class FeedbackStore:
         """Start a conversation owned by `user_id`; return its id."""
         client_id = clean_client_id(client_id)
         if system_prompt is not None:
-            system_prompt = self._text(system_prompt, "system prompt", allow_empty=True) or None
+            system_prompt = self._text(system_prompt, "system prompt", allow_empty=True,
+                                       max_chars=self.config.max_system_prompt_chars) or None
         if title is not None:
             title = self._text(title, "title", allow_empty=True, max_chars=500)
-        if source not in ("chat", "compare", "rank", "import"):
+        if source not in SOURCES:
             raise InvalidInputError(f"source must be chat, compare, rank or import, not {source!r}.")
         if prompt_format not in ("chat", "text"):
             raise InvalidInputError(f"prompt_format must be 'chat' or 'text', not {prompt_format!r}.")
@@ -249,6 +251,7 @@ class FeedbackStore:
                      reply: Reply | None, client_id: str | None) -> int:
         client_id = clean_client_id(client_id)
         content = self._text(content, f"{role} message", allow_empty=(role == "assistant"))
+        generation = self._reply_columns(reply) if reply is not None else {}
         with self.transaction() as db:
             if (existing := self._already(db, "messages", client_id)) is not None:
                 return existing
@@ -274,16 +277,28 @@ class FeedbackStore:
             if reply is not None:
                 if db.execute("SELECT 1 FROM model_versions WHERE id = ?", [reply.model_version_id]).fetchone() is None:
                     raise NotFoundError(f"no model version {reply.model_version_id}; register it before storing its replies.")
-                row.update(
-                    model_version_id=reply.model_version_id,
-                    sampling=json.dumps(reply.sampling, sort_keys=True),
-                    latency_ms=reply.latency_ms,
-                    prompt_tokens=reply.prompt_tokens,
-                    completion_tokens=reply.completion_tokens,
-                    finish_reason=reply.finish_reason,
-                )
+                row.update(generation)
             row["event_id"] = self._new_event(db, "messages")
             return db["messages"].insert(row).last_pk
+
+    @staticmethod
+    def _reply_columns(reply: Reply) -> dict[str, Any]:
+        """The generation metadata of a reply as columns, validated (valid JSON, finite numbers)."""
+        if not isinstance(reply, Reply):
+            raise InvalidInputError(f"reply metadata must be a Reply, not {type(reply).__name__}.")
+        if isinstance(reply.model_version_id, bool) or not isinstance(reply.model_version_id, int):
+            raise InvalidInputError(f"model_version_id must be an integer id, not {reply.model_version_id!r}.")
+        finish_reason = reply.finish_reason
+        if finish_reason is not None:
+            finish_reason = clean_text(finish_reason, field="finish_reason", max_chars=50)
+        return {
+            "model_version_id": reply.model_version_id,
+            "sampling": sampling_json(reply.sampling),
+            "latency_ms": clean_number(reply.latency_ms, field="latency_ms"),
+            "prompt_tokens": clean_number(reply.prompt_tokens, field="prompt_tokens", integer=True),
+            "completion_tokens": clean_number(reply.completion_tokens, field="completion_tokens", integer=True),
+            "finish_reason": finish_reason,
+        }
 
     def add_user_message(self, conversation_id: int, user_id: str, content: str, *,
                          parent_id: int | None = None, client_id: str | None = None) -> int:
@@ -336,13 +351,18 @@ class FeedbackStore:
         """Every message of a conversation (all branches), oldest first."""
         return list(self.db.query("SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", [conversation_id]))
 
-    def conversations_of(self, user_id: str, limit: int = 50) -> list[dict]:
-        """A user's conversations, newest first."""
-        return list(
-            self.db.query(
-                "SELECT * FROM conversations WHERE user_id = ? ORDER BY id DESC LIMIT ?", [user_id, limit]
-            )
-        )
+    def conversations_of(self, user_id: str, limit: int = 50, *, source: str | None = None) -> list[dict]:
+        """A user's conversations, newest first: the `limit` newest of `source` (chat, compare, rank
+        or import; None: of any source). The chat history asks for source="chat", so Compare and
+        Rank prompts do not push chats out of it."""
+        if source is None:
+            return list(self.db.query(
+                "SELECT * FROM conversations WHERE user_id = ? ORDER BY id DESC LIMIT ?", [user_id, limit]))
+        if source not in SOURCES:
+            raise InvalidInputError(f"source must be {', '.join(SOURCES)} or None, not {source!r}.")
+        return list(self.db.query(
+            "SELECT * FROM conversations WHERE user_id = ? AND source = ? ORDER BY id DESC LIMIT ?",
+            [user_id, source, limit]))
 
     # -- feedback ---------------------------------------------------------------------
     def _owned_reply(self, db: sqlite_utils.Database, message_id: int, user_id: str) -> dict:

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import math
+import numbers
+from typing import Any
+
 from .errors import InvalidInputError
+
+MAX_SAMPLING_CHARS = 4_000  # the stored JSON of a reply's sampling settings
 
 
 def clean_text(value: object, *, field: str, max_chars: int, allow_empty: bool = False) -> str:
@@ -53,3 +60,39 @@ def clean_client_id(client_id: object) -> str | None:
     if client_id is None:
         return None
     return clean_text(client_id, field="client_id", max_chars=200)
+
+
+def sampling_json(sampling: object) -> str:
+    """A reply's sampling settings as the JSON text stored with it, or InvalidInputError.
+
+    Refuses what is not valid JSON: NaN or infinite numbers (json.dumps would write the
+    non-standard `NaN`), values JSON cannot hold, lone surrogates, and oversized settings.
+    """
+    if not isinstance(sampling, dict):
+        raise InvalidInputError(f"sampling must be a dict such as {{'temperature': 0.7}}, not {type(sampling).__name__}.")
+    try:
+        text = json.dumps(sampling, sort_keys=True, allow_nan=False)
+        json.dumps(sampling, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInputError("sampling holds text with an unpaired surrogate; send UTF-8 text.") from None
+    except (TypeError, ValueError, RecursionError) as exc:
+        why = "a number that is not finite (NaN or infinity)" if "Out of range float" in str(exc) else \
+            f"a value JSON cannot store ({exc})"
+        raise InvalidInputError(f"sampling holds {why}; send finite numbers, text, lists or dicts.") from None
+    if len(text) > MAX_SAMPLING_CHARS:
+        raise InvalidInputError(f"sampling settings are {len(text):,} characters of JSON; the limit is "
+                                f"{MAX_SAMPLING_CHARS:,}.")
+    return text
+
+
+def clean_number(value: Any, *, field: str, integer: bool = False) -> float | int | None:
+    """A finite, non-negative number (an int when `integer`), or None; else InvalidInputError."""
+    if value is None:
+        return None
+    kind = numbers.Integral if integer else numbers.Real  # numpy scalars included
+    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or value < 0:
+        what = "a non-negative whole number" if integer else "a finite, non-negative number"
+        raise InvalidInputError(f"{field} must be {what} or None, not {value!r}.")
+    if integer and value >= 2**63:
+        raise InvalidInputError(f"{field} is too large ({value}).")
+    return int(value) if integer else float(value)

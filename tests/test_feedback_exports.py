@@ -229,3 +229,35 @@ def test_invalid_json_line_reports_its_number(store, tmp_path):
     with pytest.raises(InvalidInputError, match="broken.jsonl:2"):
         import_jsonl(store, src, "preferences")
     assert store.db["messages"].count == 0
+
+
+@pytest.mark.parametrize("line", [
+    '{"prompt": "p", "chosen": "\\ud800", "rejected": "b"}',  # a lone surrogate escape in a value
+    '{"prompt": "p\\udfff tail", "chosen": "a", "rejected": "b"}',
+    '{"prompt": "p", "chosen": "a", "rejected": "b", "\\ud83d": 1}',  # even in a key the import ignores
+])
+def test_a_lone_surrogate_is_refused_with_its_line_and_nothing_written(store, tmp_path, line):
+    src = tmp_path / "surrogate.jsonl"
+    src.write_text(json.dumps(TEXT_ROWS[0]) + "\n\n" + line + "\n", encoding="utf-8")
+    with pytest.raises(InvalidInputError, match=r"surrogate.jsonl:3 contains an unpaired surrogate"):
+        import_jsonl(store, src, "preferences")
+    assert store.db["messages"].count == 0 and store.snapshot() == 0
+    with pytest.raises(InvalidInputError, match="row 2 contains an unpaired surrogate"):
+        import_rows(store, [TEXT_ROWS[0], json.loads(line)], "preferences", source="rows")
+    assert store.db["messages"].count == 0
+
+
+def test_invalid_utf8_bytes_are_refused_with_their_line(store, tmp_path):
+    src = tmp_path / "latin1.jsonl"
+    src.write_bytes(json.dumps(TEXT_ROWS[0]).encode() + b"\n" + '{"prompt": "caf\xe9"}'.encode("latin-1") + b"\n")
+    with pytest.raises(InvalidInputError, match="latin1.jsonl:2 is not valid UTF-8"):
+        import_jsonl(store, src, "preferences")
+    assert store.db["messages"].count == 0
+
+
+def test_an_imported_system_prompt_over_the_limit_names_its_row(store):
+    row = {"prompt": [{"role": "system", "content": "s" * 5_000}, {"role": "user", "content": "hi"}],
+           "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}
+    with pytest.raises(InvalidInputError, match="row 1 message 0 is 5,000 characters; the limit is 4,000"):
+        import_rows(store, [row], "preferences")
+    assert store.db["messages"].count == 0

@@ -274,3 +274,66 @@ def test_replies_cut_at_max_tokens_can_be_voted_on(store, chat):
     store.record_comparison(u, a, cut, "A")
     store.record_ranking(u, [a, cut])
     assert (store.db["ratings"].count, store.db["comparisons"].count, store.db["rankings"].count) == (1, 1, 1)
+
+
+# -- smaller holes of issue #10 row 10 ------------------------------------------------------
+
+@pytest.mark.parametrize("sampling, match", [
+    ({"temperature": float("nan")}, "not finite"),
+    ({"temperature": float("inf"), "top_p": 0.9}, "not finite"),
+    ({"nested": {"penalties": [1.0, -float("inf")]}}, "not finite"),
+    ({"stop": ["\ud800"]}, "surrogate"),
+    ({"seed": object()}, "JSON cannot store"),
+    ([("temperature", 0.7)], "must be a dict"),
+])
+def test_sampling_that_is_not_valid_json_is_refused(store, chat, sampling, match):
+    before = store.snapshot()
+    with pytest.raises(InvalidInputError, match=match):
+        store.add_reply(chat["conv"], chat["user"], chat["q"], "x", Reply(chat["version"].id, sampling))
+    assert store.snapshot() == before
+    for (text,) in store.db.execute("SELECT sampling FROM messages WHERE sampling IS NOT NULL"):
+        json.loads(text, parse_constant=lambda c: pytest.fail(f"invalid JSON constant {c} stored"))
+
+
+@pytest.mark.parametrize("field, value", [
+    ("latency_ms", float("nan")), ("latency_ms", -1.0), ("prompt_tokens", 1.5), ("completion_tokens", "7"),
+    ("finish_reason", "\x00"),
+])
+def test_reply_metadata_must_be_finite_numbers_and_text(store, chat, field, value):
+    reply = Reply(chat["version"].id, {"temperature": 0.7}, **{field: value})
+    with pytest.raises(InvalidInputError, match=field):
+        store.add_reply(chat["conv"], chat["user"], chat["q"], "x", reply)
+
+
+def test_numpy_scalars_in_reply_metadata_are_stored_as_numbers(store, chat):
+    np = pytest.importorskip("numpy")
+    reply = Reply(chat["version"].id, {"temperature": 0.7}, np.float32(12.5), np.int64(9), np.int32(3), "stop")
+    m = store.message(store.add_reply(chat["conv"], chat["user"], chat["q"], "x", reply))
+    assert (m["latency_ms"], m["prompt_tokens"], m["completion_tokens"]) == (12.5, 9, 3)
+
+
+def test_conversations_of_filters_by_source_in_sql(store):
+    """50 Compare prompts no longer push the chats out of the chat history."""
+    u = store.ensure_user("u")
+    chats = [store.create_conversation(u, source="chat") for _ in range(3)]
+    for _ in range(60):
+        store.create_conversation(u, source="compare")
+    assert all(c["source"] == "compare" for c in store.conversations_of(u))  # default: the 50 newest of any source
+    assert len(store.conversations_of(u)) == 50
+    assert [c["id"] for c in store.conversations_of(u, source="chat")] == chats[::-1]
+    assert len(store.conversations_of(u, 10, source="compare")) == 10
+    with pytest.raises(InvalidInputError, match="source"):
+        store.conversations_of(u, source="nonsense")
+
+
+def test_system_prompt_has_a_store_level_limit(tmp_path):
+    with FeedbackStore(tmp_path / "f.db", StoreConfig(max_system_prompt_chars=100)) as small, \
+            FeedbackStore(tmp_path / "g.db") as default:
+        for s, limit in ((small, 100), (default, 4_000)):
+            u = s.ensure_user("u")
+            assert s.create_conversation(u, system_prompt="x" * limit)
+            with pytest.raises(InvalidInputError, match=f"system prompt is {limit + 1:,} characters; the limit is"):
+                s.create_conversation(u, system_prompt="x" * (limit + 1))
+        assert default.db["conversations"].count == 1
+        with pytest.raises(InvalidInputError, match="system prompt is 30,000 characters"):
+            default.create_conversation("u", system_prompt="y" * 30_000)
