@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse
 
 from feedback_db import FeedbackStore, default_db_path
 
+from .auth import LOGIN_MESSAGE, UserDirectory, install_login_guard
 from .engines import EngineConfig, create_engine
 from .identity import AnonymousIdQuota, IdentityConfig, IdentitySigner, load_or_create_key, secret_key_path
 from .router import RouterConfig, ServingRouter
@@ -48,8 +49,8 @@ class AppConfig:
     db: Path | None = None  # default: $ALIGNLOOP_DB or ~/.local/share/alignloop/feedback.db
     host: str = "127.0.0.1"
     port: int = 7860
-    users: dict[str, str] = field(default_factory=dict)  # login required when set: name -> password
-    admin_users: set[str] = field(default_factory=set)  # logged-in users who may use the dashboard
+    users_file: Path | None = None  # login required when set: the file `alignloop users add` writes
+    admin_users: set[str] = field(default_factory=set)  # logged-in users who may use the dashboard (besides --admin ones)
     admin_password: str | None = None  # default: $ALIGNLOOP_ADMIN_PASSWORD
     cache_dir: Path | None = None
     title: str = "alignloop"
@@ -82,9 +83,10 @@ def build_app(config: AppConfig, model_path: Path, base_model_name: str,
     """
     db_path = config.db or default_db_path()
     signer = IdentitySigner(load_or_create_key(secret_key_path(db_path)))
+    users = UserDirectory.load(config.users_file) if config.users_file else None
     rt = Runtime(signer=signer, anonymous_ids=AnonymousIdQuota(config.identity.anonymous_ids_per_hour),
                  admin_password=config.admin_password or os.environ.get("ALIGNLOOP_ADMIN_PASSWORD"),
-                 admin_users=set(config.admin_users))
+                 admin_users=set(config.admin_users) | (users.admin_names() if users else set()))
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -134,8 +136,11 @@ def build_app(config: AppConfig, model_path: Path, base_model_name: str,
             body["error"] = rt.fatal_error or rt.startup_error or "starting: the model engine is loading"
         return JSONResponse(body, status_code=200 if ready else 503)
 
-    auth = list(config.users.items()) or None
-    app = gr.mount_gradio_app(app, demo, path="", auth=auth)
+    if users is None:
+        app = gr.mount_gradio_app(app, demo, path="")
+    else:  # wrong passwords at /login are throttled per address and per user name
+        app = gr.mount_gradio_app(app, demo, path="", auth=users.authenticate, auth_message=LOGIN_MESSAGE)
+        install_login_guard(app)
     return app, rt
 
 

@@ -46,7 +46,8 @@ AdminsOpt = Annotated[Optional[str], typer.Option("--admins", help="Logged-in us
 OldUsersOpt = Annotated[Optional[str], typer.Option("--users", hidden=True)]
 OldAdminPasswordOpt = Annotated[Optional[str], typer.Option("--admin-password", hidden=True)]
 MaxModelLenOpt = Annotated[int, typer.Option("--max-model-len", help="Longest prompt + reply in tokens.")]
-RateLimitOpt = Annotated[int, typer.Option("--rate-limit", help="Requests per user per minute (0: no limit).")]
+RateLimitOpt = Annotated[int, typer.Option("--rate-limit", help="Generated replies per user per minute (a Compare costs 2, a Rank of K costs K); a client address gets 4x, feedback writes 2x (0: no limits).")]
+NewIdsOpt = Annotated[int, typer.Option("--new-ids-per-hour", help="New anonymous identities one client address may get per hour (each is a new voter; 0: no limit).")]
 MaxInputOpt = Annotated[int, typer.Option("--max-input-chars", help="Longest user message accepted.")]
 MaxNewTokensOpt = Annotated[int, typer.Option("--max-new-tokens", help="Default reply length limit (users can change it).")]
 AutoPromoteOpt = Annotated[int, typer.Option("--auto-promote-after", help="Promote a gated candidate once its Compare votes vs live pass the sequential test (feedback_db/sequential_testing.py), after at least N counted decisive votes (0: never from the server).")]
@@ -67,6 +68,7 @@ def serve(
     admin_password: OldAdminPasswordOpt = None,
     max_model_len: MaxModelLenOpt = 2048,
     rate_limit: RateLimitOpt = 30,
+    new_ids_per_hour: NewIdsOpt = 60,
     max_input_chars: MaxInputOpt = 4000,
     max_new_tokens: MaxNewTokensOpt = 256,
     auto_promote_after: AutoPromoteOpt = 0,
@@ -100,34 +102,35 @@ def _refuse_passwords_on_argv(users: Optional[str], admin_password: Optional[str
 
 def _app_config(*, base_model: str, engine: str, db: Optional[Path], host: str, port: int, users_file: Optional[Path],
                 admins: Optional[str], users: Optional[str], admin_password: Optional[str], max_model_len: int,
-                rate_limit: int, max_input_chars: int, max_new_tokens: int, auto_promote_after: int,
+                rate_limit: int, new_ids_per_hour: int, max_input_chars: int, max_new_tokens: int, auto_promote_after: int,
                 promote_alpha: float, promote_min_voters: int):
     """The AppConfig that `serve`'s options describe (shared with `demo`)."""
     from chat_app.app import AppConfig
     from chat_app.auth import UserDirectory, UsersFileError
     from chat_app.engines import EngineConfig, SamplingConfig
+    from chat_app.identity import IdentityConfig
     from chat_app.limits import LimitConfig
     from chat_app.service import ServiceConfig
     from feedback_db import PromotionPolicy
 
     _refuse_passwords_on_argv(users, admin_password)
-    login: dict[str, Path] = {}
     if users_file is not None:
+        users_file = users_file.expanduser()
         try:
-            UserDirectory.load(users_file.expanduser())  # refuse a missing or empty file now, not at the first login
+            UserDirectory.load(users_file)  # refuse a missing or empty file now, not at the first login
         except (UsersFileError, OSError) as exc:
             raise typer.BadParameter(str(exc), param_hint="--users-file") from None
-        login["users_file"] = users_file.expanduser()
     try:
         promotion = (PromotionPolicy(alpha=promote_alpha, min_voters=promote_min_voters, min_votes=auto_promote_after)
                      if auto_promote_after > 0 else None)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     return AppConfig(
-        base_model=base_model, engine=engine, db=db, host=host, port=port, **login,
+        base_model=base_model, engine=engine, db=db, host=host, port=port, users_file=users_file,
         admin_users=set(admins.split(",")) if admins else set(),
         engine_config=EngineConfig(max_model_len=max_model_len),
-        service=ServiceConfig(limits=LimitConfig(generations_per_user=rate_limit), max_input_chars=max_input_chars,
+        identity=IdentityConfig(anonymous_ids_per_hour=new_ids_per_hour),
+        service=ServiceConfig(limits=LimitConfig.scaled(rate_limit), max_input_chars=max_input_chars,
                               auto_promote=promotion,
                               default_sampling=SamplingConfig(max_tokens=max_new_tokens)),
     )

@@ -27,6 +27,14 @@ class LimitConfig:
     feedback_per_user: int = 60  # ratings, votes, rankings and demonstrations per identity
     feedback_per_address: int = 240
 
+    @classmethod
+    def scaled(cls, generations_per_user: int) -> LimitConfig:
+        """The defaults' proportions from one number (`serve --rate-limit N`; 0: no limits at all):
+        an address gets 4 users' worth, and feedback twice the generations."""
+        n = generations_per_user
+        return cls(generations_per_user=n, generations_per_address=4 * n, feedback_per_user=2 * n,
+                   feedback_per_address=8 * n)
+
 
 class RateLimiter:
     """Sliding 60-second windows per key, each key with its own budget.

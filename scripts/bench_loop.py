@@ -86,6 +86,7 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from chat_app.auth import UsersFile  # noqa: E402
 from chat_app.server_process import ServerProcess, start_server, stop_server  # noqa: E402
 from feedback_db import FeedbackStore, ModelRegistry, wilson_interval  # noqa: E402
 from scripts.simulated_users import (  # noqa: E402
@@ -589,13 +590,16 @@ def run_bench(cfg: BenchLoopConfig) -> dict[str, Any]:
         results["wall_seconds"] = time.monotonic() - started
         return write_results(out, results)
 
-    passwords = {f"user{i}": f"pw-{i}-{random.Random(cfg.seed + i).getrandbits(32):x}" for i in range(cfg.users)}
+    passwords = {f"user{i}": f"pw-{i}-{random.Random(cfg.seed + i).getrandbits(32):08x}" for i in range(cfg.users)}
+    users_file = UsersFile(out / "users.json")  # passwords never go on the server's command line
+    for name, password in passwords.items():
+        users_file.add(name, password, replace=True)
     # `alignloop demo` is `serve` after seeding the starter set (what `make run` runs).
     server = start_server(cfg.base_model, out, engine=cfg.engine, timeout=900.0,
                           command="demo" if cfg.baseline == "round0" else "serve", serve_args=[
                               "--max-new-tokens", str(cfg.max_new_tokens), "--rate-limit", "0",
                               "--auto-promote-after", str(cfg.auto_promote_after),
-                              "--users", ",".join(f"{n}:{p}" for n, p in passwords.items())])
+                              "--users-file", str(users_file.path)])
     try:
         db = server.db_path
         base = registry_read(db, lambda r: r.live("policy"))  # the bare base model on a fresh database

@@ -9,6 +9,7 @@ import re
 import httpx
 import pytest
 
+from chat_app.server_process import start_server
 from tests.app_server import count_rows, start_test_server, stop_server
 from tests.raw_gradio import RawGradio
 
@@ -149,3 +150,30 @@ def test_identities_and_conversations_survive_a_restart(raw, served, tiny_model_
     finally:
         after.close()
     assert same == token and browser["conversation_id"] == conversation and "remember me" in str(history)
+
+
+def test_one_address_gets_few_identities_and_requests_cost_what_they_generate(tiny_model_path, tmp_path) -> None:
+    """Opening new sessions does not buy new voters or replies: new identities are limited per address,
+    and generated replies per identity and per address (4x), a Compare costing 2."""
+    server = start_server(tiny_model_path, tmp_path, engine="hf",
+                          serve_args=["--max-new-tokens", "4", "--rate-limit", "3", "--new-ids-per-hour", "5"],
+                          env={"ALIGNLOOP_CACHE": str(tmp_path / "cache")})
+    raw = RawGradio(server.url)
+    try:
+        s = [raw.new_session() for _ in range(6)]
+        chat(raw, s[0], "hello")
+        battle = raw.call(raw.fn_index("compare"), ["Name a fruit", *SAMPLING, None], s[0])
+        assert battle.success, battle.error  # 1 + 2 = 3 of 3
+        over = raw.call(raw.fn_index("chat"), ["hello", [], None, *SAMPLING, None], s[0])
+        assert not over.success and "3 generated replies a minute for you" in over.error
+        for session in s[1:4]:
+            for _ in range(3):
+                chat(raw, session, "hello")  # the address: 3 + 9 = 12 of 12
+        full = raw.call(raw.fn_index("chat"), ["hello", [], None, *SAMPLING, None], s[4])
+        assert not full.success and "for your address" in full.error
+        sixth = raw.call(raw.fn_index("chat"), ["hello", [], None, *SAMPLING, None], s[5])
+        assert not sixth.success and "Too many new sessions" in sixth.error
+        assert count_rows(server.db_path, "SELECT COUNT(*) FROM messages WHERE role = 'assistant'") == 12
+    finally:
+        raw.close()
+        stop_server(server)

@@ -118,6 +118,9 @@ def user_handler(rt: Runtime) -> Callable[[Callable], Callable]:
         functools.update_wrapper(wrapper, fn)
         del wrapper.__wrapped__  # Gradio must see the new signature, not fn's
         wrapper.__signature__ = signature
+        # Gradio finds its special arguments (gr.Request, gr.LikeData) by type hint, not by signature.
+        wrapper.__annotations__ = {**{p.name: p.annotation for p in params if p.annotation is not p.empty},
+                                   "request": gr.Request}
         return wrapper
     return wrap
 
