@@ -226,3 +226,74 @@ def test_server_auto_promotes_a_gated_candidate_that_users_prefer(tiny_model_pat
 
     run_with_service(tiny_model_path, tmp_db_path, body, limits=NO_LIMITS,
                      auto_promote=PromotionPolicy(min_votes=6))
+
+
+def test_promote_refuses_what_this_server_cannot_serve_and_changes_nothing(tiny_model_path, tmp_db_path, tmp_path,
+                                                                           adapters):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text("{not json")
+    with FeedbackStore(tmp_db_path) as store:
+        reg = ModelRegistry(store)
+        reg.ensure_base_policy("tiny")
+        reg.register("policy-broken", adapter_path=broken, base_model="tiny")
+        reg.register("policy-other-base", adapter_path=adapters[0], base_model="someone/else")
+        reg.register("policy-good", adapter_path=adapters[1], base_model="tiny")
+
+    async def body(svc: ChatService):
+        offered = [v["name"] for v in svc.promotable_versions()]
+        assert offered == ["policy-good", "policy-broken"]  # not live, not on another base
+        with pytest.raises(UserFacingError, match="cannot be served, so it was not promoted"):
+            await svc.promote("policy-broken", actor="op")
+        assert [v["name"] for v in svc.promotable_versions()] == ["policy-good"]  # known not to load now
+        with pytest.raises(UserFacingError, match="trained on someone/else"):
+            await svc.promote("policy-other-base", actor="op")
+        assert ModelRegistry(svc.store).live().name == "base:tiny" == svc.router.live.name
+        assert await svc.promote("policy-good", actor="op") == "policy-good" == svc.router.live.name
+        # A load error is not forever: fixing the folder and promoting again retries it.
+        import shutil
+        shutil.rmtree(broken)
+        shutil.copytree(adapters[0], broken)
+        assert await svc.promote("policy-broken", actor="op") == "policy-broken" == svc.router.live.name
+
+    run_with_service(tiny_model_path, tmp_db_path, body)
+
+
+def test_a_message_sent_while_a_reply_streams_is_refused_not_forked(tiny_model_path, tmp_db_path):
+    async def body(svc: ChatService):
+        uid = svc.ensure_user("hana")
+        first = await _drain(svc.chat(uid, "first"))
+        conv = first[-1].conversation_id
+        stream = svc.chat(uid, "second", conversation_id=conv, parent_id=first[-1].reply_id)
+        await stream.__anext__()  # the second reply is streaming now
+        with pytest.raises(UserFacingError, match="Wait until the reply has finished"):
+            await _drain(svc.chat(uid, "third", conversation_id=conv, parent_id=first[-1].reply_id))
+        await _drain(stream)
+        with pytest.raises(UserFacingError, match="Wait until the reply has finished"):
+            # What a Send during a stream used to send: no parent, which made a second root.
+            await _drain(svc.chat(uid, "fourth", conversation_id=conv, parent_id=None))
+        roots = svc.store.db.execute("SELECT COUNT(*) FROM messages WHERE conversation_id = ? AND parent_id IS NULL",
+                                     [conv]).fetchone()[0]
+        assert roots == 1
+
+    run_with_service(tiny_model_path, tmp_db_path, body)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"system_prompt": "s" * 30_000}, "system prompt is 30,000 characters"),
+    ({"sampling": SamplingConfig(temperature=float("nan"))}, "must be numbers"),
+    ({"sampling": SamplingConfig(max_tokens=10**9)}, "between 1 and 4096"),
+    ({"text": "bad\x00byte"}, "NUL"),
+    ({"text": "lone \ud800 surrogate"}, "UTF-8"),
+])
+def test_a_refused_message_leaves_nothing_behind(tiny_model_path, tmp_db_path, kwargs, match):
+    async def body(svc: ChatService):
+        uid = svc.ensure_user("ines")
+        args = {"text": "hello", **kwargs}
+        with pytest.raises(UserFacingError, match=match):
+            await _drain(svc.chat(uid, args.pop("text"), **args))
+        with pytest.raises(UserFacingError, match=match):
+            await _drain(svc.battle(uid, kwargs.get("text", "hello"), **args))
+        assert svc.store.conversations_of(uid) == []
+
+    run_with_service(tiny_model_path, tmp_db_path, body)

@@ -159,7 +159,7 @@ def build_chat_tab(rt: Runtime, user_state: gr.State, browser: gr.BrowserState, 
 
     @user_handler(rt)
     def list_conversations(svc, who):
-        convs = [c for c in svc.store.conversations_of(who.user_id, limit=200) if c["source"] == "chat"]
+        convs = svc.store.conversations_of(who.user_id, limit=200, source="chat")
         return gr.Dropdown(choices=[(f"#{c['id']} {c['title'] or ''}", c["id"]) for c in convs])
 
     def restore(svc: ChatService, who: Caller, conversation_id: int) -> tuple[list[dict], dict, dict]:

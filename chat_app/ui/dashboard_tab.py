@@ -110,7 +110,7 @@ def build_dashboard_tab(rt: Runtime, guard: AdminGuard | None = None) -> None:
         text = (f"**Live:** `{live.name if live else '-'}` · **Candidate:** `{cand.name if cand else 'none'}` · "
                 f"messages {stats['messages']:,} · ratings {stats['ratings']:,} · comparisons {stats['comparisons']:,}"
                 f" · rankings {stats['rankings']:,} · demonstrations {stats['demonstrations']:,}{errors}")
-        choices = [v.name for v in reg.list("policy") if v.status != "live"]
+        choices = [v["name"] for v in svc.promotable_versions()]  # servable here: same base, loads, not failed
         figs = (_feedback_plot(feedback_over_time(store)), _thumbs_plot(thumbs_by_version(store)), _win_plot(wr))
         for f in figs:
             plt.close(f)
@@ -129,8 +129,11 @@ def build_dashboard_tab(rt: Runtime, guard: AdminGuard | None = None) -> None:
         if not path or not Path(path).is_file():
             return f"The report of round {round_id} is missing (was `{path}` moved?).", []
         report = Path(path)
-        # Images are shown in the gallery; the Markdown keeps the text and tables.
-        text = "\n".join(line for line in report.read_text().splitlines() if not line.startswith("!["))
+        # The report's own plots are shown in the gallery; the Markdown keeps the text and tables (user text
+        # in it is fenced by training.round_report, so only the report's plot lines are dropped here).
+        plots = {f"]({p.name})" for p in report.parent.glob("*.png")}
+        text = "\n".join(line for line in report.read_text().splitlines()
+                         if not (line.startswith("![") and any(line.endswith(p) for p in plots)))
         # Loaded here (not served by path) so the round folders need not be exposed to Gradio.
         return text, [Image.open(p).copy() for p in sorted(report.parent.glob("*.png"))]
 
