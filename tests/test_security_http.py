@@ -132,6 +132,29 @@ def test_a_replayed_vote_counts_once(raw, served) -> None:
     assert count_rows(db, "SELECT COUNT(*) FROM comparisons") == before + 1
 
 
+def test_pressing_the_same_button_twice_stores_once(raw, served) -> None:
+    """👍 twice, "Save feedback" twice and the same demonstration twice each store one row; a changed
+    rating is stored (the latest counts)."""
+    db = served["server"].db_path
+    session = raw.new_session()
+    chat(raw, session, "rate me")
+    like, feedback, demo = raw.fn_index("like"), raw.fn_index("feedback"), raw.fn_index("demonstrate")
+    ratings = "SELECT COUNT(*) FROM ratings"
+    before = count_rows(db, ratings)
+    for _ in range(2):
+        assert raw.call(like, [None, None], session, event_data={"index": 1, "value": "", "liked": True}).success
+    assert count_rows(db, ratings) == before + 1
+    for _ in range(2):
+        assert raw.call(feedback, [None, ["helpful"], "nice", None], session).success
+    assert count_rows(db, ratings) == before + 2
+    assert raw.call(like, [None, None], session, event_data={"index": 1, "value": "", "liked": False}).success
+    assert count_rows(db, ratings) == before + 3
+    demos = "SELECT COUNT(*) FROM demonstrations WHERE content = 'A better reply.'"
+    for _ in range(2):
+        assert raw.call(demo, [None, "A better reply.", None], session).success
+    assert count_rows(db, demos) == 1
+
+
 def test_healthz_names_the_live_version(served) -> None:
     body = httpx.get(served["server"].url + "healthz", timeout=10).json()
     assert body == {"live": True, "ready": True, "live_version": "base:tiny-gemma3", "candidate_version": None,
