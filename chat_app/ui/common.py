@@ -13,6 +13,8 @@ from typing import TypeVar
 
 import gradio as gr
 
+from feedback_db import FeedbackError
+
 from ..engines.base import SamplingConfig
 from ..identity import AnonymousIdQuota, Caller, IdentitySigner
 from ..limits import UserFacingError
@@ -131,11 +133,11 @@ def sampling_from(temperature: float, top_p: float, max_tokens: float) -> Sampli
 
 def show_error(exc: Exception) -> gr.Error:
     """What the user sees when a handler fails: the refusal itself when it was meant for them (a
-    UserFacingError, or a gr.Error raised on purpose), else a plain message. Operators get one log
+    UserFacingError, the store's FeedbackError, or a gr.Error raised on purpose), else a plain message. Operators get one log
     line for a refusal and the traceback only for a real failure; users never see exception text."""
     if isinstance(exc, gr.Error):
         return exc
-    if isinstance(exc, UserFacingError):
+    if isinstance(exc, (UserFacingError, FeedbackError)):  # the store's errors say what to do (e.g. "busy")
         log.info("refused: %s", exc)
         return gr.Error(str(exc), print_exception=False)
     log.exception("handler failed")
