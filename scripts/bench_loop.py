@@ -87,7 +87,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from chat_app.auth import UsersFile  # noqa: E402
-from chat_app.server_process import ServerProcess, start_server, stop_server  # noqa: E402
+from scripts.server_process import ServerProcess, start_server, stop_server  # noqa: E402
 from feedback_db import FeedbackStore, ModelRegistry, wilson_interval  # noqa: E402
 from scripts.simulated_users import (  # noqa: E402
     Action,

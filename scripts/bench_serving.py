@@ -43,7 +43,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from chat_app.engines import EngineConfig, SamplingConfig, create_engine  # noqa: E402
-from chat_app.server_process import ServerProcess, start_server, stop_server  # noqa: E402
+from scripts.server_process import ServerProcess, start_server, stop_server  # noqa: E402
 from feedback_db import FeedbackStore, ModelRegistry  # noqa: E402
 
 PROMPTS = [

@@ -57,7 +57,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from chat_app.server_process import ServerProcess, start_server, stop_server  # noqa: E402
+from scripts.server_process import ServerProcess, start_server, stop_server  # noqa: E402
 from feedback_db import FeedbackStore, ModelRegistry  # noqa: E402
 from scripts.bench_serving import PROMPTS, percentile  # noqa: E402
 from scripts.simulated_users import NoiseModel, SimulatedUser, mix_weights  # noqa: E402

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from chat_app.server_process import ServerProcess, start_server, stop_server
+from scripts.server_process import ServerProcess, start_server, stop_server
 
 ADMIN_PASSWORD = "test-admin"
 

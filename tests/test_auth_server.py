@@ -14,7 +14,7 @@ import pytest
 from gradio_client import Client
 
 from chat_app.auth import UsersFile
-from chat_app.server_process import start_server, stop_server
+from scripts.server_process import start_server, stop_server
 from feedback_db import FeedbackStore, ModelRegistry
 from tests.engine_contract import make_lora_adapter
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from gradio_client import Client
 
-from chat_app.server_process import start_server, stop_server
+from scripts.server_process import start_server, stop_server
 from tests.app_server import count_rows
 from training.round import starter_rows
 

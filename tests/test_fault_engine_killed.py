@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from chat_app.app import ENGINE_GONE_EXIT_STATUS
-from chat_app.server_process import start_server, stop_server
+from scripts.server_process import start_server, stop_server
 
 
 def _children(pid: int) -> list[int]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from gradio_client import Client
 
-from chat_app.server_process import ServerProcess, start_server, stop_server
+from scripts.server_process import ServerProcess, start_server, stop_server
 from tests.app_server import ADMIN_PASSWORD, count_rows, fetch_rows
 from training.config import LoraSettings, PPOConfig, RewardConfig, SFTConfig
 from training.round import RoundConfig

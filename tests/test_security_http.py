@@ -9,7 +9,7 @@ import re
 import httpx
 import pytest
 
-from chat_app.server_process import start_server
+from scripts.server_process import start_server
 from tests.app_server import count_rows, start_test_server, stop_server
 from tests.raw_gradio import RawGradio
 
