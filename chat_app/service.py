@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from feedback_db import FeedbackError, FeedbackStore, ModelRegistry, PromotionPolicy, Reply, auto_promote_candidate
 from feedback_db.validation import clean_text
 
-from .engines.base import Engine, Messages, ReplyChunk, SamplingConfig
+from .engines.base import Engine, EngineError, Messages, ReplyChunk, SamplingConfig
 from .limits import LimitConfig, RequestLimits, UserFacingError
 from .router import ServedVersion, ServingRouter
 
@@ -55,6 +55,15 @@ class StreamUpdate:
     reply_id: int | None = None  # set on the final update, once stored
     finished: bool = False
     error: str | None = None
+    note: str | None = None  # e.g. that old turns were left out to fit the context window
+
+
+def context_note(dropped: int) -> str | None:
+    """What the user reads when old turns did not fit the model's context."""
+    if not dropped:
+        return None
+    return (f"ℹ️ This conversation is longer than the model can read at once: the {dropped} oldest "
+            f"message{'s were' if dropped > 1 else ' was'} left out of its context for this reply.")
 
 
 @dataclass
@@ -141,6 +150,14 @@ class ChatService:
         self.limits.generation(user_id, client, cost)
         return text
 
+    def _check_fits(self, text: str, system_prompt: str | None, sampling: SamplingConfig) -> None:
+        """Refuse, before it is stored, a message that alone (with its system prompt) leaves no room for a reply."""
+        messages: Messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        try:
+            self.engine.format.fit_messages(messages + [{"role": "user", "content": text}], sampling.max_tokens)
+        except EngineError as exc:
+            raise UserFacingError(str(exc)) from exc
+
     @staticmethod
     def _check_sampling(sampling: SamplingConfig) -> SamplingConfig:
         numbers = {"temperature": sampling.temperature, "top_p": sampling.top_p}
@@ -157,6 +174,10 @@ class ChatService:
                             version: ServedVersion, sampling: SamplingConfig) -> AsyncIterator[StreamUpdate]:
         """Stream one reply to `user_message_id` from `version` and store it (even if stopped)."""
         messages = (await self._db(self.store.context, user_message_id)).as_chat()
+        try:
+            messages, dropped = self.engine.format.fit_messages(messages, sampling.max_tokens)
+        except EngineError as exc:
+            raise UserFacingError(str(exc)) from exc
         text, last = "", None
         start = time.perf_counter()
         finish_reason = "abort"
@@ -181,7 +202,8 @@ class ChatService:
                 finish_reason, error = "error", engine_failure_message(exc)
             reply_id = await self._db(self._store_reply, user_id, conversation_id, user_message_id, served, text,
                                       sampling, start, last, finish_reason)
-        yield StreamUpdate(text, conversation_id, user_message_id, reply_id=reply_id, finished=True, error=error)
+        yield StreamUpdate(text, conversation_id, user_message_id, reply_id=reply_id, finished=True, error=error,
+                           note=context_note(dropped))
 
     def _store_reply(self, user_id: str, conversation_id: int, parent_id: int, served: ServedVersion, text: str,
                      sampling: SamplingConfig, start: float, last: ReplyChunk | None, finish_reason: str) -> int:
@@ -224,6 +246,7 @@ class ChatService:
         self._check_request(user_id, text, client=client, system_prompt=system_prompt)
         if conversation_id is not None and conversation_id in self._generating:
             raise UserFacingError("Wait until the reply has finished (or press Stop), then send your next message.")
+        self._check_fits(text, system_prompt if conversation_id is None else None, sampling)
         try:
             conversation_id, user_message_id = await self._db(self._start_turn, user_id, text, conversation_id,
                                                               parent_id, system_prompt, client_id)
@@ -285,6 +308,7 @@ class ChatService:
         """Stream two replies side by side: live vs candidate (or two samples of live), sides shuffled."""
         sampling = self._check_sampling(sampling or self.config.default_sampling)
         self._check_request(user_id, text, client=client, cost=2, system_prompt=system_prompt)
+        self._check_fits(text, system_prompt, sampling)
         left, right = self.router.battle_pair(rng)
 
         def open_battle() -> tuple[int, int]:
@@ -364,6 +388,7 @@ class ChatService:
             raise UserFacingError("Choose between 2 and 9 replies to rank.")
         sampling = self._check_sampling(sampling or self.config.default_sampling)
         self._check_request(user_id, text, client=client, cost=k, system_prompt=system_prompt)
+        self._check_fits(text, system_prompt, sampling)
 
         def open_ranking() -> tuple[int, int, Messages]:
             conv = self.store.create_conversation(user_id, system_prompt=system_prompt, source="rank",

@@ -132,7 +132,8 @@ def test_limits_are_enforced_with_a_readable_message(tiny_model_path, tmp_db_pat
 def test_engine_failure_shows_a_clear_message_and_is_stored(tiny_model_path, tmp_db_path):
     async def body(svc: ChatService):
         uid = svc.ensure_user("frank")
-        updates = await _drain(svc.chat(uid, "word " * 400))  # longer than max_model_len=256
+        await svc.engine.close()  # a real failure: the engine is gone (the server's watchdog then exits)
+        updates = await _drain(svc.chat(uid, "hello"))
         final = updates[-1]
         assert final.finished and final.error and "could not answer" in final.error
         assert svc.store.db["messages"].get(final.reply_id)["finish_reason"] == "error"
@@ -297,3 +298,29 @@ def test_a_refused_message_leaves_nothing_behind(tiny_model_path, tmp_db_path, k
         assert svc.store.conversations_of(uid) == []
 
     run_with_service(tiny_model_path, tmp_db_path, body)
+
+
+def test_a_conversation_longer_than_the_context_drops_old_turns_and_says_so(tiny_model_path, tmp_db_path):
+    """max_model_len is 256 here: after a few long turns, the oldest are left out (the reply is not an
+    error) and the user is told how many; a single message too long on its own is refused."""
+    async def body(svc: ChatService):
+        uid = svc.ensure_user("jo")
+        parent, conv, notes = None, None, []
+        for i in range(6):
+            updates = await _drain(svc.chat(uid, f"turn {i} " + "words " * 40, conversation_id=conv, parent_id=parent,
+                                            system_prompt="Be brief." if conv is None else None))
+            final = updates[-1]
+            assert not final.error, final.error
+            conv, parent = final.conversation_id, final.reply_id
+            notes.append(final.note)
+        assert notes[0] is None and notes[-1] and "oldest" in notes[-1]
+        kept, dropped = svc.engine.format.fit_messages(svc.store.context(parent).as_chat()[:-1], GREEDY.max_tokens)
+        assert kept[0] == {"role": "system", "content": "Be brief."} and kept[1]["role"] == "user" and dropped > 0
+        before = svc.store.db.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+        with pytest.raises(UserFacingError, match="Your message alone is longer"):
+            await _drain(svc.chat(uid, "word " * 600))
+        with pytest.raises(UserFacingError, match="Your message alone is longer"):
+            await _drain(svc.chat(uid, "word " * 600, conversation_id=conv, parent_id=parent))
+        assert svc.store.db.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == before  # nothing stored
+
+    run_with_service(tiny_model_path, tmp_db_path, body, max_input_chars=10_000)

@@ -16,7 +16,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from .chat_format import ChatFormat
 
 Messages = list[dict[str, str]]  # [{"role": "system"|"user"|"assistant", "content": ...}]
 
@@ -77,6 +80,7 @@ class Engine(Protocol):
 
     name: str
     base_model: str
+    format: ChatFormat  # how conversations become prompt tokens (and how long they are)
 
     def stream(self, messages: Messages, *, adapter: str | None = None,
                sampling: SamplingConfig | None = None) -> AsyncIterator[ReplyChunk]: ...

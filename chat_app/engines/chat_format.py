@@ -73,6 +73,26 @@ class ChatFormat:
             raise EngineError(f"The chat template could not render this conversation: {exc}") from exc
         return self.check_prompt(list(ids))
 
+    def fit_messages(self, messages: Messages, max_tokens: int) -> tuple[Messages, int]:
+        """The newest turns of `messages` that leave room for a reply, and how many older ones were left out.
+
+        Room for a reply is `max_tokens`, at most half of max_model_len. The rule is training's
+        (`training.chat_data.fit_prompt`): whole oldest turns go first, the system turn stays, and
+        the kept turns start with a user turn. A newest message too long on its own is refused.
+        """
+        from training.chat_data import fit_prompt
+
+        room = max(1, min(max_tokens, self.max_model_len // 2))
+        fitted = fit_prompt(self.tokenizer, messages, self.max_model_len - room)
+        if fitted.tokens_cut:
+            raise EngineError(
+                f"Your message alone is longer than the model's context ({self.max_model_len} tokens with the "
+                "reply). Shorten it, or split it over several messages.")
+        if not fitted.turns_dropped:
+            return messages, 0
+        system = messages[:1] if messages and messages[0].get("role") == "system" else []
+        return system + messages[len(system) + fitted.turns_dropped:], fitted.turns_dropped
+
     def check_prompt(self, ids: list[int]) -> list[int]:
         """``ids`` if a reply can follow them within max_model_len; else an EngineError that says what to do."""
         if not ids:

@@ -21,6 +21,9 @@ def _empty_state() -> dict:
     return {"conversation_id": None, "ids": [], "selected": None, "thumb": 0, "saved": None}
 
 
+GENERATING = "_generating…_"  # the status line while a reply streams
+
+
 def _digest(*parts: object) -> str:
     return hashlib.sha256(repr(parts).encode("utf-8", "surrogatepass")).hexdigest()[:24]
 
@@ -105,7 +108,7 @@ def build_chat_tab(rt: Runtime, user_state: gr.State, browser: gr.BrowserState, 
             state = {**state, "conversation_id": update.conversation_id,
                      "ids": base_ids + [update.user_message_id, update.reply_id]}
             yield "", history, state, who.user_id, browser_value(rt, who, update.conversation_id), \
-                (update.error or "") if update.finished else "_generating…_"
+                (update.error or update.note or "") if update.finished else GENERATING
 
     @user_handler(rt)
     async def on_regenerate(svc, who, history, state, system_prompt, temperature, top_p, max_tokens):
@@ -118,7 +121,7 @@ def build_chat_tab(rt: Runtime, user_state: gr.State, browser: gr.BrowserState, 
         async for update in throttled(stream, lambda u: u.finished):
             history[-1] = {"role": "assistant", "content": for_display("assistant", update.error or update.text)}
             state = {**state, "ids": ids + [update.reply_id]}
-            yield history, state, (update.error or "") if update.finished else "_generating…_"
+            yield history, state, (update.error or update.note or "") if update.finished else GENERATING
 
     @user_handler(rt)
     def on_like(svc, who, data: gr.LikeData, state):
@@ -173,12 +176,14 @@ def build_chat_tab(rt: Runtime, user_state: gr.State, browser: gr.BrowserState, 
         return restore(svc, who, int(conversation_id))
 
     @user_handler(rt)
-    def sync_from_db(svc, who, state):
-        """After a reply finished (or was stopped): show the conversation as stored, with its ids."""
-        if state.get("conversation_id") is None:
-            return gr.skip(), gr.skip(), ""
+    def sync_from_db(svc, who, state, shown_status):
+        """After a reply finished (or was stopped): show the conversation as stored, with its ids; a
+        status still saying "generating" (the reply was stopped) is cleared, a note or error is kept."""
+        status = "" if shown_status == GENERATING else gr.skip()
+        if not state or state.get("conversation_id") is None:
+            return gr.skip(), gr.skip(), status
         history, new_state = conversation_view(svc, who, state["conversation_id"])
-        return history, {**new_state, "saved": state.get("saved")}, ""
+        return history, {**new_state, "saved": state.get("saved")}, status
 
     outputs = [box, chatbot, conv_state, user_state, browser, status]
     send_inputs = [box, chatbot, conv_state] + sampling_inputs + [user_state]
@@ -191,9 +196,9 @@ def build_chat_tab(rt: Runtime, user_state: gr.State, browser: gr.BrowserState, 
                               [chatbot, conv_state, status], api_name="regenerate", **quiet)
     synced = [chatbot, conv_state, status]
     for event in (send_event, submit_event, regen_event):
-        event.then(sync_from_db, [conv_state, user_state], synced, api_name=False)
+        event.then(sync_from_db, [conv_state, status, user_state], synced, api_name=False)
     stop.click(None, None, None, cancels=[send_event, submit_event, regen_event]).then(
-        sync_from_db, [conv_state, user_state], synced, api_name=False)
+        sync_from_db, [conv_state, status, user_state], synced, api_name=False)
     chatbot.like(on_like, [conv_state, user_state], [conv_state, selected_md, panel], api_name="like")
     save_feedback.click(on_save_feedback, [conv_state, reasons, comment, user_state], [reasons, comment, conv_state],
                         api_name="feedback")
