@@ -1,6 +1,6 @@
 """Screenshots of each tab of a running app, for the README's tour (Debian's chromium via Playwright).
 
-    alignloop serve --engine hf --admin-password s3cret &        # any running app
+    ALIGNLOOP_ADMIN_PASSWORD=s3cret alignloop serve --engine hf &   # any running app
     python scripts/tour_screenshots.py --url http://127.0.0.1:7860/ --password s3cret --out docs/tour
 
 Uses the app as a user would (a chat with a thumbs-down and its reasons, a Compare battle and a
