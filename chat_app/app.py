@@ -32,7 +32,7 @@ from .engines import EngineConfig, create_engine
 from .identity import AnonymousIdQuota, IdentityConfig, IdentitySigner, load_or_create_key, secret_key_path
 from .router import RouterConfig, ServingRouter
 from .service import ChatService, ServiceConfig
-from .ui import build_ui
+from .ui import CSS, build_ui
 from .ui.common import Runtime
 
 ENGINE_GONE_EXIT_STATUS = 3
@@ -137,9 +137,9 @@ def build_app(config: AppConfig, model_path: Path, base_model_name: str,
         return JSONResponse(body, status_code=200 if ready else 503)
 
     if users is None:
-        app = gr.mount_gradio_app(app, demo, path="")
+        app = gr.mount_gradio_app(app, demo, path="", css=CSS)
     else:  # wrong passwords at /login are throttled per address and per user name
-        app = gr.mount_gradio_app(app, demo, path="", auth=users.authenticate, auth_message=LOGIN_MESSAGE)
+        app = gr.mount_gradio_app(app, demo, path="", css=CSS, auth=users.authenticate, auth_message=LOGIN_MESSAGE)
         install_login_guard(app)
     return app, rt
 

@@ -59,6 +59,33 @@ def test_chat_and_thumbs_up(page, app_server, tmp_path):
     page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)
 
 
+def test_user_text_shows_as_typed_and_a_refusal_leaves_the_chat_usable(page, app_server, tmp_path):
+    """HTML and Markdown in a user's message show as typed (no image fetched, no heading); a refused
+    message is a toast, with no "Error" laid over the conversation or the input box, and the text stays
+    in the box to be fixed."""
+    page.get_by_role("tab", name="Chat").click()
+    page.click("#chat-new")
+    typed = '<img src="http://example.invalid/x.png"> # not a heading *not bold*'
+    page.fill("#chat-input textarea", typed)
+    page.click("#chat-send")
+    bubble = page.locator("#chatbot .message.user, #chatbot [data-testid=user]").last
+    bubble.wait_for(timeout=60_000)
+    assert page.locator("#chatbot img[src*='example.invalid']").count() == 0
+    assert page.locator("#chatbot h1, #chatbot em").count() == 0
+    assert typed in bubble.inner_text()
+    page.wait_for_selector("#chat-send:not([disabled])")
+    page.wait_for_timeout(1000)
+    page.fill("#chat-input textarea", "x" * 4_100)
+    page.click("#chat-send")
+    page.get_by_text("the limit is 4,000").first.wait_for(timeout=30_000)
+    page.wait_for_timeout(500)
+    assert not page.locator("#chatbot .error").first.is_visible()
+    assert not page.locator("#chat-input .error").first.is_visible()
+    assert page.input_value("#chat-input textarea") == "x" * 4_100
+    assert typed in page.locator("#chatbot").inner_text()  # the conversation is still shown
+    page.screenshot(path=str(tmp_path / "refused.png"), full_page=True)
+
+
 def test_compare_vote(page, app_server):
     page.get_by_role("tab", name="Compare").click()
     page.fill("#compare-input textarea", "Which fruit is best?")

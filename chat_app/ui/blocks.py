@@ -16,6 +16,13 @@ from .dashboard_tab import build_dashboard_tab
 from .rank_tab import build_rank_tab
 
 
+# A refused message shows as a toast; Gradio would also lay a red "Error" over every output of the
+# event (the whole conversation), which hides it and blocks typing until dismissed.
+CSS = """
+#chatbot > .wrap:has(.error), #chat-input > .wrap:has(.error), #chat-status > .wrap:has(.error) { display: none !important; }
+"""
+
+
 def build_ui(rt: Runtime, *, title: str = "alignloop", default_sampling: SamplingConfig | None = None,
              concurrency: int | None = 64) -> gr.Blocks:
     """The whole app: Chat, Compare, Rank and (for operators) Dashboard.

@@ -19,10 +19,27 @@ _CODE = re.compile(r"(^ {0,3}(`{3,}|~{3,})[^\n]*\n.*?(?:^ {0,3}\2[`~]*[ \t]*$|\Z
 _MARKDOWN_PUNCTUATION = re.compile(r"([\\`*_{}\[\]()#+\-.!|>~<])")
 
 
+# A web address the Markdown renderer turns into a link by itself (GFM autolinks); backslashes inside it
+# would show, so it is kept as typed: a link the user wrote fetches nothing until clicked.
+_URL = re.compile(r"(?:https?://|www\.)[^\s<>]*[^\s<>.,;:!?)\]'\"*_~]")
+
+
+def _escape_markdown(text: str) -> str:
+    escaped = text.replace("&", "&amp;")
+    # Angle brackets as entities: a link renderer keeps a trailing "\\>" in the link, but not "&gt;".
+    entities = {"<": "&lt;", ">": "&gt;"}
+    return _MARKDOWN_PUNCTUATION.sub(lambda m: entities.get(m.group(1), "\\" + m.group(1)), escaped)
+
+
 def as_plain_text(text: str) -> str:
     """`text` escaped so that Markdown and HTML render it exactly as typed."""
-    escaped = text.replace("&", "&amp;")
-    return _MARKDOWN_PUNCTUATION.sub(lambda m: "&lt;" if m.group(1) == "<" else "\\" + m.group(1), escaped)
+    out, pos = [], 0
+    for match in _URL.finditer(text):
+        out.append(_escape_markdown(text[pos:match.start()]))
+        out.append(match.group(0).replace("&", "&amp;"))
+        pos = match.end()
+    out.append(_escape_markdown(text[pos:]))
+    return "".join(out)
 
 
 def _prose(text: str) -> str:
