@@ -167,6 +167,9 @@ class ChatService:
             raise UserFacingError("Temperature must be between 0 and 2, and top-p between 0 (excluded) and 1.")
         if not 1 <= sampling.max_tokens <= 4096:
             raise UserFacingError("Max new tokens must be between 1 and 4096.")
+        rp = sampling.repetition_penalty
+        if not (isinstance(rp, (int, float)) and math.isfinite(rp) and 1.0 <= rp <= 2.0):
+            raise UserFacingError("The repetition penalty must be between 1 (none) and 2.")
         return sampling
 
     # -- chat -------------------------------------------------------------------------

@@ -151,6 +151,17 @@ class TestEngineContract:
         (shorter,) = loop.run(engine.generate_tokens(ids[:1] + ids[-6:], sampling=GREEDY))  # a prompt cut from the left
         assert shorter.prompt_tokens == 7
 
+    def test_repetition_penalty_is_applied(self, engine: Engine, loop: EventLoopThread) -> None:
+        """A strong penalty changes a greedy reply that repeats tokens, and repeats fewer of them."""
+        long = SamplingConfig(temperature=0.0, max_tokens=32)
+        (plain,) = loop.run(engine.generate(CHAT, sampling=long))
+        (penalised,) = loop.run(engine.generate(CHAT, sampling=SamplingConfig(temperature=0.0, max_tokens=32,
+                                                                             repetition_penalty=2.0)))
+        def repeats(ids: list[int]) -> int:
+            return len(ids) - len(set(ids))
+        assert repeats(plain.token_ids) > 0  # the tiny random model loops, like a small real one
+        assert penalised.token_ids != plain.token_ids and repeats(penalised.token_ids) < repeats(plain.token_ids)
+
     def test_n_alternatives(self, engine: Engine, loop: EventLoopThread) -> None:
         sampling = SamplingConfig(temperature=1.0, max_tokens=8, seed=123)
         completions = loop.run(engine.generate(CHAT, 4, sampling=sampling))

@@ -41,10 +41,15 @@ class SamplingConfig:
     top_k: int = 0  # 0: off
     max_tokens: int = 256
     seed: int | None = None
+    # > 1 discourages tokens already in the prompt or the reply (CTRL, Keskar et al. 2019: positive logits
+    # divided by it, negative ones multiplied), the same rule in vLLM and transformers. 1.0: the model's
+    # own distribution (what PPO's rollouts must sample from); the app's default is higher (`serve
+    # --repetition-penalty`), because a 270M model loops without it.
+    repetition_penalty: float = 1.0
 
     def as_dict(self) -> dict:
         return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
-                "max_tokens": self.max_tokens, "seed": self.seed}
+                "max_tokens": self.max_tokens, "seed": self.seed, "repetition_penalty": self.repetition_penalty}
 
 
 @dataclass

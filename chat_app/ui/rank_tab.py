@@ -40,10 +40,10 @@ def build_rank_tab(rt: Runtime, user_state: gr.State, settings: dict) -> None:
     result = gr.Markdown("", elem_id="rank-result")
 
     @user_handler(rt)
-    async def on_go(svc, who, text, n, system_prompt, temperature, top_p, max_tokens):
+    async def on_go(svc, who, text, n, system_prompt, temperature, top_p, max_tokens, repetition):
         n = _whole_number(n)
         _, ids, texts = await svc.rank_candidates(who.user_id, text, n, system_prompt=system_prompt or None,
-                                                  sampling=sampling_from(temperature, top_p, max_tokens),
+                                                  sampling=sampling_from(temperature, top_p, max_tokens, repetition),
                                                   client=who.address)
         choices = [str(j) for j in range(1, n + 1)]
         return ([{"ids": ids}, who.user_id, ""]
@@ -64,7 +64,7 @@ def build_rank_tab(rt: Runtime, user_state: gr.State, settings: dict) -> None:
         svc.submit_ranking(who.user_id, ordered, client=who.address)
         return None, f"Thanks! Your ranking of {len(ids)} replies was saved."
 
-    go_inputs = [prompt, k, settings["system_prompt"], settings["temperature"], settings["top_p"],
-                 settings["max_tokens"], user_state]
+    go_inputs = [prompt, k] + [settings[k] for k in ("system_prompt", "temperature", "top_p", "max_tokens",
+                                                     "repetition_penalty")] + [user_state]
     go.click(on_go, go_inputs, [rank_state, user_state, result] + rows + replies + ranks, api_name="rank")
     submit.click(on_submit, [rank_state] + ranks + [user_state], [rank_state, result], api_name="submit_ranking")
