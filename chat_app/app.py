@@ -23,13 +23,14 @@ from pathlib import Path
 
 import gradio as gr
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from feedback_db import FeedbackStore, default_db_path
 
 from .auth import LOGIN_MESSAGE, UserDirectory, install_login_guard
 from .engines import EngineConfig, create_engine
 from .identity import AnonymousIdQuota, IdentityConfig, IdentitySigner, load_or_create_key, secret_key_path
+from .metrics import CONTENT_TYPE_LATEST
 from .router import RouterConfig, ServingRouter
 from .service import ChatService, ServiceConfig
 from .ui import CSS, build_ui
@@ -135,6 +136,16 @@ def build_app(config: AppConfig, model_path: Path, base_model_name: str,
         if not ready:
             body["error"] = rt.fatal_error or rt.startup_error or "starting: the model engine is loading"
         return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        """Requests, time to first token, decode rate, tokens, feedback and the serving versions (Prometheus)."""
+        svc = rt.service
+        if svc is None:
+            return Response(b"", media_type=CONTENT_TYPE_LATEST, status_code=503)
+        svc.metrics.serving("live", svc.router.live.name if svc.router.live else None)
+        svc.metrics.serving("candidate", svc.router.candidate.name if svc.router.candidate else None)
+        return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     if users is None:
         app = gr.mount_gradio_app(app, demo, path="", css=CSS)

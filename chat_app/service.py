@@ -24,6 +24,7 @@ from feedback_db.validation import clean_text
 
 from .engines.base import Engine, EngineError, Messages, ReplyChunk, SamplingConfig
 from .limits import LimitConfig, RequestLimits, UserFacingError
+from .metrics import ServingMetrics
 from .router import ServedVersion, ServingRouter
 
 T = TypeVar("T")
@@ -105,6 +106,7 @@ class ChatService:
         self.registry = ModelRegistry(store)
         self.config = config or ServiceConfig()
         self.limits = RequestLimits(self.config.limits)
+        self.metrics = ServingMetrics()
         self._known_users: set[str] = set()
         self._store_pool = ThreadPoolExecutor(max_workers=self.config.store_threads, thread_name_prefix="store")
         # Battles by the id of their prompt message: the UI keeps only this key, so a vote
@@ -174,7 +176,8 @@ class ChatService:
 
     # -- chat -------------------------------------------------------------------------
     async def _stream_reply(self, user_id: str, conversation_id: int, user_message_id: int,
-                            version: ServedVersion, sampling: SamplingConfig) -> AsyncIterator[StreamUpdate]:
+                            version: ServedVersion, sampling: SamplingConfig,
+                            kind: str = "chat") -> AsyncIterator[StreamUpdate]:
         """Stream one reply to `user_message_id` from `version` and store it (even if stopped)."""
         messages = (await self._db(self.store.context, user_message_id)).as_chat()
         try:
@@ -183,12 +186,15 @@ class ChatService:
             raise UserFacingError(str(exc)) from exc
         text, last = "", None
         start = time.perf_counter()
+        first_token: float | None = None
         finish_reason = "abort"
         async with self.router.lease(version) as served:
             error = None
             try:
                 async for chunk in self.engine.stream(messages, adapter=served.adapter, sampling=sampling):
                     text, last = chunk.text, chunk
+                    if first_token is None and chunk.delta:
+                        first_token = time.perf_counter() - start
                     if chunk.finished:
                         finish_reason = chunk.finish_reason or "stop"
                     else:
@@ -199,12 +205,15 @@ class ChatService:
                 # Stored from a store thread without awaiting it: a closed generator cannot await.
                 self._store_pool.submit(self._store_reply, user_id, conversation_id, user_message_id, served, text,
                                         sampling, start, last, "abort")
+                self.metrics.request(kind, "stopped")
                 raise
             except Exception as exc:
                 log.exception("engine failed on %s", served.name)
                 finish_reason, error = "error", engine_failure_message(exc)
             reply_id = await self._db(self._store_reply, user_id, conversation_id, user_message_id, served, text,
                                       sampling, start, last, finish_reason)
+        self.metrics.request(kind, "error" if error else "ok")
+        self.metrics.reply(served.name, last.completion_tokens if last else 0, first_token, time.perf_counter() - start)
         yield StreamUpdate(text, conversation_id, user_message_id, reply_id=reply_id, finished=True, error=error,
                            note=context_note(dropped))
 
@@ -259,14 +268,14 @@ class ChatService:
             yield update
 
     async def _guarded_stream(self, user_id: str, conversation_id: int, user_message_id: int,
-                              sampling: SamplingConfig) -> AsyncIterator[StreamUpdate]:
+                              sampling: SamplingConfig, kind: str = "chat") -> AsyncIterator[StreamUpdate]:
         """The live version's reply, with the conversation marked busy while it streams."""
         if conversation_id in self._generating:
             raise UserFacingError("Wait until the reply has finished (or press Stop), then try again.")
         self._generating.add(conversation_id)
         try:
             async for update in self._stream_reply(user_id, conversation_id, user_message_id,
-                                                   self.router.pick("live"), sampling):
+                                                   self.router.pick("live"), sampling, kind):
                 yield update
         finally:
             self._generating.discard(conversation_id)
@@ -282,7 +291,8 @@ class ChatService:
             raise UserFacingError(str(exc)) from exc
         if msg["user_id"] != user_id or msg["role"] != "user":
             raise UserFacingError("That message cannot be regenerated.")
-        async for update in self._guarded_stream(user_id, msg["conversation_id"], user_message_id, sampling):
+        async for update in self._guarded_stream(user_id, msg["conversation_id"], user_message_id, sampling,
+                                                 kind="regenerate"):
             yield update
 
     # -- feedback (called on Gradio's worker threads) --------------------------------------
@@ -290,19 +300,23 @@ class ChatService:
              comment: str | None = None, client_id: str | None = None, client: str | None = None) -> int:
         self.limits.feedback(user_id, client)
         try:
-            return self.store.record_rating(user_id, reply_id, value, reasons=reasons, comment=comment or None,
-                                            client_id=client_id)
+            rating_id = self.store.record_rating(user_id, reply_id, value, reasons=reasons, comment=comment or None,
+                                                 client_id=client_id)
         except FeedbackError as exc:
             raise UserFacingError(str(exc)) from exc
+        self.metrics.stored("rating")
+        return rating_id
 
     def demonstrate(self, user_id: str, user_message_id: int, text: str, *, replaces_reply_id: int | None = None,
                     client_id: str | None = None, client: str | None = None) -> int:
         self.limits.feedback(user_id, client)
         try:
-            return self.store.record_demonstration(user_id, user_message_id, text,
-                                                   replaces_message_id=replaces_reply_id, client_id=client_id)
+            demo_id = self.store.record_demonstration(user_id, user_message_id, text,
+                                                      replaces_message_id=replaces_reply_id, client_id=client_id)
         except FeedbackError as exc:
             raise UserFacingError(str(exc)) from exc
+        self.metrics.stored("demonstration")
+        return demo_id
 
     # -- compare ----------------------------------------------------------------------
     async def battle(self, user_id: str, text: str, *, system_prompt: str | None = None,
@@ -333,7 +347,7 @@ class ChatService:
             # Distinct seeds so two samples of the same version differ.
             side_sampling = replace(sampling, seed=None if sampling.seed is None else sampling.seed + side)
             try:
-                async for update in self._stream_reply(user_id, conv, q, version, side_sampling):
+                async for update in self._stream_reply(user_id, conv, q, version, side_sampling, "compare"):
                     await queue.put((side, update))
             finally:
                 await queue.put((side, None))
@@ -376,6 +390,7 @@ class ChatService:
         except FeedbackError as exc:
             raise UserFacingError(str(exc)) from exc
         self._battles.pop(battle.user_message_id, None)
+        self.metrics.stored("comparison")
         if self.config.auto_promote is not None:
             promoted = auto_promote_candidate(self.store, self.router.base_model, policy=self.config.auto_promote)
             if promoted:  # the router's next registry poll (≤ 0.25 s) switches to it
@@ -410,8 +425,12 @@ class ChatService:
                 completions = await self.engine.generate(messages, k, adapter=served.adapter, sampling=sampling)
             except Exception as exc:
                 log.exception("engine failed on %s", served.name)
+                self.metrics.request("rank", "error")
                 raise UserFacingError(engine_failure_message(exc)) from exc
         latency = round((time.perf_counter() - start) * 1000, 1)
+        self.metrics.request("rank", "ok")
+        for c in completions:
+            self.metrics.reply(served.name, c.completion_tokens, None, latency / 1000)
 
         def store_replies() -> list[int]:
             return [self.store.add_reply(conv, user_id, q, storable(c.text),
@@ -426,9 +445,11 @@ class ChatService:
                        client: str | None = None) -> int:
         self.limits.feedback(user_id, client)
         try:
-            return self.store.record_ranking(user_id, ranked_reply_ids, client_id=client_id)
+            ranking_id = self.store.record_ranking(user_id, ranked_reply_ids, client_id=client_id)
         except FeedbackError as exc:
             raise UserFacingError(str(exc)) from exc
+        self.metrics.stored("ranking")
+        return ranking_id
 
     # -- operators --------------------------------------------------------------------
     def promotable_versions(self) -> list[dict]:

@@ -324,3 +324,23 @@ def test_a_conversation_longer_than_the_context_drops_old_turns_and_says_so(tiny
         assert svc.store.db.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == before  # nothing stored
 
     run_with_service(tiny_model_path, tmp_db_path, body, max_input_chars=10_000)
+
+
+def test_metrics_count_requests_tokens_and_feedback(tiny_model_path, tmp_db_path):
+    async def body(svc: ChatService):
+        uid = svc.ensure_user("kim")
+        final = (await _drain(svc.chat(uid, "hello")))[-1]
+        svc.rate(uid, final.reply_id, 1)
+        await svc.rank_candidates(uid, "pick one", 2)
+        svc.metrics.serving("live", svc.router.live.name)
+        text = svc.metrics.render().decode()
+        tokens = svc.store.db["messages"].get(final.reply_id)["completion_tokens"]
+        assert 'alignloop_requests_total{kind="chat",outcome="ok"} 1.0' in text
+        assert 'alignloop_requests_total{kind="rank",outcome="ok"} 1.0' in text
+        assert "alignloop_time_to_first_token_seconds_count 1.0" in text
+        assert 'alignloop_feedback_total{kind="rating"} 1.0' in text
+        assert f'alignloop_version_info{{role="live",version="{svc.router.live.name}"}} 1.0' in text
+        generated = [line for line in text.splitlines() if line.startswith("alignloop_generated_tokens_total{")]
+        assert float(generated[0].rsplit(" ", 1)[1]) >= tokens > 0
+
+    run_with_service(tiny_model_path, tmp_db_path, body)

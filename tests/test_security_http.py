@@ -155,10 +155,14 @@ def test_pressing_the_same_button_twice_stores_once(raw, served) -> None:
     assert count_rows(db, demos) == 1
 
 
-def test_healthz_names_the_live_version(served) -> None:
+def test_healthz_and_metrics_name_the_live_version(served) -> None:
     body = httpx.get(served["server"].url + "healthz", timeout=10).json()
     assert body == {"live": True, "ready": True, "live_version": "base:tiny-gemma3", "candidate_version": None,
                     "engine": "hf"}
+    metrics = httpx.get(served["server"].url + "metrics", timeout=10)
+    assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
+    assert 'alignloop_version_info{role="live",version="base:tiny-gemma3"} 1.0' in metrics.text
+    assert 'alignloop_requests_total{kind="chat",outcome="ok"}' in metrics.text  # earlier tests chatted
 
 
 def test_identities_and_conversations_survive_a_restart(raw, served, tiny_model_path) -> None:
