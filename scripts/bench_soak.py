@@ -57,9 +57,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.server_process import ServerProcess, start_server, stop_server  # noqa: E402
+from chat_app.auth import UsersFile  # noqa: E402
 from feedback_db import FeedbackStore, ModelRegistry  # noqa: E402
 from scripts.bench_serving import PROMPTS, percentile  # noqa: E402
+from scripts.server_process import ServerProcess, start_server, stop_server  # noqa: E402
 from scripts.simulated_users import NoiseModel, SimulatedUser, mix_weights  # noqa: E402
 from training.config import _f  # noqa: E402
 
@@ -147,15 +148,25 @@ def reply_text(history: list) -> str:
     return str(content or "")
 
 
+def soak_user_name(index: int) -> str:
+    return f"soak-{index}"
+
+
+def soak_password(cfg: SoakConfig, index: int) -> str:
+    return f"soak-pw-{cfg.seed}-{index:04d}"
+
+
 class SoakUser:
     """One simulated user: a gradio_client session that acts until told to stop."""
 
-    def __init__(self, index: int, url: str, cfg: SoakConfig, clock: Clock) -> None:
+    def __init__(self, index: int, url: str, cfg: SoakConfig, clock: Clock, password: str) -> None:
         from gradio_client import Client
 
         self.index, self.cfg, self.clock = index, cfg, clock
         self.rng = random.Random(cfg.seed * 1000 + index)
-        self.client = Client(url, verbose=False)
+        # Logged in, as people who come back are: a fresh page (a new session) is the same user, not a
+        # new anonymous identity (the server limits how many of those one address gets).
+        self.client = Client(url, auth=(soak_user_name(index), password), verbose=False)
         self.sampling = ("", cfg.temperature, 0.95, cfg.max_tokens)
         # Votes and thumbs are coin flips (a user with no preference): the soak measures the server.
         self.sim = SimulatedUser(f"soak-{index}", self.client, gold=lambda prompt, reply: 0.0,
@@ -588,8 +599,12 @@ def run(cfg: SoakConfig) -> dict:
             import_file = pool.submit(write_preference_rows, workdir / "preferences.jsonl", cfg.import_rows, cfg.seed)
             server_dir = workdir / "server"
             server_dir.mkdir()
+            users_file = UsersFile(server_dir / "users.json")  # passwords never on the server's command line
+            for i in range(cfg.users):
+                users_file.add(soak_user_name(i), soak_password(cfg, i), replace=True)
             server = start_server(model, server_dir, engine=cfg.engine, timeout=cfg.server_start_timeout_s,
-                                  serve_args=["--max-new-tokens", str(cfg.max_tokens), "--rate-limit", "0"],
+                                  serve_args=["--max-new-tokens", str(cfg.max_tokens), "--rate-limit", "0",
+                                              "--users-file", str(users_file.path)],
                                   env={"ALIGNLOOP_CACHE": str(workdir / "cache")} if cfg.model == "tiny" else None)
         try:
             records, clock, rss, disturbances = soak(cfg, server, adapter.result(), base_name, import_file.result(),
@@ -617,7 +632,7 @@ def soak(cfg: SoakConfig, server: ServerProcess, adapter: Path, base_name: str, 
     disturbed one while the operator's steps run; returns every action, the clock, RSS samples and the steps."""
     clock = Clock()
     log(f"server ready; {cfg.users} users warm up (one chat each, not measured)…")
-    users = [SoakUser(i, server.url, cfg, clock) for i in range(cfg.users)]
+    users = [SoakUser(i, server.url, cfg, clock, soak_password(cfg, i)) for i in range(cfg.users)]
     warmups = [threading.Thread(target=u.act, args=("chat",)) for u in users]
     for t in warmups:
         t.start()
