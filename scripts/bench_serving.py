@@ -337,8 +337,10 @@ def bench_promotion(server: ServerProcess, kind: str, model_path: Path, base_nam
             # 2: registered first, so the router preloads it as the candidate, then promoted.
             version = registry.register(f"bench-lora-{stamp}-{i}", adapter_path=path, base_model=base_name)
             names.append(version.name)
-            if i == 1:
-                time.sleep(3.0)
+            if i == 1:  # wait for the preload itself: under load an adapter can take longer than any fixed pause
+                deadline = time.monotonic() + cfg.promotion_timeout_s
+                while version.name not in _router_loaded_at(server.log_path) and time.monotonic() < deadline:
+                    time.sleep(0.1)
             promoted_at = time.time()
             registry.promote(version.id, actor="bench")
             first = None
