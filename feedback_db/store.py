@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import numbers
 import threading
 import uuid
 from collections import Counter
@@ -24,7 +25,7 @@ from .connection import StoreConfig, WriteLock, connect, write_transaction
 from .counting import UNVOTABLE_FINISH_REASONS, counted_comparisons, counted_totals, thumbs_by_version
 from .errors import AccessDeniedError, InvalidInputError, NotFoundError
 from .schema import current_version, migrate, utc_now
-from .validation import clean_client_id, clean_number, clean_tags, clean_text, sampling_json
+from .validation import clean_client_id, clean_id, clean_ids, clean_number, clean_tags, clean_text, sampling_json
 
 Choice = Literal["A", "B", "tie", "both_bad"]
 CHOICES: tuple[str, ...] = ("A", "B", "tie", "both_bad")
@@ -163,11 +164,17 @@ class FeedbackStore:
     def _text(self, value: object, field: str, *, allow_empty: bool = False, max_chars: int | None = None) -> str:
         return clean_text(value, field=field, max_chars=max_chars or self.config.max_text_chars, allow_empty=allow_empty)
 
+    @staticmethod
+    def _user_id(user_id: object) -> str:
+        """A user id as the store keeps it (short UTF-8 text); anything else is refused."""
+        return clean_text(user_id, field="user id", max_chars=200)
+
     # -- users and sessions -----------------------------------------------------------
     def ensure_user(self, user_id: str | None = None, *, display_name: str | None = None, is_admin: bool = False) -> str:
         """Create the user if new (an anonymous id when `user_id` is None); return its id."""
-        user_id = user_id if user_id is not None else f"anon-{uuid.uuid4().hex[:12]}"
-        user_id = self._text(user_id, "user id", max_chars=200)
+        user_id = self._user_id(user_id if user_id is not None else f"anon-{uuid.uuid4().hex[:12]}")
+        if display_name is not None:
+            display_name = self._text(display_name, "display name", allow_empty=True, max_chars=200)
         with self.transaction() as db:
             if db.execute("SELECT 1 FROM users WHERE id = ?", [user_id]).fetchone() is None:
                 db["users"].insert(
@@ -179,8 +186,10 @@ class FeedbackStore:
 
     def start_session(self, user_id: str, *, user_agent: str | None = None, session_id: str | None = None) -> str:
         """Record a browser session of `user_id` (created if new); return the session id."""
-        self.ensure_user(user_id)
-        session_id = session_id or uuid.uuid4().hex
+        user_id = self.ensure_user(user_id)
+        session_id = self._text(session_id or uuid.uuid4().hex, "session id", max_chars=200)
+        if user_agent is not None:
+            user_agent = self._text(user_agent, "user agent", allow_empty=True, max_chars=1_000)
         with self.transaction() as db:
             if db.execute("SELECT 1 FROM sessions WHERE id = ?", [session_id]).fetchone() is None:
                 db["sessions"].insert(
@@ -205,7 +214,10 @@ class FeedbackStore:
         client_id: str | None = None,
     ) -> int:
         """Start a conversation owned by `user_id`; return its id."""
+        user_id = self._user_id(user_id)
         client_id = clean_client_id(client_id)
+        if session_id is not None:
+            session_id = self._text(session_id, "session id", max_chars=200)
         if system_prompt is not None:
             system_prompt = self._text(system_prompt, "system prompt", allow_empty=True,
                                        max_chars=self.config.max_system_prompt_chars) or None
@@ -219,6 +231,8 @@ class FeedbackStore:
             if (existing := self._already(db, "conversations", client_id)) is not None:
                 return existing
             self._require_user(db, user_id)
+            if session_id is not None and db.execute("SELECT 1 FROM sessions WHERE id = ?", [session_id]).fetchone() is None:
+                raise NotFoundError(f"no session {session_id!r}; start it with start_session() first.")
             return db["conversations"].insert(
                 {
                     "user_id": user_id,
@@ -249,6 +263,9 @@ class FeedbackStore:
 
     def _add_message(self, conversation_id: int, user_id: str, role: str, content: str, parent_id: int | None,
                      reply: Reply | None, client_id: str | None) -> int:
+        user_id = self._user_id(user_id)
+        conversation_id = clean_id(conversation_id, field="conversation")
+        parent_id = None if parent_id is None else clean_id(parent_id, field="parent message")
         client_id = clean_client_id(client_id)
         content = self._text(content, f"{role} message", allow_empty=(role == "assistant"))
         generation = self._reply_columns(reply) if reply is not None else {}
@@ -262,7 +279,8 @@ class FeedbackStore:
                     raise InvalidInputError(f"message {parent_id} is in another conversation; it cannot be the parent.")
                 expected = "assistant" if role == "user" else "user"
                 if parent["role"] != expected:
-                    raise InvalidInputError(f"a {role} message must follow a {expected} message, not a {parent['role']} one.")
+                    raise InvalidInputError(f"a {role} message must follow a {expected} message, "
+                                            f"not a {parent['role']} message.")
             elif role == "assistant":
                 raise InvalidInputError("a reply needs the id of the user message it answers (parent_id).")
             row: dict[str, Any] = {
@@ -312,10 +330,11 @@ class FeedbackStore:
 
     def message(self, message_id: int) -> dict:
         """One stored message (all its columns), or NotFoundError."""
-        return self._message(self.db, message_id)
+        return self._message(self.db, clean_id(message_id, field="message"))
 
     def context(self, message_id: int) -> Context:
         """The conversation from its root to `message_id` (inclusive)."""
+        message_id = clean_id(message_id, field="message")
         rows = list(
             self.db.query(
                 """
@@ -344,17 +363,22 @@ class FeedbackStore:
 
     def latest_branch(self, conversation_id: int) -> Context | None:
         """The conversation along its most recent branch (root to newest message), or None if empty."""
+        conversation_id = clean_id(conversation_id, field="conversation")
         row = self.db.execute("SELECT MAX(id) FROM messages WHERE conversation_id = ?", [conversation_id]).fetchone()
         return None if row[0] is None else self.context(int(row[0]))
 
     def conversation_messages(self, conversation_id: int) -> list[dict]:
         """Every message of a conversation (all branches), oldest first."""
+        conversation_id = clean_id(conversation_id, field="conversation")
         return list(self.db.query("SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", [conversation_id]))
 
     def conversations_of(self, user_id: str, limit: int = 50, *, source: str | None = None) -> list[dict]:
         """A user's conversations, newest first: the `limit` newest of `source` (chat, compare, rank
         or import; None: of any source). The chat history asks for source="chat", so Compare and
         Rank prompts do not push chats out of it."""
+        user_id = self._user_id(user_id)
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit < 2**63:
+            raise InvalidInputError(f"limit must be a non-negative integer, not {limit!r}.")
         if source is None:
             return list(self.db.query(
                 "SELECT * FROM conversations WHERE user_id = ? ORDER BY id DESC LIMIT ?", [user_id, limit]))
@@ -389,9 +413,12 @@ class FeedbackStore:
         A user's latest rating of a reply is the one that counts; earlier ones stay as history.
         A failed or stopped reply cannot be rated (see UNVOTABLE_FINISH_REASONS).
         """
+        user_id = self._user_id(user_id)
+        message_id = clean_id(message_id, field="message")
         client_id = clean_client_id(client_id)
-        if value not in (-1, 0, 1) or isinstance(value, bool):
-            raise InvalidInputError(f"a rating is +1 (thumbs up), -1 (thumbs down) or 0 (cleared), not {value!r}.")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or value not in (-1, 0, 1):
+            raise InvalidInputError(f"a rating is +1 (thumbs up), -1 (thumbs down) or 0 (cleared), not {value!r:.40}.")
+        value = int(value)
         tags = clean_tags(reasons)
         if comment is not None:
             comment = self._text(comment, "comment", allow_empty=True, max_chars=self.config.max_comment_chars) or None
@@ -427,9 +454,11 @@ class FeedbackStore:
 
         Neither reply may have failed or been stopped (see UNVOTABLE_FINISH_REASONS).
         """
+        user_id = self._user_id(user_id)
+        message_a, message_b = clean_id(message_a, field="message_a"), clean_id(message_b, field="message_b")
         client_id = clean_client_id(client_id)
-        if choice not in CHOICES:
-            raise InvalidInputError(f"choice must be one of {', '.join(CHOICES)}, not {choice!r}.")
+        if not isinstance(choice, str) or choice not in CHOICES:
+            raise InvalidInputError(f"choice must be one of {', '.join(CHOICES)}, not {choice!r:.40}.")
         if message_a == message_b:
             raise InvalidInputError("a comparison needs two different replies.")
         with self.transaction() as db:
@@ -454,8 +483,9 @@ class FeedbackStore:
 
         No ranked reply may have failed or been stopped (see UNVOTABLE_FINISH_REASONS).
         """
+        user_id = self._user_id(user_id)
         client_id = clean_client_id(client_id)
-        ids = list(ranked_message_ids)
+        ids = clean_ids(ranked_message_ids, field="ranked reply")
         if not MIN_RANKED <= len(ids) <= MAX_RANKED:
             raise InvalidInputError(f"a ranking orders {MIN_RANKED} to {MAX_RANKED} replies, got {len(ids)}.")
         if len(set(ids)) != len(ids):
@@ -488,6 +518,10 @@ class FeedbackStore:
         failed or stopped reply may be replaced (that is when a better reply helps most); the
         demonstration still trains SFT, while the pair is skipped by the export.
         """
+        user_id = self._user_id(user_id)
+        context_id = clean_id(context_id, field="context message")
+        if replaces_message_id is not None:
+            replaces_message_id = clean_id(replaces_message_id, field="replaced reply")
         client_id = clean_client_id(client_id)
         content = self._text(content, "demonstration")
         with self.transaction() as db:

@@ -7,7 +7,7 @@ import math
 import numbers
 from typing import Any
 
-from .errors import InvalidInputError
+from .errors import InvalidInputError, NotFoundError
 
 MAX_SAMPLING_CHARS = 4_000  # the stored JSON of a reply's sampling settings
 
@@ -96,3 +96,22 @@ def clean_number(value: Any, *, field: str, integer: bool = False) -> float | in
     if integer and value >= 2**63:
         raise InvalidInputError(f"{field} is too large ({value}).")
     return int(value) if integer else float(value)
+
+
+def clean_id(value: object, *, field: str) -> int:
+    """A row id: an integer (not a bool) SQLite can hold; else InvalidInputError (wrong type)
+    or NotFoundError (an integer no row can have)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        shown = repr(value)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        raise InvalidInputError(f"{field} must be an integer id, not {shown}.")
+    if not 0 < value < 2**63:
+        raise NotFoundError(f"no {field} {value}; check the id.")
+    return int(value)
+
+
+def clean_ids(values: object, *, field: str) -> list[int]:
+    """A list (or tuple) of row ids, each checked by `clean_id`."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple)):
+        raise InvalidInputError(f"{field} must be a list of integer ids, not {type(values).__name__}.")
+    return [clean_id(v, field=field) for v in values]
