@@ -6,8 +6,10 @@ serving the round's policy adapter on the GPU.
     python scripts/gpu_check.py --out runs/gpu-check --model default # the embedded Gemma 3 270M
 
 It prints the round's status, gates and time per step, and the engine's replies with their speed.
-What it does not cover: vLLM on GPU and the 4-bit (bitsandbytes) base, which need packages the
-machine may not have; it says so when they do not import.
+    python scripts/gpu_check.py --out runs/gpu-4bit --model default --load-in-4bit   # QLoRA: a 4-bit NF4 base
+
+What it does not cover: vLLM on GPU, a package the machine may not have; it says so when vLLM or
+bitsandbytes (needed by --load-in-4bit) do not import.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def main() -> int:
     parser.add_argument("--out", default="runs/gpu-check", help="A fresh folder for the database, the round and results.json.")
     parser.add_argument("--model", default="tiny", help="'tiny' (a tiny random model built here) or a base model ('default', a folder).")
     parser.add_argument("--ppo-iterations", type=int, default=8, help="PPO iterations of the round.")
+    parser.add_argument("--load-in-4bit", action="store_true", help="QLoRA: the frozen base in 4 bits (bitsandbytes NF4) in every step.")
     args = parser.parse_args()
 
     import torch
@@ -46,7 +49,8 @@ def main() -> int:
     if model == "tiny":
         from training.base_models import build_tiny_model
         model = str(build_tiny_model(out / "tiny-model"))
-    results: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "model": args.model}
+    results: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "model": args.model,
+                     "load_in_4bit": args.load_in_4bit}
     for optional in ("vllm", "bitsandbytes"):
         try:
             importlib.import_module(optional)
@@ -57,6 +61,7 @@ def main() -> int:
     config = RoundConfig(db=str(out / "feedback.db"), base_model=model, rounds_dir=str(out / "rounds"), device="cuda")
     for step in (config.sft, config.reward, config.ppo):
         step.dtype = "bfloat16"
+        step.load_in_4bit = args.load_in_4bit
     config.ppo.iterations = args.ppo_iterations
     config.ppo.sampler = "hf"
     if args.model == "tiny":

@@ -350,3 +350,13 @@ def test_embedded_gemma_prepares_once_and_loads() -> None:
         logits = model(**ids).logits
     assert logits.shape[-1] == 262144
     assert torch.isfinite(logits).all()
+
+
+def test_attention_auto_is_eager_for_gemma_on_gpu_only(tiny_model_path):
+    from training.base_models import ModelPreparationError, attention_implementation
+
+    assert attention_implementation(tiny_model_path, "cuda") == "eager"  # the tiny model is a Gemma 3
+    assert attention_implementation(tiny_model_path, "cpu") is None
+    assert attention_implementation(tiny_model_path, "cuda", "sdpa") == "sdpa"
+    with pytest.raises(ModelPreparationError, match="Unknown attention"):
+        attention_implementation(tiny_model_path, "cpu", "fast")

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.base_models import load_model_and_tokenizer, prepare_model
+from training.base_models import attention_implementation, load_model_and_tokenizer, prepare_model
 from training.config import BaseSettings, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -60,11 +60,12 @@ def load_base(cfg: BaseSettings) -> tuple[nn.Module, Any, torch.device]:
         except ImportError as exc:
             raise ConfigError("load_in_4bit needs bitsandbytes: pip install 'alignloop[gpu]'.") from exc
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-        model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, dtype=dtype, device_map={"": device})
+        model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, dtype=dtype, device_map={"": device},
+                                                     attn_implementation=attention_implementation(folder, device, cfg.attention))
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         tokenizer = AutoTokenizer.from_pretrained(folder)
     else:
-        model, tokenizer = load_model_and_tokenizer(folder, dtype=dtype, device=device)
+        model, tokenizer = load_model_and_tokenizer(folder, dtype=dtype, device=device, attention=cfg.attention)
     for p in model.parameters():
         p.requires_grad_(False)
     return model, tokenizer, device

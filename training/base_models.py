@@ -606,6 +606,7 @@ def load_model_and_tokenizer(
     path: str | Path,
     dtype: torch.dtype | str = "float32",
     device: str | torch.device = "cpu",
+    attention: str = "auto",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a prepared model folder (see :func:`prepare_model`) in eval mode.
 
@@ -614,6 +615,8 @@ def load_model_and_tokenizer(
         dtype: a torch dtype, its name ("float32", "bfloat16"), or "auto" for
             the dtype the weights were saved in.
         device: where to put the model ("cpu", "cuda", ...).
+        attention: transformers' attn_implementation ("sdpa", "eager"), or
+            "auto" (see :func:`attention_implementation`).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -630,10 +633,30 @@ def load_model_and_tokenizer(
             raise ModelPreparationError(f"Unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16' or 'auto'.")
         dtype = resolved
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype, attn_implementation=attention_implementation(folder, device, attention))
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def attention_implementation(folder: str | Path, device: str | torch.device, attention: str = "auto") -> str | None:
+    """The attn_implementation to load ``folder`` with: ``attention`` itself unless it is "auto".
+
+    "auto" is "eager" for Gemma 2 and 3 on a GPU (transformers' own advice for training them: their
+    logit soft-capping and sliding windows are not what the fused sdpa kernels compute with padded
+    bf16 batches) and transformers' default elsewhere (None: sdpa).
+    """
+    if attention not in ("auto", "sdpa", "eager", "flash_attention_2"):
+        raise ModelPreparationError(f"Unknown attention {attention!r}; use 'auto', 'sdpa', 'eager' or 'flash_attention_2'.")
+    if attention != "auto":
+        return attention
+    if str(device).startswith("cuda"):
+        config = json.loads((Path(folder) / "config.json").read_text())
+        model_type = str(config.get("model_type") or (config.get("text_config") or {}).get("model_type") or "")
+        if model_type.startswith(("gemma2", "gemma3")):
+            return "eager"
+    return None
 
 
 # --------------------------------------------------------------------------- #

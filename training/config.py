@@ -103,6 +103,7 @@ class BaseSettings:
     device: str = _f("auto", "'auto' (cuda if available, else cpu), 'cpu' or 'cuda'.")
     dtype: str = _f("auto", "'auto' (float32 on CPU, bfloat16 on GPU), 'float32' or 'bfloat16'.")
     load_in_4bit: bool = _f(False, "QLoRA: load the frozen base in 4 bits with bitsandbytes (GPU only).")
+    attention: str = _f("auto", "Attention kernel: 'auto' (eager for Gemma 2/3 on GPU, else sdpa), 'sdpa' or 'eager'.")
     lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "LoRA adapter shape."})
     max_length: int = _f(512, "Longest prompt + reply in tokens (see max_prompt_tokens, max_reply_tokens).")
     max_prompt_tokens: int = _f(0, "Longest prompt in tokens; oldest turns go first, BOS and the system turn stay (0: max_length minus the kept reply).")
