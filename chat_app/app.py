@@ -4,6 +4,7 @@
 uvicorn with a FastAPI app whose lifespan creates the engine (vLLM's AsyncLLM must live
 on the serving loop), starts the router, and mounts the Gradio UI.
 
+`/v1` is an OpenAI-compatible API on the same engine and database (chat_app/openai_api.py).
 `/healthz` says whether the server is live and ready, and which version it serves. A watchdog
 checks the engine every few seconds; when the engine is gone (vLLM's engine process died), the
 server stops and `serve` exits with status 3, so a supervisor restarts it instead of it storing
@@ -27,10 +28,11 @@ from fastapi.responses import JSONResponse, Response
 
 from feedback_db import FeedbackStore, default_db_path
 
-from .auth import LOGIN_MESSAGE, UserDirectory, install_login_guard
+from .auth import LOGIN_MESSAGE, ApiKeyDirectory, UserDirectory, install_login_guard
 from .engines import EngineConfig, create_engine
 from .identity import AnonymousIdQuota, IdentityConfig, IdentitySigner, load_or_create_key, secret_key_path
 from .metrics import CONTENT_TYPE_LATEST
+from .openai_api import build_openai_router
 from .router import RouterConfig, ServingRouter
 from .service import ChatService, ServiceConfig
 from .ui import CSS, build_ui
@@ -146,6 +148,9 @@ def build_app(config: AppConfig, model_path: Path, base_model_name: str,
         svc.metrics.serving("live", svc.router.live.name if svc.router.live else None)
         svc.metrics.serving("candidate", svc.router.candidate.name if svc.router.candidate else None)
         return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    # The OpenAI-compatible API (/v1): keys from the users file, else users.json beside the database.
+    app.include_router(build_openai_router(rt.require, ApiKeyDirectory(config.users_file or db_path.with_name("users.json"))))
 
     if users is None:
         app = gr.mount_gradio_app(app, demo, path="", css=CSS)

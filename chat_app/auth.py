@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import functools
 import hashlib
 import hmac
@@ -27,6 +28,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import threading
 import time
 import unicodedata
@@ -132,13 +134,45 @@ def check_user_name(name: str) -> str:
 
 
 @dataclass(frozen=True)
+class ApiKeyRecord:
+    """One API key of a user: its public id (to revoke it by), the SHA-256 of the key, when it was made.
+
+    Keys are 256-bit random strings, so a plain SHA-256 is enough to keep a stolen users file from
+    giving them away (a password needs scrypt because people choose guessable ones).
+    """
+
+    key_id: str
+    sha256: str
+    created_at: str = ""
+
+
+API_KEY_PREFIX = "alk"
+
+
+def new_api_key() -> tuple[str, ApiKeyRecord]:
+    """A fresh key `alk-<id>-<secret>` and the record that stands for it in the users file."""
+    key_id = secrets.token_hex(4)
+    key = f"{API_KEY_PREFIX}-{key_id}-{secrets.token_urlsafe(32)}"
+    return key, ApiKeyRecord(key_id, api_key_digest(key), _utc_now())
+
+
+def api_key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
 class UserRecord:
-    """One login: its password hash, whether it may use the dashboard, when it was added."""
+    """One login: its password hash, whether it may use the dashboard, when it was added, its API keys."""
 
     name: str
     password_hash: str
     admin: bool = False
     created_at: str = ""
+    api_keys: tuple[ApiKeyRecord, ...] = ()
 
 
 @dataclass
@@ -161,7 +195,9 @@ class UsersFile:
             raise UsersFileError(f"{self.path} is not an alignloop users file (format {USERS_FILE_FORMAT!r} expected). "
                                  "Write it with `alignloop users add NAME`.")
         try:
-            return {name: UserRecord(name, str(u["password"]), bool(u.get("admin", False)), str(u.get("created_at", "")))
+            return {name: UserRecord(name, str(u["password"]), bool(u.get("admin", False)), str(u.get("created_at", "")),
+                                     tuple(ApiKeyRecord(str(k["id"]), str(k["sha256"]), str(k.get("created_at", "")))
+                                           for k in u.get("api_keys", [])))
                     for name, u in data["users"].items()}
         except (KeyError, TypeError):
             raise UsersFileError(f"{self.path} has a user without a password hash; remove it with "
@@ -176,10 +212,28 @@ class UsersFile:
         if name in users and not replace:
             raise UsersFileError(f"User {name!r} already exists in {self.path}; pass --update to change their "
                                  "password or admin flag.")
-        created = users[name].created_at if name in users else datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        users[name] = UserRecord(name, hash_password(password, self.params), admin, created)
+        old = users.get(name)
+        users[name] = UserRecord(name, hash_password(password, self.params), admin,
+                                 old.created_at if old else _utc_now(), old.api_keys if old else ())
         self._write(users)
         return users[name]
+
+    def add_api_key(self, name: str) -> tuple[str, ApiKeyRecord]:
+        """A new API key for user `name`: the key itself (shown once, never stored) and its record."""
+        users = self.read()
+        if name not in users:
+            raise UsersFileError(f"No user {name!r} in {self.path}; add them first with `alignloop users add {name}`.")
+        key, record = new_api_key()
+        users[name] = dataclasses.replace(users[name], api_keys=users[name].api_keys + (record,))
+        self._write(users)
+        return key, record
+
+    def revoke_api_key(self, name: str, key_id: str) -> None:
+        users = self.read()
+        if name not in users or not any(k.key_id == key_id for k in users[name].api_keys):
+            raise UsersFileError(f"User {name!r} has no API key {key_id!r} (see `alignloop users list`).")
+        users[name] = dataclasses.replace(users[name], api_keys=tuple(k for k in users[name].api_keys if k.key_id != key_id))
+        self._write(users)
 
     def remove(self, name: str) -> None:
         users = self.read()
@@ -190,7 +244,9 @@ class UsersFile:
 
     def _write(self, users: dict[str, UserRecord]) -> None:
         data = {"format": USERS_FILE_FORMAT,
-                "users": {u.name: {"password": u.password_hash, "admin": u.admin, "created_at": u.created_at}
+                "users": {u.name: {"password": u.password_hash, "admin": u.admin, "created_at": u.created_at,
+                                   "api_keys": [{"id": k.key_id, "sha256": k.sha256, "created_at": k.created_at}
+                                                for k in u.api_keys]}
                           for u in sorted(users.values(), key=lambda u: u.name)}}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
@@ -247,6 +303,35 @@ class UserDirectory:
     async def authenticate(self, username: str, password: str) -> bool:
         """Gradio's `auth` callable (async, so the scrypt runs in a worker thread)."""
         return await asyncio.to_thread(self.verify, username, password)
+
+
+class ApiKeyDirectory:
+    """Which user an API key belongs to, from the users file, re-read whenever the file changes (a key
+    made or revoked with `alignloop users key` works at once, without a restart)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stamp: tuple[int, int] | None = None
+        self._owners: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def owner(self, key: str) -> str | None:
+        """The user name `key` belongs to, or None (unknown, revoked, or no users file)."""
+        with self._lock:
+            try:
+                stat = self.path.stat()
+            except OSError:
+                self._stamp, self._owners = None, {}
+                return None
+            if (stat.st_mtime_ns, stat.st_size) != self._stamp:
+                try:
+                    users = UsersFile(self.path).read()
+                except UsersFileError as exc:
+                    log.error("API keys unavailable: %s", exc)
+                    users = {}
+                self._owners = {k.sha256: u.name for u in users.values() for k in u.api_keys}
+                self._stamp = (stat.st_mtime_ns, stat.st_size)
+            return self._owners.get(api_key_digest(key))
 
 
 # -- throttling wrong passwords ------------------------------------------------------------------

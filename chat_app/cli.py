@@ -264,7 +264,35 @@ def users_list(file: UsersFileArg = None) -> None:
     if not records:
         typer.echo(f"no users in {users.path} (add one with `alignloop users add NAME`).")
     for record in sorted(records.values(), key=lambda r: r.name):
-        typer.echo(f"{record.name}\t{'admin' if record.admin else 'user'}\t{record.created_at}")
+        keys = ", ".join(k.key_id for k in record.api_keys) or "-"
+        typer.echo(f"{record.name}\t{'admin' if record.admin else 'user'}\t{record.created_at}\tAPI keys: {keys}")
+
+
+@users_app.command("key")
+def users_key(
+    name: str = typer.Argument(..., help="Login name (add the user first with `alignloop users add`)."),
+    revoke: Optional[str] = typer.Option(None, "--revoke", metavar="KEY_ID", help="Revoke this key (its id, from `alignloop users list`) instead of making one."),
+    file: UsersFileArg = None,
+) -> None:
+    """Make an API key for the OpenAI-compatible API (/v1), or revoke one. The key is printed once and
+    only its SHA-256 is kept; a running server picks the change up at once.
+
+    Example: alignloop users key alice    |    alignloop users key alice --revoke 3f9a0c1e
+    """
+    from chat_app.auth import UsersFileError
+
+    users = _users_file(file)
+    try:
+        if revoke:
+            users.revoke_api_key(name, revoke)
+            typer.echo(f"revoked API key {revoke} of {name} in {users.path}.")
+            return
+        key, record = users.add_api_key(name)
+    except UsersFileError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(key)
+    typer.echo(f"(API key {record.key_id} of {name}; shown once, keep it secret. Use it as the OpenAI API key with "
+               "base URL http://HOST:PORT/v1.)", err=True)
 
 
 @users_app.command("remove")

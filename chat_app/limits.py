@@ -18,6 +18,10 @@ class UserFacingError(Exception):
     """A refusal the user should read (rate limit, input too long, engine down...)."""
 
 
+class RateLimited(UserFacingError):
+    """A limit is reached; the message says how long to wait (HTTP 429 in the API)."""
+
+
 @dataclass
 class LimitConfig:
     """Budgets per sliding minute (0: no limit)."""
@@ -69,12 +73,12 @@ class RateLimiter:
                 while hits and now - hits[0] >= 60.0:
                     hits.popleft()
                 if cost > limit:
-                    raise UserFacingError(f"That request costs {cost} {self.what}; the limit is {limit} a minute. "
+                    raise RateLimited(f"That request costs {cost} {self.what}; the limit is {limit} a minute. "
                                           "Ask for fewer.")
                 if len(hits) + cost > limit:
                     free_at = hits[len(hits) + cost - limit - 1] + 60.0
                     who = "your address" if key.startswith("address:") else "you"
-                    raise UserFacingError(
+                    raise RateLimited(
                         f"The limit of {limit} {self.what} a minute for {who} is reached. "
                         f"Please wait {max(1.0, free_at - now):.0f} s and try again.")
                 windows.append(hits)

@@ -57,6 +57,12 @@ class StreamUpdate:
     finished: bool = False
     error: str | None = None
     note: str | None = None  # e.g. that old turns were left out to fit the context window
+    finish_reason: str | None = None  # final update: stop | length | error
+    prompt_tokens: int | None = None  # final update: what the engine read and wrote
+    completion_tokens: int | None = None
+
+
+API_CLIENT_VERSION = "external:api-client"  # what wrote assistant turns an API client sent that no served version did
 
 
 def context_note(dropped: int) -> str | None:
@@ -177,8 +183,9 @@ class ChatService:
     # -- chat -------------------------------------------------------------------------
     async def _stream_reply(self, user_id: str, conversation_id: int, user_message_id: int,
                             version: ServedVersion, sampling: SamplingConfig,
-                            kind: str = "chat") -> AsyncIterator[StreamUpdate]:
-        """Stream one reply to `user_message_id` from `version` and store it (even if stopped)."""
+                            kind: str = "chat", reply_client_id: str | None = None) -> AsyncIterator[StreamUpdate]:
+        """Stream one reply to `user_message_id` from `version` and store it (even if stopped), with
+        `reply_client_id` as its client id (the API's completion id) if given."""
         messages = (await self._db(self.store.context, user_message_id)).as_chat()
         try:
             messages, dropped = self.engine.format.fit_messages(messages, sampling.max_tokens)
@@ -204,21 +211,24 @@ class ChatService:
                 # conversation shows it; it cannot be voted on (feedback_db.UNVOTABLE_FINISH_REASONS).
                 # Stored from a store thread without awaiting it: a closed generator cannot await.
                 self._store_pool.submit(self._store_reply, user_id, conversation_id, user_message_id, served, text,
-                                        sampling, start, last, "abort")
+                                        sampling, start, last, "abort", reply_client_id)
                 self.metrics.request(kind, "stopped")
                 raise
             except Exception as exc:
                 log.exception("engine failed on %s", served.name)
                 finish_reason, error = "error", engine_failure_message(exc)
             reply_id = await self._db(self._store_reply, user_id, conversation_id, user_message_id, served, text,
-                                      sampling, start, last, finish_reason)
+                                      sampling, start, last, finish_reason, reply_client_id)
         self.metrics.request(kind, "error" if error else "ok")
         self.metrics.reply(served.name, last.completion_tokens if last else 0, first_token, time.perf_counter() - start)
         yield StreamUpdate(text, conversation_id, user_message_id, reply_id=reply_id, finished=True, error=error,
-                           note=context_note(dropped))
+                           note=context_note(dropped), finish_reason=finish_reason,
+                           prompt_tokens=last.prompt_tokens if last else None,
+                           completion_tokens=last.completion_tokens if last else None)
 
     def _store_reply(self, user_id: str, conversation_id: int, parent_id: int, served: ServedVersion, text: str,
-                     sampling: SamplingConfig, start: float, last: ReplyChunk | None, finish_reason: str) -> int:
+                     sampling: SamplingConfig, start: float, last: ReplyChunk | None, finish_reason: str,
+                     client_id: str | None = None) -> int:
         return self.store.add_reply(
             conversation_id, user_id, parent_id, storable(text),
             Reply(
@@ -229,6 +239,7 @@ class ChatService:
                 completion_tokens=last.completion_tokens if last else None,
                 finish_reason=finish_reason,
             ),
+            client_id=client_id,
         )
 
     def _start_turn(self, user_id: str, text: str, conversation_id: int | None, parent_id: int | None,
@@ -294,6 +305,67 @@ class ChatService:
         async for update in self._guarded_stream(user_id, msg["conversation_id"], user_message_id, sampling,
                                                  kind="regenerate"):
             yield update
+
+    # -- the OpenAI-compatible API (chat_app/openai_api.py) -------------------------------
+    async def api_chat(self, user_id: str, chat: Messages, *, system_prompt: str | None, version: ServedVersion,
+                       sampling: SamplingConfig, completion_id: str | None = None,
+                       client: str | None = None) -> AsyncIterator[StreamUpdate]:
+        """A reply from `version` to a whole history sent by a stateless client (user/assistant turns
+        ending with the user's). The history is looked up among the user's stored API conversations
+        (`FeedbackStore.find_path`): a follow-up extends its conversation and a regenerated reply becomes
+        a sibling of the earlier ones, so thumbs and comparisons on them mean what they do in the UI.
+        Otherwise a new conversation holds the history; assistant turns that no served version wrote
+        are stored under the external version `API_CLIENT_VERSION`."""
+        sampling = self._check_sampling(sampling)
+        self._check_request(user_id, chat[-1]["content"], client=client, system_prompt=system_prompt)
+        self._check_fits(chat[-1]["content"], system_prompt, sampling)
+        try:
+            conversation_id, user_message_id = await self._db(self._api_turn, user_id, chat, system_prompt)
+        except FeedbackError as exc:
+            raise UserFacingError(str(exc)) from exc
+        async for update in self._stream_reply(user_id, conversation_id, user_message_id, version, sampling,
+                                               kind="api", reply_client_id=completion_id):
+            yield update
+
+    def _api_turn(self, user_id: str, chat: Messages, system_prompt: str | None) -> tuple[int, int]:
+        """(conversation id, user message id) for `chat`, stored as `api_chat` describes."""
+        store = self.store
+        found = store.find_path(user_id, chat, system_prompt=system_prompt, source="api")
+        if found is not None:
+            return store.message(found)["conversation_id"], found
+        history = chat[:-1]
+        parent = store.find_path(user_id, history, system_prompt=system_prompt, source="api") if history else None
+        if parent is not None:
+            conversation_id = store.message(parent)["conversation_id"]
+        else:
+            conversation_id = store.create_conversation(user_id, system_prompt=system_prompt, source="api",
+                                                        title=chat[0]["content"].strip()[:80])
+            for turn in history:
+                if turn["role"] == "user":
+                    parent = store.add_user_message(conversation_id, user_id, turn["content"], parent_id=parent)
+                else:
+                    external = self.registry.ensure_version(API_CLIENT_VERSION, kind="external")
+                    parent = store.add_reply(conversation_id, user_id, parent, turn["content"],
+                                             Reply(model_version_id=external.id, finish_reason="stop"))
+        return conversation_id, store.add_user_message(conversation_id, user_id, chat[-1]["content"], parent_id=parent)
+
+    def reply_id_for(self, user_id: str, completion_id: str) -> int:
+        """The stored reply the API answered as `completion_id` (one of this user's)."""
+        try:
+            return self.store.reply_by_client_id(user_id, completion_id)
+        except FeedbackError as exc:
+            raise UserFacingError(str(exc)) from exc
+
+    def compare_replies(self, user_id: str, reply_a: int, reply_b: int, choice: str, *, client_id: str | None = None,
+                        client: str | None = None) -> int:
+        """A pairwise vote between two of the user's replies to one message (A, B, tie or both_bad)."""
+        self.limits.feedback(user_id, client)
+        try:
+            comparison_id = self.store.record_comparison(user_id, reply_a, reply_b, choice, client_id=client_id)
+        except FeedbackError as exc:
+            raise UserFacingError(str(exc)) from exc
+        self.metrics.stored("comparison")
+        return comparison_id
 
     # -- feedback (called on Gradio's worker threads) --------------------------------------
     def rate(self, user_id: str, reply_id: int, value: int, *, reasons: list[str] | None = None,

@@ -30,7 +30,8 @@ from .validation import clean_client_id, clean_id, clean_ids, clean_number, clea
 Choice = Literal["A", "B", "tie", "both_bad"]
 CHOICES: tuple[str, ...] = ("A", "B", "tie", "both_bad")
 MIN_RANKED, MAX_RANKED = 2, 9
-SOURCES: tuple[str, ...] = ("chat", "compare", "rank", "import")  # where a conversation came from
+WHITESPACE = " \t\r\n"
+SOURCES: tuple[str, ...] = ("chat", "compare", "rank", "import", "api")  # where a conversation came from
 
 
 
@@ -224,7 +225,7 @@ class FeedbackStore:
         if title is not None:
             title = self._text(title, "title", allow_empty=True, max_chars=500)
         if source not in SOURCES:
-            raise InvalidInputError(f"source must be chat, compare, rank or import, not {source!r}.")
+            raise InvalidInputError(f"source must be one of {', '.join(SOURCES)}, not {source!r:.40}.")
         if prompt_format not in ("chat", "text"):
             raise InvalidInputError(f"prompt_format must be 'chat' or 'text', not {prompt_format!r}.")
         with self.transaction() as db:
@@ -332,6 +333,17 @@ class FeedbackStore:
         """One stored message (all its columns), or NotFoundError."""
         return self._message(self.db, clean_id(message_id, field="message"))
 
+    def reply_by_client_id(self, user_id: str, client_id: str) -> int:
+        """The id of `user_id`'s reply stored with `client_id` (e.g. the API's completion id), or NotFoundError."""
+        user_id = self._user_id(user_id)
+        client_id = clean_client_id(client_id)
+        row = self.db.execute("SELECT m.id FROM messages m JOIN conversations c ON c.id = m.conversation_id "
+                              "WHERE m.client_id = ? AND m.role = 'assistant' AND c.user_id = ?",
+                              [client_id, user_id]).fetchone()
+        if row is None:
+            raise NotFoundError(f"no reply of yours with id {client_id!r:.60}; use the id of a completion you received.")
+        return int(row[0])
+
     def context(self, message_id: int) -> Context:
         """The conversation from its root to `message_id` (inclusive)."""
         message_id = clean_id(message_id, field="message")
@@ -371,6 +383,34 @@ class FeedbackStore:
         """Every message of a conversation (all branches), oldest first."""
         conversation_id = clean_id(conversation_id, field="conversation")
         return list(self.db.query("SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", [conversation_id]))
+
+    def find_path(self, user_id: str, chat: list[dict[str, str]], *, system_prompt: str | None = None,
+                  source: str = "api", candidates: int = 20) -> int | None:
+        """The id of the user's newest message whose path from its conversation's root is exactly `chat`
+        (role and content of every turn, leading and trailing whitespace aside: clients trim replies),
+        in a conversation of `source` with this system prompt; None if
+        there is none. A stateless client (the OpenAI API) sends the whole history with every request:
+        this finds where in the stored tree that history ends, so a follow-up extends the conversation
+        and a regenerated reply becomes a sibling of the earlier ones. Only the `candidates` newest
+        messages with the last turn's text are checked."""
+        user_id = self._user_id(user_id)
+        if not chat or not all(isinstance(t, dict) and isinstance(t.get("content"), str) for t in chat):
+            raise InvalidInputError("chat must be a non-empty list of {'role', 'content'} turns.")
+        if source not in SOURCES:
+            raise InvalidInputError(f"source must be one of {', '.join(SOURCES)}, not {source!r:.40}.")
+        def turns(messages: list[dict[str, str]]) -> list[tuple[str, str]]:
+            return [(t["role"], t["content"].strip(WHITESPACE)) for t in messages]
+
+        wanted = turns(chat)
+        rows = self.db.execute(
+            "SELECT m.id FROM messages m JOIN conversations c ON c.id = m.conversation_id "
+            "WHERE c.user_id = ? AND c.source = ? AND m.role = ? AND TRIM(m.content, ?) = ? ORDER BY m.id DESC LIMIT ?",
+            [user_id, source, wanted[-1][0], WHITESPACE, wanted[-1][1], candidates]).fetchall()
+        for (message_id,) in rows:
+            ctx = self.context(message_id)
+            if (ctx.system_prompt or None) == (system_prompt or None) and turns(ctx.messages) == wanted:
+                return message_id
+        return None
 
     def conversations_of(self, user_id: str, limit: int = 50, *, source: str | None = None) -> list[dict]:
         """A user's conversations, newest first: the `limit` newest of `source` (chat, compare, rank

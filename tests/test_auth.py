@@ -19,6 +19,7 @@ from starlette.testclient import TestClient
 
 from chat_app.auth import (
     AdminGuard,
+    ApiKeyDirectory,
     PasswordThrottle,
     ScryptParams,
     ThrottleConfig,
@@ -344,4 +345,22 @@ def test_users_file_json_is_readable_by_stock_tools(tmp_path: Path) -> None:
     users.add("zoë", UNICODE_PASSWORD, admin=True)
     data = json.loads(users.path.read_text(encoding="utf-8"))
     assert data["format"] == "alignloop-users/1"
-    assert set(data["users"]["zoë"]) == {"password", "admin", "created_at"}
+    assert set(data["users"]["zoë"]) == {"password", "admin", "created_at", "api_keys"}
+
+
+def test_api_keys_are_stored_as_digests_and_known_to_a_running_server_at_once(tmp_path: Path) -> None:
+    users = UsersFile(tmp_path / "users.json", CHEAP)
+    users.add("ann", "ann's password")
+    keys = ApiKeyDirectory(users.path)
+    key, record = users.add_api_key("ann")
+    assert key.startswith(f"alk-{record.key_id}-") and key not in users.path.read_text()
+    assert keys.owner(key) == "ann" and keys.owner(key + "x") is None
+    users.add("ann", "a new password", replace=True)  # a password change keeps the keys
+    assert keys.owner(key) == "ann"
+    users.revoke_api_key("ann", record.key_id)
+    assert keys.owner(key) is None
+    with pytest.raises(UsersFileError, match="no API key"):
+        users.revoke_api_key("ann", record.key_id)
+    with pytest.raises(UsersFileError, match="No user 'nobody'"):
+        users.add_api_key("nobody")
+    assert ApiKeyDirectory(tmp_path / "missing.json").owner(key) is None

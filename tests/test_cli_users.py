@@ -87,3 +87,21 @@ def test_the_admin_password_from_the_environment_is_not_refused(monkeypatch: pyt
                          max_input_chars=4000, max_new_tokens=16, repetition_penalty=1.15, auto_promote_after=0, promote_alpha=0.05,
                          promote_min_voters=5)
     assert config.admin_password is None  # the server reads $ALIGNLOOP_ADMIN_PASSWORD itself
+
+
+def test_users_key_prints_a_key_once_and_revokes_it(tmp_path: Path) -> None:
+    from chat_app.auth import ApiKeyDirectory
+
+    users = tmp_path / "users.json"
+    UsersFile(users).add("alice", PASSWORD)
+    result = runner.invoke(app, ["users", "key", "alice", "--file", str(users)])
+    assert result.exit_code == 0, result.output
+    key = result.stdout.strip().splitlines()[0]
+    assert key.startswith("alk-") and ApiKeyDirectory(users).owner(key) == "alice"
+    key_id = key.split("-")[1]
+    listed = runner.invoke(app, ["users", "list", "--file", str(users)]).output
+    assert f"API keys: {key_id}" in listed and key not in listed
+    result = runner.invoke(app, ["users", "key", "alice", "--revoke", key_id, "--file", str(users)])
+    assert result.exit_code == 0 and ApiKeyDirectory(users).owner(key) is None
+    result = runner.invoke(app, ["users", "key", "nobody", "--file", str(users)])
+    assert result.exit_code == 1 and "alignloop users add nobody" in plain(result.output)
