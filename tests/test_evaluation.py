@@ -76,3 +76,29 @@ def test_pairwise_correct_counts_ties_as_wrong() -> None:
     groups = [Group("p", ["long reply", "short", "tiny!"], [(0, 1), (1, 2), (2, 0)]), Group("q", ["ab", "a"], [(1, 0)])]
     assert pairwise_correct(LengthRM(), groups) == [True, False, False, False]  # "short" vs "tiny!" is a tie
     assert reward_accuracy(LengthRM(), groups) == 0.25 and math.isnan(reward_accuracy(LengthRM(), []))
+
+
+def test_repetition_loops_are_caught_and_ordinary_replies_are_not() -> None:
+    from training.evaluation import is_repetition_loop, reply_quality
+
+    assert is_repetition_loop("be asleep. " * 20)
+    assert is_repetition_loop("I like tea and I like it hot. I like tea and I like it hot! i like TEA and I like it hot")
+    assert is_repetition_loop("The cat sat on the mat and the cat sat on the mat and the cat sat on the mat and")
+    assert not is_repetition_loop("Keep a regular bedtime. Keep your room dark and cool. Keep screens out of bed.")
+    assert not is_repetition_loop("Yes. Yes. Yes.")  # one-word sentences are not a loop
+    q = reply_quality(["be asleep. " * 5, "Sleep in a dark, cool room."], [False, True])
+    assert (q.replies, q.loop_share, q.eos_share, q.mean_words) == (2, 0.5, 0.5, 8.0)
+
+
+def test_reply_quality_script_runs_on_the_tiny_model(tiny_model_path, tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "quality.json"
+    done = subprocess.run([sys.executable, "scripts/reply_quality.py", "--base-model", str(tiny_model_path),
+                           "--max-tokens", "4", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["prompts"] == 20 and len(data["models"]["base"]["replies"]) == 20
+    assert "| base |" in done.stdout

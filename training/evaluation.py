@@ -5,12 +5,16 @@ The statistics every gate reads are written here once:
 * ``bootstrap_interval``: percentile bootstrap of a mean (Efron & Tibshirani 1993), used for the
   candidate's reward gain over live (paired per held-out prompt) and for a new reward model's
   accuracy minus the previous one's (paired per held-out pair);
-* ``accuracy_interval``: Wilson score interval of a reward model's held-out pairwise accuracy.
+* ``accuracy_interval``: Wilson score interval of a reward model's held-out pairwise accuracy;
+* ``is_repetition_loop`` and ``reply_quality``: what a user sees first in a small model's replies
+  (loops, replies cut off at the token limit, length), measured before and after round 0.
 """
 
 from __future__ import annotations
 
 import math
+import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
@@ -159,3 +163,47 @@ def greedy_replies(base_model: str, device: str, adapters: dict[str, str | None]
                     gen = model.generate(**kwargs)
         out[name] = [tok.decode(row[ids.shape[1]:], skip_special_tokens=True).strip() for row in gen.cpu()]
     return out
+
+
+# --------------------------------------------------------------------------- #
+# Reply quality a user notices first
+# --------------------------------------------------------------------------- #
+
+LOOP_NGRAM = 6  # words
+LOOP_REPEATS = 3
+
+
+def is_repetition_loop(text: str, *, ngram: int = LOOP_NGRAM, repeats: int = LOOP_REPEATS) -> bool:
+    """Whether a reply is caught in a repetition loop: one sentence (of two words or more) said
+    `repeats` times, or one run of `ngram` words that occurs `repeats` times ("be asleep." twenty
+    times, a sentence that grows by a clause each time). Case and punctuation are ignored."""
+    sentences = [" ".join(re.findall(r"\w+", s.lower())) for s in re.split(r"[.!?\n]+", text)]
+    if any(n >= repeats for s, n in Counter(s for s in sentences if len(s.split()) >= 2).items()):
+        return True
+    words = re.findall(r"\w+", text.lower())
+    grams = Counter(tuple(words[i:i + ngram]) for i in range(len(words) - ngram + 1))
+    return any(n >= repeats for n in grams.values())
+
+
+@dataclass(frozen=True)
+class ReplyQuality:
+    """Shares over a set of replies: in a repetition loop, ended by the model (stop token) rather than
+    by the token limit; and the mean length in words."""
+
+    replies: int
+    loop_share: float
+    eos_share: float
+    mean_words: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {"replies": self.replies, "loop_share": self.loop_share, "eos_share": self.eos_share,
+                "mean_words": self.mean_words}
+
+
+def reply_quality(texts: Sequence[str], ended: Sequence[bool]) -> ReplyQuality:
+    """`ended[i]`: reply i stopped on the model's stop token (finish reason "stop", not "length")."""
+    if not texts or len(texts) != len(ended):
+        raise ValueError("reply_quality needs one `ended` flag per reply, and at least one reply.")
+    n = len(texts)
+    return ReplyQuality(n, sum(map(is_repetition_loop, texts)) / n, sum(map(bool, ended)) / n,
+                        sum(len(re.findall(r"\w+", t)) for t in texts) / n)
