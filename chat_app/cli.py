@@ -145,25 +145,30 @@ def demo(
     ctx: typer.Context,
     base_model: BaseModelOpt = "default",
     db: DbOpt = None,
-    train: bool = typer.Option(False, "--train", help="Also run round 0 in the background while the app serves; its candidate then shows up in Compare."),
-    round_overrides: Optional[list[str]] = typer.Option(None, "--round-set", help="A RoundConfig override for that round: --round-set ppo.iterations=4.", show_default=False),
+    bare_base: bool = typer.Option(False, "--bare-base", help="Serve the bare base model: do not train the first aligned version on a fresh install."),
+    train: bool = typer.Option(False, "--train", help="Also run a whole round (SFT, reward model, PPO-ptx) in the background while the app serves; its candidate then shows up in Compare."),
+    round_overrides: Optional[list[str]] = typer.Option(None, "--round-set", help="A RoundConfig override for the background round: --round-set ppo.iterations=4.", show_default=False),
     rounds_dir: Optional[Path] = typer.Option(None, "--rounds-dir", help="Where that round writes (default ~/.local/share/alignloop/rounds)."),
 ) -> None:
     """Prepare the model, create the database, seed the starter set, then serve (what `make run` does).
 
-    The starter demonstrations, prompts and preference pairs (training/starter/, source 'starter')
-    are imported once; with --train, `alignloop round` turns the loop once in a child process
-    (log and report under the rounds folder) while the app serves. Every other option is
+    On a fresh install the live policy is the bare base model, which has not learnt to chat: the first
+    aligned version trains in the background (SFT on the starter demonstrations, training.round.
+    first_run_settings) while the app serves the base with a banner showing the training's progress,
+    and goes live by itself when its round succeeds; later starts serve it at once. --bare-base skips
+    that; --train runs a whole round instead (its candidate waits for Compare votes or an operator).
+    The starter set (training/starter/, source 'starter') is imported once. Every other option is
     `alignloop serve`'s (see `alignloop serve --help`).
 
     Example: ALIGNLOOP_ADMIN_PASSWORD=s3cret alignloop demo --engine hf --train --round-set ppo.iterations=4
     """
     import subprocess
     import sys
+    import threading
 
-    from feedback_db import FeedbackStore, default_db_path
+    from feedback_db import FeedbackStore, ModelRegistry, default_db_path
     from training.base_models import ModelPreparationError, prepare_model
-    from training.round import RoundConfig, seed_starter_set
+    from training.round import RoundConfig, first_run_needed, first_run_settings, seed_starter_set
 
     try:
         model_dir = prepare_model(base_model)
@@ -173,20 +178,27 @@ def demo(
     db_path = db or default_db_path()
     with FeedbackStore(db_path) as store:
         seeded = seed_starter_set(store)
+        first_run = not bare_base and not train and first_run_needed(ModelRegistry(store))
     added = ", ".join(f"{n} {kind}" for kind, n in seeded.items())
     typer.echo(f"model: {model_dir}\ndatabase: {db_path}\nstarter set: {added} new records")
     child = None
-    if train:
+    if train or first_run:
         rounds_dir = (rounds_dir or Path(RoundConfig().rounds_dir)).expanduser()
         rounds_dir.mkdir(parents=True, exist_ok=True)
-        log_path = rounds_dir / "demo-round.log"
+        log_path = rounds_dir / ("first-run.log" if first_run else "demo-round.log")
         cmd = [sys.executable, "-m", "chat_app.cli", "round", "--db", str(db_path), "--base-model", base_model,
                "--rounds-dir", str(rounds_dir)]
-        for item in round_overrides or []:
+        for item in (first_run_settings() if first_run else []) + list(round_overrides or []):
             cmd += ["--set", item]
         child = subprocess.Popen(cmd, stdout=log_path.open("a"), stderr=subprocess.STDOUT)
-        typer.echo(f"round 0 is training in the background (pid {child.pid}, log {log_path}); "
-                   "its candidate appears in Compare and on the Dashboard when it is registered.")
+        if first_run:
+            typer.echo(f"training the first aligned version in the background (pid {child.pid}, log {log_path}); "
+                       "the bare base model serves until it goes live (--bare-base skips this).")
+            threading.Thread(target=_promote_first_run, args=(child, db_path), daemon=True,
+                             name="first-run").start()
+        else:
+            typer.echo(f"a round is training in the background (pid {child.pid}, log {log_path}); "
+                       "its candidate appears in Compare and on the Dashboard when it is registered.")
     serve_command = typer.main.get_command(app).commands["serve"]  # type: ignore[attr-defined]
     try:
         serve_command.main(["--base-model", base_model, "--db", str(db_path), *ctx.args],
@@ -194,6 +206,39 @@ def demo(
     finally:
         if child is not None and child.poll() is None:
             child.terminate()  # a round stopped early registers nothing; the next one starts clean
+
+
+FIRST_RUN_ACTOR = "first-run"
+
+
+def _promote_first_run(child, db_path: Path) -> None:
+    """When the first-run round ends: make its candidate live (the running server follows the registry),
+    if the round succeeded with its gates passed and the bare base is still live."""
+    import logging
+
+    from feedback_db import FeedbackError, FeedbackStore, ModelRegistry
+
+    log = logging.getLogger("alignloop.first_run")
+    status = child.wait()
+    with FeedbackStore(db_path) as store:
+        registry = ModelRegistry(store)
+        rounds = registry.rounds()
+        last = rounds[-1] if rounds else None
+        if status != 0 or last is None or last.status != "succeeded" or not last.metrics.get("gates_passed"):
+            log.error("the first aligned version did not finish (exit status %s, round %s); the bare base model "
+                      "keeps serving. See the round's log and report; `alignloop round` retries.", status,
+                      last.status if last else "none")
+            return
+        candidates = [v for v in registry.candidates("policy") if v.round_id == last.id]
+        live = registry.live("policy")
+        if not candidates or (live is not None and live.adapter_path):
+            return  # an operator promoted something meanwhile: leave it
+        try:
+            registry.promote(candidates[0].id, actor=FIRST_RUN_ACTOR)
+        except FeedbackError as exc:
+            log.error("could not make the first aligned version %s live: %s", candidates[0].name, exc)
+            return
+        log.info("the first aligned version %s is live", candidates[0].name)
 
 
 UsersFileArg = Annotated[Optional[Path], typer.Option(

@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 from feedback_db import FeedbackError, FeedbackStore, ModelRegistry, PromotionPolicy, Reply, auto_promote_candidate
@@ -63,6 +64,15 @@ class StreamUpdate:
 
 
 API_CLIENT_VERSION = "external:api-client"  # what wrote assistant turns an API client sent that no served version did
+
+
+def _utc_seconds(stamp: str) -> float:
+    """Seconds since the epoch of a store timestamp (ISO 8601, UTC); 0 if it cannot be read."""
+    try:
+        parsed = datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
+    except ValueError:
+        return 0.0
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)).timestamp()
 
 
 def context_note(dropped: int) -> str | None:
@@ -305,6 +315,33 @@ class ChatService:
         async for update in self._guarded_stream(user_id, msg["conversation_id"], user_message_id, sampling,
                                                  kind="regenerate"):
             yield update
+
+    # -- what the page says about the model -------------------------------------------
+    STATUS_TTL_S = 2.0
+    STALE_PROGRESS_S = 600.0  # a "running" round silent this long is taken for dead (its process crashed)
+
+    async def model_status(self) -> dict[str, Any]:
+        """{"live": name, "bare_base": bool, "training": progress dict or None} for the page's banner;
+        read at most every STATUS_TTL_S however many browsers ask."""
+        now = time.monotonic()
+        cached = getattr(self, "_status", None)
+        if cached is not None and now - cached[0] < self.STATUS_TTL_S:
+            return cached[1]
+        running = await self._db(self.registry.running_round)
+        progress = None
+        if running is not None:
+            progress = dict(running.metrics.get("progress") or {"step": "starting"})
+            at = progress.get("at")
+            age = time.time() - _utc_seconds(at) if at else 0.0
+            if age > self.STALE_PROGRESS_S:
+                progress = None
+            else:
+                progress["round_id"] = running.id
+        live = self.router.live
+        status = {"live": live.name if live else None, "bare_base": bool(live and live.adapter is None),
+                  "training": progress}
+        self._status = (now, status)
+        return status
 
     # -- the OpenAI-compatible API (chat_app/openai_api.py) -------------------------------
     async def api_chat(self, user_id: str, chat: Messages, *, system_prompt: str | None, version: ServedVersion,

@@ -269,11 +269,27 @@ class ModelRegistry:
                 {
                     "status": status,
                     "finished_at": utc_now(),
-                    "metrics": json.dumps({**current.metrics, **(metrics or {})}, sort_keys=True, default=str),
+                    "metrics": json.dumps({**{k: v for k, v in current.metrics.items() if k != "progress"},
+                                           **(metrics or {})}, sort_keys=True, default=str),
                     "report_path": str(report_path) if report_path else current.report_path,
                 },
             )
         return self.get_round(round_id)
+
+    def record_progress(self, round_id: int, progress: dict[str, Any]) -> None:
+        """Note where a running round is (its metrics' "progress": step, done, total, seconds left), for
+        the app's banner and dashboard. Ignored once the round has finished."""
+        with self.store.transaction() as db:
+            current = self._get_round(db, round_id)
+            if current.status == "running":
+                db["training_rounds"].update(round_id, {"metrics": json.dumps(
+                    {**current.metrics, "progress": {**progress, "at": utc_now()}}, sort_keys=True, default=str)})
+
+    def running_round(self) -> TrainingRound | None:
+        """The newest round still marked running, if any (a round whose process died stays "running":
+        look at its progress' "at" before trusting it)."""
+        rows = list(self.store.db.query("SELECT * FROM training_rounds WHERE status = 'running' ORDER BY id DESC LIMIT 1"))
+        return TrainingRound.from_row(rows[0]) if rows else None
 
     def get_round(self, round_id: int) -> TrainingRound:
         """One training round by id."""

@@ -594,9 +594,11 @@ def run_bench(cfg: BenchLoopConfig) -> dict[str, Any]:
     users_file = UsersFile(out / "users.json")  # passwords never go on the server's command line
     for name, password in passwords.items():
         users_file.add(name, password, replace=True)
-    # `alignloop demo` is `serve` after seeding the starter set (what `make run` runs).
+    # `alignloop demo` is `serve` after seeding the starter set (what `make run` runs); --bare-base: round 0
+    # is trained below as a whole round (or reused), not as demo's quick first-run version.
+    demo = cfg.baseline == "round0"
     server = start_server(cfg.base_model, out, engine=cfg.engine, timeout=900.0,
-                          command="demo" if cfg.baseline == "round0" else "serve", serve_args=[
+                          command="demo" if demo else "serve", serve_args=[*(["--bare-base"] if demo else []),
                               "--max-new-tokens", str(cfg.max_new_tokens), "--rate-limit", "0",
                               "--auto-promote-after", str(cfg.auto_promote_after),
                               "--users-file", str(users_file.path)])

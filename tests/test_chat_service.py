@@ -344,3 +344,25 @@ def test_metrics_count_requests_tokens_and_feedback(tiny_model_path, tmp_db_path
         assert float(generated[0].rsplit(" ", 1)[1]) >= tokens > 0
 
     run_with_service(tiny_model_path, tmp_db_path, body)
+
+
+def test_model_status_shows_a_running_rounds_progress_until_it_goes_stale(tiny_model_path, tmp_db_path):
+    from chat_app.ui.rendering import banner_text
+
+    async def body(svc: ChatService):
+        assert await svc.model_status() == {"live": "base:tiny", "bare_base": True, "training": None}
+        assert "bare base model" in banner_text(await svc.model_status())
+        round_ = svc.registry.start_round({})
+        svc.registry.record_progress(round_.id, {"step": "sft", "what": "SFT", "done": 3, "total": 12, "eta_s": 300})
+        svc._status = None  # the status is cached for STATUS_TTL_S
+        status = await svc.model_status()
+        assert status["training"]["done"] == 3 and status["training"]["round_id"] == round_.id
+        text = banner_text(status)
+        assert "Training the first aligned version" in text and "3/12 (25%, about 5 min left)" in text
+        svc.STALE_PROGRESS_S = -1.0  # a round whose process died: its progress is not shown forever
+        svc._status = None
+        assert (await svc.model_status())["training"] is None
+        svc.registry.finish_round(round_.id, "stopped")
+        assert "progress" not in svc.registry.get_round(round_.id).metrics
+
+    run_with_service(tiny_model_path, tmp_db_path, body)

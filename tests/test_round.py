@@ -349,10 +349,20 @@ def test_cron_script_exits_75_while_a_round_runs(config: RoundConfig, tmp_path: 
     assert "another training round is running" in log.read_text()
 
 
-def test_starter_round_runs_sft_then_rm_then_ppo_from_the_sft_adapter(config: RoundConfig) -> None:
+def test_starter_round_runs_sft_then_rm_then_ppo_from_the_sft_adapter(config: RoundConfig, monkeypatch) -> None:
     config.min_prompts = 8
+    published: list[dict] = []  # what the app's banner would have read, in order
+    record = ModelRegistry.record_progress
+    monkeypatch.setattr(ModelRegistry, "record_progress",
+                        lambda self, round_id, progress: (published.append(progress), record(self, round_id, progress)))
     result = run_round(config, seed_starter=True)
     assert result.status == "succeeded" and result.metrics["mode"] == "sft+rm+ppo", result.reason
+    steps = [p["step"] for p in published if "done" not in p]
+    assert steps[:4] == ["export", "sft", "reward_model", "judge"] and "ppo" in steps
+    for what, step in (("SFT", "sft"), ("reward model", "reward_model"), ("PPO", "ppo")):
+        last = [p for p in published if p.get("what") == what and p["step"] == step][-1]
+        assert last["done"] == last["total"] > 0 and last["eta_s"] == 0
+    assert "progress" not in rounds(config.db)[-1].metrics  # a finished round shows no progress
     assert result.metrics["seeded"]["sft"] > 0 and result.metrics["sft"]["init_adapter"] == ""
     sft_kept = Path(result.round_dir) / "adapters" / f"sft-r{result.round_id}"
     assert result.metrics["ppo"]["start"].endswith("work/sft")  # PPO starts from the SFT adapter ...

@@ -37,7 +37,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from training import losses as L
 from training.adapters import (
@@ -67,6 +66,7 @@ from training.chat_data import (
 from training.config import ConfigError, PPOConfig
 from training.logprobs import hidden_states, reply_logprobs, token_logprobs
 from training.metrics_log import MetricsLog
+from training.progress import tracked
 from training.reward_model import sequence_rewards
 from training.rollout import Sampler, SamplerContext, SamplerFactory, hf_sampler_factory
 
@@ -368,7 +368,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None,
         kl_last = 0.0
         samples: list[dict[str, Any]] = []
         started = time.perf_counter()
-        bar = tqdm(range(1, cfg.iterations + 1), desc="PPO", disable=not cfg.progress)
+        bar = tracked(range(1, cfg.iterations + 1), "PPO", show_bar=cfg.progress)
         for iteration in bar:
             # ---- 1. Rollout: sample replies with the current policy --------------------------------------
             t0 = time.perf_counter()

@@ -68,6 +68,7 @@ from training.losses import (
     pointwise_reward_loss,
 )
 from training.metrics_log import MetricsLog
+from training.progress import tracked
 
 
 def sequence_rewards(model: nn.Module, head: ScalarHead, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -363,7 +364,7 @@ def train_reward_model(cfg: RewardConfig) -> RewardResult:
     pairs_seen = thumbs_seen = 0
     model.train()
     started = time.perf_counter()
-    for step in tqdm(range(steps), desc="RM", disable=not cfg.progress):
+    for step in tracked(range(steps), "reward model", show_bar=cfg.progress):
         optimizer.zero_grad(set_to_none=True)
         metrics: dict[str, float] = {}
         if train:

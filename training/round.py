@@ -49,6 +49,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import math
 import os
 import shutil
@@ -95,14 +96,17 @@ from training.round_data import (
     split_heldout,
     starter_rows,
 )
+from training.progress import StepProgress, reporting
 from training.round_lock import RoundBusyError, recover_stale_rounds, round_dir_name, round_lock, same_round_done
 
 __all__ = [
     "STARTER_DIR", "STARTER_FILES", "STARTER_SOURCE", "RoundBusyError", "RoundConfig", "RoundResult", "RoundRunner",
-    "StepHook", "check_adapter", "fixed_report_prompts", "greedy_replies", "heldout_bucket", "load_round_config",
+    "StepHook", "check_adapter", "first_run_needed", "first_run_settings", "fixed_report_prompts", "greedy_replies", "heldout_bucket", "load_round_config",
     "maybe_auto_promote", "recover_stale_rounds", "reward_accuracy", "round_dir_name", "round_lock", "run_round",
     "same_round_done", "seed_starter_set", "split_heldout", "starter_rows",
 ]
+
+log = logging.getLogger(__name__)
 
 # A test (or an operator's probe) can interrupt a round at a named step: hook(step, round_dir).
 StepHook = Callable[[str, Path], None]
@@ -288,13 +292,33 @@ class RoundRunner:
             timing[last] = timing.get(last, 0.0) + now - self._step_started
         self._step_started = now
         self.metrics["last_step"] = name
+        self._publish({"step": name})
         if self.step_hook:
             self.step_hook(name, self.round_dir)
+
+    PROGRESS_EVERY_S = 3.0
+
+    def _publish(self, progress: dict[str, Any], *, force: bool = True) -> None:
+        """Record where the round is in the registry (the app's banner reads it), at most every few seconds."""
+        now = time.monotonic()
+        if not force and now - getattr(self, "_published", -1e9) < self.PROGRESS_EVERY_S:
+            return
+        self._published = now
+        try:
+            self.registry.record_progress(self.round_id, {"step": self.metrics.get("last_step"), **progress})
+        except Exception as exc:  # noqa: BLE001 - progress is for show; it must never fail a round
+            log.warning("could not record the round's progress: %s", exc)
+
+    def report_loop(self, p: StepProgress) -> None:
+        """A trainer's loop finished a step (training.progress): publish it, with the time left."""
+        self._publish({"what": p.what, "done": p.done, "total": p.total,
+                       "eta_s": None if p.eta_s is None else round(p.eta_s)}, force=p.done == p.total)
 
     def run(self) -> RoundResult:
         try:
             self.work.mkdir(parents=True, exist_ok=True)
-            candidate = self.train()
+            with reporting(self.report_loop):
+                candidate = self.train()
         except _Stop as stop:
             return self.finish("stopped", str(stop))
         except BaseException as exc:  # noqa: BLE001 - record it, clean up, re-raise
@@ -726,6 +750,36 @@ def _mean(values: list[float]) -> float | None:
 # --------------------------------------------------------------------------- #
 # Promotion
 # --------------------------------------------------------------------------- #
+
+
+def first_run_settings() -> list[str]:
+    """`--set` overrides of the first aligned version a fresh install trains (`alignloop demo`): SFT alone
+    on the starter demonstrations, one epoch (a reward model and PPO come in the next rounds, with the
+    users' feedback), in bfloat16 where the CPU has native bfloat16 (faster than float32 there)."""
+    settings = ["min_pairs=1000000000", "sft.epochs=1"]
+    if native_bf16_cpu():
+        settings.append("sft.dtype=bfloat16")
+    return settings
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this machine's CPU computes in bfloat16 natively (AVX512-BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def first_run_needed(registry: Any) -> bool:
+    """Whether a fresh install should train its first aligned version: the live policy is the bare base
+    (or nothing is live yet), no policy version with an adapter was ever registered, and no round runs."""
+    live = registry.live("policy")
+    if live is not None and live.adapter_path:
+        return False
+    if any(v.adapter_path for v in registry.list(kind="policy")):
+        return False
+    return registry.running_round() is None
 
 
 def promotion_policy(config: RoundConfig) -> Any:

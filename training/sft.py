@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from training.adapters import adapter_parameters, attach_adapter, fresh_dir, load_base, save_adapter
 from training.chat_data import (DataError, Example, TruncationReport, collate, example_for, pad_token_id, read_rows,
@@ -24,6 +23,7 @@ from training.config import SFTConfig, TokenBudget
 from training.logprobs import token_logprobs
 from training.losses import token_nll
 from training.metrics_log import MetricsLog
+from training.progress import tracked
 
 
 @dataclass
@@ -74,7 +74,7 @@ def train_sft(cfg: SFTConfig) -> SFTResult:
     losses: list[float] = []
     started = time.perf_counter()
     model.train()
-    for step in tqdm(range(steps), desc="SFT", disable=not cfg.progress):
+    for step in tracked(range(steps), "SFT", show_bar=cfg.progress):
         if len(order) < cfg.batch_size:
             refill = list(range(len(examples)))
             rng.shuffle(refill)

@@ -11,6 +11,7 @@ import hmac
 from ..limits import UserFacingError
 from .chat_tab import browser_value, build_chat_tab
 from .common import Runtime
+from .rendering import banner_text
 from .compare_tab import build_compare_tab
 from .dashboard_tab import build_dashboard_tab
 from .rank_tab import build_rank_tab
@@ -18,6 +19,8 @@ from .rank_tab import build_rank_tab
 
 # A refused message shows as a toast; Gradio would also lay a red "Error" over every output of the
 # event (the whole conversation), which hides it and blocks typing until dismissed.
+BANNER_REFRESH_S = 5.0
+
 CSS = """
 #chatbot > .wrap:has(.error), #chat-input > .wrap:has(.error), #chat-status > .wrap:has(.error) { display: none !important; }
 """
@@ -40,6 +43,7 @@ def build_ui(rt: Runtime, *, title: str = "alignloop", default_sampling: Samplin
         user_state = gr.State(None)  # the caller's identity, held by the server for this session
         gr.Markdown(f"# {title}\nA model that learns from you: rate replies, compare, rank, "
                     "or write the reply you wanted.")
+        banner = gr.Markdown("", elem_id="model-banner")
         with gr.Accordion("Settings: system prompt and sampling", open=False):
             settings = {
                 "system_prompt": gr.Textbox(label="System prompt", lines=2, elem_id="system-prompt"),
@@ -83,6 +87,15 @@ def build_ui(rt: Runtime, *, title: str = "alignloop", default_sampling: Samplin
             return who.user_id, browser_value(rt, who, conversation), history, state
 
         demo.load(on_load, [browser], [user_state, browser, chat.chatbot, chat.state], api_name=False)
+
+        async def show_banner() -> str:
+            """What the page says about the model now: the bare base, and a round training (with its progress)."""
+            if rt.service is None:
+                return ""
+            return banner_text(await rt.service.model_status())
+
+        demo.load(show_banner, None, banner, api_name=False)
+        gr.Timer(BANNER_REFRESH_S).tick(show_banner, None, banner, api_name=False, show_progress="hidden")
     # Gradio runs one call per event at a time unless told otherwise; the engine batches
     # concurrent requests itself (vLLM) or queues them (transformers), so let them through.
     demo.queue(default_concurrency_limit=concurrency)

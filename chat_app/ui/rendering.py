@@ -61,3 +61,37 @@ def as_safe_markdown(text: str) -> str:
 def for_display(role: str, text: str) -> str:
     """The text of one chat message as the Chatbot should receive it."""
     return as_plain_text(text) if role == "user" else as_safe_markdown(text)
+
+
+STEP_NAMES = {"export": "reading the feedback", "sft": "learning from demonstrations (SFT)",
+              "reward_model": "training the reward model", "judge": "training the judge",
+              "ppo": "PPO-ptx", "evaluate": "checking the new version", "register": "registering it",
+              "report": "writing its report", "starting": "starting"}
+
+
+def _minutes(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    return ", about 1 min left" if seconds < 90 else f", about {round(seconds / 60)} min left"
+
+
+def banner_text(status: dict) -> str:
+    """The line above the tabs: the bare base is live (and why replies may loop), and a training round's
+    progress (step, done/total, time left in this step). Empty when there is nothing to say."""
+    training = status.get("training")
+    progress = ""
+    if training:
+        step = STEP_NAMES.get(str(training.get("step")), str(training.get("step") or "starting"))
+        done, total = training.get("done"), training.get("total")
+        counted = (f": {done}/{total} ({done / total:.0%}{_minutes(training.get('eta_s'))})"
+                   if isinstance(done, int) and isinstance(total, int) and total > 0 else "")
+        progress = f"{step}{counted}"
+    if status.get("bare_base"):
+        if training:
+            return (f"⏳ **Training the first aligned version** ({progress}). Until it is ready you are talking to "
+                    "the bare base model, which has not learnt to chat yet: its replies often repeat themselves.")
+        return ("ℹ️ You are talking to the **bare base model**, which has not learnt to chat yet: its replies often "
+                "repeat themselves. Rate, compare and write better replies: that is what the next version learns from.")
+    if training:
+        return f"🔄 A new version is training ({progress}); you are talking to {status.get('live')}."
+    return ""
