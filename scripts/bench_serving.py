@@ -1,6 +1,8 @@
 """Benchmark: C concurrent simulated users against the raw engine and against the app.
 
-Parts, all in one run, printed as one table with the ratios side by side:
+Parts, all in one run, printed as one table with the ratios side by side. The raw engines and the
+app are measured in turn, --repeats times (A B A B ...), and every ratio is taken within a round and
+quoted as its median and range:
 
   (a) raw engine: C asyncio tasks stream requests straight through `engine.stream()`, for
       each engine in --engines (vLLM and transformers: the vllm/hf ratio).
@@ -32,10 +34,12 @@ import asyncio
 import os
 import re
 import sqlite3
+import statistics
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -78,6 +82,7 @@ class BenchConfig:
     # GRADIO_DEFAULT_CONCURRENCY_LIMIT for the server; None: the app as shipped. Gradio runs one
     # request per event at a time unless told otherwise, which serialises /chat across users.
     app_concurrency: int | None = None
+    repeats: int = 3  # interleaved rounds: raw engines and app measured A B A B ..., ratios per round
 
 
 @dataclass
@@ -124,37 +129,41 @@ def prompt_for(user: int, request: int) -> str:
 
 
 # -- (a) the raw engine --------------------------------------------------------------------------
-async def bench_engine(kind: str, model_path: Path, cfg: BenchConfig) -> PhaseResult:
-    """C tasks, each streaming `requests_per_user` requests one after another through `engine.stream()`."""
+async def open_engine(kind: str, model_path: Path, cfg: BenchConfig):
+    """An engine for (a), warmed up: the first request pays for compilation and caches."""
     engine = create_engine(kind, model_path, EngineConfig(max_model_len=MAX_MODEL_LEN))  # type: ignore[arg-type]
-    sampling = SamplingConfig(temperature=cfg.temperature, top_p=0.95, max_tokens=cfg.max_tokens)
-    try:
-        # One untimed request first: the first one pays for compilation and caches.
-        async for _ in engine.stream([{"role": "user", "content": "Hi"}], sampling=sampling):
-            pass
-        phase = PhaseResult("(a) raw engine", engine.name)
+    async for _ in engine.stream([{"role": "user", "content": "Hi"}], sampling=_sampling(cfg)):
+        pass
+    return engine
 
-        async def user(u: int) -> None:
-            for j in range(cfg.requests_per_user):
-                result = RequestResult(time.perf_counter())
-                phase.results.append(result)
-                try:
-                    async for chunk in engine.stream([{"role": "user", "content": prompt_for(u, j)}],
-                                                     sampling=sampling):
-                        if result.ttft_s is None and chunk.delta:
-                            result.ttft_s = time.perf_counter() - result.started
-                        if chunk.finished:
-                            result.tokens = chunk.completion_tokens
-                except Exception as exc:
-                    result.error = f"{type(exc).__name__}: {exc}"
 
-        start = time.perf_counter()
-        await asyncio.gather(*(user(u) for u in range(cfg.users)))
-        phase.wall_s = time.perf_counter() - start
-        phase.tokens = sum(r.tokens for r in phase.results)
-        return phase
-    finally:
-        await engine.close()
+def _sampling(cfg: BenchConfig) -> SamplingConfig:
+    return SamplingConfig(temperature=cfg.temperature, top_p=0.95, max_tokens=cfg.max_tokens)
+
+
+async def bench_engine(engine, cfg: BenchConfig) -> PhaseResult:
+    """C tasks, each streaming `requests_per_user` requests one after another through `engine.stream()`."""
+    sampling = _sampling(cfg)
+    phase = PhaseResult("(a) raw engine", engine.name)
+
+    async def user(u: int) -> None:
+        for j in range(cfg.requests_per_user):
+            result = RequestResult(time.perf_counter())
+            phase.results.append(result)
+            try:
+                async for chunk in engine.stream([{"role": "user", "content": prompt_for(u, j)}], sampling=sampling):
+                    if result.ttft_s is None and chunk.delta:
+                        result.ttft_s = time.perf_counter() - result.started
+                    if chunk.finished:
+                        result.tokens = chunk.completion_tokens
+            except Exception as exc:
+                result.error = f"{type(exc).__name__}: {exc}"
+
+    start = time.perf_counter()
+    await asyncio.gather(*(user(u) for u in range(cfg.users)))
+    phase.wall_s = time.perf_counter() - start
+    phase.tokens = sum(r.tokens for r in phase.results)
+    return phase
 
 
 # -- (b) the app ---------------------------------------------------------------------------------
@@ -219,7 +228,6 @@ def make_clients(url: str, n: int) -> list:
 
 def bench_app(server: ServerProcess, kind: str, clients: list, cfg: BenchConfig) -> PhaseResult:
     """C threads, one client each, `requests_per_user` `/chat` calls one after another."""
-    chat_once(clients[0], "Hi", cfg)  # untimed, as in (a)
     phase = PhaseResult("(b) app /chat", kind)
     watermark = _last_message_id(server.db_path)
     lock = threading.Lock()
@@ -384,34 +392,62 @@ def _verdict(ok: bool) -> str:
     return "met" if ok else "MISSED"
 
 
-def print_report(cfg: BenchConfig, phases: list[PhaseResult], promotion: PromotionResult | None) -> None:
-    header = f"{'phase':<22}{'engine':<8}{'C':>3}{'reqs':>6}{'failed':>7}{'tokens':>8}{'wall s':>8}" \
+def median_range(values: list[float]) -> str:
+    """"median [min, max] (n)" of per-round values."""
+    if not values:
+        return "n/a"
+    return f"{statistics.median(values):.2f} [{min(values):.2f}, {max(values):.2f}] (n={len(values)})"
+
+
+def ratios(rounds: list[list[PhaseResult]], top: Callable[[list[PhaseResult]], PhaseResult | None],
+           bottom: Callable[[list[PhaseResult]], PhaseResult | None]) -> list[float]:
+    """top/bottom tokens/s within each round (phases measured side by side)."""
+    out = []
+    for phases in rounds:
+        a, b = top(phases), bottom(phases)
+        if a is not None and b is not None and b.tokens_per_s:
+            out.append(a.tokens_per_s / b.tokens_per_s)
+    return out
+
+
+def print_report(cfg: BenchConfig, rounds: list[list[PhaseResult]], promotion: PromotionResult | None) -> None:
+    header = f"{'round':<6}{'phase':<22}{'engine':<8}{'C':>3}{'reqs':>6}{'failed':>7}{'tokens':>8}{'wall s':>8}" \
              f"{'tok/s':>8}{'TTFT p50':>10}{'TTFT p95':>10}"
     print()
     print(f"model={'tiny random' if cfg.tiny else cfg.model}  users={cfg.users}  "
           f"requests/user={cfg.requests_per_user}  max_tokens={cfg.max_tokens}  temperature={cfg.temperature}  "
-          f"app concurrency={cfg.app_concurrency or 'app default (64)'}")
+          f"app concurrency={cfg.app_concurrency or 'app default (64)'}  repeats={cfg.repeats} (interleaved)")
     print(header)
     print("-" * len(header))
-    rows = phases + ([promotion.phase] if promotion else [])
-    for p in rows:
-        print(f"{p.name:<22}{p.engine:<8}{cfg.users:>3}{len(p.results):>6}{p.failed:>7}{p.tokens:>8}"
+    rows = [(str(i + 1), p) for i, phases in enumerate(rounds) for p in phases]
+    rows += [("-", promotion.phase)] if promotion else []
+    for r, p in rows:
+        print(f"{r:<6}{p.name:<22}{p.engine:<8}{cfg.users:>3}{len(p.results):>6}{p.failed:>7}{p.tokens:>8}"
               f"{p.wall_s:>8.1f}{p.tokens_per_s:>8.1f}{_fmt(p.ttft(50)):>10}{_fmt(p.ttft(95)):>10}")
     print()
-    raw = {p.engine: p for p in phases if p.name.startswith("(a)")}
-    app = next((p for p in phases if p.name.startswith("(b)")), None)
-    if app is not None and app.engine in raw and raw[app.engine].tokens_per_s:
-        ratio = app.tokens_per_s / raw[app.engine].tokens_per_s
-        print(f"{f'app / raw tokens/s ({app.engine})':<40}{ratio:>6.2f}   target >= 0.9: {_verdict(ratio >= 0.9)}")
-        ttft_a, ttft_b = raw[app.engine].ttft(50), app.ttft(50)
-        if ttft_a and ttft_b:
-            print(f"{f'app - raw TTFT p50 ({app.engine}), s':<40}{ttft_b - ttft_a:>+6.2f}")
-    if "vllm" in raw and "hf" in raw and raw["hf"].tokens_per_s:
-        ratio = raw["vllm"].tokens_per_s / raw["hf"].tokens_per_s
-        print(f"{f'vllm / hf tokens/s at C={cfg.users}':<40}{ratio:>6.2f}   target >= 3: {_verdict(ratio >= 3)}")
+
+    def raw(kind: str) -> Callable[[list[PhaseResult]], PhaseResult | None]:
+        return lambda phases: next((p for p in phases if p.name.startswith("(a)") and p.engine == kind), None)
+
+    def app(phases: list[PhaseResult]) -> PhaseResult | None:
+        return next((p for p in phases if p.name.startswith("(b)")), None)
+
+    app_kind = cfg.app_engine or cfg.engines[0]
+    app_raw = ratios(rounds, app, raw(app_kind))
+    if app_raw:
+        print(f"{f'app / raw tokens/s ({app_kind}), median [range]':<46}{median_range(app_raw)}   target >= 0.9: "
+              f"{_verdict(statistics.median(app_raw) >= 0.9)}")
+        ttft = [a.ttft(50) - b.ttft(50) for phases in rounds if (a := app(phases)) and (b := raw(app_kind)(phases))
+                and a.ttft(50) is not None and b.ttft(50) is not None]
+        if ttft:
+            print(f"{f'app - raw TTFT p50 ({app_kind}), s':<46}{median_range(ttft)}")
+    vllm_hf = ratios(rounds, raw("vllm"), raw("hf"))
+    if vllm_hf:
+        print(f"{f'vllm / hf tokens/s at C={cfg.users}':<46}{median_range(vllm_hf)}   target >= 3: "
+              f"{_verdict(statistics.median(vllm_hf) >= 3)}")
     if promotion is not None:
-        failed = promotion.phase.failed + sum(p.failed for p in phases if not p.name.startswith("(a)"))
-        print(f"{'failed app requests (b)+(c)':<40}{failed:>6}   target 0: {_verdict(failed == 0)}")
+        failed = promotion.phase.failed + sum(p.failed for phases in rounds for p in phases if not p.name.startswith("(a)"))
+        print(f"{'failed app requests (b)+(c)':<46}{failed:>6}   target 0: {_verdict(failed == 0)}")
         for i, (s, lo, stale, ready) in enumerate(zip(promotion.switch_s, promotion.old_until_s,
                                                       promotion.old_after_switch, promotion.router_ready_s)):
             ok = s is not None and s < 1.0
@@ -429,6 +465,9 @@ def print_report(cfg: BenchConfig, phases: list[PhaseResult], promotion: Promoti
 
 # -- main ----------------------------------------------------------------------------------------
 def run(cfg: BenchConfig) -> None:
+    """Every engine of (a) and the app (b) stay up for the whole run and are measured in turn, --repeats
+    times (raw engines, app, raw engines, app, ...): on a shared, noisy machine a ratio is only taken
+    between phases measured side by side, and the report quotes the median ratio and its range."""
     from training.base_models import build_tiny_model, prepare_model, resolve_model
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-serving-"))
@@ -439,29 +478,45 @@ def run(cfg: BenchConfig) -> None:
         model_path, model = Path(prepare_model(cfg.model)), cfg.model
     base_name = resolve_model(model).name
 
-    phases: list[PhaseResult] = []
-    for kind in cfg.engines:
-        print(f"(a) raw {kind} engine: starting…", flush=True)
-        phases.append(asyncio.run(bench_engine(kind, model_path, cfg)))
+    loop = asyncio.new_event_loop()  # the raw engines live on this loop between their phases
+    engines = {}
+    server = clients = None
+    rounds: list[list[PhaseResult]] = []
     promotion = None
-    if not cfg.skip_app:
+    try:
+        for kind in cfg.engines:
+            print(f"(a) raw {kind} engine: starting…", flush=True)
+            engines[kind] = loop.run_until_complete(open_engine(kind, model_path, cfg))
         kind = cfg.app_engine or cfg.engines[0]
-        print(f"(b) app on the {kind} engine: starting the server…", flush=True)
-        app_dir = workdir / "app"
-        app_dir.mkdir()
-        server = start_app(kind, model, app_dir, cfg)
-        try:
+        if not cfg.skip_app:
+            print(f"(b) app on the {kind} engine: starting the server…", flush=True)
+            app_dir = workdir / "app"
+            app_dir.mkdir()
+            server = start_app(kind, model, app_dir, cfg)
             clients = make_clients(server.url, cfg.users)
-            phases.append(bench_app(server, kind, clients, cfg))
-            if not cfg.skip_promotion:
-                print("(c) promotions under load…", flush=True)
-                promotion = bench_promotion(server, kind, model_path, base_name, clients, app_dir, cfg)
-            for client in clients:
-                client.close()
-        finally:
+            chat_once(clients[0], "Hi", cfg)  # untimed, as the engines' first request
+        for r in range(cfg.repeats):
+            phases = []
+            for name, engine in engines.items():
+                print(f"round {r + 1}/{cfg.repeats}: (a) raw {name}…", flush=True)
+                phases.append(loop.run_until_complete(bench_engine(engine, cfg)))
+            if server is not None:
+                print(f"round {r + 1}/{cfg.repeats}: (b) app…", flush=True)
+                phases.append(bench_app(server, kind, clients, cfg))
+            rounds.append(phases)
+        if server is not None and not cfg.skip_promotion:
+            print("(c) promotions under load…", flush=True)
+            promotion = bench_promotion(server, kind, model_path, base_name, clients, workdir / "app", cfg)
+    finally:
+        for client in clients or []:
+            client.close()
+        if server is not None:
             stop_server(server)
-        print(f"server log: {server.log_path}")
-    print_report(cfg, phases, promotion)
+            print(f"server log: {server.log_path}")
+        for engine in engines.values():
+            loop.run_until_complete(engine.close())
+        loop.close()
+    print_report(cfg, rounds, promotion)
 
 
 def parse_args(argv: list[str] | None = None) -> BenchConfig:
@@ -480,18 +535,21 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--skip-promotion", action="store_true", help="Skip (c), the promotions under load.")
     p.add_argument("--app-concurrency", type=int, default=None,
                    help="Set GRADIO_DEFAULT_CONCURRENCY_LIMIT for the server (default: unset, Gradio's 1).")
+    p.add_argument("--repeats", type=int, default=d.repeats,
+                   help="Interleaved rounds (raw engines, app, raw engines, app, ...); ratios are per round.")
     p.add_argument("--promotion-timeout", type=float, default=d.promotion_timeout_s,
                    help="Seconds to wait for a promoted version to serve before giving up.")
     a = p.parse_args(argv)
     engines = tuple(e.strip() for e in a.engines.split(",") if e.strip())
     if not engines or any(e not in ("vllm", "hf") for e in engines):
         p.error(f"--engines takes vllm and/or hf, e.g. 'vllm,hf'; got {a.engines!r}.")
-    if a.users < 1 or a.requests_per_user < 1 or a.max_tokens < 1:
-        p.error("--users, --requests-per-user and --max-tokens must be at least 1.")
+    if a.users < 1 or a.requests_per_user < 1 or a.max_tokens < 1 or a.repeats < 1:
+        p.error("--users, --requests-per-user, --max-tokens and --repeats must be at least 1.")
     return BenchConfig(model=a.model, tiny=a.tiny, users=a.users, requests_per_user=a.requests_per_user,
                        max_tokens=a.max_tokens, temperature=a.temperature, engines=engines,
                        app_engine=a.app_engine, skip_app=a.skip_app, skip_promotion=a.skip_promotion,
-                       promotion_timeout_s=a.promotion_timeout, app_concurrency=a.app_concurrency)
+                       promotion_timeout_s=a.promotion_timeout, app_concurrency=a.app_concurrency,
+                       repeats=a.repeats)
 
 
 if __name__ == "__main__":  # vLLM starts its engine process: keep it under the main guard

@@ -1,0 +1,21 @@
+"""scripts/bench_serving.py end to end on the tiny model: raw engine and app measured in turn (interleaved
+rounds), ratios per round as median [range], and promotions under load with no failed request."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+
+def test_bench_serving_interleaves_rounds_and_reports_median_ratios() -> None:
+    done = subprocess.run([sys.executable, "scripts/bench_serving.py", "--tiny", "--engines", "hf", "--repeats", "2",
+                           "--users", "2", "--requests-per-user", "1", "--max-tokens", "8"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    phases = re.findall(r"^(\d)\s+\((a|b)\) ", out, re.MULTILINE)
+    assert phases == [("1", "a"), ("1", "b"), ("2", "a"), ("2", "b")]  # A B A B, in that order
+    assert re.search(r"app / raw tokens/s \(hf\), median \[range\]\s+[\d.]+ \[[\d.]+, [\d.]+\] \(n=2\)", out)
+    assert re.search(r"failed app requests \(b\)\+\(c\)\s+0\s+target 0: met", out)
+    assert out.count("first request started on the new version after") == 2
