@@ -358,7 +358,7 @@ def test_model_status_shows_a_running_rounds_progress_until_it_goes_stale(tiny_m
         status = await svc.model_status()
         assert status["training"]["done"] == 3 and status["training"]["round_id"] == round_.id
         text = banner_text(status)
-        assert "Training the first aligned version" in text and "3/12 (25%, about 5 min left)" in text
+        assert "Training the first aligned version" in text and "3/12 (25%), about 5 min left" in text
         svc.STALE_PROGRESS_S = -1.0  # a round whose process died: its progress is not shown forever
         svc._status = None
         assert (await svc.model_status())["training"] is None

@@ -83,15 +83,15 @@ def banner_text(status: dict) -> str:
     if training:
         step = STEP_NAMES.get(str(training.get("step")), str(training.get("step") or "starting"))
         done, total = training.get("done"), training.get("total")
-        counted = (f": {done}/{total} ({done / total:.0%}{_minutes(training.get('eta_s'))})"
+        counted = (f", {done}/{total} ({done / total:.0%}){_minutes(training.get('eta_s'))}"
                    if isinstance(done, int) and isinstance(total, int) and total > 0 else "")
         progress = f"{step}{counted}"
     if status.get("bare_base"):
         if training:
-            return (f"⏳ **Training the first aligned version** ({progress}). Until it is ready you are talking to "
+            return (f"⏳ **Training the first aligned version**: {progress}. Until it is ready you are talking to "
                     "the bare base model, which has not learnt to chat yet: its replies often repeat themselves.")
         return ("ℹ️ You are talking to the **bare base model**, which has not learnt to chat yet: its replies often "
                 "repeat themselves. Rate, compare and write better replies: that is what the next version learns from.")
     if training:
-        return f"🔄 A new version is training ({progress}); you are talking to {status.get('live')}."
+        return f"🔄 A new version is training: {progress}. You are talking to {status.get('live')}."
     return ""
