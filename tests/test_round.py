@@ -144,6 +144,19 @@ def test_round0_is_sft_only_and_registers_a_candidate_that_loads(config: RoundCo
     assert retry.status == "succeeded" and versions(config.db, "policy") == [result.candidate, retry.candidate]
 
 
+def test_a_later_round_fine_tunes_on_its_new_demonstrations_and_as_many_replayed(config: RoundConfig) -> None:
+    with FeedbackStore(config.db) as store:
+        import_rows(store, starter_rows("sft")[:8], "sft", source="starter")
+    first = run_round(config)
+    assert first.metrics["sft_rows"] == {"new": 8, "replayed": 0, "old": 0}
+    with FeedbackStore(config.db) as store:
+        ModelRegistry(store).promote(first.candidate)
+        import_rows(store, starter_rows("sft")[8:11], "sft", source="starter")
+    second = run_round(config)
+    assert second.metrics["sft_rows"] == {"new": 3, "replayed": 3, "old": 8}
+    assert second.metrics["sft_demonstrations"] == 11 and second.metrics["sft"]["init_adapter"]
+
+
 def test_interrupted_round_registers_nothing_and_the_next_one_runs(config: RoundConfig) -> None:
     add_ranked_feedback(config, thumbs=True)
     # A round killed earlier (its process died while 'running'), with half-written work on disk.

@@ -52,6 +52,7 @@ import json
 import logging
 import math
 import os
+import random
 import shutil
 import time
 import traceback
@@ -141,6 +142,7 @@ class RoundConfig:
     bootstrap_resamples: int = _f(2000, "Resamples of the percentile bootstrap behind the reward-gain intervals.")
     report_prompts: int = _f(4, "Fixed prompts (the starter set's first N) that every round's report answers with live and candidate, so reports compare across rounds.")
     use_thumbs: bool = _f(True, "Train the reward models on each 👍/👎 as its own row (RewardConfig.thumbs_data, KTO-style); off: a 👍 and a 👎 reply to the same message become a preference pair instead.")
+    sft_replay: float = _f(1.0, "When the live policy was fine-tuned before: old demonstrations replayed per new one in this round's SFT (a random sample; the new ones always all); < 0: every demonstration, every round.")
     max_kl: float = _f(10.0, "Gate: KL(policy || reference) per reply at the end of PPO, in nats.")
     min_reward_gain: float = _f(0.0, "Gate: the judge's reward of candidate minus live, paired per held-out prompt, must be above this (95% bootstrap interval).")
     max_ptx_ppl_increase: float = _f(0.1, "Gate: relative increase of the ptx perplexity (0.1 = +10%).")
@@ -364,7 +366,8 @@ class RoundRunner:
         if live.base_model not in (None, self.base_name):
             raise _Stop(f"the live policy {live.name} runs on {live.base_model}, not {self.base_name}; "
                         "pass the base model the server runs (--base-model).")
-        new_demos = len(data.sft) - self.demonstrations_at_last_sft(live)
+        trained_on = self.demonstrations_at_last_sft(live)
+        new_demos = len(data.sft) - trained_on
         pairs = pair_count(data.groups)
         self.metrics["data"] = {**data.counts(), "new_demonstrations": new_demos}
         sft_path = self.data_dir / "sft.jsonl"
@@ -378,7 +381,10 @@ class RoundRunner:
         sft_dir = None
         if new_demos > 0:
             self.step("sft")
-            sft_dir = self.train_sft(sft_path, policy_adapter)
+            round_sft = self.data_dir / "sft-round.jsonl"
+            write_jsonl(self.sft_rows(data.sft, new_demos, continued=bool(policy_adapter) and trained_on > 0),
+                        round_sft)
+            sft_dir = self.train_sft(round_sft, policy_adapter)
             policy_adapter = reference = str(sft_dir)
             self.metrics["sft_demonstrations"] = len(data.sft)
 
@@ -480,6 +486,19 @@ class RoundRunner:
                     return int(metrics["sft_demonstrations"])
             version = self.registry.get(version.parent_id) if version.parent_id is not None else None
         return 0
+
+    def sft_rows(self, rows: list[dict[str, Any]], new: int, *, continued: bool) -> list[dict[str, Any]]:
+        """What this round's SFT trains on: every demonstration when the live policy was never fine-tuned;
+        else the `new` ones (the newest: exports are oldest first) plus `sft_replay` old ones per new one,
+        a random sample, so a round costs what its new data needs without forgetting the old."""
+        if not continued or self.config.sft_replay < 0 or new >= len(rows):
+            self.metrics["sft_rows"] = {"new": new, "replayed": len(rows) - new, "old": len(rows) - new}
+            return rows
+        old, fresh = rows[:-new], rows[-new:]
+        k = min(len(old), math.ceil(self.config.sft_replay * new))
+        replay = random.Random(f"{self.config.seed}-{self.round_id}").sample(old, k)
+        self.metrics["sft_rows"] = {"new": new, "replayed": k, "old": len(old)}
+        return replay + fresh
 
     def train_sft(self, sft_path: Path, init_adapter: str | None) -> Path:
         from training.sft import train_sft
