@@ -84,3 +84,19 @@ def test_dashboard_shows_a_round_report(client, app_server, tmp_path):
     text, plots = client.predict(ADMIN_PASSWORD, r.id, api_name="/round_report")
     assert "Training round 1" in text and "![" not in text
     assert len(plots) == 1
+
+
+def test_dashboard_shows_the_running_rounds_progress(client, app_server):
+    from feedback_db import FeedbackStore, ModelRegistry
+
+    with FeedbackStore(app_server.db_path) as store:
+        reg = ModelRegistry(store)
+        r = reg.start_round({"test": "progress"}, store.snapshot())
+        reg.record_progress(r.id, {"step": "ppo", "what": "PPO", "done": 5, "total": 20, "eta_s": 240})
+    try:
+        summary = next(o for o in client.predict(ADMIN_PASSWORD, api_name="/dashboard")
+                       if isinstance(o, str) and "Live:" in o)
+        assert f"**Training:** round {r.id}" in summary and "PPO-ptx, 5/20 (25%), about 4 min left" in summary
+    finally:
+        with FeedbackStore(app_server.db_path) as store:
+            ModelRegistry(store).finish_round(r.id, "stopped")

@@ -18,6 +18,7 @@ from feedback_db import feedback_over_time, thumbs_by_version, win_rate  # noqa:
 
 from ..auth import AdminGuard, admin_only  # noqa: E402
 from .common import Runtime, show_error  # noqa: E402
+from .rendering import progress_text  # noqa: E402
 
 
 def _feedback_plot(rows: list[dict]):
@@ -107,9 +108,12 @@ def build_dashboard_tab(rt: Runtime, guard: AdminGuard | None = None) -> None:
                         for v in reg.list() if v.kind != "external"]
         errors = "".join(f"\n\n⚠️ cannot serve `{n}`: {e}" for n, e in router.load_errors.items())
         stats = store.stats()["counts"]
+        running = reg.running_round()
+        training = (f"\n\n**Training:** round {running.id} (since {running.started_at[:19].replace('T', ' ')} UTC): "
+                    f"{progress_text(running.metrics.get('progress') or {})}" if running else "")
         text = (f"**Live:** `{live.name if live else '-'}` · **Candidate:** `{cand.name if cand else 'none'}` · "
                 f"messages {stats['messages']:,} · ratings {stats['ratings']:,} · comparisons {stats['comparisons']:,}"
-                f" · rankings {stats['rankings']:,} · demonstrations {stats['demonstrations']:,}{errors}")
+                f" · rankings {stats['rankings']:,} · demonstrations {stats['demonstrations']:,}{training}{errors}")
         choices = [v["name"] for v in svc.promotable_versions()]  # servable here: same base, loads, not failed
         figs = (_feedback_plot(feedback_over_time(store)), _thumbs_plot(thumbs_by_version(store)), _win_plot(wr))
         for f in figs:

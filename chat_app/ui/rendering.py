@@ -75,17 +75,20 @@ def _minutes(seconds: float | None) -> str:
     return ", about 1 min left" if seconds < 90 else f", about {round(seconds / 60)} min left"
 
 
+def progress_text(training: dict) -> str:
+    """A running round's progress in words: its step, done/total of the step's loop, time left in it."""
+    step = STEP_NAMES.get(str(training.get("step")), str(training.get("step") or "starting"))
+    done, total = training.get("done"), training.get("total")
+    counted = (f", {done}/{total} ({done / total:.0%}){_minutes(training.get('eta_s'))}"
+               if isinstance(done, int) and isinstance(total, int) and total > 0 else "")
+    return f"{step}{counted}"
+
+
 def banner_text(status: dict) -> str:
     """The line above the tabs: the bare base is live (and why replies may loop), and a training round's
     progress (step, done/total, time left in this step). Empty when there is nothing to say."""
     training = status.get("training")
-    progress = ""
-    if training:
-        step = STEP_NAMES.get(str(training.get("step")), str(training.get("step") or "starting"))
-        done, total = training.get("done"), training.get("total")
-        counted = (f", {done}/{total} ({done / total:.0%}){_minutes(training.get('eta_s'))}"
-                   if isinstance(done, int) and isinstance(total, int) and total > 0 else "")
-        progress = f"{step}{counted}"
+    progress = progress_text(training) if training else ""
     if status.get("bare_base"):
         if training:
             return (f"⏳ **Training the first aligned version**: {progress}. Until it is ready you are talking to "
