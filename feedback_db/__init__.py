@@ -27,6 +27,7 @@ from .exports import (
 from .imports import ImportResult, import_jsonl, import_rows, read_jsonl
 from .promotion import auto_promote_candidate
 from .promotion import promotion_candidate, promotion_evidence
+from .leaderboard import LeaderboardRow, leaderboard
 from .registry import ModelRegistry, ModelVersion, TrainingRound
 from .sequential_testing import PromotionEvidence, PromotionPolicy, Vote, mixture_likelihood_ratio
 from .store import CHOICES, UNVOTABLE_FINISH_REASONS, Context, FeedbackStore, Reply
@@ -35,7 +36,7 @@ __all__ = [
     "auto_promote_candidate",
     "promotion_candidate", "promotion_evidence", "PromotionEvidence", "PromotionPolicy", "Vote",
     "mixture_likelihood_ratio", "head_to_head_votes",
-    "WinRate", "feedback_over_time", "thumbs_by_version", "wilson_interval", "win_rate",
+    "LeaderboardRow", "leaderboard", "WinRate", "feedback_over_time", "thumbs_by_version", "wilson_interval", "win_rate",
     "AccessDeniedError", "CHOICES", "Context", "DROP_REASONS", "Export", "FeedbackError", "FeedbackStore",
     "ImportResult", "UNVOTABLE_FINISH_REASONS",
     "InvalidInputError", "ModelRegistry", "ModelVersion", "NotFoundError", "PreferenceGroup", "RegistryError",

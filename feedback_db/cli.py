@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from .connection import default_db_path
 from .errors import FeedbackError
 from .exports import export, write_jsonl
 from .imports import import_jsonl
+from .leaderboard import leaderboard
 from .registry import ModelRegistry
 from .store import FeedbackStore
 
@@ -135,3 +137,28 @@ def versions(
         for v in ModelRegistry(store).list(kind=kind):
             marker = "*" if v.status == "live" else " "
             typer.echo(f"{marker} {v.id:>4}  {v.name:<40} {v.kind:<8} {v.status:<9} {v.adapter_path or '-'}")
+
+
+@app.command("leaderboard")
+def leaderboard_cmd(
+    bootstrap: int = typer.Option(200, "--bootstrap", help="Bootstrap resamples behind the 95% intervals (0: none)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    db: Optional[Path] = DbOption,
+) -> None:
+    """Every version ranked by its Compare votes: Bradley-Terry ratings (Elo scale) with 95% bootstrap
+    intervals, as Chatbot Arena computes them; each user's latest vote on each pair counts once.
+
+    Example: alignloop db leaderboard
+    """
+    with _open(db) as store:
+        rows = leaderboard(store, bootstrap=bootstrap)
+    if as_json:
+        typer.echo(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
+        return
+    if not rows:
+        typer.echo("no counted Compare votes between two versions yet.")
+        return
+    typer.echo(f"{'rank':>4}  {'version':<32} {'rating':>7}  {'95% interval':<16} {'votes':>5} {'W/L/T':>11}")
+    for r in rows:
+        typer.echo(f"{r.rank:>4}  {r.name:<32} {r.rating:>7.0f}  [{r.ci_low:>5.0f}, {r.ci_high:>5.0f}]   "
+                   f"{r.votes:>5} {f'{r.wins}/{r.losses}/{r.ties}':>11}")

@@ -100,3 +100,9 @@ def test_dashboard_shows_the_running_rounds_progress(client, app_server):
     finally:
         with FeedbackStore(app_server.db_path) as store:
             ModelRegistry(store).finish_round(r.id, "stopped")
+
+
+def test_dashboard_shows_the_leaderboard(client):
+    outputs = client.predict(ADMIN_PASSWORD, api_name="/dashboard")
+    board = outputs[-1]
+    assert board["headers"] == ["rank", "version", "rating", "95% interval", "votes", "won/lost/tied"]

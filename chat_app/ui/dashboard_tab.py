@@ -1,5 +1,5 @@
-"""The Dashboard tab (operators): feedback over time, thumbs per version, candidate win rate,
-training rounds, and promote / roll back. Every handler is `admin_only` (chat_app/auth.py): the server
+"""The Dashboard tab (operators): feedback over time, thumbs per version, candidate win rate, the
+leaderboard of every version, training rounds (the running one's progress), and promote / roll back. Every handler is `admin_only` (chat_app/auth.py): the server
 checks the login or the admin password on each call and records who promoted or rolled back."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from PIL import Image
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from feedback_db import feedback_over_time, thumbs_by_version, win_rate  # noqa: E402
+from feedback_db import feedback_over_time, leaderboard, thumbs_by_version, win_rate  # noqa: E402
 
 from ..auth import AdminGuard, admin_only  # noqa: E402
 from .common import Runtime, show_error  # noqa: E402
@@ -83,6 +83,9 @@ def build_dashboard_tab(rt: Runtime, guard: AdminGuard | None = None) -> None:
             feedback_plot = gr.Plot(label="Feedback over time")
             thumbs_plot = gr.Plot(label="Thumbs-up rate per version")
         win_plot = gr.Plot(label="Candidate vs live")
+        board = gr.Dataframe(label="Leaderboard: Bradley–Terry ratings from every Compare vote (Elo scale, 95% "
+                                   "bootstrap intervals; `alignloop db leaderboard`)", interactive=False,
+                             elem_id="leaderboard")
         rounds = gr.Dataframe(label="Training rounds", interactive=False)
         versions = gr.Dataframe(label="Model versions", interactive=False)
         with gr.Accordion("Round reports", open=False):
@@ -119,11 +122,15 @@ def build_dashboard_tab(rt: Runtime, guard: AdminGuard | None = None) -> None:
         for f in figs:
             plt.close(f)
         reports = [(f"round {r.id} ({r.status})", r.id) for r in reversed(reg.rounds()) if r.report_path]
+        board_rows = [[r.rank, r.name, round(r.rating), f"[{r.ci_low:.0f}, {r.ci_high:.0f}]", r.votes,
+                       f"{r.wins}/{r.losses}/{r.ties}"] for r in leaderboard(store)]
         return (gr.Column(visible=True), text, *figs, gr.Dropdown(choices=reports),
                 gr.Dataframe(value=round_rows, headers=["round", "status", "started", "finished", "snapshot",
                                                         "metrics", "report"]),
                 gr.Dataframe(value=version_rows, headers=["id", "name", "kind", "status", "adapter", "created"]),
-                gr.Dropdown(choices=choices, value=cand.name if cand else None))
+                gr.Dropdown(choices=choices, value=cand.name if cand else None),
+                gr.Dataframe(value=board_rows or [["", "no Compare votes between two versions yet", "", "", "", ""]],
+                             headers=["rank", "version", "rating", "95% interval", "votes", "won/lost/tied"]))
 
     @admin
     def show_report(_actor: str, round_id):
@@ -159,7 +166,7 @@ def build_dashboard_tab(rt: Runtime, guard: AdminGuard | None = None) -> None:
             raise show_error(exc) from exc
         return f"↩️ Rolled back: `{live}` is live again."
 
-    outputs = [panel, summary, feedback_plot, thumbs_plot, win_plot, report_pick, rounds, versions, candidate]
+    outputs = [panel, summary, feedback_plot, thumbs_plot, win_plot, report_pick, rounds, versions, candidate, board]
     report_pick.select(show_report, [password, report_pick], [report_md, report_plots], api_name="round_report")
     unlock.click(refresh_data, [password], outputs, api_name="dashboard")
     refresh.click(refresh_data, [password], outputs, api_name=False)
