@@ -104,7 +104,8 @@ def build_app(config: AppConfig, model_path: Path, base_model_name: str,
             rt.service = ChatService(store, router, config.service)
             watchdog = asyncio.create_task(watch_engine(rt, engine, config.health_interval_s,
                                                         on_engine_gone or (lambda: None)))
-            log.info("alignloop ready: %s engine, live version %s", engine.name, router.live.name)
+            log.info("alignloop ready: %s engine, live version %s; open http://%s:%d in a browser",
+                     engine.name, router.live.name, config.host, config.port)
         except Exception as exc:
             rt.startup_error = (f"The model engine failed to start ({type(exc).__name__}: {exc}). "
                                 "Check the server log; try `--engine hf` if vLLM is the problem.")
@@ -176,7 +177,7 @@ def serve(config: AppConfig) -> None:
             server.should_exit = True
 
     app, rt = build_app(config, Path(model_path), base_name, on_engine_gone=stop)
-    log.info("open http://%s:%d in a browser", config.host, config.port)
+    log.info("starting the %s engine on %s (the app answers once it is ready)", config.engine, model_path)
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
                                            timeout_graceful_shutdown=5))
     server.run()
