@@ -301,7 +301,7 @@ def ppo_trl(opts: dict[str, Any], work: Path) -> dict[str, Any]:
         replies = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
         return rm.score(prompts, replies)
 
-    rows = [json.loads(line) for line in prompts.read_text().splitlines()]
+    rows = [json.loads(line) for line in prompts.read_text().split("\n") if line.strip()]
     cuda = torch.cuda.is_available()
     args = RLOOConfig(output_dir=str(work / "rloo"), per_device_train_batch_size=opts["batch"], num_generations=2,
                       max_completion_length=opts["max_new_tokens"], max_steps=opts["iterations"],

@@ -70,7 +70,7 @@ def main() -> int:
     from chat_app.engines.base import SamplingConfig
     from training.base_models import prepare_model
 
-    prompts = [json.loads(line)["prompt"] for line in EVAL_PROMPTS.read_text().splitlines() if line.strip()]
+    prompts = [json.loads(line)["prompt"] for line in EVAL_PROMPTS.read_text().split("\n") if line.strip()]
     adapters: dict[str, str | None] = {"base": None}
     for item in args.adapter:
         name, _, path = item.partition("=")

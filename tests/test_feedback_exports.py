@@ -21,6 +21,7 @@ from feedback_db import (
     import_rows,
     write_jsonl,
 )
+from training.metrics_log import read_metrics  # the other reader of JSON lines
 
 
 @pytest.fixture
@@ -261,3 +262,16 @@ def test_an_imported_system_prompt_over_the_limit_names_its_row(store):
     with pytest.raises(InvalidInputError, match="row 1 message 0 is 5,000 characters; the limit is 4,000"):
         import_rows(store, [row], "preferences")
     assert store.db["messages"].count == 0
+
+
+def test_jsonl_rows_end_at_newlines_only(store, tmp_path):
+    """Text may hold U+0085 and U+2028, which str.splitlines() treats as line ends: a JSONL line must not."""
+    user = store.ensure_user("u")
+    conv = store.create_conversation(user)
+    store.add_user_message(conv, user, "first\x85line\u2028and more")
+    store.add_user_message(store.create_conversation(user), user, "second")
+    rows = export_ppo_prompts(store).rows
+    path = tmp_path / "prompts.jsonl"
+    write_jsonl(rows, path)
+    assert len(path.read_text(encoding="utf-8").split("\n")[:-1]) == 2
+    assert read_metrics(path) == rows

@@ -197,7 +197,7 @@ def _check_exports(store: FeedbackStore, out: Path) -> None:
         write_jsonl(export.rows, path)
         path.read_bytes().decode("utf-8")  # strict UTF-8: no surrogate escaped its way in
         assert list(read_jsonl(path)) == export.rows
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in path.read_text(encoding="utf-8").split("\n")[:-1]:  # JSONL lines end at \n only (text may hold U+0085, U+2028)
             json.loads(line, parse_constant=lambda c: (_ for _ in ()).throw(AssertionError(f"JSON constant {c}")))
 
 
