@@ -63,6 +63,7 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=128, help="Longest reply (a reply that reaches it did not end with EOS).")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy.")
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1: none (the model itself); the app serves 1.15.")
+    parser.add_argument("--no-base", action="store_true", help="Measure only the adapters, not the bare base.")
     parser.add_argument("--examples", type=int, default=3, help="Example replies printed per model.")
     parser.add_argument("--out", type=Path, default=None, help="Write the figures and every reply here (JSON).")
     args = parser.parse_args()
@@ -71,12 +72,14 @@ def main() -> int:
     from training.base_models import prepare_model
 
     prompts = [json.loads(line)["prompt"] for line in EVAL_PROMPTS.read_text().split("\n") if line.strip()]
-    adapters: dict[str, str | None] = {"base": None}
+    adapters: dict[str, str | None] = {} if args.no_base else {"base": None}
     for item in args.adapter:
         name, _, path = item.partition("=")
         if not path or not Path(path, "adapter_config.json").is_file():
             parser.error(f"--adapter {item!r}: give NAME=PATH to a LoRA adapter folder (with adapter_config.json).")
         adapters[name] = path
+    if not adapters:
+        parser.error("--no-base needs at least one --adapter.")
     sampling = SamplingConfig(temperature=args.temperature, top_p=1.0, max_tokens=args.max_tokens, seed=0,
                               repetition_penalty=args.repetition_penalty)
     results = asyncio.run(answer_all(Path(prepare_model(args.base_model)), adapters, prompts, sampling))
