@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.app_server import ADMIN_PASSWORD, count_rows
+from tests.app_server import ADMIN_PASSWORD, count_rows, fetch_rows
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (make test installs it with apt)")
@@ -52,6 +52,9 @@ def test_chat_and_thumbs_up(page, app_server, tmp_path):
     assert _wait_for_row(db, sql) == 1
     page.wait_for_selector("#chat-send:not([disabled])")
     page.wait_for_timeout(1000)  # the final update (with the reply id) reaches the page
+    (reason,), = fetch_rows(db, "SELECT r.finish_reason FROM messages r JOIN messages q ON q.id = r.parent_id "
+                                "WHERE q.content = 'Hello from the browser' AND r.role = 'assistant'")
+    assert ("reached the token limit" in page.inner_text("#chat-status")) == (reason == "length")  # a cut-off is marked
     page.locator('#chatbot button[aria-label="Like"]').last.click()
     assert _wait_for_row(db, "SELECT COUNT(*) FROM ratings r JOIN messages m ON m.id = r.message_id "
                              "JOIN messages q ON q.id = m.parent_id "

@@ -22,6 +22,16 @@ def _empty_state() -> dict:
 
 
 GENERATING = "_generating…_"  # the status line while a reply streams
+STOPPED = "⏹ Stopped: the reply above is cut short, so it cannot be rated. Regenerate for a whole one."
+CUT_OFF = "✂️ The reply reached the token limit and was cut off (raise Max new tokens in Settings)."
+
+
+def final_status(update) -> str:
+    """The status line under a finished reply: the error, else a cut-off warning and any note."""
+    if update.error:
+        return update.error
+    parts = [CUT_OFF] if update.finish_reason == "length" else []
+    return "\n\n".join(parts + ([update.note] if update.note else []))
 
 
 def _digest(*parts: object) -> str:
@@ -108,7 +118,7 @@ def build_chat_tab(rt: Runtime, user_state: gr.State, browser: gr.BrowserState, 
             state = {**state, "conversation_id": update.conversation_id,
                      "ids": base_ids + [update.user_message_id, update.reply_id]}
             yield "", history, state, who.user_id, browser_value(rt, who, update.conversation_id), \
-                (update.error or update.note or "") if update.finished else GENERATING
+                final_status(update) if update.finished else GENERATING
 
     @user_handler(rt)
     async def on_regenerate(svc, who, history, state, system_prompt, temperature, top_p, max_tokens, repetition):
@@ -121,7 +131,7 @@ def build_chat_tab(rt: Runtime, user_state: gr.State, browser: gr.BrowserState, 
         async for update in throttled(stream, lambda u: u.finished):
             history[-1] = {"role": "assistant", "content": for_display("assistant", update.error or update.text)}
             state = {**state, "ids": ids + [update.reply_id]}
-            yield history, state, (update.error or update.note or "") if update.finished else GENERATING
+            yield history, state, final_status(update) if update.finished else GENERATING
 
     @user_handler(rt)
     def on_like(svc, who, data: gr.LikeData, state):
@@ -178,8 +188,8 @@ def build_chat_tab(rt: Runtime, user_state: gr.State, browser: gr.BrowserState, 
     @user_handler(rt)
     def sync_from_db(svc, who, state, shown_status):
         """After a reply finished (or was stopped): show the conversation as stored, with its ids; a
-        status still saying "generating" (the reply was stopped) is cleared, a note or error is kept."""
-        status = "" if shown_status == GENERATING else gr.skip()
+        status still saying "generating" means the reply was stopped, and says so; a note or error is kept."""
+        status = STOPPED if shown_status == GENERATING else gr.skip()
         if not state or state.get("conversation_id") is None:
             return gr.skip(), gr.skip(), status
         history, new_state = conversation_view(svc, who, state["conversation_id"])
