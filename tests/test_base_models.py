@@ -360,3 +360,15 @@ def test_attention_auto_is_eager_for_gemma_on_gpu_only(tiny_model_path):
     assert attention_implementation(tiny_model_path, "cuda", "sdpa") == "sdpa"
     with pytest.raises(ModelPreparationError, match="Unknown attention"):
         attention_implementation(tiny_model_path, "cpu", "fast")
+
+
+def test_opening_a_new_turn_ends_a_reply_in_training_and_serving(tiny_model_path):
+    from transformers import AutoTokenizer
+
+    from chat_app.engines.chat_format import read_stop_token_ids
+    from training.chat_data import stop_token_ids
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    start = tok.convert_tokens_to_ids("<start_of_turn>")
+    assert start in stop_token_ids(tok) and start in read_stop_token_ids(Path(tiny_model_path), tok)
+    assert stop_token_ids(tok)[0] == tok.convert_tokens_to_ids("<end_of_turn>")  # still the one SFT learns

