@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from gradio_client import Client
 
-from tests.app_server import ADMIN_PASSWORD, count_rows
+from tests.app_server import ADMIN_PASSWORD, count_rows, fetch_rows
 
 
 
@@ -26,8 +26,11 @@ def test_chat_then_demonstration(client, app_server):
     outputs = client.predict("Hello from the API", [], "", 0.0, 0.95, 16, api_name="/chat")
     box, history, status = outputs[0], outputs[1], outputs[-1]
     assert box == "" and history[0]["content"] in ("Hello from the API", [{"type": "text", "text": "Hello from the API"}])
-    assert len(history) == 2 and status == ""
     assert count_rows(app_server.db_path, "SELECT COUNT(*) FROM messages WHERE role = 'assistant'") == before + 1
+    (reason,), = fetch_rows(app_server.db_path, "SELECT finish_reason FROM messages WHERE role = 'assistant' "
+                                                "ORDER BY id DESC LIMIT 1")
+    cut = "The reply reached the token limit and was cut off (raise Max new tokens in Settings)."
+    assert len(history) == 2 and status == ("✂️ " + cut if reason == "length" else "")
     client.predict("A much better reply.", api_name="/demonstrate")
     assert count_rows(app_server.db_path, "SELECT COUNT(*) FROM demonstrations WHERE content = ?",
                   ["A much better reply."]) == 1
