@@ -194,9 +194,11 @@ def chat_once(client, text: str, cfg: BenchConfig) -> RequestResult:
             if result.ttft_s is None and _assistant_text(output[1]):
                 result.ttft_s = time.perf_counter() - result.started
         final = job.result(timeout=300)
-        status, reply = final[-1] or "", _assistant_text(final[1])
-        if status.strip() or reply.startswith("⚠️"):  # the service's error text (engine_failure_message)
-            result.error = (status.strip() or reply)[:200]
+        status, reply = (final[-1] or "").strip(), _assistant_text(final[1])
+        # The service's error text (engine_failure_message) starts with ⚠️; other status lines are notes
+        # (a reply cut at the token limit, old turns left out of the context).
+        if status.startswith("⚠️") or reply.startswith("⚠️"):
+            result.error = (status if status.startswith("⚠️") else reply)[:200]
     except Exception as exc:
         result.error = f"{type(exc).__name__}: {exc}"[:200]
     return result

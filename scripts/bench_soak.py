@@ -235,8 +235,8 @@ class SoakUser:
                 last_text, last_at = text, now
         final = job.result(timeout=600)
         status, reply = str(final[-1] or "").strip(), reply_text(list(final[1] or []))
-        if status or reply.startswith(ERROR_PREFIX):
-            raise RuntimeError(f"the app answered with an error: {(status or reply)[:200]}")
+        if status.startswith(ERROR_PREFIX) or reply.startswith(ERROR_PREFIX):  # other status lines are notes
+            raise RuntimeError(f"the app answered with an error: {(status if status.startswith(ERROR_PREFIX) else reply)[:200]}")
         record.reply_acked = True
 
     def compare(self, record: ActionRecord) -> None:
