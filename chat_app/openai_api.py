@@ -163,14 +163,13 @@ def resolve_model(svc: ChatService, model: Any) -> ServedVersion:
 
 
 def model_list(svc: ChatService) -> list[dict[str, Any]]:
-    entries = []
-    for role, version in (("alias of live", svc.router.live), ("live", svc.router.live),
-                          ("candidate", svc.router.candidate)):
-        if version is not None:
-            name = LIVE_ALIAS if role == "alias of live" else version.name
-            entries.append({"id": name, "object": "model", "created": 0, "owned_by": "alignloop",
-                            "alignloop": {"role": role, "version": version.name}})
-    return entries
+    """"alignloop" (whatever is live), then the live and the candidate versions by name."""
+    live, candidate = svc.router.live, svc.router.candidate
+    named = [(LIVE_ALIAS, "alias of live", live), (live and live.name, "live", live),
+             (candidate and candidate.name, "candidate", candidate)]
+    return [{"id": name, "object": "model", "created": 0, "owned_by": "alignloop",
+             "alignloop": {"role": role, "version": version.name}}
+            for name, role, version in named if version is not None]
 
 
 # -- the responses ------------------------------------------------------------------------------------
@@ -296,8 +295,8 @@ def build_openai_router(service: Callable[[], ChatService], keys: ApiKeyDirector
             system_prompt, chat = parse_messages(body.get("messages"))
             sampling = parse_sampling(body, svc.config.default_sampling)
             stream = bool(body.get("stream", False))
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage", False)) \
-                if isinstance(body.get("stream_options"), (dict, type(None))) else False
+            options = body.get("stream_options")
+            include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
         except ApiError as exc:
             return exc.response()
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

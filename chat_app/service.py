@@ -129,6 +129,7 @@ class ChatService:
         # never depends on which streamed update reached the browser last.
         self._battles: dict[int, Battle] = {}
         self._generating: set[int] = set()  # conversations with a reply streaming now
+        self._status: tuple[float, dict[str, Any]] | None = None  # model_status's cache: (monotonic time, status)
 
     async def _db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking store call on the store's threads."""
@@ -324,9 +325,8 @@ class ChatService:
         """{"live": name, "bare_base": bool, "training": progress dict or None} for the page's banner;
         read at most every STATUS_TTL_S however many browsers ask."""
         now = time.monotonic()
-        cached = getattr(self, "_status", None)
-        if cached is not None and now - cached[0] < self.STATUS_TTL_S:
-            return cached[1]
+        if self._status is not None and now - self._status[0] < self.STATUS_TTL_S:
+            return self._status[1]
         running = await self._db(self.registry.running_round)
         progress = None
         if running is not None:

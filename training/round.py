@@ -284,6 +284,7 @@ class RoundRunner:
         self.base_name = resolve_model(config.base_model).name
         self.metrics: dict[str, Any] = {"snapshot": snapshot}
         self.previous_correct: list[bool] | None = None  # the previous reward model on the held-out pairs
+        self._published = -1e9  # when the progress was last recorded (time.monotonic)
 
     def step(self, name: str) -> None:
         """Enter step ``name``: the time since the previous step is booked to it (the report's "where the time went")."""
@@ -303,7 +304,7 @@ class RoundRunner:
     def _publish(self, progress: dict[str, Any], *, force: bool = True) -> None:
         """Record where the round is in the registry (the app's banner reads it), at most every few seconds."""
         now = time.monotonic()
-        if not force and now - getattr(self, "_published", -1e9) < self.PROGRESS_EVERY_S:
+        if not force and now - self._published < self.PROGRESS_EVERY_S:
             return
         self._published = now
         try:

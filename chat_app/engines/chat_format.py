@@ -10,13 +10,13 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from training.base_models import END_OF_TURN, START_OF_TURN
+
 from .base import EngineError, Messages
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-END_OF_TURN = "<end_of_turn>"
-START_OF_TURN = "<start_of_turn>"  # a model that opens the next turn without closing its own has ended its reply
 
 
 class ChatFormat:
