@@ -127,12 +127,9 @@ def _number(body: dict, name: str, default: float) -> float:
 
 
 def parse_sampling(body: dict, default: SamplingConfig) -> SamplingConfig:
-    """Sampling from the request (temperature, top_p, max_tokens or max_completion_tokens, and the
-    extension repetition_penalty); what alignloop cannot honour is refused, not silently ignored."""
-    for name in ("frequency_penalty", "presence_penalty"):
-        if body.get(name) not in (None, 0, 0.0):
-            raise ApiError(400, f"{name} is not supported; use repetition_penalty (1 = none, the server's default "
-                                f"is {default.repetition_penalty}).", param=name)
+    """Sampling from the request (temperature, top_p, max_tokens or max_completion_tokens, frequency_penalty,
+    presence_penalty, and the extension repetition_penalty); what alignloop cannot honour is refused, not
+    silently ignored."""
     if body.get("n") not in (None, 1):
         raise ApiError(400, "n must be 1: send one request per reply (each is stored as a sibling).", param="n")
     if body.get("stop") not in (None, [], ""):
@@ -147,6 +144,8 @@ def parse_sampling(body: dict, default: SamplingConfig) -> SamplingConfig:
         top_p=_number(body, "top_p", default.top_p),
         max_tokens=default.max_tokens if max_tokens is None else max_tokens,
         repetition_penalty=_number(body, "repetition_penalty", default.repetition_penalty),
+        frequency_penalty=_number(body, "frequency_penalty", default.frequency_penalty),
+        presence_penalty=_number(body, "presence_penalty", default.presence_penalty),
     )
 
 

@@ -189,6 +189,9 @@ class ChatService:
         rp = sampling.repetition_penalty
         if not (isinstance(rp, (int, float)) and math.isfinite(rp) and 1.0 <= rp <= 2.0):
             raise UserFacingError("The repetition penalty must be between 1 (none) and 2.")
+        for penalty in (sampling.frequency_penalty, sampling.presence_penalty):
+            if not (isinstance(penalty, (int, float)) and math.isfinite(penalty) and -2.0 <= penalty <= 2.0):
+                raise UserFacingError("The frequency and presence penalties must be between -2 and 2 (0: none).")
         return sampling
 
     # -- chat -------------------------------------------------------------------------

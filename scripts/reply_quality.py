@@ -3,7 +3,7 @@
 and for policy adapters, served by the transformers engine as the app serves them.
 
     python scripts/reply_quality.py --adapter round0=PATH/policy-r1 --out runs/quality.json
-    python scripts/reply_quality.py --adapter round0=PATH --repetition-penalty 1.15 --temperature 0
+    python scripts/reply_quality.py --adapter round0=PATH --frequency-penalty 0.5 --temperature 0
 
 Each model answers every prompt once (greedy by default, so the figures are reproducible); a reply is
 in a loop when one sentence or one run of six words comes three times (training.evaluation.
@@ -49,6 +49,7 @@ async def answer_all(model_path: Path, adapters: dict[str, str | None], prompts:
             results[name] = {"adapter": folder, "quality": quality.as_dict(), "seconds": time.perf_counter() - started,
                              "replies": replies}
             print(f"{name}: loops {quality.loop_share:.0%}, ended with EOS {quality.eos_share:.0%}, "
+                  f"{quality.proper}/{quality.replies} ended without a loop, "
                   f"mean {quality.mean_words:.1f} words ({results[name]['seconds']:.0f} s)", flush=True)
     finally:
         await engine.close()
@@ -62,7 +63,12 @@ def main() -> int:
                         help="A policy adapter to measure besides the bare base (repeatable).")
     parser.add_argument("--max-tokens", type=int, default=128, help="Longest reply (a reply that reaches it did not end with EOS).")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy.")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1: none (the model itself); the app serves 1.15.")
+    parser.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling (with --temperature > 0; the app serves 0.95).")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL penalty, prompt included (1: none).")
+    parser.add_argument("--frequency-penalty", type=float, default=0.0,
+                        help="OpenAI's frequency penalty on the reply's own tokens (0: none; the app serves 0.5).")
+    parser.add_argument("--presence-penalty", type=float, default=0.0,
+                        help="OpenAI's presence penalty on the reply's own tokens (0: none).")
     parser.add_argument("--no-base", action="store_true", help="Measure only the adapters, not the bare base.")
     parser.add_argument("--examples", type=int, default=3, help="Example replies printed per model.")
     parser.add_argument("--out", type=Path, default=None, help="Write the figures and every reply here (JSON).")
@@ -80,14 +86,16 @@ def main() -> int:
         adapters[name] = path
     if not adapters:
         parser.error("--no-base needs at least one --adapter.")
-    sampling = SamplingConfig(temperature=args.temperature, top_p=1.0, max_tokens=args.max_tokens, seed=0,
-                              repetition_penalty=args.repetition_penalty)
+    sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=0,
+                              repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
+                              presence_penalty=args.presence_penalty)
     results = asyncio.run(answer_all(Path(prepare_model(args.base_model)), adapters, prompts, sampling))
 
-    print("\n| model | loops | ended with EOS | mean words |\n|---|---|---|---|")
+    print("\n| model | loops | ended with EOS | ended, no loop | mean words |\n|---|---|---|---|---|")
     for name, r in results.items():
         q = r["quality"]
-        print(f"| {name} | {q['loop_share']:.0%} | {q['eos_share']:.0%} | {q['mean_words']:.1f} |")
+        print(f"| {name} | {q['loop_share']:.0%} | {q['eos_share']:.0%} | {q['proper']}/{q['replies']} | "
+              f"{q['mean_words']:.1f} |")
     for name, r in results.items():
         print(f"\n{name}:")
         for reply in r["replies"][:args.examples]:

@@ -162,6 +162,17 @@ class TestEngineContract:
         assert repeats(plain.token_ids) > 0  # the tiny random model loops, like a small real one
         assert penalised.token_ids != plain.token_ids and repeats(penalised.token_ids) < repeats(plain.token_ids)
 
+    def test_frequency_and_presence_penalties_count_only_the_reply(self, engine: Engine,
+                                                                   loop: EventLoopThread) -> None:
+        """OpenAI's penalties break a greedy loop, and they never touch the first token: nothing of the reply
+        exists yet, and the prompt (with its end-of-turn marks) is not counted."""
+        (plain,) = loop.run(engine.generate(CHAT, sampling=SamplingConfig(temperature=0.0, max_tokens=32)))
+        for penalties in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}):
+            (penalised,) = loop.run(engine.generate(CHAT, sampling=SamplingConfig(temperature=0.0, max_tokens=32,
+                                                                                 **penalties)))
+            assert penalised.token_ids[0] == plain.token_ids[0], penalties
+            assert len(set(penalised.token_ids)) > len(set(plain.token_ids)), penalties
+
     def test_n_alternatives(self, engine: Engine, loop: EventLoopThread) -> None:
         sampling = SamplingConfig(temperature=1.0, max_tokens=8, seed=123)
         completions = loop.run(engine.generate(CHAT, 4, sampling=sampling))

@@ -158,11 +158,13 @@ def test_parse_messages_joins_system_and_same_role_turns() -> None:
 
 
 def test_parse_sampling_takes_what_it_can_honour() -> None:
-    default = SamplingConfig(max_tokens=64, repetition_penalty=1.15)
+    default = SamplingConfig(max_tokens=64, repetition_penalty=1.15, frequency_penalty=0.5)
     got = parse_sampling({"temperature": 0, "max_completion_tokens": 5, "top_p": 0.9}, default)
     assert (got.temperature, got.top_p, got.max_tokens, got.repetition_penalty) == (0.0, 0.9, 5, 1.15)
-    assert parse_sampling({"frequency_penalty": 0, "stop": None}, default).max_tokens == 64
-    for bad in ({"frequency_penalty": 0.5}, {"stop": ["\n"]}, {"max_tokens": "5"}, {"temperature": "hot"},
+    assert (got.frequency_penalty, got.presence_penalty) == (0.5, 0.0)  # the server's defaults
+    got = parse_sampling({"frequency_penalty": 0, "presence_penalty": 0.3, "stop": None}, default)
+    assert (got.max_tokens, got.frequency_penalty, got.presence_penalty) == (64, 0.0, 0.3)
+    for bad in ({"frequency_penalty": "x"}, {"stop": ["\n"]}, {"max_tokens": "5"}, {"temperature": "hot"},
                 {"tools": [{"type": "function"}]}):
         with pytest.raises(ApiError):
             parse_sampling(bad, default)

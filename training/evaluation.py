@@ -194,10 +194,11 @@ class ReplyQuality:
     loop_share: float
     eos_share: float
     mean_words: float
+    proper: int = 0  # replies that ended with the stop token and are not in a loop
 
     def as_dict(self) -> dict[str, float]:
         return {"replies": self.replies, "loop_share": self.loop_share, "eos_share": self.eos_share,
-                "mean_words": self.mean_words}
+                "mean_words": self.mean_words, "proper": self.proper}
 
 
 def reply_quality(texts: Sequence[str], ended: Sequence[bool]) -> ReplyQuality:
@@ -205,5 +206,7 @@ def reply_quality(texts: Sequence[str], ended: Sequence[bool]) -> ReplyQuality:
     if not texts or len(texts) != len(ended):
         raise ValueError("reply_quality needs one `ended` flag per reply, and at least one reply.")
     n = len(texts)
-    return ReplyQuality(n, sum(map(is_repetition_loop, texts)) / n, sum(map(bool, ended)) / n,
-                        sum(len(re.findall(r"\w+", t)) for t in texts) / n)
+    loops = [is_repetition_loop(t) for t in texts]
+    proper = sum(bool(e) and not loop for e, loop in zip(ended, loops))
+    return ReplyQuality(n, sum(loops) / n, sum(map(bool, ended)) / n,
+                        sum(len(re.findall(r"\w+", t)) for t in texts) / n, proper)

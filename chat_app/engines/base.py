@@ -43,13 +43,20 @@ class SamplingConfig:
     seed: int | None = None
     # > 1 discourages tokens already in the prompt or the reply (CTRL, Keskar et al. 2019: positive logits
     # divided by it, negative ones multiplied), the same rule in vLLM and transformers. 1.0: the model's
-    # own distribution (what PPO's rollouts must sample from); the app's default is higher (`serve
-    # --repetition-penalty`), because a 270M model loops without it.
+    # own distribution (what PPO's rollouts must sample from). Counting the prompt, it also discourages
+    # the chat template's end-of-turn mark, so replies stop less often: the app uses frequency_penalty.
     repetition_penalty: float = 1.0
+    # OpenAI's penalties, counted on the reply so far only (the prompt is not counted, so the end-of-turn
+    # marks of the chat template are never discouraged): each logit minus frequency_penalty x the token's
+    # count in the reply, minus presence_penalty if it occurs at all. Before the temperature, in both engines.
+    # The app's default frequency_penalty is 0.5 (`serve --frequency-penalty`): a 270M model loops without it.
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
 
     def as_dict(self) -> dict:
         return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
-                "max_tokens": self.max_tokens, "seed": self.seed, "repetition_penalty": self.repetition_penalty}
+                "max_tokens": self.max_tokens, "seed": self.seed, "repetition_penalty": self.repetition_penalty,
+                "frequency_penalty": self.frequency_penalty, "presence_penalty": self.presence_penalty}
 
 
 @dataclass

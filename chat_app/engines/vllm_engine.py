@@ -207,6 +207,8 @@ class VLLMEngine:
             top_p=sampling.top_p,
             top_k=sampling.top_k,
             repetition_penalty=sampling.repetition_penalty,
+            frequency_penalty=sampling.frequency_penalty,
+            presence_penalty=sampling.presence_penalty,
             seed=sampling.seed,
             max_tokens=self.format.reply_budget(prompt_tokens, sampling.max_tokens),
             stop_token_ids=self.format.stop_token_ids,

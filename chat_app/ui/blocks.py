@@ -50,8 +50,8 @@ def build_ui(rt: Runtime, *, title: str = "alignloop", default_sampling: Samplin
                 "temperature": gr.Slider(0.0, 2.0, value=defaults.temperature, step=0.05, label="Temperature"),
                 "top_p": gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="Top-p"),
                 "max_tokens": gr.Slider(8, 1024, value=defaults.max_tokens, step=8, label="Max new tokens"),
-                "repetition_penalty": gr.Slider(1.0, 2.0, value=defaults.repetition_penalty, step=0.05,
-                                                label="Repetition penalty (1: none)"),
+                "frequency_penalty": gr.Slider(0.0, 2.0, value=defaults.frequency_penalty, step=0.05,
+                                               label="Frequency penalty: against repeating the reply's own words (0: none)"),
             }
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):

@@ -97,15 +97,15 @@ def build_chat_tab(rt: Runtime, user_state: gr.State, browser: gr.BrowserState, 
                 better = gr.Textbox(label="Your ideal reply to the last message", lines=4, elem_id="better-reply")
                 save_better = gr.Button("Save as demonstration", elem_id="better-save")
 
-    sampling_inputs = [settings[k] for k in ("system_prompt", "temperature", "top_p", "max_tokens", "repetition_penalty")]
+    sampling_inputs = [settings[k] for k in ("system_prompt", "temperature", "top_p", "max_tokens", "frequency_penalty")]
 
     @user_handler(rt)
-    async def on_send(svc, who, text, history, state, system_prompt, temperature, top_p, max_tokens, repetition):
+    async def on_send(svc, who, text, history, state, system_prompt, temperature, top_p, max_tokens, frequency_penalty):
         history = list(history or [])
         base_ids = list(state["ids"])
         parent = base_ids[-1] if base_ids else None
         stream = svc.chat(who.user_id, text, conversation_id=state["conversation_id"], parent_id=parent,
-                          system_prompt=system_prompt or None, sampling=sampling_from(temperature, top_p, max_tokens, repetition),
+                          system_prompt=system_prompt or None, sampling=sampling_from(temperature, top_p, max_tokens, frequency_penalty),
                           client=who.address)
         started = False
         async for update in throttled(stream, lambda u: u.finished):
@@ -121,12 +121,12 @@ def build_chat_tab(rt: Runtime, user_state: gr.State, browser: gr.BrowserState, 
                 final_status(update) if update.finished else GENERATING
 
     @user_handler(rt)
-    async def on_regenerate(svc, who, history, state, system_prompt, temperature, top_p, max_tokens, repetition):
+    async def on_regenerate(svc, who, history, state, system_prompt, temperature, top_p, max_tokens, frequency_penalty):
         if len(state["ids"]) < 2:
             raise UserFacingError("Nothing to regenerate yet: send a message first.")
         history, ids = list(history)[:-1], state["ids"][:-1]  # drop the last reply; keep its user turn
         history.append({"role": "assistant", "content": ""})
-        stream = svc.regenerate(who.user_id, ids[-1], sampling=sampling_from(temperature, top_p, max_tokens, repetition),
+        stream = svc.regenerate(who.user_id, ids[-1], sampling=sampling_from(temperature, top_p, max_tokens, frequency_penalty),
                                 client=who.address)
         async for update in throttled(stream, lambda u: u.finished):
             history[-1] = {"role": "assistant", "content": for_display("assistant", update.error or update.text)}

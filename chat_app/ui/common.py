@@ -127,10 +127,10 @@ def user_handler(rt: Runtime) -> Callable[[Callable], Callable]:
     return wrap
 
 
-def sampling_from(temperature: float, top_p: float, max_tokens: float, repetition_penalty: float) -> SamplingConfig:
+def sampling_from(temperature: float, top_p: float, max_tokens: float, frequency_penalty: float) -> SamplingConfig:
     """The Settings sliders as a SamplingConfig (the service checks the ranges)."""
     return SamplingConfig(temperature=float(temperature), top_p=float(top_p), max_tokens=int(max_tokens),
-                          repetition_penalty=float(repetition_penalty))
+                          frequency_penalty=float(frequency_penalty))
 
 
 def show_error(exc: Exception) -> gr.Error:
