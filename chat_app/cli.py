@@ -51,6 +51,7 @@ NewIdsOpt = Annotated[int, typer.Option("--new-ids-per-hour", help="New anonymou
 MaxInputOpt = Annotated[int, typer.Option("--max-input-chars", help="Longest user message accepted.")]
 MaxNewTokensOpt = Annotated[int, typer.Option("--max-new-tokens", help="Default reply length limit (users can change it).")]
 FrequencyOpt = Annotated[float, typer.Option("--frequency-penalty", help="Default frequency penalty (OpenAI's, on the reply's own tokens; 0: none; users can change it). A 270M model loops on one line without one.")]
+MinPOpt = Annotated[float, typer.Option("--min-p", help="Default min-p (tokens less likely than min-p x the top token's probability are never sampled; 0: off; users can change it). Keeps a small model from sampling junk tokens where a turn should end.")]
 AutoPromoteOpt = Annotated[int, typer.Option("--auto-promote-after", help="Promote a gated candidate once its Compare votes vs live pass the sequential test (feedback_db/sequential_testing.py), after at least N counted decisive votes (0: never from the server).")]
 PromoteAlphaOpt = Annotated[float, typer.Option("--promote-alpha", help="Chance of promoting a candidate no better than live, however often the test is checked.")]
 PromoteVotersOpt = Annotated[int, typer.Option("--promote-min-voters", help="Distinct voters needed before a promotion.")]
@@ -73,6 +74,7 @@ def serve(
     max_input_chars: MaxInputOpt = 4000,
     max_new_tokens: MaxNewTokensOpt = 256,
     frequency_penalty: FrequencyOpt = 0.5,
+    min_p: MinPOpt = 0.1,
     auto_promote_after: AutoPromoteOpt = 0,
     promote_alpha: PromoteAlphaOpt = 0.05,
     promote_min_voters: PromoteVotersOpt = 5,
@@ -105,7 +107,7 @@ def _refuse_passwords_on_argv(users: Optional[str], admin_password: Optional[str
 def _app_config(*, base_model: str, engine: str, db: Optional[Path], host: str, port: int, users_file: Optional[Path],
                 admins: Optional[str], users: Optional[str], admin_password: Optional[str], max_model_len: int,
                 rate_limit: int, new_ids_per_hour: int, max_input_chars: int, max_new_tokens: int,
-                frequency_penalty: float, auto_promote_after: int,
+                frequency_penalty: float, min_p: float, auto_promote_after: int,
                 promote_alpha: float, promote_min_voters: int):
     """The AppConfig that `serve`'s options describe (shared with `demo`)."""
     from chat_app.app import AppConfig
@@ -136,7 +138,7 @@ def _app_config(*, base_model: str, engine: str, db: Optional[Path], host: str, 
         service=ServiceConfig(limits=LimitConfig.scaled(rate_limit), max_input_chars=max_input_chars,
                               auto_promote=promotion,
                               default_sampling=SamplingConfig(max_tokens=max_new_tokens,
-                                                              frequency_penalty=frequency_penalty)),
+                                                              frequency_penalty=frequency_penalty, min_p=min_p)),
     )
 
 

@@ -128,7 +128,7 @@ def _number(body: dict, name: str, default: float) -> float:
 
 def parse_sampling(body: dict, default: SamplingConfig) -> SamplingConfig:
     """Sampling from the request (temperature, top_p, max_tokens or max_completion_tokens, frequency_penalty,
-    presence_penalty, and the extension repetition_penalty); what alignloop cannot honour is refused, not
+    presence_penalty, and the extensions repetition_penalty and min_p, as vLLM's server takes them); what alignloop cannot honour is refused, not
     silently ignored."""
     if body.get("n") not in (None, 1):
         raise ApiError(400, "n must be 1: send one request per reply (each is stored as a sibling).", param="n")
@@ -146,6 +146,7 @@ def parse_sampling(body: dict, default: SamplingConfig) -> SamplingConfig:
         repetition_penalty=_number(body, "repetition_penalty", default.repetition_penalty),
         frequency_penalty=_number(body, "frequency_penalty", default.frequency_penalty),
         presence_penalty=_number(body, "presence_penalty", default.presence_penalty),
+        min_p=_number(body, "min_p", default.min_p),
     )
 
 

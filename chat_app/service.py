@@ -192,6 +192,8 @@ class ChatService:
         for penalty in (sampling.frequency_penalty, sampling.presence_penalty):
             if not (isinstance(penalty, (int, float)) and math.isfinite(penalty) and -2.0 <= penalty <= 2.0):
                 raise UserFacingError("The frequency and presence penalties must be between -2 and 2 (0: none).")
+        if not (isinstance(sampling.min_p, (int, float)) and math.isfinite(sampling.min_p) and 0.0 <= sampling.min_p <= 1.0):
+            raise UserFacingError("Min-p must be between 0 (off) and 1.")
         return sampling
 
     # -- chat -------------------------------------------------------------------------
@@ -257,25 +259,37 @@ class ChatService:
         )
 
     def _start_turn(self, user_id: str, text: str, conversation_id: int | None, parent_id: int | None,
-                    system_prompt: str | None, client_id: str | None) -> tuple[int, int]:
-        """(conversation id, user message id): a new conversation, or a turn answering `parent_id`.
+                    system_prompt: str | None, client_id: str | None,
+                    edits: int | None = None) -> tuple[int, int]:
+        """(conversation id, user message id): a new conversation, or a turn answering `parent_id`, or
+        an edit of the caller's user message `edits`: a sibling of it (the same parent, also the root).
 
-        A turn in an existing conversation must answer one of its replies: a turn with no parent
+        Any other turn in an existing conversation must answer one of its replies: a turn with no parent
         there would start a second root with no context (what a Send during a stream used to do).
         """
-        if conversation_id is None:
+        if edits is not None:
+            edited = self.store.message(edits)
+            if (conversation_id is None or edited["conversation_id"] != conversation_id or edited["role"] != "user"
+                    or edited["user_id"] != user_id):
+                raise UserFacingError("Only a message you sent in this conversation can be edited.")
+            parent_id = edited["parent_id"]
+        elif conversation_id is None:
             conversation_id = self.store.create_conversation(user_id, system_prompt=system_prompt,
                                                              title=text.strip()[:80])
         elif parent_id is None:
             raise UserFacingError("Wait until the reply has finished (or press Stop), then send your next message.")
+        if edits is not None:
+            self.store.owned_conversation(user_id, conversation_id)
         message_id = self.store.add_user_message(conversation_id, user_id, text, parent_id=parent_id,
                                                  client_id=client_id)
         return conversation_id, message_id
 
     async def chat(self, user_id: str, text: str, *, conversation_id: int | None = None, parent_id: int | None = None,
                    system_prompt: str | None = None, sampling: SamplingConfig | None = None,
-                   client_id: str | None = None, client: str | None = None) -> AsyncIterator[StreamUpdate]:
+                   client_id: str | None = None, client: str | None = None,
+                   edits: int | None = None) -> AsyncIterator[StreamUpdate]:
         """Add a user turn (a new conversation when `conversation_id` is None) and stream the live reply.
+        `edits`: the id of the caller's own user message this turn rewrites (a new branch beside it).
 
         `client` is the caller's address (limits are per identity and per address).
         """
@@ -286,7 +300,7 @@ class ChatService:
         self._check_fits(text, system_prompt if conversation_id is None else None, sampling)
         try:
             conversation_id, user_message_id = await self._db(self._start_turn, user_id, text, conversation_id,
-                                                              parent_id, system_prompt, client_id)
+                                                              parent_id, system_prompt, client_id, edits)
         except FeedbackError as exc:
             raise UserFacingError(str(exc)) from exc
         async for update in self._guarded_stream(user_id, conversation_id, user_message_id, sampling):

@@ -313,11 +313,18 @@ def _one_live_version_per_kind(db: sqlite_utils.Database) -> None:
     db.execute("CREATE UNIQUE INDEX one_live_version_per_kind ON model_versions (kind) WHERE status = 'live'")
 
 
+def _deletable_conversations(db: sqlite_utils.Database) -> None:
+    """Migration 5: a user can delete a conversation from their history (`deleted_at`); its messages and
+    the feedback given on them stay, because exports and past rounds refer to them."""
+    db["conversations"].add_column("deleted_at", str)
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[sqlite_utils.Database], None]]] = [
     (1, "initial schema", _initial),
     (2, "browsing views", _browsing_views),
     (3, "views count each user's latest rating", _latest_rating_views),
     (4, "one live version per kind", _one_live_version_per_kind),
+    (5, "conversations can be deleted from a user's history", _deletable_conversations),
 ]
 LATEST_VERSION = MIGRATIONS[-1][0]
 

@@ -414,19 +414,78 @@ class FeedbackStore:
 
     def conversations_of(self, user_id: str, limit: int = 50, *, source: str | None = None) -> list[dict]:
         """A user's conversations, newest first: the `limit` newest of `source` (chat, compare, rank
-        or import; None: of any source). The chat history asks for source="chat", so Compare and
-        Rank prompts do not push chats out of it."""
+        or import; None: of any source), leaving out those the user deleted. The chat history asks for
+        source="chat", so Compare and Rank prompts do not push chats out of it."""
         user_id = self._user_id(user_id)
         if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit < 2**63:
             raise InvalidInputError(f"limit must be a non-negative integer, not {limit!r}.")
         if source is None:
             return list(self.db.query(
-                "SELECT * FROM conversations WHERE user_id = ? ORDER BY id DESC LIMIT ?", [user_id, limit]))
+                "SELECT * FROM conversations WHERE user_id = ? AND deleted_at IS NULL ORDER BY id DESC LIMIT ?",
+                [user_id, limit]))
         if source not in SOURCES:
             raise InvalidInputError(f"source must be {', '.join(SOURCES)} or None, not {source!r}.")
         return list(self.db.query(
-            "SELECT * FROM conversations WHERE user_id = ? AND source = ? ORDER BY id DESC LIMIT ?",
-            [user_id, source, limit]))
+            "SELECT * FROM conversations WHERE user_id = ? AND source = ? AND deleted_at IS NULL "
+            "ORDER BY id DESC LIMIT ?", [user_id, source, limit]))
+
+    def owned_conversation(self, user_id: str, conversation_id: int) -> dict:
+        """The row of a conversation `user_id` owns and has not deleted, else NotFoundError (also for
+        another user's conversation: whether it exists is not the caller's business)."""
+        user_id = self._user_id(user_id)
+        conversation_id = clean_id(conversation_id, field="conversation")
+        rows = list(self.db.query("SELECT * FROM conversations WHERE id = ? AND user_id = ? AND deleted_at IS NULL",
+                                  [conversation_id, user_id]))
+        if not rows:
+            raise NotFoundError(f"no conversation {conversation_id} of yours; it was deleted or never existed.")
+        return rows[0]
+
+    def rename_conversation(self, user_id: str, conversation_id: int, title: str) -> None:
+        """Give a conversation of `user_id` a new title (1 to 200 characters)."""
+        title = self._text(title, "title", max_chars=200).strip(WHITESPACE)
+        if not title:
+            raise InvalidInputError("a title needs at least one visible character.")
+        with self.transaction() as db:
+            self.owned_conversation(user_id, conversation_id)
+            db.execute("UPDATE conversations SET title = ? WHERE id = ?", [title, conversation_id])
+
+    def delete_conversation(self, user_id: str, conversation_id: int) -> None:
+        """Delete a conversation from `user_id`'s history: it is no longer listed, opened or exported for
+        them. Its messages, and the feedback given on them, stay for training (exports refer to them)."""
+        with self.transaction() as db:
+            self.owned_conversation(user_id, conversation_id)
+            db.execute("UPDATE conversations SET deleted_at = ? WHERE id = ?", [utc_now(), conversation_id])
+
+    def export_conversation(self, user_id: str, conversation_id: int) -> dict[str, Any]:
+        """A conversation of `user_id` as a JSON-ready dict: every message of every branch (the tree by
+        parent_id), each reply with the model version that wrote it, and the user's latest rating of it."""
+        conv = self.owned_conversation(user_id, conversation_id)
+        rows = self.db.query(
+            """
+            SELECT m.id, m.parent_id, m.role, m.content, m.created_at, m.finish_reason, m.sampling,
+                   m.completion_tokens, mv.name AS model_version,
+                   (SELECT r.value FROM ratings r WHERE r.message_id = m.id AND r.user_id = :user
+                    ORDER BY r.event_id DESC LIMIT 1) AS rating
+            FROM messages m LEFT JOIN model_versions mv ON mv.id = m.model_version_id
+            WHERE m.conversation_id = :conv ORDER BY m.id
+            """, {"conv": conv["id"], "user": conv["user_id"]})
+        messages = []
+        for r in rows:
+            item = {k: r[k] for k in ("id", "parent_id", "role", "content", "created_at")}
+            if r["role"] == "assistant":
+                item.update(model_version=r["model_version"], finish_reason=r["finish_reason"],
+                            completion_tokens=r["completion_tokens"], rating=r["rating"],
+                            sampling=json.loads(r["sampling"]) if r["sampling"] else None)
+            messages.append(item)
+        return {"id": conv["id"], "title": conv["title"], "created_at": conv["created_at"],
+                "system_prompt": conv["system_prompt"], "source": conv["source"], "messages": messages}
+
+    def sibling_replies(self, reply_id: int) -> list[int]:
+        """The replies to the same user message as `reply_id` (regenerations), oldest first, itself included."""
+        reply_id = clean_id(reply_id, field="reply")
+        return [r[0] for r in self.db.execute(
+            "SELECT s.id FROM messages m JOIN messages s ON s.parent_id = m.parent_id AND s.role = 'assistant' "
+            "WHERE m.id = ? AND m.role = 'assistant' ORDER BY s.id", [reply_id]).fetchall()]
 
     # -- feedback ---------------------------------------------------------------------
     def _owned_reply(self, db: sqlite_utils.Database, message_id: int, user_id: str) -> dict:

@@ -69,6 +69,9 @@ def main() -> int:
                         help="OpenAI's frequency penalty on the reply's own tokens (0: none; the app serves 0.5).")
     parser.add_argument("--presence-penalty", type=float, default=0.0,
                         help="OpenAI's presence penalty on the reply's own tokens (0: none).")
+    parser.add_argument("--min-p", type=float, default=0.0,
+                        help="Min-p sampling (with --temperature > 0; 0: off; the app serves 0.1).")
+    parser.add_argument("--seed", type=int, default=0, help="Sampling seed (with --temperature > 0).")
     parser.add_argument("--no-base", action="store_true", help="Measure only the adapters, not the bare base.")
     parser.add_argument("--examples", type=int, default=3, help="Example replies printed per model.")
     parser.add_argument("--out", type=Path, default=None, help="Write the figures and every reply here (JSON).")
@@ -86,16 +89,16 @@ def main() -> int:
         adapters[name] = path
     if not adapters:
         parser.error("--no-base needs at least one --adapter.")
-    sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=0,
+    sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed,
                               repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
-                              presence_penalty=args.presence_penalty)
+                              presence_penalty=args.presence_penalty, min_p=args.min_p)
     results = asyncio.run(answer_all(Path(prepare_model(args.base_model)), adapters, prompts, sampling))
 
-    print("\n| model | loops | ended with EOS | ended, no loop | mean words |\n|---|---|---|---|---|")
+    print("\n| model | loops | ended with EOS | ended, no loop | stray text | mean words |\n|---|---|---|---|---|---|")
     for name, r in results.items():
         q = r["quality"]
         print(f"| {name} | {q['loop_share']:.0%} | {q['eos_share']:.0%} | {q['proper']}/{q['replies']} | "
-              f"{q['mean_words']:.1f} |")
+              f"{q['stray']}/{q['replies']} | {q['mean_words']:.1f} |")
     for name, r in results.items():
         print(f"\n{name}:")
         for reply in r["replies"][:args.examples]:

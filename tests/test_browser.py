@@ -131,3 +131,108 @@ def test_dashboard_opens_with_the_admin_password(page):
     page.fill("#admin-password input", ADMIN_PASSWORD)
     page.click("#admin-unlock")
     page.wait_for_selector("text=Live:", timeout=30_000)
+
+
+def _idle(page) -> None:
+    """Wait until no reply streams: Send is back and Stop hidden."""
+    page.wait_for_selector("#chat-send", state="visible", timeout=90_000)
+    page.wait_for_selector("#chat-stop", state="hidden", timeout=30_000)
+    page.wait_for_timeout(500)
+
+
+def _question(db, text: str) -> tuple[int, int, int | None]:
+    (row,) = fetch_rows(db, "SELECT id, conversation_id, parent_id FROM messages WHERE role = 'user' AND content = ?",
+                        [text])
+    return row
+
+
+def test_regenerated_replies_can_be_browsed_and_a_sent_message_edited(page, app_server):
+    """Regenerate, then ‹ / › move between the replies of that turn (as stored); editing the sent message
+    sends it again as a new branch of the same conversation, and the old branch stays stored."""
+    db = app_server.db_path
+    page.get_by_role("tab", name="Chat").click()
+    page.click("#chat-new")
+    page.fill("#chat-input textarea", "Tell me about owls")
+    page.click("#chat-send")
+    _idle(page)
+    assert not page.locator("#reply-nav").is_visible()  # one reply: nothing to move between
+    page.click("#chat-regenerate")
+    question, conversation, _ = _question(db, "Tell me about owls")
+    assert _wait_for_row(db, "SELECT COUNT(*) FROM messages WHERE parent_id = ?", [question], at_least=2) == 2
+    _idle(page)
+    page.wait_for_function("document.querySelector('#reply-pos').innerText.includes('2 / 2')", timeout=30_000)
+    page.click("#reply-prev")
+    page.wait_for_function("document.querySelector('#reply-pos').innerText.includes('1 / 2')", timeout=30_000)
+    page.click("#reply-next")
+    page.wait_for_function("document.querySelector('#reply-pos').innerText.includes('2 / 2')", timeout=30_000)
+
+    page.locator("#chatbot .user-row").last.hover()
+    page.locator('#chatbot button[aria-label="Edit"]').first.click()
+    page.locator("#chatbot textarea.edit-textarea").fill("Tell me about cats")
+    page.locator('#chatbot button[aria-label="Submit"]').first.click()
+    assert _wait_for_row(db, "SELECT COUNT(*) FROM messages m JOIN messages r ON r.parent_id = m.id "
+                             "WHERE m.content = 'Tell me about cats' AND r.role = 'assistant'") == 1
+    _idle(page)
+    edited, edited_conversation, parent = _question(db, "Tell me about cats")
+    assert (edited_conversation, parent) == (conversation, None)  # a new branch from the same point (the root)
+    shown = page.inner_text("#chatbot")
+    assert "Tell me about cats" in shown and "Tell me about owls" not in shown
+    assert count_rows(db, "SELECT COUNT(*) FROM messages WHERE parent_id = ?", [question]) == 2  # the old branch stays
+
+
+def test_send_becomes_stop_while_a_reply_streams(page, app_server):
+    page.get_by_role("tab", name="Chat").click()
+    page.click("#chat-new")
+    page.get_by_text("Settings: system prompt and sampling").click()
+    tokens = page.get_by_label("number input for Max new tokens")
+    tokens.fill("1024")
+    tokens.press("Enter")
+    try:
+        page.fill("#chat-input textarea", "Write a very long story")
+        page.click("#chat-send")
+        page.wait_for_selector("#chat-stop", state="visible", timeout=10_000)
+        assert not page.locator("#chat-send").is_visible()
+        page.wait_for_function("document.querySelector('#chat-status').innerText.includes('generating')",
+                               timeout=30_000)  # the reply streams
+        page.click("#chat-stop")
+        page.wait_for_function("document.querySelector('#chat-status').innerText.includes('Stopped')", timeout=30_000)
+        _idle(page)
+        assert page.locator("#chat-send").is_visible() and not page.locator("#chat-stop").is_visible()
+    finally:
+        tokens.fill("16")
+        tokens.press("Enter")
+        page.get_by_text("Settings: system prompt and sampling").click()
+
+
+def test_a_conversation_is_renamed_exported_and_deleted(page, app_server):
+    db = app_server.db_path
+    page.get_by_role("tab", name="Chat").click()
+    page.click("#chat-new")
+    page.fill("#chat-input textarea", "A question to keep")
+    page.click("#chat-send")
+    _idle(page)
+    _, conversation, _ = _question(db, "A question to keep")
+    page.get_by_text("This conversation").click()
+    page.fill("#conversation-title input", "Kept question")
+    page.click("#conversation-rename")
+    assert _wait_for_row(db, "SELECT COUNT(*) FROM conversations WHERE id = ? AND title = 'Kept question'",
+                         [conversation]) == 1
+    page.wait_for_function("document.querySelector('#chat-history input').value.startsWith('Kept question · ')",
+                           timeout=30_000)  # the list shows the title and the date
+
+    page.click("#conversation-export")
+    link = page.locator("#conversation-file a").first
+    link.wait_for(timeout=30_000)
+    exported = page.request.get(link.get_attribute("href")).json()
+    assert exported["title"] == "Kept question" and exported["id"] == conversation
+    assert [m["content"] for m in exported["messages"]][0] == "A question to keep"
+
+    page.click("#conversation-delete")
+    assert _wait_for_row(db, "SELECT COUNT(*) FROM conversations WHERE id = ? AND deleted_at IS NOT NULL",
+                         [conversation]) == 1
+    page.wait_for_timeout(500)
+    assert "A question to keep" not in page.inner_text("#chatbot")
+    page.locator("#chat-history input").click()
+    page.wait_for_timeout(1000)
+    assert "Kept question" not in page.inner_text("body")
+    page.keyboard.press("Escape")

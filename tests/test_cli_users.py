@@ -84,7 +84,7 @@ def test_the_admin_password_from_the_environment_is_not_refused(monkeypatch: pyt
     monkeypatch.setenv("ALIGNLOOP_ADMIN_PASSWORD", "from the environment")
     config = _app_config(base_model="default", engine="hf", db=None, host="127.0.0.1", port=7860, users_file=None,
                          admins=None, users=None, admin_password=None, max_model_len=512, rate_limit=0, new_ids_per_hour=60,
-                         max_input_chars=4000, max_new_tokens=16, frequency_penalty=0.5, auto_promote_after=0, promote_alpha=0.05,
+                         max_input_chars=4000, max_new_tokens=16, frequency_penalty=0.5, min_p=0.1, auto_promote_after=0, promote_alpha=0.05,
                          promote_min_voters=5)
     assert config.admin_password is None  # the server reads $ALIGNLOOP_ADMIN_PASSWORD itself
 

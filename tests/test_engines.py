@@ -173,6 +173,18 @@ class TestEngineContract:
             assert penalised.token_ids[0] == plain.token_ids[0], penalties
             assert len(set(penalised.token_ids)) > len(set(plain.token_ids)), penalties
 
+    def test_min_p_drops_what_is_less_likely_than_its_share_of_the_top_token(self, engine: Engine,
+                                                                             loop: EventLoopThread) -> None:
+        """min_p = 1 keeps only the likeliest token, so sampling at temperature 1 gives the greedy reply;
+        without it, sampling a tiny random model's flat distribution does not."""
+        (greedy,) = loop.run(engine.generate(CHAT, sampling=SamplingConfig(temperature=0.0, max_tokens=16)))
+        for seed in (1, 2):
+            (kept,) = loop.run(engine.generate(CHAT, sampling=SamplingConfig(temperature=1.0, max_tokens=16, seed=seed,
+                                                                             min_p=1.0)))
+            (free,) = loop.run(engine.generate(CHAT, sampling=SamplingConfig(temperature=1.0, max_tokens=16, seed=seed)))
+            assert kept.token_ids == greedy.token_ids, seed
+            assert free.token_ids != greedy.token_ids, seed
+
     def test_n_alternatives(self, engine: Engine, loop: EventLoopThread) -> None:
         sampling = SamplingConfig(temperature=1.0, max_tokens=8, seed=123)
         completions = loop.run(engine.generate(CHAT, 4, sampling=sampling))

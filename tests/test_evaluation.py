@@ -78,6 +78,15 @@ def test_pairwise_correct_counts_ties_as_wrong() -> None:
     assert reward_accuracy(LengthRM(), groups) == 0.25 and math.isnan(reward_accuracy(LengthRM(), []))
 
 
+def test_stray_turns_and_junk_tokens_are_caught_and_ordinary_replies_are_not() -> None:
+    from training.evaluation import has_stray_text, reply_quality
+
+    assert has_stray_text("Sleep at the same time. model\nKeep the room dark.")
+    assert has_stray_text("Keep the room dark.মডেল\nStay up later.")
+    assert not has_stray_text("Café au lait — 2 tips: “rest” and ‘light’ 😊\nThe user model of a bank is fine.")
+    assert reply_quality(["ok.", "Fine. user\nmore"], [True, True]).stray == 1
+
+
 def test_repetition_loops_are_caught_and_ordinary_replies_are_not() -> None:
     from training.evaluation import is_repetition_loop, reply_quality
 

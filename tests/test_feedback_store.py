@@ -337,3 +337,39 @@ def test_system_prompt_has_a_store_level_limit(tmp_path):
         assert default.db["conversations"].count == 1
         with pytest.raises(InvalidInputError, match="system prompt is 30,000 characters"):
             default.create_conversation("u", system_prompt="y" * 30_000)
+
+
+def test_a_user_renames_exports_and_deletes_only_their_own_conversations(store, chat):
+    alice, conv = chat["user"], chat["conv"]
+    bob = store.ensure_user("bob")
+    store.record_rating(alice, chat["replies"][1], 1, client_id="r1")
+    store.rename_conversation(alice, conv, "  Arithmetic  ")
+    assert store.owned_conversation(alice, conv)["title"] == "Arithmetic"
+    exported = store.export_conversation(alice, conv)
+    assert (exported["title"], exported["system_prompt"]) == ("Arithmetic", "Be brief.")
+    assert [m["content"] for m in exported["messages"]] == ["What is 2+2?", "4", "Four.", "5"]
+    assert [m.get("rating") for m in exported["messages"][1:]] == [None, 1, None]
+    assert {m.get("model_version") for m in exported["messages"][1:]} == {chat["version"].name}
+    json.dumps(exported)  # JSON-ready
+    for call in (lambda: store.rename_conversation(bob, conv, "mine"), lambda: store.delete_conversation(bob, conv),
+                 lambda: store.export_conversation(bob, conv)):
+        with pytest.raises(NotFoundError):
+            call()
+    with pytest.raises(InvalidInputError):
+        store.rename_conversation(alice, conv, "   ")
+    store.delete_conversation(alice, conv)
+    assert store.conversations_of(alice) == []
+    with pytest.raises(NotFoundError):
+        store.export_conversation(alice, conv)
+    # What it fed to training stays: the messages and the rating.
+    assert store.db.execute("SELECT COUNT(*) FROM ratings WHERE message_id = ?", [chat["replies"][1]]).fetchone()[0] == 1
+    assert len(store.conversation_messages(conv)) == 4
+
+
+def test_sibling_replies_are_the_regenerations_of_one_turn(store, chat):
+    replies = chat["replies"]
+    assert store.sibling_replies(replies[2]) == replies
+    follow_up = store.add_user_message(chat["conv"], chat["user"], "And 3+3?", parent_id=replies[0])
+    answer = store.add_reply(chat["conv"], chat["user"], follow_up, "6", Reply(chat["version"].id, {}, 1.0, 9, 1, "stop"))
+    assert store.sibling_replies(answer) == [answer]
+    assert store.sibling_replies(follow_up) == []  # a user turn is no reply

@@ -162,8 +162,8 @@ def test_parse_sampling_takes_what_it_can_honour() -> None:
     got = parse_sampling({"temperature": 0, "max_completion_tokens": 5, "top_p": 0.9}, default)
     assert (got.temperature, got.top_p, got.max_tokens, got.repetition_penalty) == (0.0, 0.9, 5, 1.15)
     assert (got.frequency_penalty, got.presence_penalty) == (0.5, 0.0)  # the server's defaults
-    got = parse_sampling({"frequency_penalty": 0, "presence_penalty": 0.3, "stop": None}, default)
-    assert (got.max_tokens, got.frequency_penalty, got.presence_penalty) == (64, 0.0, 0.3)
+    got = parse_sampling({"frequency_penalty": 0, "presence_penalty": 0.3, "stop": None, "min_p": 0.2}, default)
+    assert (got.max_tokens, got.frequency_penalty, got.presence_penalty, got.min_p) == (64, 0.0, 0.3, 0.2)
     for bad in ({"frequency_penalty": "x"}, {"stop": ["\n"]}, {"max_tokens": "5"}, {"temperature": "hot"},
                 {"tools": [{"type": "function"}]}):
         with pytest.raises(ApiError):

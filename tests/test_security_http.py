@@ -13,7 +13,7 @@ from scripts.server_process import start_server
 from tests.app_server import count_rows, start_test_server, stop_server
 from tests.raw_gradio import RawGradio
 
-SAMPLING = ["", 0.0, 0.95, 8, 1.0]  # system prompt, temperature, top-p, max new tokens, frequency penalty
+SAMPLING = ["", 0.0, 0.95, 8, 1.0, 0.1]  # system prompt, temperature, top-p, max new tokens, frequency penalty, min-p
 # A refusal names what to do; an exception that escaped a handler shows up as one of these.
 PYTHON_ERRORS = re.compile(r"Traceback|(Type|Key|Attribute|Index|Value|Runtime|Assertion)Error|File \"/|went wrong")
 
@@ -37,7 +37,7 @@ def load(raw: RawGradio, session: str, saved) -> tuple[str | None, dict, list]:
     """The page-load handler with what the browser keeps: (the browser value it sends back, history)."""
     outcome = raw.call(raw.fn_index(trigger="load"), [saved], session)
     assert outcome.success, outcome.error
-    _, browser, history, _ = outcome.data
+    _, browser, history, *_ = outcome.data
     return browser.get("token"), browser, history
 
 

@@ -185,6 +185,18 @@ def is_repetition_loop(text: str, *, ngram: int = LOOP_NGRAM, repeats: int = LOO
     return any(n >= repeats for n in grams.values())
 
 
+# A reply in English that opens another turn as text ("model" or "user" on a line of its own) or holds
+# letters of another script (a small model's junk tokens where a turn should end: "মডেল", "<unused>").
+_TURN_AS_TEXT = re.compile(r"(^|\s)(model|user)\s*\n", re.IGNORECASE)
+_OTHER_SCRIPT = re.compile(r"[^\x00-\u024f\u2000-\u2bff\U0001f000-\U0001faff\u00a0-\u00ff]")
+
+
+def has_stray_text(text: str) -> bool:
+    """Whether an English reply shows what a user should never see: the next turn's speaker written as
+    text, or letters of another script (sampled junk tokens)."""
+    return bool(_TURN_AS_TEXT.search(text) or _OTHER_SCRIPT.search(text))
+
+
 @dataclass(frozen=True)
 class ReplyQuality:
     """Shares over a set of replies: in a repetition loop, ended by the model (stop token) rather than
@@ -195,10 +207,11 @@ class ReplyQuality:
     eos_share: float
     mean_words: float
     proper: int = 0  # replies that ended with the stop token and are not in a loop
+    stray: int = 0  # replies with stray text (has_stray_text)
 
     def as_dict(self) -> dict[str, float]:
         return {"replies": self.replies, "loop_share": self.loop_share, "eos_share": self.eos_share,
-                "mean_words": self.mean_words, "proper": self.proper}
+                "mean_words": self.mean_words, "proper": self.proper, "stray": self.stray}
 
 
 def reply_quality(texts: Sequence[str], ended: Sequence[bool]) -> ReplyQuality:
@@ -209,4 +222,5 @@ def reply_quality(texts: Sequence[str], ended: Sequence[bool]) -> ReplyQuality:
     loops = [is_repetition_loop(t) for t in texts]
     proper = sum(bool(e) and not loop for e, loop in zip(ended, loops))
     return ReplyQuality(n, sum(loops) / n, sum(map(bool, ended)) / n,
-                        sum(len(re.findall(r"\w+", t)) for t in texts) / n, proper)
+                        sum(len(re.findall(r"\w+", t)) for t in texts) / n, proper,
+                        sum(map(has_stray_text, texts)))

@@ -52,11 +52,18 @@ class SamplingConfig:
     # The app's default frequency_penalty is 0.5 (`serve --frequency-penalty`): a 270M model loops without it.
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    # Min-p sampling (Nguyen et al. 2024, "Turning Up the Heat: Min-p Sampling"): tokens less likely than
+    # min_p x the most likely token's probability are dropped, in both engines. Where a small model is sure
+    # a turn ends (<end_of_turn> most likely) but spreads the rest over thousands of junk tokens, top-p still
+    # keeps the junk (Gemma's <unusedN>, "model" in other scripts); min-p does not. The app's default is 0.1
+    # (`serve --min-p`); 0 turns it off (PPO's rollouts must sample the model's own distribution).
+    min_p: float = 0.0
 
     def as_dict(self) -> dict:
         return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
                 "max_tokens": self.max_tokens, "seed": self.seed, "repetition_penalty": self.repetition_penalty,
-                "frequency_penalty": self.frequency_penalty, "presence_penalty": self.presence_penalty}
+                "frequency_penalty": self.frequency_penalty, "presence_penalty": self.presence_penalty,
+                "min_p": self.min_p}
 
 
 @dataclass

@@ -96,6 +96,8 @@ def check_sampling(sampling: SamplingConfig) -> None:
         raise EngineError(f"top_k={sampling.top_k}; use 0 (off) or a positive number.")
     if sampling.max_tokens < 1:
         raise EngineError(f"max_tokens={sampling.max_tokens}; ask for at least 1 token.")
+    if not 0.0 <= sampling.min_p <= 1.0:
+        raise EngineError(f"min_p={sampling.min_p}; use a value in [0, 1] (0 turns it off).")
     for name in ("frequency_penalty", "presence_penalty"):
         if not -2.0 <= getattr(sampling, name) <= 2.0:
             raise EngineError(f"{name}={getattr(sampling, name)}; use a value in [-2, 2] (0 turns it off).")

@@ -189,6 +189,8 @@ class HFEngine:
         if sampling.temperature > 0:
             options = {"do_sample": True, "temperature": sampling.temperature,
                        "top_p": sampling.top_p, "top_k": sampling.top_k}
+            if sampling.min_p > 0:
+                options["min_p"] = sampling.min_p
         if sampling.repetition_penalty != 1.0:
             options["repetition_penalty"] = sampling.repetition_penalty
         if sampling.frequency_penalty or sampling.presence_penalty:

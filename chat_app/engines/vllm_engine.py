@@ -209,6 +209,7 @@ class VLLMEngine:
             repetition_penalty=sampling.repetition_penalty,
             frequency_penalty=sampling.frequency_penalty,
             presence_penalty=sampling.presence_penalty,
+            min_p=sampling.min_p,
             seed=sampling.seed,
             max_tokens=self.format.reply_budget(prompt_tokens, sampling.max_tokens),
             stop_token_ids=self.format.stop_token_ids,

@@ -22,6 +22,8 @@ from .rank_tab import build_rank_tab
 BANNER_REFRESH_S = 5.0
 
 CSS = """
+#chat-stop { display: none; }
+#reply-pos { text-align: center; }
 #chatbot > .wrap:has(.error), #chat-input > .wrap:has(.error), #chat-status > .wrap:has(.error) { display: none !important; }
 """
 
@@ -52,6 +54,8 @@ def build_ui(rt: Runtime, *, title: str = "alignloop", default_sampling: Samplin
                 "max_tokens": gr.Slider(8, 1024, value=defaults.max_tokens, step=8, label="Max new tokens"),
                 "frequency_penalty": gr.Slider(0.0, 2.0, value=defaults.frequency_penalty, step=0.05,
                                                label="Frequency penalty: against repeating the reply's own words (0: none)"),
+                "min_p": gr.Slider(0.0, 0.5, value=defaults.min_p, step=0.01,
+                                   label="Min-p: never sample a token less likely than this share of the likeliest (0: off)"),
             }
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
@@ -66,27 +70,28 @@ def build_ui(rt: Runtime, *, title: str = "alignloop", default_sampling: Samplin
         def on_load(saved, request: gr.Request):
             """Who this browser is: the login, else the identity its signed token names, else a new one."""
             saved = saved if isinstance(saved, dict) else {}
+            nothing = (gr.skip(),) * len(chat.nav)
             if rt.service is None:
-                return None, gr.skip(), [], gr.skip()
+                return None, gr.skip(), [], gr.skip(), *nothing
             claimed = rt.signer.verify(saved.get("token"))
             try:
                 svc, who = rt.resolve(request, claimed)
             except UserFacingError as exc:
                 gr.Warning(str(exc))
-                return None, gr.skip(), [], gr.skip()
-            history, state = [], gr.skip()
+                return None, gr.skip(), [], gr.skip(), *nothing
+            history, state, nav = [], gr.skip(), nothing
             conversation = saved.get("conversation_id")
             if claimed == who.user_id or getattr(request, "username", None):
                 if isinstance(conversation, int):
                     try:
-                        history, state, _ = chat.restore(svc, who, conversation)
+                        history, state, _, *nav = chat.restore(svc, who, conversation)
                     except UserFacingError:
                         conversation = None
             else:
                 conversation = None  # another identity's conversation is never shown
-            return who.user_id, browser_value(rt, who, conversation), history, state
+            return who.user_id, browser_value(rt, who, conversation), history, state, *nav
 
-        demo.load(on_load, [browser], [user_state, browser, chat.chatbot, chat.state], api_name=False)
+        demo.load(on_load, [browser], [user_state, browser, chat.chatbot, chat.state, *chat.nav], api_name=False)
 
         async def show_banner() -> str:
             """What the page says about the model now: the bare base, and a round training (with its progress)."""

@@ -127,10 +127,11 @@ def user_handler(rt: Runtime) -> Callable[[Callable], Callable]:
     return wrap
 
 
-def sampling_from(temperature: float, top_p: float, max_tokens: float, frequency_penalty: float) -> SamplingConfig:
+def sampling_from(temperature: float, top_p: float, max_tokens: float, frequency_penalty: float,
+                  min_p: float) -> SamplingConfig:
     """The Settings sliders as a SamplingConfig (the service checks the ranges)."""
     return SamplingConfig(temperature=float(temperature), top_p=float(top_p), max_tokens=int(max_tokens),
-                          frequency_penalty=float(frequency_penalty))
+                          frequency_penalty=float(frequency_penalty), min_p=float(min_p))
 
 
 def show_error(exc: Exception) -> gr.Error:

@@ -25,10 +25,10 @@ def build_compare_tab(rt: Runtime, user_state: gr.State, settings: dict) -> None
     reveal = gr.Markdown("", elem_id="compare-reveal")
 
     @user_handler(rt)
-    async def on_go(svc, who, text, system_prompt, temperature, top_p, max_tokens, frequency_penalty):
+    async def on_go(svc, who, text, system_prompt, temperature, top_p, max_tokens, frequency_penalty, min_p):
         locked = [gr.Button(interactive=False)] * len(buttons)
         stream = svc.battle(who.user_id, text, system_prompt=system_prompt or None,
-                            sampling=sampling_from(temperature, top_p, max_tokens, frequency_penalty), client=who.address)
+                            sampling=sampling_from(temperature, top_p, max_tokens, frequency_penalty, min_p), client=who.address)
         async for battle in throttled(stream, lambda b: b.done):
             yield [battle.texts[0], battle.texts[1], battle.user_message_id, who.user_id, ""] + locked
 
@@ -51,7 +51,7 @@ def build_compare_tab(rt: Runtime, user_state: gr.State, settings: dict) -> None
             return [text, None] + [gr.Button(interactive=False)] * len(buttons)
         return vote
 
-    settings_inputs = [settings[k] for k in ("system_prompt", "temperature", "top_p", "max_tokens", "frequency_penalty")]
+    settings_inputs = [settings[k] for k in ("system_prompt", "temperature", "top_p", "max_tokens", "frequency_penalty", "min_p")]
     go_event = dict(fn=on_go, inputs=[prompt] + settings_inputs + [user_state],
                     outputs=[reply_a, reply_b, battle_state, user_state, reveal] + buttons)
     done = dict(fn=on_done, inputs=[battle_state, user_state], outputs=[reply_a, reply_b] + buttons, api_name=False)

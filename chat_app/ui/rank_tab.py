@@ -40,10 +40,10 @@ def build_rank_tab(rt: Runtime, user_state: gr.State, settings: dict) -> None:
     result = gr.Markdown("", elem_id="rank-result")
 
     @user_handler(rt)
-    async def on_go(svc, who, text, n, system_prompt, temperature, top_p, max_tokens, frequency_penalty):
+    async def on_go(svc, who, text, n, system_prompt, temperature, top_p, max_tokens, frequency_penalty, min_p):
         n = _whole_number(n)
         _, ids, texts = await svc.rank_candidates(who.user_id, text, n, system_prompt=system_prompt or None,
-                                                  sampling=sampling_from(temperature, top_p, max_tokens, frequency_penalty),
+                                                  sampling=sampling_from(temperature, top_p, max_tokens, frequency_penalty, min_p),
                                                   client=who.address)
         choices = [str(j) for j in range(1, n + 1)]
         return ([{"ids": ids}, who.user_id, ""]
@@ -65,6 +65,6 @@ def build_rank_tab(rt: Runtime, user_state: gr.State, settings: dict) -> None:
         return None, f"Thanks! Your ranking of {len(ids)} replies was saved."
 
     go_inputs = [prompt, k] + [settings[k] for k in ("system_prompt", "temperature", "top_p", "max_tokens",
-                                                     "frequency_penalty")] + [user_state]
+                                                     "frequency_penalty", "min_p")] + [user_state]
     go.click(on_go, go_inputs, [rank_state, user_state, result] + rows + replies + ranks, api_name="rank")
     submit.click(on_submit, [rank_state] + ranks + [user_state], [rank_state, result], api_name="submit_ranking")
