@@ -22,6 +22,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from training.base_models import default_cache_dir
+
 from .adapters import AdapterTable, ServedAdapter
 from .base import AdapterRef, Completion, EngineError, Messages, ReplyChunk, SamplingConfig
 from .chat_format import ChatFormat
@@ -82,6 +84,7 @@ class VLLMEngine:
             seed=self.config.seed,
             disable_log_stats=True,
         )
+        _quiet_weight_loading()
         try:
             self._llm = AsyncLLM.from_engine_args(args)
         except Exception as exc:
@@ -196,6 +199,7 @@ class VLLMEngine:
         if self._scratch is not None:
             self._scratch.cleanup()
 
+
     # -- helpers ---------------------------------------------------------------------------
     def _sampling_params(self, sampling: SamplingConfig, n: int, prompt_tokens: int,
                          kind: RequestOutputKind) -> SamplingParams:
@@ -268,3 +272,24 @@ def _engine_error(exc: Exception, what: str, advice: str) -> EngineError:
         return EngineError("vLLM's engine process has stopped (the server log says why); restart the app.")
     cause = exc.__cause__ or exc  # EngineGenerateError wraps the real error
     return EngineError(f"{what}: {type(cause).__name__}: {cause}. {advice}")
+
+
+def _quiet_weight_loading() -> None:
+    """vLLM's logging, less one warning per weight when a float32 model folder is served in bfloat16 (146
+    lines for Gemma 3 270M: the narrowing dtype="auto" asked for). The engine's processes are spawned and
+    configure their logging from $VLLM_LOGGING_CONFIG_PATH: vLLM's default configuration plus that one
+    logger at ERROR, so every other vLLM warning still shows. A configuration the user set is left alone."""
+    import copy
+    import json
+    import os
+
+    from vllm.logger import DEFAULT_LOGGING_CONFIG
+
+    if os.environ.get("VLLM_LOGGING_CONFIG_PATH"):
+        return
+    config = copy.deepcopy(DEFAULT_LOGGING_CONFIG)
+    config["loggers"]["vllm.model_executor.models.utils"] = {"level": "ERROR"}
+    path = default_cache_dir().parent / "vllm-logging.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config, indent=1))
+    os.environ["VLLM_LOGGING_CONFIG_PATH"] = str(path)

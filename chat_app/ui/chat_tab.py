@@ -366,6 +366,8 @@ def build_chat_tab(rt: Runtime, user_state: gr.State, browser: gr.BrowserState, 
                         api_name="feedback")
     save_better.click(on_save_better, [conv_state, better, user_state], [better], api_name="demonstrate")
     new_chat.click(on_new_chat, None, [chatbot, conv_state, status, history_pick] + nav, api_name=False)
+    # The chat's own 🗑 empties the view: the next message starts a new conversation (the old one stays listed).
+    chatbot.clear(on_new_chat, None, [chatbot, conv_state, status, history_pick] + nav, api_name=False)
     history_pick.focus(list_conversations, [user_state], [history_pick], api_name=False)
     history_pick.select(load_conversation, [history_pick, user_state], [chatbot, conv_state, browser] + nav + [title_box],
                         api_name="load_conversation")
