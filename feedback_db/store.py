@@ -480,6 +480,19 @@ class FeedbackStore:
         return {"id": conv["id"], "title": conv["title"], "created_at": conv["created_at"],
                 "system_prompt": conv["system_prompt"], "source": conv["source"], "messages": messages}
 
+    def ratings_by(self, user_id: str, message_ids: list[int]) -> dict[int, int]:
+        """{message id: the user's latest rating of it (1, -1, or 0 for a rating taken back)} for those of
+        `message_ids` the user rated: what their 👍/👎 show."""
+        user_id = self._user_id(user_id)
+        ids = clean_ids(message_ids, field="message")
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        rows = self.db.execute(
+            f"SELECT message_id, value FROM ratings WHERE user_id = ? AND message_id IN ({marks}) ORDER BY event_id",
+            [user_id, *ids]).fetchall()
+        return {int(message_id): int(value) for message_id, value in rows}  # the latest rating wins
+
     def sibling_replies(self, reply_id: int) -> list[int]:
         """The replies to the same user message as `reply_id` (regenerations), oldest first, itself included."""
         reply_id = clean_id(reply_id, field="reply")

@@ -60,6 +60,10 @@ def test_chat_and_thumbs_up(page, app_server, tmp_path):
                              "JOIN messages q ON q.id = m.parent_id "
                              "WHERE q.content = 'Hello from the browser' AND r.value = 1") == 1
     page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)
+    page.reload()  # the conversation comes back, and so does the 👍 on its reply
+    page.wait_for_selector("#chat-input textarea", timeout=60_000)
+    page.locator('#chatbot button[aria-label="Liked"]').first.wait_for(timeout=30_000)
+    assert "Hello from the browser" in page.inner_text("#chatbot")
 
 
 def test_user_text_shows_as_typed_and_a_refusal_leaves_the_chat_usable(page, app_server, tmp_path):
@@ -187,6 +191,9 @@ def test_send_becomes_stop_while_a_reply_streams(page, app_server):
     tokens = page.get_by_label("number input for Max new tokens")
     tokens.fill("1024")
     tokens.press("Enter")
+    temperature = page.get_by_label("number input for Temperature")
+    temperature.fill("0")  # greedy: the tiny random model loops and never ends its reply early
+    temperature.press("Enter")
     try:
         page.fill("#chat-input textarea", "Write a very long story")
         page.click("#chat-send")
@@ -201,6 +208,8 @@ def test_send_becomes_stop_while_a_reply_streams(page, app_server):
     finally:
         tokens.fill("16")
         tokens.press("Enter")
+        temperature.fill("0.8")
+        temperature.press("Enter")
         page.get_by_text("Settings: system prompt and sampling").click()
 
 

@@ -59,9 +59,9 @@ def browser_value(rt: Runtime, who: Caller, conversation_id: int | None) -> dict
 
 
 def conversation_view(svc: ChatService, who: Caller, conversation_id: int,
-                      leaf: int | None = None) -> tuple[list[dict], dict]:
-    """(chatbot history, tab state) of a conversation the caller owns, as stored: the branch from its root
-    to `leaf` (default: its newest message, i.e. the latest branch)."""
+                      leaf: int | None = None) -> tuple[gr.Chatbot, dict]:
+    """(the chatbot, tab state) of a conversation the caller owns, as stored: the branch from its root to
+    `leaf` (default: its newest message, i.e. the latest branch), each reply showing the caller's 👍/👎."""
     try:
         svc.store.owned_conversation(who.user_id, conversation_id)
     except FeedbackError:
@@ -80,7 +80,11 @@ def conversation_view(svc: ChatService, who: Caller, conversation_id: int,
             text = ("⚠️ The model could not answer this; press Regenerate." if reason == "error"
                     else "(empty reply)")
         history.append({"role": message["role"], "content": for_display(message["role"], text)})
-    return history, {**_empty_state(), "conversation_id": conversation_id, "ids": ids}
+    rated = svc.store.ratings_by(who.user_id, ids)
+    thumbs = [{1: "Like", -1: "Dislike"}.get(rated.get(message_id, 0))
+              for message, message_id in zip(branch.messages if branch else [], ids) if message["role"] == "assistant"]
+    return gr.Chatbot(value=history, feedback_value=thumbs), \
+        {**_empty_state(), "conversation_id": conversation_id, "ids": ids}
 
 
 def reply_position(svc: ChatService, state: dict) -> tuple[int, int]:
