@@ -100,6 +100,11 @@ def test_compare_vote(page, app_server):
     page.wait_for_selector("#vote-tie:not([disabled])", timeout=90_000)
     page.click("#vote-tie")
     page.wait_for_function("document.querySelector('#compare-reveal').innerText.includes('was')", timeout=30_000)
+    assert "You voted Tie" in page.inner_text("#compare-reveal")  # the page says which side you chose
+    assert "primary" in page.get_attribute("#vote-tie", "class")
+    page.click("#compare-next")  # the next battle starts clean
+    page.wait_for_function("document.querySelector('#compare-reveal').innerText.trim() === ''", timeout=30_000)
+    assert page.input_value("#compare-input textarea") == "" and not page.locator("#compare-next").is_visible()
     assert _wait_for_row(app_server.db_path,
                          "SELECT COUNT(*) FROM comparisons c JOIN messages q ON q.id = c.context_id "
                          "WHERE q.content = 'Which fruit is best?' AND c.choice = 'tie'") == 1

@@ -23,10 +23,11 @@ def build_compare_tab(rt: Runtime, user_state: gr.State, settings: dict) -> None
     with gr.Row():
         buttons = [gr.Button(label, interactive=False, elem_id=f"vote-{value}") for label, value in CHOICES.items()]
     reveal = gr.Markdown("", elem_id="compare-reveal")
+    next_battle = gr.Button("Next battle", visible=False, elem_id="compare-next")
 
     @user_handler(rt)
     async def on_go(svc, who, text, system_prompt, temperature, top_p, max_tokens, frequency_penalty, min_p):
-        locked = [gr.Button(interactive=False)] * len(buttons)
+        locked = [gr.Button(interactive=False, variant="secondary")] * len(buttons)
         stream = svc.battle(who.user_id, text, system_prompt=system_prompt or None,
                             sampling=sampling_from(temperature, top_p, max_tokens, frequency_penalty, min_p), client=who.address)
         async for battle in throttled(stream, lambda b: b.done):
@@ -47,9 +48,15 @@ def build_compare_tab(rt: Runtime, user_state: gr.State, settings: dict) -> None
             if key is None:
                 raise UserFacingError("Get two replies first.")
             versions = svc.vote(who.user_id, int(key), CHOICES[label], client=who.address)
-            text = f"Thanks! **A** was `{versions[0]}`, **B** was `{versions[1]}`."
-            return [text, None] + [gr.Button(interactive=False)] * len(buttons)
+            text = f"You voted **{label}**. Thanks! **A** was `{versions[0]}`, **B** was `{versions[1]}`."
+            shown = [gr.Button(interactive=False, variant="primary" if other == label else "secondary")
+                     for other in CHOICES]
+            return [text, None] + shown + [gr.Button(visible=True)]
         return vote
+
+    def on_next():
+        """A new battle: the prompt box, the replies and the verdict cleared."""
+        return ["", "", "", "", gr.Button(visible=False)] + [gr.Button(interactive=False, variant="secondary")] * len(buttons)
 
     settings_inputs = [settings[k] for k in ("system_prompt", "temperature", "top_p", "max_tokens", "frequency_penalty", "min_p")]
     go_event = dict(fn=on_go, inputs=[prompt] + settings_inputs + [user_state],
@@ -58,5 +65,6 @@ def build_compare_tab(rt: Runtime, user_state: gr.State, settings: dict) -> None
     go.click(**go_event, api_name="compare").then(**done)
     prompt.submit(**go_event, api_name=False).then(**done)
     for button, (label, value) in zip(buttons, CHOICES.items()):
-        button.click(on_vote(label), [battle_state, user_state], [reveal, battle_state] + buttons,
+        button.click(on_vote(label), [battle_state, user_state], [reveal, battle_state] + buttons + [next_battle],
                      api_name=f"vote_{value}")
+    next_battle.click(on_next, None, [prompt, reply_a, reply_b, reveal, next_battle] + buttons, api_name=False)
