@@ -21,8 +21,17 @@ from .common import Runtime, show_error  # noqa: E402
 from .rendering import progress_text  # noqa: E402
 
 
+def _empty(ax, text: str) -> None:
+    """An empty panel says why it is empty and what fills it."""
+    ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True)
+    ax.axis("off")
+
+
 def _feedback_plot(rows: list[dict]):
     fig, ax = plt.subplots(figsize=(7, 3))
+    if not rows:
+        _empty(ax, "No feedback yet: thumbs, Compare votes, rankings and better replies appear here per hour.")
+        return fig
     buckets = sorted({r["bucket"] for r in rows})
     kinds = sorted({r["kind"] for r in rows})
     counts = defaultdict(int, {(r["bucket"], r["kind"]): r["n"] for r in rows})
@@ -41,6 +50,9 @@ def _feedback_plot(rows: list[dict]):
 
 def _thumbs_plot(rows: list[dict]):
     fig, ax = plt.subplots(figsize=(7, 3))
+    if not rows:
+        _empty(ax, "No thumbs yet: the share of thumbs-up per model version appears here (each user's latest rating).")
+        return fig
     names = [r["model_version"] for r in rows]
     rates = [r["up_rate"] or 0 for r in rows]
     bars = ax.bar(range(len(names)), rates, color="#4a8")
@@ -57,8 +69,8 @@ def _thumbs_plot(rows: list[dict]):
 def _win_plot(wr):
     fig, ax = plt.subplots(figsize=(7, 2.2))
     if wr is None or wr.rate is None:
-        ax.text(0.5, 0.5, "No decisive Compare votes between candidate and live yet", ha="center", va="center")
-        ax.axis("off")
+        _empty(ax, "No decisive Compare votes between a candidate and live yet: a round registers a candidate, "
+                   "and Compare then pits it against live.")
     else:
         ax.errorbar([wr.rate], [0], xerr=[[wr.rate - wr.ci_low], [wr.ci_high - wr.rate]], fmt="o", capsize=6)
         ax.axvline(0.5, color="grey", linestyle="--")
@@ -125,7 +137,9 @@ def build_dashboard_tab(rt: Runtime, guard: AdminGuard | None = None) -> None:
         board_rows = [[r.rank, r.name, round(r.rating), f"[{r.ci_low:.0f}, {r.ci_high:.0f}]", r.votes,
                        f"{r.wins}/{r.losses}/{r.ties}"] for r in leaderboard(store)]
         return (gr.Column(visible=True), text, *figs, gr.Dropdown(choices=reports),
-                gr.Dataframe(value=round_rows, headers=["round", "status", "started", "finished", "snapshot",
+                gr.Dataframe(value=round_rows or [["", "no training rounds yet: `alignloop round` trains one on the "
+                                                   "feedback so far (or cron it; see the README)", "", "", "", "", ""]],
+                             headers=["round", "status", "started", "finished", "snapshot",
                                                         "metrics", "report"]),
                 gr.Dataframe(value=version_rows, headers=["id", "name", "kind", "status", "adapter", "created"]),
                 gr.Dropdown(choices=choices, value=cand.name if cand else None),
