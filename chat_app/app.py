@@ -56,6 +56,7 @@ class AppConfig:
     admin_users: set[str] = field(default_factory=set)  # logged-in users who may use the dashboard (besides --admin ones)
     admin_password: str | None = None  # default: $ALIGNLOOP_ADMIN_PASSWORD
     cache_dir: Path | None = None
+    rounds_dir: Path | None = None  # where a round started from the dashboard writes (None: RoundConfig's)
     title: str = "alignloop"
     engine_config: EngineConfig = field(default_factory=EngineConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
@@ -89,7 +90,8 @@ def build_app(config: AppConfig, model_path: Path, base_model_name: str,
     users = UserDirectory.load(config.users_file) if config.users_file else None
     rt = Runtime(signer=signer, anonymous_ids=AnonymousIdQuota(config.identity.anonymous_ids_per_hour),
                  admin_password=config.admin_password or os.environ.get("ALIGNLOOP_ADMIN_PASSWORD"),
-                 admin_users=set(config.admin_users) | (users.admin_names() if users else set()))
+                 admin_users=set(config.admin_users) | (users.admin_names() if users else set()),
+                 base_model=config.base_model, rounds_dir=config.rounds_dir)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -52,6 +52,7 @@ MaxInputOpt = Annotated[int, typer.Option("--max-input-chars", help="Longest use
 MaxNewTokensOpt = Annotated[int, typer.Option("--max-new-tokens", help="Default reply length limit (users can change it).")]
 FrequencyOpt = Annotated[float, typer.Option("--frequency-penalty", help="Default frequency penalty (OpenAI's, on the reply's own tokens; 0: none; users can change it). A 270M model loops on one line without one.")]
 MinPOpt = Annotated[float, typer.Option("--min-p", help="Default min-p (tokens less likely than min-p x the top token's probability are never sampled; 0: off; users can change it). Keeps a small model from sampling junk tokens where a turn should end.")]
+RoundsDirOpt = Annotated[Optional[Path], typer.Option("--rounds-dir", help="Where a round started from the Dashboard writes (default ~/.local/share/alignloop/rounds).")]
 AutoPromoteOpt = Annotated[int, typer.Option("--auto-promote-after", help="Promote a gated candidate once its Compare votes vs live pass the sequential test (feedback_db/sequential_testing.py), after at least N counted decisive votes (0: never from the server).")]
 PromoteAlphaOpt = Annotated[float, typer.Option("--promote-alpha", help="Chance of promoting a candidate no better than live, however often the test is checked.")]
 PromoteVotersOpt = Annotated[int, typer.Option("--promote-min-voters", help="Distinct voters needed before a promotion.")]
@@ -75,6 +76,7 @@ def serve(
     max_new_tokens: MaxNewTokensOpt = 256,
     frequency_penalty: FrequencyOpt = 0.5,
     min_p: MinPOpt = 0.1,
+    rounds_dir: RoundsDirOpt = None,
     auto_promote_after: AutoPromoteOpt = 0,
     promote_alpha: PromoteAlphaOpt = 0.05,
     promote_min_voters: PromoteVotersOpt = 5,
@@ -107,7 +109,7 @@ def _refuse_passwords_on_argv(users: Optional[str], admin_password: Optional[str
 def _app_config(*, base_model: str, engine: str, db: Optional[Path], host: str, port: int, users_file: Optional[Path],
                 admins: Optional[str], users: Optional[str], admin_password: Optional[str], max_model_len: int,
                 rate_limit: int, new_ids_per_hour: int, max_input_chars: int, max_new_tokens: int,
-                frequency_penalty: float, min_p: float, auto_promote_after: int,
+                frequency_penalty: float, min_p: float, auto_promote_after: int, rounds_dir: Optional[Path] = None,
                 promote_alpha: float, promote_min_voters: int):
     """The AppConfig that `serve`'s options describe (shared with `demo`)."""
     from chat_app.app import AppConfig
@@ -131,7 +133,7 @@ def _app_config(*, base_model: str, engine: str, db: Optional[Path], host: str, 
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     return AppConfig(
-        base_model=base_model, engine=engine, db=db, host=host, port=port, users_file=users_file,
+        base_model=base_model, engine=engine, db=db, host=host, port=port, users_file=users_file, rounds_dir=rounds_dir,
         admin_users=set(admins.split(",")) if admins else set(),
         engine_config=EngineConfig(max_model_len=max_model_len),
         identity=IdentityConfig(anonymous_ids_per_hour=new_ids_per_hour),
@@ -164,10 +166,9 @@ def demo(
 
     Example: ALIGNLOOP_ADMIN_PASSWORD=s3cret alignloop demo --engine hf --train --round-set ppo.iterations=4
     """
-    import subprocess
-    import sys
     import threading
 
+    from chat_app.round_process import start_round
     from feedback_db import FeedbackStore, ModelRegistry, default_db_path
     from training.base_models import ModelPreparationError, prepare_model
     from training.round import RoundConfig, first_run_needed, first_run_settings, seed_starter_set
@@ -185,14 +186,9 @@ def demo(
     typer.echo(f"model: {model_dir}\ndatabase: {db_path}\nstarter set: {added} new records")
     child = None
     if train or first_run:
-        rounds_dir = (rounds_dir or Path(RoundConfig().rounds_dir)).expanduser()
-        rounds_dir.mkdir(parents=True, exist_ok=True)
-        log_path = rounds_dir / ("first-run.log" if first_run else "demo-round.log")
-        cmd = [sys.executable, "-m", "chat_app.cli", "round", "--db", str(db_path), "--base-model", base_model,
-               "--rounds-dir", str(rounds_dir)]
-        for item in (first_run_settings() if first_run else []) + list(round_overrides or []):
-            cmd += ["--set", item]
-        child = subprocess.Popen(cmd, stdout=log_path.open("a"), stderr=subprocess.STDOUT)
+        child, log_path = start_round(db_path, base_model, rounds_dir or Path(RoundConfig().rounds_dir),
+                                      settings=(first_run_settings() if first_run else []) + list(round_overrides or []),
+                                      log_name="first-run.log" if first_run else "demo-round.log")
         if first_run:
             typer.echo(f"training the first aligned version in the background (pid {child.pid}, log {log_path}); "
                        "the bare base model serves until it goes live (--bare-base skips this).")
@@ -203,7 +199,8 @@ def demo(
                        "its candidate appears in Compare and on the Dashboard when it is registered.")
     serve_command = typer.main.get_command(app).commands["serve"]  # type: ignore[attr-defined]
     try:
-        serve_command.main(["--base-model", base_model, "--db", str(db_path), *ctx.args],
+        serve_command.main(["--base-model", base_model, "--db", str(db_path),
+                            *(["--rounds-dir", str(rounds_dir)] if rounds_dir else []), *ctx.args],
                            prog_name="alignloop serve", standalone_mode=False)
     finally:
         if child is not None and child.poll() is None:

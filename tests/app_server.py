@@ -15,7 +15,8 @@ __all__ = ["ADMIN_PASSWORD", "ServerProcess", "count_rows", "fetch_rows", "start
 def start_test_server(model_path: Path, workdir: Path) -> ServerProcess:
     """The transformers engine, short replies, no rate limits, a known admin password."""
     return start_server(model_path, workdir, engine="hf",
-                        serve_args=["--max-new-tokens", "16", "--rate-limit", "0", "--new-ids-per-hour", "0"],
+                        serve_args=["--max-new-tokens", "16", "--rate-limit", "0", "--new-ids-per-hour", "0",
+                                    "--rounds-dir", str(workdir / "rounds")],
                         env={"ALIGNLOOP_CACHE": str(workdir / "cache"), "ALIGNLOOP_ADMIN_PASSWORD": ADMIN_PASSWORD})
 
 

@@ -109,3 +109,22 @@ def test_dashboard_shows_the_leaderboard(client):
     outputs = client.predict(ADMIN_PASSWORD, api_name="/dashboard")
     board = outputs[-1]
     assert board["headers"] == ["rank", "version", "rating", "95% interval", "votes", "won/lost/tied"]
+
+
+def test_an_operator_starts_a_round_from_the_dashboard(client, app_server):
+    """One round at a time, in the background, with its log beside the rounds; a stranger cannot start one."""
+    import time
+
+    with pytest.raises(Exception, match="admin password"):
+        client.predict("wrong", api_name="/start_round")
+    started = client.predict(ADMIN_PASSWORD, api_name="/start_round")
+    assert "Round started by" in started
+    with pytest.raises(Exception, match="already running"):
+        client.predict(ADMIN_PASSWORD, api_name="/start_round")
+    log = app_server.db_path.parent / "rounds" / "dashboard-round.log"
+    deadline = time.monotonic() + 300
+    while "round " not in (log.read_text() if log.exists() else "") or \
+            count_rows(app_server.db_path, "SELECT COUNT(*) FROM training_rounds WHERE status = 'running'"):
+        assert time.monotonic() < deadline, log.read_text()[-2000:] if log.exists() else "no log"
+        time.sleep(1)
+    print(log.read_text()[-600:])

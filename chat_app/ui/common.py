@@ -6,9 +6,11 @@ import asyncio
 import functools
 import inspect
 import logging
+import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
 import gradio as gr
@@ -40,6 +42,9 @@ class Runtime:
     admin_users: set[str] = field(default_factory=set)
     startup_error: str | None = None
     fatal_error: str | None = None  # set when the engine died; the server is stopping
+    base_model: str = "default"  # what a round started from the dashboard trains on
+    rounds_dir: Path | None = None  # where it writes (None: RoundConfig's default)
+    round_process: subprocess.Popen | None = None  # the last round the dashboard started
 
     def require(self) -> ChatService:
         if self.fatal_error is not None:

@@ -1,9 +1,11 @@
 """The Dashboard tab (operators): feedback over time, thumbs per version, candidate win rate, the
-leaderboard of every version, training rounds (the running one's progress), and promote / roll back. Every handler is `admin_only` (chat_app/auth.py): the server
+leaderboard of every version, training rounds (the running one's progress, and a button that starts
+one), and promote / roll back. Every handler is `admin_only` (chat_app/auth.py): the server
 checks the login or the admin password on each call and records who promoted or rolled back."""
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from pathlib import Path
 
@@ -15,10 +17,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from feedback_db import feedback_over_time, leaderboard, thumbs_by_version, win_rate  # noqa: E402
+from training.round import RoundConfig  # noqa: E402
 
 from ..auth import AdminGuard, admin_only  # noqa: E402
+from ..round_process import start_round as launch_round  # noqa: E402
 from .common import Runtime, show_error  # noqa: E402
 from .rendering import progress_text  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 
 def _empty(ax, text: str) -> None:
@@ -108,6 +114,10 @@ def build_dashboard_tab(rt: Runtime, guard: AdminGuard | None = None) -> None:
             candidate = gr.Dropdown(label="Version to promote", choices=[], scale=3)
             promote = gr.Button("Promote to live", variant="primary", scale=1)
             rollback = gr.Button("Roll back", variant="stop", scale=1)
+        with gr.Row():
+            start_round = gr.Button("Start a round now", scale=1, elem_id="round-start")
+            gr.Markdown("Trains on all feedback so far, as `alignloop round` (or its cron job) does; "
+                        "its progress shows above, and its candidate appears in Compare.", elem_id="round-help")
         action = gr.Markdown("")
 
     @admin
@@ -173,6 +183,20 @@ def build_dashboard_tab(rt: Runtime, guard: AdminGuard | None = None) -> None:
         return f"✅ `{live}` is live; new requests use it now."
 
     @admin
+    def on_start_round(actor: str):
+        """A round in the background, one at a time (also none while `alignloop round` or cron runs one)."""
+        svc = rt.require()
+        running = svc.registry.running_round()
+        if running is not None or (rt.round_process is not None and rt.round_process.poll() is None):
+            which = f"round {running.id}" if running else "the round started from here"
+            raise gr.Error(f"A round is already running ({which}); wait until it ends.", print_exception=False)
+        rt.round_process, log_path = launch_round(svc.store.path, rt.base_model,
+                                                  rt.rounds_dir or Path(RoundConfig().rounds_dir),
+                                                  log_name="dashboard-round.log")
+        log.info("operator %r started a round (pid %d, log %s)", actor, rt.round_process.pid, log_path)
+        return f"▶️ Round started by `{actor}` (pid {rt.round_process.pid}); its log: `{log_path}`."
+
+    @admin
     async def on_rollback(actor: str):
         try:
             live = await rt.require().rollback(actor=actor)
@@ -187,4 +211,6 @@ def build_dashboard_tab(rt: Runtime, guard: AdminGuard | None = None) -> None:
     promote.click(on_promote, [password, candidate], [action], api_name="promote").then(
         refresh_data, [password], outputs, api_name=False)
     rollback.click(on_rollback, [password], [action], api_name="rollback").then(
+        refresh_data, [password], outputs, api_name=False)
+    start_round.click(on_start_round, [password], [action], api_name="start_round").then(
         refresh_data, [password], outputs, api_name=False)
