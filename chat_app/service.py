@@ -95,6 +95,17 @@ class Battle:
     done: bool = False
 
 
+@dataclass
+class Ranking:
+    """A Rank request: K replies to one prompt from the live version (reply ids are 0 until stored)."""
+
+    conversation_id: int
+    user_message_id: int
+    reply_ids: list[int]
+    texts: list[str]
+    done: bool = False
+
+
 def storable(model_text: str) -> str:
     """Model output as the store accepts it: a model can emit NUL, which is not valid text there."""
     return model_text.replace("\x00", "\ufffd")
@@ -467,34 +478,15 @@ class ChatService:
         self._battles[q] = battle
         while len(self._battles) > 10_000:  # forget the oldest unvoted battles
             self._battles.pop(next(iter(self._battles)))
-        queue: asyncio.Queue[tuple[int, StreamUpdate | None]] = asyncio.Queue()
-
-        async def run(side: int, version: ServedVersion) -> None:
-            # Distinct seeds so two samples of the same version differ.
-            side_sampling = replace(sampling, seed=None if sampling.seed is None else sampling.seed + side)
-            try:
-                async for update in self._stream_reply(user_id, conv, q, version, side_sampling, "compare"):
-                    await queue.put((side, update))
-            finally:
-                await queue.put((side, None))
-
-        tasks = [asyncio.create_task(run(i, v)) for i, v in enumerate((left, right))]
-        try:
-            finished = 0
-            while finished < 2:
-                side, update = await queue.get()
-                if update is None:
-                    finished += 1
-                    continue
-                battle.texts[side] = update.error or update.text
-                if update.reply_id is not None:
-                    battle.reply_ids[side] = update.reply_id
-                yield battle
-            battle.done = True
+        streams = [self._stream_reply(user_id, conv, q, version, _nth_sample(sampling, side), "compare")
+                   for side, version in enumerate((left, right))]
+        async for side, update in _merged(streams):
+            battle.texts[side] = update.error or update.text
+            if update.reply_id is not None:
+                battle.reply_ids[side] = update.reply_id
             yield battle
-        finally:
-            for t in tasks:
-                t.cancel()
+        battle.done = True
+        yield battle
 
     def get_battle(self, key: int) -> Battle:
         """A battle started in this process, by the id of its prompt message."""
@@ -524,27 +516,46 @@ class ChatService:
         return battle.versions
 
     # -- rank -------------------------------------------------------------------------
-    async def rank_candidates(self, user_id: str, text: str, k: int, *, system_prompt: str | None = None,
-                              sampling: SamplingConfig | None = None,
-                              client: str | None = None) -> tuple[int, list[int], list[str]]:
-        """K replies from the live version to one prompt, stored as siblings; returns (prompt id, ids, texts)."""
+    async def rank_stream(self, user_id: str, text: str, k: int, *, system_prompt: str | None = None,
+                          sampling: SamplingConfig | None = None,
+                          client: str | None = None) -> AsyncIterator[Ranking]:
+        """K replies from the live version to one prompt, stored as siblings, streamed side by side where the
+        engine decodes concurrent streams together (vLLM); otherwise generated as one batch of K and
+        yielded when all are done (the transformers engine would run K streams one after another)."""
         if not isinstance(k, int) or not 2 <= k <= 9:
             raise UserFacingError("Choose between 2 and 9 replies to rank.")
         sampling = self._check_sampling(sampling or self.config.default_sampling)
         self._check_request(user_id, text, client=client, cost=k, system_prompt=system_prompt)
         self._check_fits(text, system_prompt, sampling)
 
-        def open_ranking() -> tuple[int, int, Messages]:
+        def open_ranking() -> tuple[int, int]:
             conv = self.store.create_conversation(user_id, system_prompt=system_prompt, source="rank",
                                                   title=text.strip()[:80])
-            q = self.store.add_user_message(conv, user_id, text)
-            return conv, q, self.store.context(q).as_chat()
+            return conv, self.store.add_user_message(conv, user_id, text)
 
         try:
-            conv, q, messages = await self._db(open_ranking)
+            conv, q = await self._db(open_ranking)
         except FeedbackError as exc:
             raise UserFacingError(str(exc)) from exc
+        ranking = Ranking(conv, q, [0] * k, [""] * k)
         version = self.router.pick("live")
+        if not self.engine.batches_streams:
+            ranking.reply_ids, ranking.texts = await self._rank_in_one_batch(user_id, conv, q, version, k, sampling)
+            ranking.done = True
+            yield ranking
+            return
+        streams = [self._stream_reply(user_id, conv, q, version, _nth_sample(sampling, i), "rank") for i in range(k)]
+        async for i, update in _merged(streams):
+            ranking.texts[i] = update.error or update.text
+            if update.reply_id is not None:
+                ranking.reply_ids[i] = update.reply_id
+            yield ranking
+        ranking.done = True
+        yield ranking
+
+    async def _rank_in_one_batch(self, user_id: str, conv: int, q: int, version: ServedVersion, k: int,
+                                 sampling: SamplingConfig) -> tuple[list[int], list[str]]:
+        messages = (await self._db(self.store.context, q)).as_chat()
         start = time.perf_counter()
         async with self.router.lease(version) as served:
             try:
@@ -564,8 +575,18 @@ class ChatService:
                                                c.completion_tokens, c.finish_reason))
                     for c in completions]
 
-        ids = await self._db(store_replies)
-        return q, ids, [c.text for c in completions]
+        return await self._db(store_replies), [c.text for c in completions]
+
+    async def rank_candidates(self, user_id: str, text: str, k: int, *, system_prompt: str | None = None,
+                              sampling: SamplingConfig | None = None,
+                              client: str | None = None) -> tuple[int, list[int], list[str]]:
+        """rank_stream, awaited to its end: (prompt id, reply ids, texts)."""
+        ranking = None
+        async for ranking in self.rank_stream(user_id, text, k, system_prompt=system_prompt, sampling=sampling,
+                                              client=client):
+            pass
+        assert ranking is not None and ranking.done
+        return ranking.user_message_id, ranking.reply_ids, ranking.texts
 
     def submit_ranking(self, user_id: str, ranked_reply_ids: list[int], *, client_id: str | None = None,
                        client: str | None = None) -> int:
@@ -633,3 +654,33 @@ class ChatService:
             raise UserFacingError(f"The registry now marks {name} live, but this server still serves {serving}: "
                                   f"{reason}. Roll back, or fix the adapter and promote again.")
         return name
+
+
+def _nth_sample(sampling: SamplingConfig, n: int) -> SamplingConfig:
+    """The n-th of several samples to one prompt: a distinct seed, so samples of one version differ."""
+    return replace(sampling, seed=None if sampling.seed is None else sampling.seed + n)
+
+
+async def _merged(streams: list[AsyncIterator[StreamUpdate]]) -> AsyncIterator[tuple[int, StreamUpdate]]:
+    """(index, update) from several reply streams run concurrently, as they come; closing this closes them."""
+    queue: asyncio.Queue[tuple[int, StreamUpdate | None]] = asyncio.Queue()
+
+    async def run(i: int, stream: AsyncIterator[StreamUpdate]) -> None:
+        try:
+            async for update in stream:
+                await queue.put((i, update))
+        finally:
+            await queue.put((i, None))
+
+    tasks = [asyncio.create_task(run(i, stream)) for i, stream in enumerate(streams)]
+    try:
+        finished = 0
+        while finished < len(tasks):
+            i, update = await queue.get()
+            if update is None:
+                finished += 1
+                continue
+            yield i, update
+    finally:
+        for t in tasks:
+            t.cancel()

@@ -3,6 +3,8 @@ SQLite store: chat, feedback, Compare, Rank, limits, engine failures, and hot-sw
 
 from __future__ import annotations
 
+import json
+
 import asyncio
 import random
 from pathlib import Path
@@ -112,6 +114,27 @@ def test_rank_k_replies_and_submit(tiny_model_path, tmp_db_path):
         assert [i["message_id"] for i in items] == list(reversed(ids))
         with pytest.raises(UserFacingError):
             await svc.rank_candidates(uid, "x", 10)
+
+    run_with_service(tiny_model_path, tmp_db_path, body)
+
+
+def test_rank_streams_its_replies_where_the_engine_batches_streams(tiny_model_path, tmp_db_path):
+    """With an engine that decodes concurrent streams together, the K replies stream side by side (updates
+    arrive before all are done) and end stored as K siblings, each with its own seed."""
+    async def body(svc: ChatService):
+        svc.engine.batches_streams = True  # the vLLM path, on the tiny transformers engine
+        uid = svc.ensure_user("erin")
+        updates = []
+        async for ranking in svc.rank_stream(uid, "Tell me a joke", 3,
+                                             sampling=SamplingConfig(temperature=1.0, max_tokens=8, seed=5)):
+            updates.append((list(ranking.reply_ids), list(ranking.texts), ranking.done))
+        assert updates[-1][2] and 0 not in updates[-1][0]
+        assert any(not done and 0 in ids for ids, _, done in updates)  # partial updates came first
+        ids = updates[-1][0]
+        rows = list(svc.store.db.query(f"SELECT parent_id, sampling FROM messages WHERE id IN ({','.join('?' * 3)})", ids))
+        assert len({r["parent_id"] for r in rows}) == 1
+        assert sorted(json.loads(r["sampling"])["seed"] for r in rows) == [5, 6, 7]
+        svc.submit_ranking(uid, ids)
 
     run_with_service(tiny_model_path, tmp_db_path, body)
 

@@ -100,6 +100,9 @@ class Engine(Protocol):
     name: str
     base_model: str
     format: ChatFormat  # how conversations become prompt tokens (and how long they are)
+    # Whether concurrent stream() calls decode together (vLLM's continuous batching). When not, K
+    # replies to one prompt are faster as one generate(n=K) than as K streams waiting in turn.
+    batches_streams: bool
 
     def stream(self, messages: Messages, *, adapter: str | None = None,
                sampling: SamplingConfig | None = None) -> AsyncIterator[ReplyChunk]: ...

@@ -43,6 +43,7 @@ class HFEngine:
     """
 
     name = "hf"
+    batches_streams = False  # one worker thread runs one generation at a time
 
     def __init__(self, base_model_path: str | Path, config: EngineConfig | None = None) -> None:
         import torch

@@ -57,6 +57,7 @@ class VLLMEngine:
     """
 
     name = "vllm"
+    batches_streams = True
 
     def __init__(self, base_model_path: str | Path, config: EngineConfig | None = None) -> None:
         from vllm import AsyncEngineArgs

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from ..limits import UserFacingError
-from .common import Runtime, sampling_from, user_handler
+from .common import Runtime, sampling_from, throttled, user_handler
 
 MAX_K = 9
 
@@ -42,14 +42,22 @@ def build_rank_tab(rt: Runtime, user_state: gr.State, settings: dict) -> None:
     @user_handler(rt)
     async def on_go(svc, who, text, n, system_prompt, temperature, top_p, max_tokens, frequency_penalty, min_p):
         n = _whole_number(n)
-        _, ids, texts = await svc.rank_candidates(who.user_id, text, n, system_prompt=system_prompt or None,
-                                                  sampling=sampling_from(temperature, top_p, max_tokens, frequency_penalty, min_p),
-                                                  client=who.address)
+        stream = svc.rank_stream(who.user_id, text, n, system_prompt=system_prompt or None,
+                                 sampling=sampling_from(temperature, top_p, max_tokens, frequency_penalty, min_p),
+                                 client=who.address)
         choices = [str(j) for j in range(1, n + 1)]
-        return ([{"ids": ids}, who.user_id, ""]
-                + [gr.Row(visible=i < n) for i in range(MAX_K)]
-                + [texts[i] if i < n else "" for i in range(MAX_K)]
-                + [gr.Dropdown(choices=choices, value=None) for _ in range(MAX_K)])
+        rows_shown = [gr.Row(visible=i < n) for i in range(MAX_K)]
+        first = True
+        async for ranking in throttled(stream, lambda r: r.done):
+            ready = ranking.done and 0 not in ranking.reply_ids
+            # The replies stream side by side; ranking opens once all K are stored.
+            yield ([{"ids": ranking.reply_ids} if ready else None, who.user_id,
+                    "" if ranking.done else "_generating…_"]
+                   + rows_shown
+                   + [ranking.texts[i] if i < n else "" for i in range(MAX_K)]
+                   + ([gr.Dropdown(choices=choices, value=None) for _ in range(MAX_K)] if first or ranking.done
+                      else [gr.skip()] * MAX_K))
+            first = False
 
     @user_handler(rt)
     def on_submit(svc, who, state, p1, p2, p3, p4, p5, p6, p7, p8, p9):
