@@ -319,11 +319,14 @@ class ChatService:
 
     async def _guarded_stream(self, user_id: str, conversation_id: int, user_message_id: int,
                               sampling: SamplingConfig, kind: str = "chat") -> AsyncIterator[StreamUpdate]:
-        """The live version's reply, with the conversation marked busy while it streams."""
+        """The live version's reply, with the conversation marked busy while it streams. The first update
+        (no text yet) says the turn is accepted and the conversation busy: the page shows the user's turn
+        then, not with the first token."""
         if conversation_id in self._generating:
             raise UserFacingError("Wait until the reply has finished (or press Stop), then try again.")
         self._generating.add(conversation_id)
         try:
+            yield StreamUpdate("", conversation_id, user_message_id)
             async for update in self._stream_reply(user_id, conversation_id, user_message_id,
                                                    self.router.pick("live"), sampling, kind):
                 yield update

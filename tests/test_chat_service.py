@@ -58,6 +58,8 @@ def test_chat_streams_stores_and_takes_feedback(tiny_model_path, tmp_db_path):
         final = updates[-1]
         assert final.finished and final.reply_id and not final.error
         assert len(updates) >= 2  # streamed: partial updates before the final one
+        # The first update says the turn was accepted (ids, no text yet), before any token is decoded.
+        assert (updates[0].text, updates[0].user_message_id) == ("", final.user_message_id)
         row = svc.store.db["messages"].get(final.reply_id)
         assert row["model_version_id"] == svc.router.live.version_id
         assert row["finish_reason"] in ("stop", "length") and row["completion_tokens"] > 0

@@ -191,7 +191,7 @@ def build_chat_tab(rt: Runtime, user_state: gr.State, browser: gr.BrowserState, 
                           edits=edits)
         started = False
         async for update in throttled(stream, lambda u: u.finished):
-            if not started:  # the user's turn is shown once the server has accepted it
+            if not started:  # the user's turn is shown once the server has accepted it (its first update)
                 history += [{"role": "user", "content": for_display("user", text)}, {"role": "assistant", "content": ""}]
                 started = True
             history[-1] = {"role": "assistant", "content": for_display("assistant", update.error or update.text)}
