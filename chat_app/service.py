@@ -483,13 +483,8 @@ class ChatService:
             self._battles.pop(next(iter(self._battles)))
         streams = [self._stream_reply(user_id, conv, q, version, _nth_sample(sampling, side), "compare")
                    for side, version in enumerate((left, right))]
-        async for side, update in _merged(streams):
-            battle.texts[side] = update.error or update.text
-            if update.reply_id is not None:
-                battle.reply_ids[side] = update.reply_id
+        async for battle in _streamed_into(battle, streams):
             yield battle
-        battle.done = True
-        yield battle
 
     def get_battle(self, key: int) -> Battle:
         """A battle started in this process, by the id of its prompt message."""
@@ -548,13 +543,8 @@ class ChatService:
             yield ranking
             return
         streams = [self._stream_reply(user_id, conv, q, version, _nth_sample(sampling, i), "rank") for i in range(k)]
-        async for i, update in _merged(streams):
-            ranking.texts[i] = update.error or update.text
-            if update.reply_id is not None:
-                ranking.reply_ids[i] = update.reply_id
+        async for ranking in _streamed_into(ranking, streams):
             yield ranking
-        ranking.done = True
-        yield ranking
 
     async def _rank_in_one_batch(self, user_id: str, conv: int, q: int, version: ServedVersion, k: int,
                                  sampling: SamplingConfig) -> tuple[list[int], list[str]]:
@@ -579,17 +569,6 @@ class ChatService:
                     for c in completions]
 
         return await self._db(store_replies), [c.text for c in completions]
-
-    async def rank_candidates(self, user_id: str, text: str, k: int, *, system_prompt: str | None = None,
-                              sampling: SamplingConfig | None = None,
-                              client: str | None = None) -> tuple[int, list[int], list[str]]:
-        """rank_stream, awaited to its end: (prompt id, reply ids, texts)."""
-        ranking = None
-        async for ranking in self.rank_stream(user_id, text, k, system_prompt=system_prompt, sampling=sampling,
-                                              client=client):
-            pass
-        assert ranking is not None and ranking.done
-        return ranking.user_message_id, ranking.reply_ids, ranking.texts
 
     def submit_ranking(self, user_id: str, ranked_reply_ids: list[int], *, client_id: str | None = None,
                        client: str | None = None) -> int:
@@ -662,6 +641,18 @@ class ChatService:
 def _nth_sample(sampling: SamplingConfig, n: int) -> SamplingConfig:
     """The n-th of several samples to one prompt: a distinct seed, so samples of one version differ."""
     return replace(sampling, seed=None if sampling.seed is None else sampling.seed + n)
+
+
+async def _streamed_into(item: T, streams: list[AsyncIterator[StreamUpdate]]) -> AsyncIterator[T]:
+    """Several replies to one prompt streamed concurrently into a Battle or a Ranking (its `texts`,
+    `reply_ids` once stored, `done` at the end), yielding it after each update."""
+    async for i, update in _merged(streams):
+        item.texts[i] = update.error or update.text
+        if update.reply_id is not None:
+            item.reply_ids[i] = update.reply_id
+        yield item
+    item.done = True
+    yield item
 
 
 async def _merged(streams: list[AsyncIterator[StreamUpdate]]) -> AsyncIterator[tuple[int, StreamUpdate]]:

@@ -149,6 +149,15 @@ def _idle(page) -> None:
     page.wait_for_timeout(500)
 
 
+def _ask_in_a_new_chat(page, text: str) -> None:
+    """Chat tab, + New chat, send `text`, wait for the reply to finish."""
+    page.get_by_role("tab", name="Chat").click()
+    page.click("#chat-new")
+    page.fill("#chat-input textarea", text)
+    page.click("#chat-send")
+    _idle(page)
+
+
 def _question(db, text: str) -> tuple[int, int, int | None]:
     (row,) = fetch_rows(db, "SELECT id, conversation_id, parent_id FROM messages WHERE role = 'user' AND content = ?",
                         [text])
@@ -159,11 +168,7 @@ def test_regenerated_replies_can_be_browsed_and_a_sent_message_edited(page, app_
     """Regenerate, then ‹ / › move between the replies of that turn (as stored); editing the sent message
     sends it again as a new branch of the same conversation, and the old branch stays stored."""
     db = app_server.db_path
-    page.get_by_role("tab", name="Chat").click()
-    page.click("#chat-new")
-    page.fill("#chat-input textarea", "Tell me about owls")
-    page.click("#chat-send")
-    _idle(page)
+    _ask_in_a_new_chat(page, "Tell me about owls")
     assert not page.locator("#reply-nav").is_visible()  # one reply: nothing to move between
     page.click("#chat-regenerate")
     question, conversation, _ = _question(db, "Tell me about owls")
@@ -220,11 +225,7 @@ def test_send_becomes_stop_while_a_reply_streams(page, app_server):
 
 def test_a_conversation_is_renamed_exported_and_deleted(page, app_server):
     db = app_server.db_path
-    page.get_by_role("tab", name="Chat").click()
-    page.click("#chat-new")
-    page.fill("#chat-input textarea", "A question to keep")
-    page.click("#chat-send")
-    _idle(page)
+    _ask_in_a_new_chat(page, "A question to keep")
     _, conversation, _ = _question(db, "A question to keep")
     page.get_by_text("This conversation").click()
     page.fill("#conversation-title input", "Kept question")

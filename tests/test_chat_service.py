@@ -107,15 +107,17 @@ def test_compare_battle_live_vs_candidate_and_vote(tiny_model_path, tmp_db_path,
 def test_rank_k_replies_and_submit(tiny_model_path, tmp_db_path):
     async def body(svc: ChatService):
         uid = svc.ensure_user("dave")
-        q, ids, texts = await svc.rank_candidates(uid, "Tell me a story", 4,
-                                                  sampling=SamplingConfig(temperature=1.0, max_tokens=8, seed=3))
-        assert len(ids) == len(texts) == 4
+        updates = await _drain(svc.rank_stream(uid, "Tell me a story", 4,
+                                               sampling=SamplingConfig(temperature=1.0, max_tokens=8, seed=3)))
+        assert len(updates) == 1 and updates[0].done  # the transformers engine makes the K replies as one batch
+        ids, texts = updates[0].reply_ids, updates[0].texts
+        assert len(ids) == len(texts) == 4 and 0 not in ids
         ranking = svc.submit_ranking(uid, list(reversed(ids)))
         items = list(svc.store.db.query("SELECT message_id FROM ranking_items WHERE ranking_id = ? ORDER BY position",
                                         [ranking]))
         assert [i["message_id"] for i in items] == list(reversed(ids))
         with pytest.raises(UserFacingError):
-            await svc.rank_candidates(uid, "x", 10)
+            await _drain(svc.rank_stream(uid, "x", 10))
 
     run_with_service(tiny_model_path, tmp_db_path, body)
 
@@ -356,7 +358,7 @@ def test_metrics_count_requests_tokens_and_feedback(tiny_model_path, tmp_db_path
         uid = svc.ensure_user("kim")
         final = (await _drain(svc.chat(uid, "hello")))[-1]
         svc.rate(uid, final.reply_id, 1)
-        await svc.rank_candidates(uid, "pick one", 2)
+        await _drain(svc.rank_stream(uid, "pick one", 2))
         svc.metrics.serving("live", svc.router.live.name)
         text = svc.metrics.render().decode()
         tokens = svc.store.db["messages"].get(final.reply_id)["completion_tokens"]

@@ -87,20 +87,19 @@ def conversation_view(svc: ChatService, who: Caller, conversation_id: int,
         {**_empty_state(), "conversation_id": conversation_id, "ids": ids}
 
 
-def reply_position(svc: ChatService, state: dict) -> tuple[int, int]:
-    """(1-based position, count) of the shown last reply among the replies to its user message (its
-    regenerations); (0, 0) when the conversation does not end with a reply."""
+def last_reply_versions(svc: ChatService, state: dict) -> list[int]:
+    """The replies to the user message the shown last reply answers (its regenerations), oldest first;
+    [] when the conversation does not end with a stored reply."""
     ids = state.get("ids") or []
-    if len(ids) < 2 or ids[-1] is None:
-        return 0, 0
-    siblings = svc.store.sibling_replies(ids[-1])
-    return (siblings.index(ids[-1]) + 1 if ids[-1] in siblings else 0), len(siblings)
+    return svc.store.sibling_replies(ids[-1]) if len(ids) >= 2 and ids[-1] is not None else []
 
 
 def reply_nav(svc: ChatService, state: dict) -> tuple[gr.Row, str]:
     """The ‹ i/n › row under the chat: shown when the last reply has been regenerated."""
-    position, count = reply_position(svc, state)
-    return gr.Row(visible=count > 1), f"reply {position} / {count}" if count > 1 else ""
+    versions = last_reply_versions(svc, state)
+    if len(versions) < 2:
+        return gr.Row(visible=False), ""
+    return gr.Row(visible=True), f"reply {versions.index(state['ids'][-1]) + 1} / {len(versions)}"
 
 
 def conversation_choices(conversations: list[dict]) -> list[tuple[str, int]]:
@@ -123,7 +122,6 @@ def export_file(svc: ChatService, who: Caller, conversation_id: int, folder: Pat
         data = svc.store.export_conversation(who.user_id, conversation_id)
     except FeedbackError:
         raise UserFacingError("That conversation is not yours, or no longer exists.") from None
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"conversation-{conversation_id}.json"
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return path
@@ -179,6 +177,8 @@ def build_chat_tab(rt: Runtime, user_state: gr.State, browser: gr.BrowserState, 
                 better = gr.Textbox(label="Your ideal reply to the last message", lines=4, elem_id="better-reply")
                 save_better = gr.Button("Save as demonstration", elem_id="better-save")
 
+    # Exports are written here (one file per conversation, rewritten on each export; Gradio serves a copy).
+    export_folder = Path(tempfile.mkdtemp(prefix="alignloop-exports-"))
     sampling_inputs = [settings[k] for k in ("system_prompt", "temperature", "top_p", "max_tokens", "frequency_penalty", "min_p")]
 
     async def stream_turn(svc, who, text, history, state, base_ids, sampling_values, edits=None):
@@ -217,8 +217,9 @@ def build_chat_tab(rt: Runtime, user_state: gr.State, browser: gr.BrowserState, 
         ids = list(state["ids"])
         if not isinstance(index, int) or not 0 <= index < len(ids) or ids[index] is None:
             raise UserFacingError("Only a sent message of yours can be edited; wait until its reply has finished.")
-        value = data.value
-        text = value if isinstance(value, str) else (value or {}).get("text", "") if isinstance(value, dict) else ""
+        text = data.value.get("text", "") if isinstance(data.value, dict) else data.value
+        if not isinstance(text, str):
+            raise UserFacingError("An edited message must be text.")
         async for out in stream_turn(svc, who, text, list(history or [])[:index], state, ids[:index],
                                      (system_prompt, temperature, top_p, max_tokens, frequency_penalty, min_p),
                                      edits=ids[index]):
@@ -274,9 +275,19 @@ def build_chat_tab(rt: Runtime, user_state: gr.State, browser: gr.BrowserState, 
     def on_new_chat():
         return [], _empty_state(), "", gr.skip(), gr.Row(visible=False), ""
 
+    def history_list(svc: ChatService, who: Caller, **selected: int | None) -> gr.Dropdown:
+        """The caller's chat conversations for the history list (their 200 newest); `value=` selects one."""
+        return gr.Dropdown(choices=conversation_choices(svc.store.conversations_of(who.user_id, limit=200,
+                                                                                   source="chat")), **selected)
+
+    def open_conversation(state: dict) -> int:
+        if state.get("conversation_id") is None:
+            raise UserFacingError("Open or start a conversation first.")
+        return state["conversation_id"]
+
     @user_handler(rt)
     def list_conversations(svc, who):
-        return gr.Dropdown(choices=conversation_choices(svc.store.conversations_of(who.user_id, limit=200, source="chat")))
+        return history_list(svc, who)
 
     def restore(svc: ChatService, who: Caller, conversation_id: int) -> tuple:
         history, state = conversation_view(svc, who, conversation_id)
@@ -306,38 +317,30 @@ def build_chat_tab(rt: Runtime, user_state: gr.State, browser: gr.BrowserState, 
         def show_sibling(svc, who, state):
             """‹ / ›: show another version of the last reply (a regeneration) in its place; sending next
             continues from the version shown."""
-            position, count = reply_position(svc, state)
-            if count < 2:
+            versions = last_reply_versions(svc, state)
+            if len(versions) < 2:
                 raise UserFacingError("This reply has no other versions; Regenerate makes one.")
-            sibling = svc.store.sibling_replies(state["ids"][-1])[(position - 1 + offset) % count]
+            sibling = versions[(versions.index(state["ids"][-1]) + offset) % len(versions)]
             history, new_state = conversation_view(svc, who, state["conversation_id"], sibling)
             return (history, new_state, *reply_nav(svc, new_state), "")
         return show_sibling
 
     @user_handler(rt)
     def on_rename(svc, who, state, title):
-        if state.get("conversation_id") is None:
-            raise UserFacingError("Open or start a conversation first.")
-        svc.store.rename_conversation(who.user_id, state["conversation_id"], title or "")
+        conversation_id = open_conversation(state)
+        svc.store.rename_conversation(who.user_id, conversation_id, title or "")
         gr.Info("Renamed.")
-        return gr.Dropdown(choices=conversation_choices(svc.store.conversations_of(who.user_id, limit=200, source="chat")),
-                        value=state["conversation_id"])
+        return history_list(svc, who, value=conversation_id)
 
     @user_handler(rt)
     def on_export(svc, who, state):
-        if state.get("conversation_id") is None:
-            raise UserFacingError("Open or start a conversation first.")
-        folder = Path(tempfile.mkdtemp(prefix="alignloop-export-"))
-        return gr.File(value=str(export_file(svc, who, state["conversation_id"], folder)), visible=True)
+        return gr.File(value=str(export_file(svc, who, open_conversation(state), export_folder)), visible=True)
 
     @user_handler(rt)
     def on_delete(svc, who, state):
-        if state.get("conversation_id") is None:
-            raise UserFacingError("Open or start a conversation first.")
-        svc.store.delete_conversation(who.user_id, state["conversation_id"])
+        svc.store.delete_conversation(who.user_id, open_conversation(state))
         gr.Info("Deleted from your conversations. Ratings you gave in it stay in the training data.")
-        choices = conversation_choices(svc.store.conversations_of(who.user_id, limit=200, source="chat"))
-        return ([], _empty_state(), "", gr.Dropdown(choices=choices, value=None), browser_value(rt, who, None),
+        return ([], _empty_state(), "", history_list(svc, who, value=None), browser_value(rt, who, None),
                 gr.Row(visible=False), "", "", gr.File(value=None, visible=False))
 
     outputs = [box, chatbot, conv_state, user_state, browser, status]
