@@ -41,7 +41,7 @@ LATEST_COMPARISONS = """
     SELECT c.* FROM comparisons c
     WHERE c.event_id <= :snapshot AND c.event_id = (
         SELECT MAX(c2.event_id) FROM comparisons c2
-        WHERE c2.user_id = c.user_id AND c2.context_id = c.context_id
+        WHERE c2.user_id = c.user_id AND c2.user_message_id = c.user_message_id
           AND MIN(c2.message_a, c2.message_b) = MIN(c.message_a, c.message_b)
           AND MAX(c2.message_a, c2.message_b) = MAX(c.message_a, c.message_b)
           AND c2.event_id <= :snapshot)
@@ -52,7 +52,7 @@ LATEST_RANKINGS = """
     SELECT k.* FROM rankings k
     WHERE k.event_id <= :snapshot AND k.event_id = (
         SELECT MAX(k2.event_id) FROM rankings k2
-        WHERE k2.user_id = k.user_id AND k2.context_id = k.context_id AND k2.event_id <= :snapshot)
+        WHERE k2.user_id = k.user_id AND k2.user_message_id = k.user_message_id AND k2.event_id <= :snapshot)
 """
 """Each user's latest ranking of the replies to each context."""
 
@@ -65,10 +65,10 @@ def _snapshot(snapshot: int | None) -> int:
 
 def latest_ratings(db: sqlite_utils.Database, snapshot: int | None = None) -> list[dict[str, Any]]:
     """Each user's latest rating of each reply (value 0 = cleared), oldest first, with the reply's
-    context (`context_id`, the user message it answers)."""
+    context (`user_message_id`, the user message it answers)."""
     return list(db.query(
         f"""
-        SELECT l.user_id, l.message_id, l.value, l.event_id, m.parent_id AS context_id
+        SELECT l.user_id, l.message_id, l.value, l.event_id, m.parent_id AS user_message_id
         FROM ({LATEST_RATINGS}) l JOIN messages m ON m.id = l.message_id
         ORDER BY l.event_id
         """,

@@ -54,7 +54,7 @@ DROP_REASONS: dict[str, str] = {
 class PreferenceGroup:
     """All preference pairs over the replies to one prompt: each distinct text appears once."""
 
-    context_id: int  # the first context (user message) with this prompt that gave a pair
+    user_message_id: int  # the first context (user message) with this prompt that gave a pair
     prompt: Prompt
     completions: list[str]
     completion_ids: list[int | None]  # the message holding each completion; None: a demonstration's text
@@ -120,7 +120,7 @@ class _Vote:
     """One user's preference between two replies to one context, from one feedback row."""
 
     user_id: str
-    context_id: int
+    user_message_id: int
     prompt: str  # the context's prompt in TRL form, as canonical JSON: the same question asked twice is one
     winner: _Reply
     loser: _Reply
@@ -168,7 +168,7 @@ def _votes(store: FeedbackStore, snapshot: int, include_thumbs: bool) -> list[_V
     for r in store.db.query("SELECT * FROM comparisons WHERE event_id <= ? ORDER BY event_id", [snapshot]):
         win, lose = (r["message_b"], r["message_a"]) if r["choice"] == "B" else (r["message_a"], r["message_b"])
         abstain = r["choice"] not in ("A", "B")  # tie / both_bad: a vote for neither reply
-        raw.append((r["user_id"], r["context_id"], win, lose, r["event_id"], "comparison", abstain))
+        raw.append((r["user_id"], r["user_message_id"], win, lose, r["event_id"], "comparison", abstain))
     ranked: dict[int, list[int]] = defaultdict(list)
     rankings = list(store.db.query("SELECT * FROM rankings WHERE event_id <= ? ORDER BY event_id", [snapshot]))
     for i in store.db.query(
@@ -181,28 +181,28 @@ def _votes(store: FeedbackStore, snapshot: int, include_thumbs: bool) -> list[_V
         # A K-ranking gives all C(K,2) ordered pairs (InstructGPT section 3.5), best positions first.
         for i in range(len(ids)):
             for j in range(i + 1, len(ids)):
-                raw.append((r["user_id"], r["context_id"], ids[i], ids[j], r["event_id"], "ranking", False))
+                raw.append((r["user_id"], r["user_message_id"], ids[i], ids[j], r["event_id"], "ranking", False))
     if include_thumbs:
         sides: dict[tuple[str, int], dict[int, list[tuple[int, int]]]] = defaultdict(lambda: {1: [], -1: []})
         for r in _latest_ratings(store, snapshot):
             if r["value"]:
-                sides[(r["user_id"], r["context_id"])][r["value"]].append((r["message_id"], r["event_id"]))
-        for (user_id, context_id), side in sides.items():
+                sides[(r["user_id"], r["user_message_id"])][r["value"]].append((r["message_id"], r["event_id"]))
+        for (user_id, user_message_id), side in sides.items():
             for up, up_event in side[1]:
                 for down, down_event in side[-1]:
-                    raw.append((user_id, context_id, up, down, max(up_event, down_event), "thumbs", False))
+                    raw.append((user_id, user_message_id, up, down, max(up_event, down_event), "thumbs", False))
     demos = list(store.db.query(
-        "SELECT user_id, context_id, content, replaces_message_id, event_id FROM demonstrations"
+        "SELECT user_id, user_message_id, content, replaces_message_id, event_id FROM demonstrations"
         " WHERE event_id <= ? AND replaces_message_id IS NOT NULL ORDER BY event_id", [snapshot]
     ))
     replies = _replies(store, [m for v in raw for m in v[2:4]] + [d["replaces_message_id"] for d in demos])
-    prompts = {c: _prompt_key(store.context(c)) for c in sorted({v[1] for v in raw} | {d["context_id"] for d in demos})}
+    prompts = {c: _prompt_key(store.context(c)) for c in sorted({v[1] for v in raw} | {d["user_message_id"] for d in demos})}
     votes = [
         _Vote(user, ctx, prompts[ctx], replies[win], replies[lose], event, seq, source, abstain)
         for seq, (user, ctx, win, lose, event, source, abstain) in enumerate(raw)
     ]
     votes += [
-        _Vote(d["user_id"], d["context_id"], prompts[d["context_id"]], _Reply(None, d["content"]),
+        _Vote(d["user_id"], d["user_message_id"], prompts[d["user_message_id"]], _Reply(None, d["content"]),
               replies[d["replaces_message_id"]], d["event_id"], len(raw) + n, "demonstration")
         for n, d in enumerate(demos)
     ]
@@ -275,7 +275,7 @@ def _groups(store: FeedbackStore, kept: list[_Vote]) -> list[PreferenceGroup]:
         group = groups.get(v.prompt)
         if group is None:
             group = groups[v.prompt] = PreferenceGroup(
-                v.context_id, prompt_value(store.context(v.context_id)), [], [], [], []
+                v.user_message_id, prompt_value(store.context(v.user_message_id)), [], [], [], []
             )
             index[v.prompt] = {}
         where = index[v.prompt]
@@ -312,7 +312,7 @@ def export_preferences(store: FeedbackStore, snapshot: int | None = None, *, fmt
     contexts: dict[int, Context] = {}
     rows = []
     for v in kept:
-        ctx = contexts.get(v.context_id) or contexts.setdefault(v.context_id, store.context(v.context_id))
+        ctx = contexts.get(v.user_message_id) or contexts.setdefault(v.user_message_id, store.context(v.user_message_id))
         rows.append(
             {
                 "prompt": prompt_value(ctx),
@@ -363,8 +363,8 @@ def export_thumbs(store: FeedbackStore, snapshot: int | None = None) -> Export:
     contexts: dict[int, Context] = {}
     rows = []
     for _, message_id, label in kept:
-        context_id = per_reply[message_id][0]["context_id"]
-        ctx = contexts.get(context_id) or contexts.setdefault(context_id, store.context(context_id))
+        user_message_id = per_reply[message_id][0]["user_message_id"]
+        ctx = contexts.get(user_message_id) or contexts.setdefault(user_message_id, store.context(user_message_id))
         rows.append({"prompt": prompt_value(ctx), "completion": _completion_value(ctx, replies[message_id].text),
                      "label": label})
     return Export(rows, snapshot, _counted(dropped))
@@ -378,9 +378,9 @@ def export_sft(store: FeedbackStore, snapshot: int | None = None, *, include_thu
     """
     snapshot = _snapshot(store, snapshot)
     items: list[tuple[int, int, str]] = [
-        (r["event_id"], r["context_id"], r["content"])
+        (r["event_id"], r["user_message_id"], r["content"])
         for r in store.db.query(
-            "SELECT event_id, context_id, content FROM demonstrations WHERE event_id <= ? ORDER BY event_id",
+            "SELECT event_id, user_message_id, content FROM demonstrations WHERE event_id <= ? ORDER BY event_id",
             [snapshot],
         )
     ]
@@ -389,7 +389,7 @@ def export_sft(store: FeedbackStore, snapshot: int | None = None, *, include_thu
         net: dict[int, tuple[int, int, int]] = {}  # message id -> (net score, context id, last rating event)
         for r in _latest_ratings(store, snapshot):
             score, _, event = net.get(r["message_id"], (0, 0, 0))
-            net[r["message_id"]] = (score + r["value"], r["context_id"], max(event, r["event_id"]))
+            net[r["message_id"]] = (score + r["value"], r["user_message_id"], max(event, r["event_id"]))
         liked = {m: (ctx, event) for m, (score, ctx, event) in net.items() if score > 0}
         for message_id, reply in _replies(store, liked).items():
             if reply.failed:
@@ -397,12 +397,12 @@ def export_sft(store: FeedbackStore, snapshot: int | None = None, *, include_thu
             elif not reply.text.strip():
                 dropped["empty_text"] += 1
             else:
-                context_id, event = liked[message_id]
-                items.append((event, context_id, reply.text))
+                user_message_id, event = liked[message_id]
+                items.append((event, user_message_id, reply.text))
         items.sort(key=lambda item: item[0])
     rows = []
-    for _, context_id, reply_text in items:
-        ctx = store.context(context_id)
+    for _, user_message_id, reply_text in items:
+        ctx = store.context(user_message_id)
         prompt = prompt_value(ctx)
         if isinstance(prompt, str):
             rows.append({"prompt": prompt, "completion": reply_text})

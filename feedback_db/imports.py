@@ -145,21 +145,21 @@ class _Importer:
                                               client_id=f"{key}:turn:{i}")
         return parent
 
-    def reply(self, context_id: int, text: str) -> int:
-        conv = self.store.message(context_id)["conversation_id"]
-        return self.store.add_reply(conv, self.user, context_id, text, Reply(self.version.id),
-                                    client_id=f"import:{self.source}:reply:{context_id}:{_digest(text)}")
+    def reply(self, user_message_id: int, text: str) -> int:
+        conv = self.store.message(user_message_id)["conversation_id"]
+        return self.store.add_reply(conv, self.user, user_message_id, text, Reply(self.version.id),
+                                    client_id=f"import:{self.source}:reply:{user_message_id}:{_digest(text)}")
 
     def add(self, kind: str, item: tuple[Any, ...]) -> None:
         """Store one parsed row (see `_parsed`); a row imported before adds nothing."""
         row_key, system, turns, fmt, *rest = item
-        context_id = self.context(system, turns, fmt)
+        user_message_id = self.context(system, turns, fmt)
         if kind == "preferences":
             chosen, rejected = rest
-            a, b = self.reply(context_id, chosen), self.reply(context_id, rejected)
+            a, b = self.reply(user_message_id, chosen), self.reply(user_message_id, rejected)
             self.store.record_comparison(self.user, a, b, "A", client_id=f"import:{self.source}:pair:{row_key}")
         elif kind == "sft":
-            self.store.record_demonstration(self.user, context_id, rest[0],
+            self.store.record_demonstration(self.user, user_message_id, rest[0],
                                             client_id=f"import:{self.source}:demo:{row_key}")
 
 

@@ -319,12 +319,40 @@ def _deletable_conversations(db: sqlite_utils.Database) -> None:
     db["conversations"].add_column("deleted_at", str)
 
 
+def _user_message_id(db: sqlite_utils.Database) -> None:
+    """Migration 6: comparisons, rankings and demonstrations name the user message they answer
+    `user_message_id` (it was `context_id`), and so does the `reply_scores` view; the indexes follow.
+
+    SQLite's RENAME COLUMN rewrites the foreign keys and index columns; the indexes are renamed
+    too, so their names still say what they index.
+    """
+    for table in ("comparisons", "rankings", "demonstrations"):
+        db.execute(f"ALTER TABLE {table} RENAME COLUMN context_id TO user_message_id")
+        db.execute(f"DROP INDEX IF EXISTS idx_{table}_context_id")
+        db[table].create_index(["user_message_id"])
+    db.create_view(
+        "reply_scores",
+        """
+        SELECT m.id AS message_id, m.conversation_id, m.parent_id AS user_message_id,
+               mv.name AS model_version, COALESCE(SUM(l.value), 0) AS score,
+               COUNT(l.id) AS n_ratings
+        FROM messages m
+        LEFT JOIN model_versions mv ON mv.id = m.model_version_id
+        LEFT JOIN latest_ratings l ON l.message_id = m.id AND l.value != 0
+        WHERE m.role = 'assistant'
+        GROUP BY m.id
+        """,
+        replace=True,
+    )
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[sqlite_utils.Database], None]]] = [
     (1, "initial schema", _initial),
     (2, "browsing views", _browsing_views),
     (3, "views count each user's latest rating", _latest_rating_views),
     (4, "one live version per kind", _one_live_version_per_kind),
     (5, "conversations can be deleted from a user's history", _deletable_conversations),
+    (6, "feedback names the user message it answers (user_message_id)", _user_message_id),
 ]
 LATEST_VERSION = MIGRATIONS[-1][0]
 

@@ -39,7 +39,7 @@ SOURCES: tuple[str, ...] = ("chat", "compare", "rank", "import", "api")  # where
 class Context:
     """What a reply answers: the system prompt and the turns from the root to a user message."""
 
-    context_id: int
+    user_message_id: int
     system_prompt: str | None
     messages: list[dict[str, str]]  # [{"role": "user"|"assistant", "content": ...}, ...]
     prompt_format: str = "chat"  # "text" when it was imported as a plain-string prompt
@@ -366,7 +366,7 @@ class FeedbackStore:
         if not rows:
             raise NotFoundError(f"no message {message_id}.")
         return Context(
-            context_id=message_id,
+            user_message_id=message_id,
             system_prompt=rows[0]["system_prompt"],
             messages=[{"role": r["role"], "content": r["content"]} for r in rows],
             prompt_format=rows[0]["prompt_format"],
@@ -576,11 +576,11 @@ class FeedbackStore:
         with self.transaction() as db:
             if (existing := self._already(db, "comparisons", client_id)) is not None:
                 return existing
-            context_id = self._sibling_replies(db, user_id, [message_a, message_b])
+            user_message_id = self._sibling_replies(db, user_id, [message_a, message_b])
             return db["comparisons"].insert(
                 {
                     "user_id": user_id,
-                    "context_id": context_id,
+                    "user_message_id": user_message_id,
                     "message_a": message_a,
                     "message_b": message_b,
                     "choice": choice,
@@ -605,11 +605,11 @@ class FeedbackStore:
         with self.transaction() as db:
             if (existing := self._already(db, "rankings", client_id)) is not None:
                 return existing
-            context_id = self._sibling_replies(db, user_id, ids)
+            user_message_id = self._sibling_replies(db, user_id, ids)
             ranking_id = db["rankings"].insert(
                 {
                     "user_id": user_id,
-                    "context_id": context_id,
+                    "user_message_id": user_message_id,
                     "k": len(ids),
                     "created_at": utc_now(),
                     "event_id": self._new_event(db, "rankings"),
@@ -621,9 +621,9 @@ class FeedbackStore:
             )
             return ranking_id
 
-    def record_demonstration(self, user_id: str, context_id: int, content: str, *,
+    def record_demonstration(self, user_id: str, user_message_id: int, content: str, *,
                              replaces_message_id: int | None = None, client_id: str | None = None) -> int:
-        """A user-written ideal reply to user message `context_id`.
+        """A user-written ideal reply to user message `user_message_id`.
 
         `replaces_message_id` names the model reply (to the same message) it improves on; the
         preference export then pairs the demonstration (chosen) with that reply (rejected). A
@@ -631,7 +631,7 @@ class FeedbackStore:
         demonstration still trains SFT, while the pair is skipped by the export.
         """
         user_id = self._user_id(user_id)
-        context_id = clean_id(context_id, field="context message")
+        user_message_id = clean_id(user_message_id, field="user message")
         if replaces_message_id is not None:
             replaces_message_id = clean_id(replaces_message_id, field="replaced reply")
         client_id = clean_client_id(client_id)
@@ -639,18 +639,18 @@ class FeedbackStore:
         with self.transaction() as db:
             if (existing := self._already(db, "demonstrations", client_id)) is not None:
                 return existing
-            ctx = self._message(db, context_id)
+            ctx = self._message(db, user_message_id)
             if ctx["role"] != "user":
-                raise InvalidInputError(f"message {context_id} is a reply; a demonstration answers a user message.")
+                raise InvalidInputError(f"message {user_message_id} is a reply; a demonstration answers a user message.")
             self._owned_conversation(db, ctx["conversation_id"], user_id)
             if replaces_message_id is not None:
                 replaced = self._owned_reply(db, replaces_message_id, user_id)
-                if replaced["parent_id"] != context_id:
-                    raise InvalidInputError(f"reply {replaces_message_id} does not answer message {context_id}.")
+                if replaced["parent_id"] != user_message_id:
+                    raise InvalidInputError(f"reply {replaces_message_id} does not answer message {user_message_id}.")
             return db["demonstrations"].insert(
                 {
                     "user_id": user_id,
-                    "context_id": context_id,
+                    "user_message_id": user_message_id,
                     "content": content,
                     "replaces_message_id": replaces_message_id,
                     "created_at": utc_now(),

@@ -423,8 +423,8 @@ def count_lost_rows(db_path: Path, records: list[ActionRecord], import_source: s
         for mid, value in _ids(conn, "SELECT message_id, value FROM ratings WHERE message_id IN (?) ORDER BY id",
                                reply_ids):
             latest[mid] = value
-        voted = {c for (c,) in _ids(conn, "SELECT context_id FROM comparisons WHERE context_id IN (?)", user_ids)}
-        ranked = {c for (c,) in _ids(conn, "SELECT context_id FROM rankings WHERE context_id IN (?)", user_ids)}
+        voted = {c for (c,) in _ids(conn, "SELECT user_message_id FROM comparisons WHERE user_message_id IN (?)", user_ids)}
+        ranked = {c for (c,) in _ids(conn, "SELECT user_message_id FROM rankings WHERE user_message_id IN (?)", user_ids)}
         imported = conn.execute("SELECT COUNT(*) FROM comparisons WHERE client_id LIKE ?",
                                 [f"import:{import_source}:pair:%"]).fetchone()[0] if import_source else 0
     finally:

@@ -106,7 +106,7 @@ def test_compare_vote(page, app_server):
     page.wait_for_function("document.querySelector('#compare-reveal').innerText.trim() === ''", timeout=30_000)
     assert page.input_value("#compare-input textarea") == "" and not page.locator("#compare-next").is_visible()
     assert _wait_for_row(app_server.db_path,
-                         "SELECT COUNT(*) FROM comparisons c JOIN messages q ON q.id = c.context_id "
+                         "SELECT COUNT(*) FROM comparisons c JOIN messages q ON q.id = c.user_message_id "
                          "WHERE q.content = 'Which fruit is best?' AND c.choice = 'tie'") == 1
 
 
@@ -130,7 +130,7 @@ def test_rank_three_replies(page, app_server):
         box.press("Enter")
     page.click("#rank-submit")
     page.wait_for_function("document.querySelector('#rank-result').innerText.includes('saved')", timeout=30_000)
-    sql = ("SELECT COUNT(*) FROM rankings k JOIN messages q ON q.id = k.context_id "
+    sql = ("SELECT COUNT(*) FROM rankings k JOIN messages q ON q.id = k.user_message_id "
            "WHERE q.content = 'Rank these jokes' AND k.k = 3")
     assert _wait_for_row(app_server.db_path, sql) == 1
 

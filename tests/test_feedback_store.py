@@ -18,6 +18,8 @@ from feedback_db import (
     Reply,
     SchemaVersionError,
     StoreConfig,
+    export_preference_groups,
+    export_sft,
 )
 from feedback_db.schema import LATEST_VERSION, MIGRATIONS, migrate
 
@@ -71,6 +73,47 @@ def test_migrations_forward_from_v1_keep_data(tmp_path):
         assert store.db["schema_migrations"].count == len(MIGRATIONS)
 
 
+def test_migration_6_renames_context_id_and_keeps_the_feedback(tmp_path):
+    """A database written before migration 6 (feedback keyed by `context_id`) opens with the same rows
+    under `user_message_id`, its indexes and foreign keys renamed, and exports the same pairs."""
+    path = tmp_path / "v5.db"
+    db = sqlite_utils.Database(path)
+    assert migrate(db, target=5) == [1, 2, 3, 4, 5]
+    t = "2026-01-01T00:00:00Z"
+    for i in range(1, 9):
+        db["events"].insert({"id": i, "table_name": "x", "created_at": t})
+    db["users"].insert({"id": "ann", "created_at": t})
+    db["model_versions"].insert({"id": 1, "name": "base", "kind": "policy", "status": "live", "created_at": t})
+    db["conversations"].insert({"id": 1, "user_id": "ann", "source": "rank", "prompt_format": "chat", "created_at": t})
+    rows = [(1, None, "user", "Name a fruit.", None), (2, 1, "assistant", "Apple.", 1),
+            (3, 1, "assistant", "Car.", 1), (4, 1, "assistant", "Pear.", 1)]
+    for event, (mid, parent, role, content, version) in enumerate(rows, start=1):
+        db["messages"].insert({"id": mid, "conversation_id": 1, "parent_id": parent, "role": role,
+                               "content": content, "user_id": "ann", "model_version_id": version,
+                               "finish_reason": "stop" if version else None, "created_at": t, "event_id": event})
+    db["comparisons"].insert({"id": 1, "user_id": "ann", "context_id": 1, "message_a": 2, "message_b": 3,
+                              "choice": "A", "created_at": t, "event_id": 5})
+    db["rankings"].insert({"id": 1, "user_id": "ann", "context_id": 1, "k": 3, "created_at": t, "event_id": 6})
+    db["ranking_items"].insert_all([{"ranking_id": 1, "position": p, "message_id": m} for p, m in enumerate([4, 2, 3])])
+    db["demonstrations"].insert({"id": 1, "user_id": "ann", "context_id": 1, "content": "Banana.",
+                                 "created_at": t, "event_id": 7})
+    db.close()
+    with FeedbackStore(path) as store:  # opening migrates forward
+        sdb = store.db
+        for table in ("comparisons", "rankings", "demonstrations"):
+            columns = sdb[table].columns_dict
+            assert "user_message_id" in columns and "context_id" not in columns
+            assert sdb[table].get(1)["user_message_id"] == 1
+            assert ("user_message_id", "messages") in {(fk.column, fk.other_table) for fk in sdb[table].foreign_keys}
+            assert [i.columns for i in sdb[table].indexes if i.name == f"idx_{table}_user_message_id"] == [["user_message_id"]]
+        assert "user_message_id" in sdb["reply_scores"].columns_dict
+        (group,), _ = export_preference_groups(store)
+        assert group.user_message_id == 1
+        best_first = [group.completions[i] for i, _ in group.pairs]
+        assert best_first[0] == "Pear."  # the ranking's best, over both others
+        assert "Banana." in json.dumps(export_sft(store).rows)  # the demonstration still trains SFT
+
+
 def test_newer_schema_is_refused(tmp_path):
     path = tmp_path / "new.db"
     FeedbackStore(path).close()
@@ -106,7 +149,7 @@ def test_record_every_kind_of_feedback(store, chat):
     demo_id = store.record_demonstration(u, q, "2+2 = 4.", replaces_message_id=c)
     db = store.db
     assert json.loads(db["ratings"].get(r)["reasons"]) == ["correct", "concise"]
-    assert db["comparisons"].get(cmp_id)["context_id"] == q
+    assert db["comparisons"].get(cmp_id)["user_message_id"] == q
     items = [(i["position"], i["message_id"]) for i in db["ranking_items"].rows_where("ranking_id = ?", [rank_id])]
     assert sorted(items) == [(0, b), (1, a), (2, c)]
     assert db["demonstrations"].get(demo_id)["replaces_message_id"] == c
