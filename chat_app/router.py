@@ -104,6 +104,8 @@ class ServingRouter:
             live, candidates = await asyncio.to_thread(self._read_registry)
             candidate = next((c for c in candidates if c.name not in self.load_errors), None)
             if live is not None and await self._ensure_loaded(live):
+                if self.live is None or self.live.name != live.name:
+                    log.info("live: %s (was %s)", live.name, self.live.name if self.live else "none")
                 self.live = ServedVersion.of(live)
             if candidate is None:
                 self.candidate = None

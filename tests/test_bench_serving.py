@@ -18,4 +18,5 @@ def test_bench_serving_interleaves_rounds_and_reports_median_ratios() -> None:
     assert phases == [("1", "a"), ("1", "b"), ("2", "a"), ("2", "b")]  # A B A B, in that order
     assert re.search(r"app / raw tokens/s \(hf\), median \[range\]\s+[\d.]+ \[[\d.]+, [\d.]+\] \(n=2\)", out)
     assert re.search(r"failed app requests \(b\)\+\(c\)\s+0\s+target 0: met", out)
-    assert out.count("first request started on the new version after") == 2
+    assert len(re.findall(r"first token from the new version after [\d.]+ s", out)) == 2  # both served
+    assert len(re.findall(r"router switched after [\d.]+ s .* older version: 0$", out, re.MULTILINE)) == 2
