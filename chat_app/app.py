@@ -36,7 +36,7 @@ from .openai_api import build_openai_router
 from .router import RouterConfig, ServingRouter
 from .service import ChatService, ServiceConfig
 from .ui import CSS, build_ui
-from .ui.common import Runtime
+from .runtime import Runtime
 
 ENGINE_GONE_EXIT_STATUS = 3
 

@@ -10,7 +10,7 @@ import hmac
 
 from ..limits import UserFacingError
 from .chat_tab import browser_value, build_chat_tab
-from .common import Runtime
+from ..runtime import Runtime
 from .rendering import banner_text
 from .compare_tab import build_compare_tab
 from .dashboard_tab import build_dashboard_tab

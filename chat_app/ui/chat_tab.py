@@ -17,7 +17,8 @@ from feedback_db import FeedbackError
 from ..identity import Caller
 from ..limits import UserFacingError
 from ..service import ChatService
-from .common import THUMBS_DOWN_REASONS, THUMBS_UP_REASONS, Runtime, sampling_from, throttled, user_handler
+from ..runtime import Runtime
+from .common import THUMBS_DOWN_REASONS, THUMBS_UP_REASONS, sampling_from, throttled, user_handler
 from .rendering import for_display
 
 

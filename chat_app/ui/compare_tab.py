@@ -5,7 +5,8 @@ from __future__ import annotations
 import gradio as gr
 
 from ..limits import UserFacingError
-from .common import Runtime, sampling_from, throttled, user_handler
+from ..runtime import Runtime
+from .common import sampling_from, throttled, user_handler
 
 CHOICES = {"A is better": "A", "B is better": "B", "Tie": "tie", "Both are bad": "both_bad"}
 

@@ -21,7 +21,8 @@ from training.round import RoundConfig  # noqa: E402
 
 from ..auth import AdminGuard, admin_only  # noqa: E402
 from ..round_process import start_round as launch_round  # noqa: E402
-from .common import Runtime, show_error  # noqa: E402
+from ..runtime import Runtime  # noqa: E402
+from .common import show_error  # noqa: E402
 from .rendering import progress_text  # noqa: E402
 
 log = logging.getLogger(__name__)

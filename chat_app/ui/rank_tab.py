@@ -5,7 +5,8 @@ from __future__ import annotations
 import gradio as gr
 
 from ..limits import UserFacingError
-from .common import Runtime, sampling_from, throttled, user_handler
+from ..runtime import Runtime
+from .common import sampling_from, throttled, user_handler
 
 MAX_K = 9
 
