@@ -367,6 +367,10 @@ def new_round_summary(db: Path, before: list[int], code: int, output: str) -> di
     """The summary of the round recorded after `before` (the registry's round ids then), or 'skipped'."""
     new = [x.id for x in registry_read(db, lambda r: r.rounds()) if x.id not in before]
     summary = round_summary(db, new[-1]) if new else {"status": "skipped", "reason": output.strip()[-300:]}
+    if summary["status"] == "running" and code != 0:
+        # Killed before it could record how it ended (SIGKILL, the OOM killer): the registry marks it
+        # interrupted only when the next round starts. The table says what happened to the process.
+        summary["status"] = f"killed (exit {code})"
     summary["exit_code"] = code
     return summary
 

@@ -21,6 +21,7 @@ from scripts.bench_loop import (
     check_options,
     gold_win_rate,
     load_gold,
+    new_round_summary,
     parse_args,
     proxy_accuracy,
     register_round0_adapter,
@@ -224,6 +225,20 @@ def test_a_reused_round0_adapter_is_registered_as_the_round_would_have(tiny_mode
 
 
 # -- the whole benchmark on the tiny model ------------------------------------------------------
+
+
+def test_a_round_killed_before_it_recorded_its_end_is_reported_as_killed(tmp_path: Path) -> None:
+    """SIGKILL (the OOM killer did it in a real run) leaves the round "running" in the registry until the
+    next round marks it interrupted; the table says the process was killed, not that it still runs."""
+    db = tmp_path / "feedback.db"
+    with FeedbackStore(db) as store:
+        registry = ModelRegistry(store)
+        done = registry.start_round({})
+        registry.finish_round(done.id, "succeeded", metrics={})
+        before = [r.id for r in registry.rounds()]
+        registry.start_round({})  # the killed round: started, never finished
+    assert new_round_summary(db, before, -9, "")["status"] == "killed (exit -9)"
+    assert new_round_summary(db, [], 0, "")["status"] == "running"  # a clean exit is left as recorded
 
 
 def test_tiny_benchmark_runs_every_step_end_to_end(tmp_path: Path) -> None:
