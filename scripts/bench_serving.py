@@ -179,7 +179,7 @@ def start_app(kind: str, model: str, workdir: Path, cfg: BenchConfig) -> ServerP
     env = {"GRADIO_DEFAULT_CONCURRENCY_LIMIT": str(cfg.app_concurrency)} if cfg.app_concurrency is not None else {}
     return start_server(model, workdir, engine=kind, env=env, timeout=cfg.server_start_timeout_s,
                         serve_args=["--max-new-tokens", str(cfg.max_tokens), "--max-model-len", str(MAX_MODEL_LEN),
-                                    "--rate-limit", "0"])
+                                    "--rate-limit", "0", "--new-ids-per-hour", "0"])
 
 
 def _assistant_text(history: list) -> str:
@@ -193,7 +193,9 @@ def _assistant_text(history: list) -> str:
 
 
 def chat_once(client, text: str, cfg: BenchConfig) -> RequestResult:
-    """One `/chat` call as a browser makes it; TTFT is the first update with assistant text."""
+    """One `/chat` call as a browser makes it, in a new conversation (a fresh page: the raw engine gets one
+    user turn too, so both sides prefill the same prompt); TTFT is the first update with assistant text."""
+    client.reset_session()  # else the session's conversation grows with every call: longer and longer prompts
     result = RequestResult(time.perf_counter())
     try:
         job = client.submit(text, [], "", cfg.temperature, 0.95, cfg.max_tokens, cfg.frequency_penalty, cfg.min_p,
@@ -310,6 +312,7 @@ def first_token_on(server: ServerProcess, client, version_id: int, since: float,
     while time.monotonic() < deadline:
         text = f"Say hi. ({tag}.{resent})"
         first = None
+        client.reset_session()  # a new conversation, as every request of this benchmark
         job = client.submit(text, [], "", cfg.temperature, 0.95, min(cfg.max_tokens, 8), cfg.frequency_penalty,
                             cfg.min_p, api_name="/chat")
         for output in job:
