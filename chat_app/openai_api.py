@@ -291,6 +291,7 @@ def build_openai_router(service: Callable[[], ChatService], keys: ApiKeyDirector
         try:
             svc, user_id, address = await caller(request)
             body = await json_body(request)
+            await svc.router.refresh()  # a version promoted a moment ago answers this request
             version = resolve_model(svc, body.get("model"))
             system_prompt, chat = parse_messages(body.get("messages"))
             sampling = parse_sampling(body, svc.config.default_sampling)

@@ -1,7 +1,8 @@
 """ServingRouter: which model version answers a request, and hot-swapping them without a restart.
 
 The registry in feedback_db is the source of truth for the live and candidate policy
-versions. The router polls it (and is poked directly after a promotion in this process),
+versions. The router polls it, is poked directly after a promotion in this process, and looks
+again before routing each request (switching at once to a version it already holds),
 makes a new version's adapter available in the engine *before* routing to it, and pins
 every request to the version it started on with a lease. A version that is no longer
 live or candidate is released from the engine once no request holds it and it has been
@@ -100,18 +101,37 @@ class ServingRouter:
     async def sync(self) -> None:
         """Make the registry's live and newest candidate versions servable, then switch to them."""
         async with self._sync_lock:
-            # Registry reads run off the event loop: a writer holding the database must not stall streams.
-            live, candidates = await asyncio.to_thread(self._read_registry)
-            candidate = next((c for c in candidates if c.name not in self.load_errors), None)
-            if live is not None and await self._ensure_loaded(live):
-                if self.live is None or self.live.name != live.name:
-                    log.info("live: %s (was %s)", live.name, self.live.name if self.live else "none")
-                self.live = ServedVersion.of(live)
-            if candidate is None:
-                self.candidate = None
-            elif await self._ensure_loaded(candidate):
-                self.candidate = ServedVersion.of(candidate)
+            await self._follow(load=True)
             await self._release_idle()
+
+    async def refresh(self) -> None:
+        """Switch now to what the registry says is live and candidate, where the engine already holds it.
+
+        Called before a request is routed, so a request sent right after a promotion by any process (the
+        CLI, another server) gets the new version instead of waiting for the next poll. It never loads an
+        adapter: a version the engine does not hold yet is left to the poller, so no request waits on a
+        load; nor does it wait for a sync in progress (that sync switches when it is done).
+        """
+        if self._sync_lock.locked():
+            return
+        async with self._sync_lock:
+            await self._follow(load=False)
+
+    async def _follow(self, *, load: bool) -> None:
+        # Registry reads run off the event loop: a writer holding the database must not stall streams.
+        live, candidates = await asyncio.to_thread(self._read_registry)
+        candidate = next((c for c in candidates if c.name not in self.load_errors), None)
+        if live is not None and await self._servable(live, load):
+            if self.live is None or self.live.name != live.name:
+                log.info("live: %s (was %s)", live.name, self.live.name if self.live else "none")
+            self.live = ServedVersion.of(live)
+        if candidate is None:
+            self.candidate = None
+        elif await self._servable(candidate, load):
+            self.candidate = ServedVersion.of(candidate)
+
+    async def _servable(self, version: ModelVersion, load: bool) -> bool:
+        return await self._ensure_loaded(version) if load else version.name in self._slots
 
     def _read_registry(self) -> tuple[ModelVersion | None, list[ModelVersion]]:
         candidates = [c for c in self.registry.candidates("policy") if c.base_model in (None, self.base_model)]

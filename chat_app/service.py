@@ -327,6 +327,7 @@ class ChatService:
         self._generating.add(conversation_id)
         try:
             yield StreamUpdate("", conversation_id, user_message_id)
+            await self.router.refresh()
             async for update in self._stream_reply(user_id, conversation_id, user_message_id,
                                                    self.router.pick("live"), sampling, kind):
                 yield update
@@ -466,6 +467,7 @@ class ChatService:
         sampling = self._check_sampling(sampling or self.config.default_sampling)
         self._check_request(user_id, text, client=client, cost=2, system_prompt=system_prompt)
         self._check_fits(text, system_prompt, sampling)
+        await self.router.refresh()
         left, right = self.router.battle_pair(rng)
 
         def open_battle() -> tuple[int, int]:
@@ -536,6 +538,7 @@ class ChatService:
         except FeedbackError as exc:
             raise UserFacingError(str(exc)) from exc
         ranking = Ranking(conv, q, [0] * k, [""] * k)
+        await self.router.refresh()
         version = self.router.pick("live")
         if not self.engine.batches_streams:
             ranking.reply_ids, ranking.texts = await self._rank_in_one_batch(user_id, conv, q, version, k, sampling)

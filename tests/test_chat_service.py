@@ -28,13 +28,14 @@ def adapters(tiny_model_path, tmp_path_factory) -> list[Path]:
     return [make_lora_adapter(tiny_model_path, root / f"policy-{i}", seed=i) for i in range(2)]
 
 
-def run_with_service(tiny_model_path, db_path, body, **service_kwargs):
+def run_with_service(tiny_model_path, db_path, body, router_config: RouterConfig | None = None, **service_kwargs):
     """Start engine + router + service on a fresh loop, run `body(service)`, shut down."""
 
     async def main():
         store = FeedbackStore(db_path)
         engine = create_engine("hf", tiny_model_path, EngineConfig(max_model_len=256))
-        router = ServingRouter(engine, store, "tiny", RouterConfig(poll_interval_s=0.05, release_idle_after_s=0.2))
+        router = ServingRouter(engine, store, "tiny",
+                               router_config or RouterConfig(poll_interval_s=0.05, release_idle_after_s=0.2))
         await router.start()
         service = ChatService(store, router, ServiceConfig(default_sampling=GREEDY, **service_kwargs))
         try:
@@ -227,6 +228,35 @@ def test_hot_swap_under_concurrent_load(tiny_model_path, tmp_db_path, adapters):
         assert "policy-r1" not in svc.router.loaded()  # idle and retired: released
 
     run_with_service(tiny_model_path, tmp_db_path, body, limits=NO_LIMITS)
+
+
+def test_a_request_right_after_a_promotion_elsewhere_gets_the_new_version(tiny_model_path, tmp_db_path, adapters):
+    """A promotion by another process (the CLI) is followed before the next request is routed, not at the
+    next poll (here an hour away), when the engine already holds the version (a preloaded candidate).
+    A version it does not hold is never loaded on a request's path: that request keeps the old version."""
+    with FeedbackStore(tmp_db_path) as store:
+        reg = ModelRegistry(store)
+        reg.ensure_base_policy("tiny")
+        reg.register("policy-r1", adapter_path=adapters[0], base_model="tiny")
+
+    async def body(svc: ChatService):
+        uid = svc.ensure_user("alice")
+        assert svc.router.candidate.name == "policy-r1"  # preloaded at start
+        other = ModelRegistry(svc.store)
+        other.promote("policy-r1", actor="cli")
+        reply = (await _drain(svc.chat(uid, "right after")))[-1]
+        assert svc.store.db["messages"].get(reply.reply_id)["model_version_id"] == other.get("policy-r1").id
+        other.register("policy-r2", adapter_path=adapters[1], base_model="tiny")
+        other.promote("policy-r2", actor="cli")
+        reply = (await _drain(svc.chat(uid, "not loaded yet")))[-1]
+        assert svc.store.db["messages"].get(reply.reply_id)["model_version_id"] == other.get("policy-r1").id
+        assert "policy-r2" not in svc.router.loaded()
+        await svc.router.sync()  # the poller's job: load, then switch
+        reply = (await _drain(svc.chat(uid, "after the poll")))[-1]
+        assert svc.store.db["messages"].get(reply.reply_id)["model_version_id"] == other.get("policy-r2").id
+
+    run_with_service(tiny_model_path, tmp_db_path, body, router_config=RouterConfig(poll_interval_s=3600.0),
+                     limits=NO_LIMITS)
 
 
 def test_server_auto_promotes_a_gated_candidate_that_users_prefer(tiny_model_path, tmp_db_path, adapters):
