@@ -248,6 +248,24 @@ def _browsing_views(db: sqlite_utils.Database) -> None:
     db["ratings"].create_index(["user_id", "message_id"])
 
 
+def _latest_reply_scores_view(db: sqlite_utils.Database, user_message_column: str) -> None:
+    """`reply_scores` over each user's latest rating (migration 3; migration 6 renames its column)."""
+    db.create_view(
+        "reply_scores",
+        f"""
+        SELECT m.id AS message_id, m.conversation_id, m.parent_id AS {user_message_column},
+               mv.name AS model_version, COALESCE(SUM(l.value), 0) AS score,
+               COUNT(l.id) AS n_ratings
+        FROM messages m
+        LEFT JOIN model_versions mv ON mv.id = m.model_version_id
+        LEFT JOIN latest_ratings l ON l.message_id = m.id AND l.value != 0
+        WHERE m.role = 'assistant'
+        GROUP BY m.id
+        """,
+        replace=True,
+    )
+
+
 def _latest_rating_views(db: sqlite_utils.Database) -> None:
     """Migration 3: the browsing views count each user's latest rating of a reply (counting.py's
     rule, as of this migration): 👍 then "Save feedback" is one thumbs-up, a changed vote counts
@@ -260,20 +278,7 @@ def _latest_rating_views(db: sqlite_utils.Database) -> None:
                             WHERE r2.user_id = r.user_id AND r2.message_id = r.message_id)
         """,
     )
-    db.create_view(
-        "reply_scores",
-        """
-        SELECT m.id AS message_id, m.conversation_id, m.parent_id AS context_id,
-               mv.name AS model_version, COALESCE(SUM(l.value), 0) AS score,
-               COUNT(l.id) AS n_ratings
-        FROM messages m
-        LEFT JOIN model_versions mv ON mv.id = m.model_version_id
-        LEFT JOIN latest_ratings l ON l.message_id = m.id AND l.value != 0
-        WHERE m.role = 'assistant'
-        GROUP BY m.id
-        """,
-        replace=True,
-    )
+    _latest_reply_scores_view(db, "context_id")
     db.create_view(
         "thumbs_by_version",
         """
@@ -330,20 +335,7 @@ def _user_message_id(db: sqlite_utils.Database) -> None:
         db.execute(f"ALTER TABLE {table} RENAME COLUMN context_id TO user_message_id")
         db.execute(f"DROP INDEX IF EXISTS idx_{table}_context_id")
         db[table].create_index(["user_message_id"])
-    db.create_view(
-        "reply_scores",
-        """
-        SELECT m.id AS message_id, m.conversation_id, m.parent_id AS user_message_id,
-               mv.name AS model_version, COALESCE(SUM(l.value), 0) AS score,
-               COUNT(l.id) AS n_ratings
-        FROM messages m
-        LEFT JOIN model_versions mv ON mv.id = m.model_version_id
-        LEFT JOIN latest_ratings l ON l.message_id = m.id AND l.value != 0
-        WHERE m.role = 'assistant'
-        GROUP BY m.id
-        """,
-        replace=True,
-    )
+    _latest_reply_scores_view(db, "user_message_id")
 
 
 MIGRATIONS: list[tuple[int, str, Callable[[sqlite_utils.Database], None]]] = [
