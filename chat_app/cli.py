@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from chat_app.engines.config import EngineConfig
 from feedback_db.cli import app as db_app
 from training.cli import SAMPLER_FACTORY_KEY, models_app, train_app
 
@@ -46,6 +47,7 @@ AdminsOpt = Annotated[Optional[str], typer.Option("--admins", help="Logged-in us
 OldUsersOpt = Annotated[Optional[str], typer.Option("--users", hidden=True)]
 OldAdminPasswordOpt = Annotated[Optional[str], typer.Option("--admin-password", hidden=True)]
 MaxModelLenOpt = Annotated[int, typer.Option("--max-model-len", help="Longest prompt + reply in tokens.")]
+MaxLorasOpt = Annotated[int, typer.Option("--max-loras", help="vLLM: adapter versions one batch may mix (live, candidate, and the one a promotion switches from; on CPU the bare base model counts as one).")]
 RateLimitOpt = Annotated[int, typer.Option("--rate-limit", help="Generated replies per user per minute (a Compare costs 2, a Rank of K costs K); a client address gets 4x, feedback writes 2x (0: no limits).")]
 NewIdsOpt = Annotated[int, typer.Option("--new-ids-per-hour", help="New anonymous identities one client address may get per hour (each is a new voter; 0: no limit).")]
 MaxInputOpt = Annotated[int, typer.Option("--max-input-chars", help="Longest user message accepted.")]
@@ -70,6 +72,7 @@ def serve(
     users: OldUsersOpt = None,
     admin_password: OldAdminPasswordOpt = None,
     max_model_len: MaxModelLenOpt = 2048,
+    max_loras: MaxLorasOpt = EngineConfig.max_loras,
     rate_limit: RateLimitOpt = 30,
     new_ids_per_hour: NewIdsOpt = 60,
     max_input_chars: MaxInputOpt = 4000,
@@ -108,13 +111,13 @@ def _refuse_passwords_on_argv(users: Optional[str], admin_password: Optional[str
 
 def _app_config(*, base_model: str, engine: str, db: Optional[Path], host: str, port: int, users_file: Optional[Path],
                 admins: Optional[str], users: Optional[str], admin_password: Optional[str], max_model_len: int,
-                rate_limit: int, new_ids_per_hour: int, max_input_chars: int, max_new_tokens: int,
+                max_loras: int = EngineConfig.max_loras, rate_limit: int, new_ids_per_hour: int, max_input_chars: int, max_new_tokens: int,
                 frequency_penalty: float, min_p: float, auto_promote_after: int, rounds_dir: Optional[Path] = None,
                 promote_alpha: float, promote_min_voters: int):
     """The AppConfig that `serve`'s options describe (shared with `demo`)."""
     from chat_app.app import AppConfig
     from chat_app.auth import UserDirectory, UsersFileError
-    from chat_app.engines import EngineConfig, SamplingConfig
+    from chat_app.engines import SamplingConfig
     from chat_app.identity import IdentityConfig
     from chat_app.limits import LimitConfig
     from chat_app.service import ServiceConfig
@@ -135,7 +138,8 @@ def _app_config(*, base_model: str, engine: str, db: Optional[Path], host: str, 
     return AppConfig(
         base_model=base_model, engine=engine, db=db, host=host, port=port, users_file=users_file, rounds_dir=rounds_dir,
         admin_users=set(admins.split(",")) if admins else set(),
-        engine_config=EngineConfig(max_model_len=max_model_len),
+        engine_config=EngineConfig(max_model_len=max_model_len, max_loras=max_loras,
+                                   max_cpu_loras=max(EngineConfig.max_cpu_loras, max_loras)),
         identity=IdentityConfig(anonymous_ids_per_hour=new_ids_per_hour),
         service=ServiceConfig(limits=LimitConfig.scaled(rate_limit), max_input_chars=max_input_chars,
                               auto_promote=promotion,

@@ -2,8 +2,8 @@
 
 The registry in feedback_db is the source of truth for the live and candidate policy
 versions. The router polls it, is poked directly after a promotion in this process, and looks
-again before routing each request (switching at once to a version it already holds),
-makes a new version's adapter available in the engine *before* routing to it, and pins
+again before routing each request (switching at once to a version it already holds, and
+waiting briefly for a promoted version it must load first), makes a new version's adapter available in the engine *before* routing to it, and pins
 every request to the version it started on with a lease. A version that is no longer
 live or candidate is released from the engine once no request holds it and it has been
 idle for a while. A version whose adapter fails to load is never routed to; the error is
@@ -37,6 +37,9 @@ class RouterConfig:
 
     poll_interval_s: float = 0.25  # a promotion elsewhere is picked up within about this long
     release_idle_after_s: float = 10.0  # an old adapter is released after this long with no request
+    # A request routed right after a promotion waits up to this long for the promoted version's adapter
+    # to load (it then gets the new version); past it, the request is served by the old live version.
+    promotion_wait_s: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,8 @@ class ServingRouter:
         self._slots: dict[str, _Slot] = {}  # loaded versions by name
         self._sync_lock = asyncio.Lock()
         self._poller: asyncio.Task | None = None
+        self._pending_sync: asyncio.Task | None = None  # a sync started for a request after a promotion
+        self._pending_since = 0.0
 
     # -- lifecycle --------------------------------------------------------------------
     async def start(self) -> None:
@@ -84,10 +89,11 @@ class ServingRouter:
         self._poller = asyncio.create_task(self._poll(), name="alignloop-registry-poll")
 
     async def stop(self) -> None:
-        if self._poller:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
+        for task in (self._poller, self._pending_sync):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
 
     async def _poll(self) -> None:
         while True:
@@ -105,19 +111,48 @@ class ServingRouter:
             await self._release_idle()
 
     async def refresh(self) -> None:
-        """Switch now to what the registry says is live and candidate, where the engine already holds it.
+        """Switch now to what the registry says is live and candidate, before a request is routed.
 
-        Called before a request is routed, so a request sent right after a promotion by any process (the
-        CLI, another server) gets the new version instead of waiting for the next poll. It never loads an
-        adapter: a version the engine does not hold yet is left to the poller, so no request waits on a
-        load; nor does it wait for a sync in progress (that sync switches when it is done).
+        So a request sent right after a promotion by any process (the CLI, another server) gets the new
+        version instead of waiting for the next poll. A version the engine already holds (a preloaded
+        candidate) is switched to at once. A promoted live version it does not hold yet is loaded by one
+        sync that concurrent requests share, and the request waits for it up to
+        `RouterConfig.promotion_wait_s`: past that (a slow or broken adapter), the request is served by the
+        old live version and the load goes on in the background. A new candidate is never loaded on a
+        request's path: the poller does that.
         """
-        if self._sync_lock.locked():
-            return
-        async with self._sync_lock:
-            await self._follow(load=False)
+        if not self._sync_lock.locked():
+            async with self._sync_lock:
+                missing = await self._follow(load=False)
+        else:  # a sync in progress switches when it is done; wait for it only if it has the live version to load
+            live, _ = await asyncio.to_thread(self._read_registry)
+            missing = self._must_load(live)
+        if missing:
+            await self._wait_for_sync()  # that sync switches to it once loaded
 
-    async def _follow(self, *, load: bool) -> None:
+    async def _wait_for_sync(self) -> None:
+        """Wait for one shared sync that loads what the registry names, until promotion_wait_s after it
+        began: requests that come later while a slow load goes on do not wait again."""
+        if self._pending_sync is None or self._pending_sync.done():
+            self._pending_sync = asyncio.create_task(self.sync(), name="alignloop-promotion-sync")
+            self._pending_since = time.monotonic()
+        left = self.config.promotion_wait_s - (time.monotonic() - self._pending_since)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._pending_sync), max(0.0, left))
+        except TimeoutError:
+            if left > 0:
+                log.warning("the promoted version is still loading after %.1f s; requests get the old one "
+                            "until it is ready", self.config.promotion_wait_s)
+        except Exception:  # sync failed: the request keeps the old version; the poller retries
+            log.exception("registry sync failed")
+
+    def _must_load(self, live: ModelVersion | None) -> bool:
+        """Whether the registry's live version needs loading before it can serve (and may load)."""
+        return live is not None and live.name not in self._slots and live.name not in self.load_errors
+
+    async def _follow(self, *, load: bool) -> bool:
+        """Switch to the registry's live and candidate versions (loading them first if `load`); True when
+        the live version could not be switched to because it is not loaded yet."""
         # Registry reads run off the event loop: a writer holding the database must not stall streams.
         live, candidates = await asyncio.to_thread(self._read_registry)
         candidate = next((c for c in candidates if c.name not in self.load_errors), None)
@@ -129,6 +164,7 @@ class ServingRouter:
             self.candidate = None
         elif await self._servable(candidate, load):
             self.candidate = ServedVersion.of(candidate)
+        return self._must_load(live)
 
     async def _servable(self, version: ModelVersion, load: bool) -> bool:
         return await self._ensure_loaded(version) if load else version.name in self._slots

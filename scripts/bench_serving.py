@@ -21,6 +21,7 @@ alike (the app's default --frequency-penalty 0.5 and --min-p 0.1, sent with ever
 
     python scripts/bench_serving.py --tiny                       # smoke run, tiny random model
     python scripts/bench_serving.py -c 8 --requests-per-user 2   # the embedded Gemma 3 270M
+    python scripts/bench_serving.py --promotion-only --promotions 3 --max-loras 2   # only (c), 3 pairs
 
 `--app-concurrency N` runs the server with GRADIO_DEFAULT_CONCURRENCY_LIMIT=N (only used where
 the app sets no limit of its own; it sets 64 /chat calls at once).
@@ -83,6 +84,9 @@ class BenchConfig:
     app_engine: str | None = None  # engine the app runs on; default: the first of `engines`
     skip_app: bool = False
     skip_promotion: bool = False
+    promotion_only: bool = False  # only (c): no raw engines, no (b) rounds
+    promotions: int = 1  # pairs of promotions in (c): one registered and promoted at once, one preloaded
+    max_loras: int | None = None  # the engines' EngineConfig.max_loras (None: its default)
     promotion_timeout_s: float = 60.0  # give up waiting for the new version after this long
     server_start_timeout_s: float = 600.0
     # GRADIO_DEFAULT_CONCURRENCY_LIMIT for the server; None: the app as shipped. Gradio runs one
@@ -137,10 +141,18 @@ def prompt_for(user: int, request: int) -> str:
 # -- (a) the raw engine --------------------------------------------------------------------------
 async def open_engine(kind: str, model_path: Path, cfg: BenchConfig):
     """An engine for (a), warmed up: the first request pays for compilation and caches."""
-    engine = create_engine(kind, model_path, EngineConfig(max_model_len=MAX_MODEL_LEN))  # type: ignore[arg-type]
+    engine = create_engine(kind, model_path, engine_config(cfg))  # type: ignore[arg-type]
     async for _ in engine.stream([{"role": "user", "content": "Hi"}], sampling=_sampling(cfg)):
         pass
     return engine
+
+
+def engine_config(cfg: BenchConfig) -> EngineConfig:
+    """The raw engines' settings: those of `alignloop serve` as (b) starts it."""
+    if cfg.max_loras is None:
+        return EngineConfig(max_model_len=MAX_MODEL_LEN)
+    return EngineConfig(max_model_len=MAX_MODEL_LEN, max_loras=cfg.max_loras,
+                        max_cpu_loras=max(EngineConfig.max_cpu_loras, cfg.max_loras))
 
 
 def _sampling(cfg: BenchConfig) -> SamplingConfig:
@@ -177,9 +189,10 @@ async def bench_engine(engine, cfg: BenchConfig) -> PhaseResult:
 def start_app(kind: str, model: str, workdir: Path, cfg: BenchConfig) -> ServerProcess:
     """`alignloop serve` in a subprocess, fresh database, ready once its engine is."""
     env = {"GRADIO_DEFAULT_CONCURRENCY_LIMIT": str(cfg.app_concurrency)} if cfg.app_concurrency is not None else {}
+    extra = ["--max-loras", str(cfg.max_loras)] if cfg.max_loras is not None else []
     return start_server(model, workdir, engine=kind, env=env, timeout=cfg.server_start_timeout_s,
                         serve_args=["--max-new-tokens", str(cfg.max_tokens), "--max-model-len", str(MAX_MODEL_LEN),
-                                    "--rate-limit", "0", "--new-ids-per-hour", "0"])
+                                    "--rate-limit", "0", "--new-ids-per-hour", "0", *extra])
 
 
 def _assistant_text(history: list) -> str:
@@ -327,7 +340,8 @@ def first_token_on(server: ServerProcess, client, version_id: int, since: float,
 
 def bench_promotion(server: ServerProcess, kind: str, model_path: Path, base_name: str, clients: list,
                     workdir: Path, cfg: BenchConfig) -> PromotionResult:
-    """Users chat non-stop while two LoRA versions are promoted one after the other; right after each
+    """Users chat non-stop while LoRA versions are promoted one after the other (--promotions pairs: one
+    registered and promoted at once, then one preloaded as the candidate first); right after each
     promote(), a request is sent and timed to its first token from the new version."""
     from tests.engine_contract import make_lora_adapter  # a random LoRA that visibly changes the output
 
@@ -335,7 +349,7 @@ def bench_promotion(server: ServerProcess, kind: str, model_path: Path, base_nam
     registry = ModelRegistry(store)
     stamp = int(time.time())
     # Built before the load starts: training is not what is measured here.
-    paths = [make_lora_adapter(model_path, workdir / f"lora-{i}", seed=i + 1) for i in range(2)]
+    paths = [make_lora_adapter(model_path, workdir / f"lora-{i}", seed=i + 1) for i in range(2 * cfg.promotions)]
 
     phase = PhaseResult("(c) app, promoting", kind)
     watermark = _last_message_id(server.db_path)
@@ -371,7 +385,7 @@ def bench_promotion(server: ServerProcess, kind: str, model_path: Path, base_nam
             # 1: registered and promoted at once (the adapter loads after promote, under load);
             # 2: registered first, so the router preloads it as the candidate, then promoted.
             version = registry.register(f"bench-lora-{stamp}-{i}", adapter_path=path, base_model=base_name)
-            if i == 1:  # wait for the preload itself: under load an adapter can take longer than any fixed pause
+            if i % 2 == 1:  # wait for the preload itself: under load an adapter can take longer than any fixed pause
                 deadline = time.monotonic() + cfg.promotion_timeout_s
                 while (version.name not in _log_times(server.log_path, r"serving (\S+) ")
                        and time.monotonic() < deadline):
@@ -436,7 +450,8 @@ def print_report(cfg: BenchConfig, rounds: list[list[PhaseResult]], promotion: P
     print()
     print(f"model={'tiny random' if cfg.tiny else cfg.model}  users={cfg.users}  "
           f"requests/user={cfg.requests_per_user}  max_tokens={cfg.max_tokens}  temperature={cfg.temperature}  "
-          f"app concurrency={cfg.app_concurrency or 'app default (64)'}  repeats={cfg.repeats} (interleaved)")
+          f"app concurrency={cfg.app_concurrency or 'app default (64)'}  repeats={cfg.repeats} (interleaved)  "
+          f"max_loras={cfg.max_loras or EngineConfig.max_loras}")
     print(header)
     print("-" * len(header))
     rows = [(str(i + 1), p) for i, phases in enumerate(rounds) for p in phases]
@@ -472,13 +487,19 @@ def print_report(cfg: BenchConfig, rounds: list[list[PhaseResult]], promotion: P
               "   (the floor under a new version's first token)")
         for i, (first, resent, switch, stale) in enumerate(zip(promotion.first_token_s, promotion.resent,
                                                               promotion.switch_s, promotion.old_after_switch)):
-            how = ("registered + promoted at once", "preloaded candidate promoted")[min(i, 1)]
+            how = ("registered + promoted at once", "preloaded candidate promoted")[i % 2]
             print(f"promotion {i + 1} ({how}):")
             print(f"    first token from the new version after {_fmt(first)} s (a request sent right after"
                   f" promote(); {resent} answered by the old one first)   target < 1 s: "
                   f"{_verdict(first is not None and first < 1.0)}")
             print(f"    router switched after {_fmt(switch)} s (its log); requests started after the switch"
                   f" that got an older version: {stale}")
+        if cfg.promotions > 1:
+            for k, how in enumerate(("at once", "preloaded")):
+                firsts = promotion.first_token_s[k::2]
+                done = [f for f in firsts if f is not None]
+                print(f"{f'first token ({how}), median [range]':<46}{median_range(done) if done else '-'}"
+                      f"   ({len(firsts) - len(done)} of {len(firsts)} never served)")
         errors = sorted({r.error for r in promotion.phase.results if r.error})
         for e in errors[:5]:
             print(f"  error: {e}")
@@ -505,7 +526,7 @@ def run(cfg: BenchConfig) -> None:
     rounds: list[list[PhaseResult]] = []
     promotion = None
     try:
-        for kind in cfg.engines:
+        for kind in () if cfg.promotion_only else cfg.engines:
             print(f"(a) raw {kind} engine: starting…", flush=True)
             engines[kind] = loop.run_until_complete(open_engine(kind, model_path, cfg))
         kind = cfg.app_engine or cfg.engines[0]
@@ -516,7 +537,7 @@ def run(cfg: BenchConfig) -> None:
             server = start_app(kind, model, app_dir, cfg)
             clients = make_clients(server.url, cfg.users)
             chat_once(clients[0], "Hi", cfg)  # untimed, as the engines' first request
-        for r in range(cfg.repeats):
+        for r in range(0 if cfg.promotion_only else cfg.repeats):
             phases = []
             for name, engine in engines.items():
                 print(f"round {r + 1}/{cfg.repeats}: (a) raw {name}…", flush=True)
@@ -558,6 +579,11 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--app-engine", default=None, help="Engine the app runs on (default: the first of --engines).")
     p.add_argument("--skip-app", action="store_true", help="Only (a): no server, no promotion.")
     p.add_argument("--skip-promotion", action="store_true", help="Skip (c), the promotions under load.")
+    p.add_argument("--promotion-only", action="store_true", help="Only (c): no raw engines, no (b) rounds.")
+    p.add_argument("--promotions", type=int, default=d.promotions,
+                   help="Pairs of promotions in (c): one registered and promoted at once, then one preloaded.")
+    p.add_argument("--max-loras", type=int, default=None,
+                   help="EngineConfig.max_loras for every engine (`alignloop serve --max-loras`; default: its default).")
     p.add_argument("--app-concurrency", type=int, default=None,
                    help="Set GRADIO_DEFAULT_CONCURRENCY_LIMIT for the server (default: unset, Gradio's 1).")
     p.add_argument("--repeats", type=int, default=d.repeats,
@@ -568,14 +594,17 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     engines = tuple(e.strip() for e in a.engines.split(",") if e.strip())
     if not engines or any(e not in ("vllm", "hf") for e in engines):
         p.error(f"--engines takes vllm and/or hf, e.g. 'vllm,hf'; got {a.engines!r}.")
-    if a.users < 1 or a.requests_per_user < 1 or a.max_tokens < 1 or a.repeats < 1:
-        p.error("--users, --requests-per-user, --max-tokens and --repeats must be at least 1.")
+    if a.users < 1 or a.requests_per_user < 1 or a.max_tokens < 1 or a.repeats < 1 or a.promotions < 1:
+        p.error("--users, --requests-per-user, --max-tokens, --repeats and --promotions must be at least 1.")
+    if a.promotion_only and (a.skip_app or a.skip_promotion):
+        p.error("--promotion-only runs (c), which needs the app: drop --skip-app / --skip-promotion.")
     return BenchConfig(model=a.model, tiny=a.tiny, users=a.users, requests_per_user=a.requests_per_user,
                        max_tokens=a.max_tokens, temperature=a.temperature, engines=engines,
                        frequency_penalty=a.frequency_penalty, min_p=a.min_p,
                        app_engine=a.app_engine, skip_app=a.skip_app, skip_promotion=a.skip_promotion,
                        promotion_timeout_s=a.promotion_timeout, app_concurrency=a.app_concurrency,
-                       repeats=a.repeats)
+                       repeats=a.repeats, promotion_only=a.promotion_only, promotions=a.promotions,
+                       max_loras=a.max_loras)
 
 
 if __name__ == "__main__":  # vLLM starts its engine process: keep it under the main guard

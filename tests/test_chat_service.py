@@ -3,10 +3,10 @@ SQLite store: chat, feedback, Compare, Rank, limits, engine failures, and hot-sw
 
 from __future__ import annotations
 
-import json
-
 import asyncio
+import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -230,30 +230,44 @@ def test_hot_swap_under_concurrent_load(tiny_model_path, tmp_db_path, adapters):
     run_with_service(tiny_model_path, tmp_db_path, body, limits=NO_LIMITS)
 
 
-def test_a_request_right_after_a_promotion_elsewhere_gets_the_new_version(tiny_model_path, tmp_db_path, adapters):
+def test_a_request_right_after_a_promotion_elsewhere_gets_the_new_version(tiny_model_path, tmp_db_path, adapters,
+                                                                           tmp_path):
     """A promotion by another process (the CLI) is followed before the next request is routed, not at the
-    next poll (here an hour away), when the engine already holds the version (a preloaded candidate).
-    A version it does not hold is never loaded on a request's path: that request keeps the old version."""
+    next poll (here an hour away): at once when the engine already holds the version (a preloaded
+    candidate), else after loading it, which the request waits for. A version that cannot load, or that
+    takes longer than RouterConfig.promotion_wait_s, leaves the request on the old version."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text("{not json")
     with FeedbackStore(tmp_db_path) as store:
         reg = ModelRegistry(store)
         reg.ensure_base_policy("tiny")
         reg.register("policy-r1", adapter_path=adapters[0], base_model="tiny")
+
+    def served_by(svc: ChatService, reply) -> str:
+        version_id = svc.store.db["messages"].get(reply.reply_id)["model_version_id"]
+        return svc.store.db["model_versions"].get(version_id)["name"]
 
     async def body(svc: ChatService):
         uid = svc.ensure_user("alice")
         assert svc.router.candidate.name == "policy-r1"  # preloaded at start
         other = ModelRegistry(svc.store)
         other.promote("policy-r1", actor="cli")
-        reply = (await _drain(svc.chat(uid, "right after")))[-1]
-        assert svc.store.db["messages"].get(reply.reply_id)["model_version_id"] == other.get("policy-r1").id
+        assert served_by(svc, (await _drain(svc.chat(uid, "right after")))[-1]) == "policy-r1"
         other.register("policy-r2", adapter_path=adapters[1], base_model="tiny")
         other.promote("policy-r2", actor="cli")
-        reply = (await _drain(svc.chat(uid, "not loaded yet")))[-1]
-        assert svc.store.db["messages"].get(reply.reply_id)["model_version_id"] == other.get("policy-r1").id
         assert "policy-r2" not in svc.router.loaded()
-        await svc.router.sync()  # the poller's job: load, then switch
-        reply = (await _drain(svc.chat(uid, "after the poll")))[-1]
-        assert svc.store.db["messages"].get(reply.reply_id)["model_version_id"] == other.get("policy-r2").id
+        assert served_by(svc, (await _drain(svc.chat(uid, "not loaded yet")))[-1]) == "policy-r2"
+        other.register("policy-broken", adapter_path=broken, base_model="tiny")
+        other.promote("policy-broken", actor="cli")
+        assert served_by(svc, (await _drain(svc.chat(uid, "cannot load")))[-1]) == "policy-r2"
+        assert "policy-broken" in svc.router.load_errors
+        svc.router.config.promotion_wait_s = 0.0  # as if the load took longer than the wait
+        other.register("policy-r3", adapter_path=shutil.copytree(adapters[0], tmp_path / "r3"), base_model="tiny")
+        other.promote("policy-r3", actor="cli")
+        assert served_by(svc, (await _drain(svc.chat(uid, "slow load")))[-1]) == "policy-r2"
+        await svc.router.sync()  # the load went on without the request (this waits for it)
+        assert served_by(svc, (await _drain(svc.chat(uid, "loaded now")))[-1]) == "policy-r3"
 
     run_with_service(tiny_model_path, tmp_db_path, body, router_config=RouterConfig(poll_interval_s=3600.0),
                      limits=NO_LIMITS)

@@ -33,8 +33,11 @@ class EngineConfig:
         seed: engine seed (vLLM's sampler; requests with a `seed` are reproducible on both).
 
     vLLM only:
-        max_loras: adapters usable in one batch (live and candidate at once need 2; on CPU the
-            bare base model is served as a zero LoRA and takes a slot too).
+        max_loras: adapters usable in one batch. Live and candidate at once need 2; a promotion
+            needs one more, for the requests the old live version is still finishing: vLLM
+            schedules no request for a new adapter while the running batch holds max_loras
+            others, so with 2 the new version's requests can wait until the old one's end. On CPU
+            the bare base model is served as a zero LoRA and takes a slot too.
         max_cpu_loras: adapters kept loaded in (CPU) memory; >= max_loras.
         gpu_memory_utilization: fraction of GPU memory vLLM may take (leave room for training).
         kv_cache_gib: KV cache size in GiB. None: decided by gpu_memory_utilization on a GPU,
@@ -53,7 +56,7 @@ class EngineConfig:
     max_lora_rank: int = 16
     dtype: str = "auto"
     seed: int = 0
-    max_loras: int = 2
+    max_loras: int = 3
     max_cpu_loras: int = 4
     gpu_memory_utilization: float = 0.5
     kv_cache_gib: float | None = None
