@@ -115,6 +115,7 @@ def test_ppo_raises_the_reward_with_bounded_kl_and_ptx_keeps_pretraining_loss(
     assert (plain.adapter_dir / "tensorboard").is_dir()
     assert plain.memory["ratio"] < 0.5
     assert log[0]["policy/grad_norm"] > 0 and log[0]["value/grad_norm"] > 0
+    assert log[0]["policy/ptx_grad_norm"] == 0 and log[0]["policy/pg_grad_norm"] > 0  # no ptx term
     # The default horizon is a quarter of the run: β follows the KL within it (KL below target: β falls).
     assert log[-1]["kl/beta"] < 0.9 * log[0]["kl/beta"], [round(r["kl/beta"], 4) for r in log]
 
@@ -123,8 +124,21 @@ def test_ppo_raises_the_reward_with_bounded_kl_and_ptx_keeps_pretraining_loss(
     assert with_ptx.ptx_train_nll_after <= with_ptx.ptx_train_nll_before
     assert with_ptx.ptx_nll_after <= with_ptx.ptx_nll_before
     assert with_ptx.ptx_nll_after < plain.ptx_nll_after - 0.5
+    ptx_log = [r for r in read_metrics(with_ptx.metrics_path) if "reward/mean" in r]
+    assert all(r["policy/ptx_grad_norm"] > 0 for r in ptx_log)
     final = read_metrics(with_ptx.metrics_path)[-1]
     assert final["ptx/held_out_docs"] == len(DEMOS) // 2 and final["ptx/train_docs"] == len(DEMOS) - len(DEMOS) // 2
+
+
+def test_split_grad_norms_separates_the_ptx_gradient_from_the_policy_terms() -> None:
+    from training.ppo import split_grad_norms
+
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
+    (3 * a[0] + 4 * a[1]).backward()  # the ptx term alone: gradient (3, 4) on a, none on b
+    ptx_grads = [None if q.grad is None else q.grad.clone() for q in (a, b)]
+    (a[0] + 12 * b[0]).backward()  # then the policy terms: (1, 0) on a, 12 on b
+    ptx_norm, pg_norm = split_grad_norms([a, b], ptx_grads)
+    assert ptx_norm == pytest.approx(5.0) and pg_norm == pytest.approx((1 + 144) ** 0.5)
 
 
 def test_ptx_documents_held_out_for_the_gate_are_never_trained_on() -> None:

@@ -404,7 +404,8 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None,
             # ---- 3. Update: PPO epochs over minibatches, each step with the ptx term ---------------------
             t0 = time.perf_counter()
             stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "ptx", "entropy", "clipfrac", "approx_kl",
-                                                             "policy_grad_norm", "value_grad_norm")}
+                                                             "policy_grad_norm", "value_grad_norm",
+                                                             "ptx_grad_norm", "pg_grad_norm")}
             for epoch in range(cfg.ppo_epochs):
                 epoch_kl = []
                 for mb in torch.from_numpy(rng.permutation(cfg.rollout_batch)).split(cfg.minibatch):
@@ -418,6 +419,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None,
                     ptx_loss = ptx_step_loss(stack, ptx.train, rng, cfg) if cfg.ptx_coef > 0 else zero
                     if cfg.ptx_coef > 0:
                         L.ppo_ptx_loss(zero, zero, zero, ptx_loss, cfg.vf_coef, cfg.entropy_coef, cfg.ptx_coef).backward()
+                    ptx_grads = [None if q.grad is None else q.grad.clone() for q in policy_params]
                     values = stack.values(ids[mb], mask[mb], ctx)
                     vf_loss = L.clipped_value_loss(values, old_values[mb], returns[mb], m, cfg.cliprange_value)
                     L.ppo_ptx_loss(zero, vf_loss, zero, zero, cfg.vf_coef, cfg.entropy_coef, cfg.ptx_coef).backward()
@@ -425,6 +427,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None,
                     pg_loss, clipfrac = L.clipped_surrogate_loss(logprobs, old_logprobs[mb], advantages[mb], m, cfg.cliprange)
                     mean_entropy = L.masked_mean(entropy, m)
                     L.ppo_ptx_loss(pg_loss, zero, mean_entropy, zero, cfg.vf_coef, cfg.entropy_coef, cfg.ptx_coef).backward()
+                    ptx_norm, pg_norm = split_grad_norms(policy_params, ptx_grads)
                     policy_norm, value_norm = clip_actor_critic(policy_params, value_params, cfg.max_grad_norm)
                     optimizer.step()
                     with torch.no_grad():
@@ -432,7 +435,8 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None,
                     epoch_kl.append(kl_now)
                     for key, value in (("pg", pg_loss), ("vf", vf_loss), ("ptx", ptx_loss), ("entropy", mean_entropy),
                                        ("clipfrac", clipfrac), ("approx_kl", kl_now), ("policy_grad_norm", policy_norm),
-                                       ("value_grad_norm", value_norm)):
+                                       ("value_grad_norm", value_norm), ("ptx_grad_norm", ptx_norm),
+                                       ("pg_grad_norm", pg_norm)):
                         stats[key].append(float(value.detach()) if torch.is_tensor(value) else float(value))
                 if cfg.approx_kl_stop and float(np.mean(epoch_kl)) > cfg.approx_kl_stop:
                     break  # the policy moved too far from the one that sampled: stop reusing this batch
@@ -460,6 +464,8 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None,
                 "policy/approx_kl": float(np.mean(stats["approx_kl"])),
                 "policy/epochs": float(epoch + 1),
                 "policy/grad_norm": float(np.mean(stats["policy_grad_norm"])),
+                "policy/ptx_grad_norm": float(np.mean(stats["ptx_grad_norm"])),
+                "policy/pg_grad_norm": float(np.mean(stats["pg_grad_norm"])),
                 "value/grad_norm": float(np.mean(stats["value_grad_norm"])),
                 "value/explained_variance": L.explained_variance(old_values, returns, rmask).item(),
                 "reply/length": rmask.sum(1).float().mean().item(),
@@ -502,6 +508,21 @@ def clip_actor_critic(policy_params: list[nn.Parameter], value_params: list[nn.P
     """
     return (torch.nn.utils.clip_grad_norm_(policy_params, max_norm),
             torch.nn.utils.clip_grad_norm_(value_params, max_norm))
+
+
+def split_grad_norms(policy_params: list[nn.Parameter], ptx_grads: list[Tensor | None]) -> tuple[float, float]:
+    """(norm of the ptx term's gradient, norm of the policy terms' gradient), both before clipping and
+    weighted as in eq. 2: ``ptx_grads`` is the policy's gradient after the ptx term alone; the rest of
+    ``.grad`` now is the clipped surrogate's and the entropy bonus's. Which of the two steers the policy."""
+    ptx_sq = pg_sq = 0.0
+    for q, g_ptx in zip(policy_params, ptx_grads):
+        if q.grad is None:
+            continue
+        g_pg = q.grad if g_ptx is None else q.grad - g_ptx
+        pg_sq += float(g_pg.float().pow(2).sum())
+        if g_ptx is not None:
+            ptx_sq += float(g_ptx.float().pow(2).sum())
+    return ptx_sq ** 0.5, pg_sq ** 0.5
 
 
 def ptx_nll(stack: PolicyStack, examples: list[Example], cfg: PPOConfig) -> float:
