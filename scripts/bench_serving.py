@@ -139,20 +139,26 @@ def prompt_for(user: int, request: int) -> str:
 
 
 # -- (a) the raw engine --------------------------------------------------------------------------
-async def open_engine(kind: str, model_path: Path, cfg: BenchConfig):
+async def open_engine(name: str, model_path: Path, cfg: BenchConfig):
     """An engine for (a), warmed up: the first request pays for compilation and caches."""
-    engine = create_engine(kind, model_path, engine_config(cfg))  # type: ignore[arg-type]
+    kind, cores = engine_kind(name)
+    engine = create_engine(kind, model_path, engine_config(cfg, cores))  # type: ignore[arg-type]
     async for _ in engine.stream([{"role": "user", "content": "Hi"}], sampling=_sampling(cfg)):
         pass
     return engine
 
 
-def engine_config(cfg: BenchConfig) -> EngineConfig:
+def engine_config(cfg: BenchConfig, cpu_cores: str | None = None) -> EngineConfig:
     """The raw engines' settings: those of `alignloop serve` as (b) starts it."""
-    if cfg.max_loras is None:
-        return EngineConfig(max_model_len=MAX_MODEL_LEN)
-    return EngineConfig(max_model_len=MAX_MODEL_LEN, max_loras=cfg.max_loras,
-                        max_cpu_loras=max(EngineConfig.max_cpu_loras, cfg.max_loras))
+    loras = {} if cfg.max_loras is None else {
+        "max_loras": cfg.max_loras, "max_cpu_loras": max(EngineConfig.max_cpu_loras, cfg.max_loras)}
+    return EngineConfig(max_model_len=MAX_MODEL_LEN, cpu_cores=cpu_cores, **loras)
+
+
+def engine_kind(name: str) -> tuple[str, str | None]:
+    """("vllm" or "hf", EngineConfig.cpu_cores) of an --engines entry: "vllm", "hf", "vllm@all", "vllm@auto"."""
+    kind, _, cores = name.partition("@")
+    return kind, cores or None
 
 
 def _sampling(cfg: BenchConfig) -> SamplingConfig:
@@ -160,10 +166,11 @@ def _sampling(cfg: BenchConfig) -> SamplingConfig:
                           frequency_penalty=cfg.frequency_penalty, min_p=cfg.min_p)
 
 
-async def bench_engine(engine, cfg: BenchConfig) -> PhaseResult:
-    """C tasks, each streaming `requests_per_user` requests one after another through `engine.stream()`."""
+async def bench_engine(engine, cfg: BenchConfig, name: str | None = None) -> PhaseResult:
+    """C tasks, each streaming `requests_per_user` requests one after another through `engine.stream()`;
+    `name`: the --engines entry (default: the engine's own name)."""
     sampling = _sampling(cfg)
-    phase = PhaseResult("(a) raw engine", engine.name)
+    phase = PhaseResult("(a) raw engine", name or engine.name)
 
     async def user(u: int) -> None:
         for j in range(cfg.requests_per_user):
@@ -186,10 +193,12 @@ async def bench_engine(engine, cfg: BenchConfig) -> PhaseResult:
 
 
 # -- (b) the app ---------------------------------------------------------------------------------
-def start_app(kind: str, model: str, workdir: Path, cfg: BenchConfig) -> ServerProcess:
+def start_app(name: str, model: str, workdir: Path, cfg: BenchConfig) -> ServerProcess:
     """`alignloop serve` in a subprocess, fresh database, ready once its engine is."""
     env = {"GRADIO_DEFAULT_CONCURRENCY_LIMIT": str(cfg.app_concurrency)} if cfg.app_concurrency is not None else {}
+    kind, cores = engine_kind(name)
     extra = ["--max-loras", str(cfg.max_loras)] if cfg.max_loras is not None else []
+    extra += ["--cpu-cores", cores] if cores else []
     return start_server(model, workdir, engine=kind, env=env, timeout=cfg.server_start_timeout_s,
                         serve_args=["--max-new-tokens", str(cfg.max_tokens), "--max-model-len", str(MAX_MODEL_LEN),
                                     "--rate-limit", "0", "--new-ids-per-hour", "0", *extra])
@@ -445,7 +454,7 @@ def ratios(rounds: list[list[PhaseResult]], top: Callable[[list[PhaseResult]], P
 
 
 def print_report(cfg: BenchConfig, rounds: list[list[PhaseResult]], promotion: PromotionResult | None) -> None:
-    header = f"{'round':<6}{'phase':<22}{'engine':<8}{'C':>3}{'reqs':>6}{'failed':>7}{'tokens':>8}{'wall s':>8}" \
+    header = f"{'round':<6}{'phase':<22}{'engine':<10}{'C':>3}{'reqs':>6}{'failed':>7}{'tokens':>8}{'wall s':>8}" \
              f"{'tok/s':>8}{'TTFT p50':>10}{'TTFT p95':>10}"
     print()
     print(f"model={'tiny random' if cfg.tiny else cfg.model}  users={cfg.users}  "
@@ -457,7 +466,7 @@ def print_report(cfg: BenchConfig, rounds: list[list[PhaseResult]], promotion: P
     rows = [(str(i + 1), p) for i, phases in enumerate(rounds) for p in phases]
     rows += [("-", promotion.phase)] if promotion else []
     for r, p in rows:
-        print(f"{r:<6}{p.name:<22}{p.engine:<8}{cfg.users:>3}{len(p.results):>6}{p.failed:>7}{p.tokens:>8}"
+        print(f"{r:<6}{p.name:<22}{p.engine:<10}{cfg.users:>3}{len(p.results):>6}{p.failed:>7}{p.tokens:>8}"
               f"{p.wall_s:>8.1f}{p.tokens_per_s:>8.1f}{_fmt(p.ttft(50)):>10}{_fmt(p.ttft(95)):>10}")
     print()
 
@@ -476,10 +485,14 @@ def print_report(cfg: BenchConfig, rounds: list[list[PhaseResult]], promotion: P
                 and a.ttft(50) is not None and b.ttft(50) is not None]
         if ttft:
             print(f"{f'app - raw TTFT p50 ({app_kind}), s':<46}{median_range(ttft)}")
-    vllm_hf = ratios(rounds, raw("vllm"), raw("hf"))
-    if vllm_hf:
-        print(f"{f'vllm / hf tokens/s at C={cfg.users}':<46}{median_range(vllm_hf)}   target >= 3: "
-              f"{_verdict(statistics.median(vllm_hf) >= 3)}")
+    vllms = [e for e in cfg.engines if engine_kind(e)[0] == "vllm"]
+    for name in vllms:
+        vllm_hf = ratios(rounds, raw(name), raw("hf"))
+        if vllm_hf:
+            print(f"{f'{name} / hf tokens/s at C={cfg.users}':<46}{median_range(vllm_hf)}   target >= 3: "
+                  f"{_verdict(statistics.median(vllm_hf) >= 3)}")
+    for name in vllms[1:]:
+        print(f"{f'{name} / {vllms[0]} tokens/s':<46}{median_range(ratios(rounds, raw(name), raw(vllms[0])))}")
     if promotion is not None:
         failed = promotion.phase.failed + sum(p.failed for phases in rounds for p in phases if not p.name.startswith("(a)"))
         print(f"{'failed app requests (b)+(c)':<46}{failed:>6}   target 0: {_verdict(failed == 0)}")
@@ -541,7 +554,7 @@ def run(cfg: BenchConfig) -> None:
             phases = []
             for name, engine in engines.items():
                 print(f"round {r + 1}/{cfg.repeats}: (a) raw {name}…", flush=True)
-                phases.append(loop.run_until_complete(bench_engine(engine, cfg)))
+                phases.append(loop.run_until_complete(bench_engine(engine, cfg, name)))
             if server is not None:
                 print(f"round {r + 1}/{cfg.repeats}: (b) app…", flush=True)
                 phases.append(bench_app(server, kind, clients, cfg))
@@ -575,7 +588,9 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
                    help="Sent with every request, to the app and to the raw engine alike (the app's default).")
     p.add_argument("--min-p", type=float, default=d.min_p,
                    help="Sent with every request, to the app and to the raw engine alike (the app's default).")
-    p.add_argument("--engines", default=",".join(d.engines), help="Engines for (a), comma-separated: vllm,hf.")
+    p.add_argument("--engines", default=",".join(d.engines),
+                   help="Engines for (a), comma-separated: vllm,hf; vllm@CORES sets EngineConfig.cpu_cores "
+                        "(auto, all, 0-3), e.g. vllm@auto,vllm@all,hf.")
     p.add_argument("--app-engine", default=None, help="Engine the app runs on (default: the first of --engines).")
     p.add_argument("--skip-app", action="store_true", help="Only (a): no server, no promotion.")
     p.add_argument("--skip-promotion", action="store_true", help="Skip (c), the promotions under load.")
@@ -592,8 +607,9 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
                    help="Seconds to wait for a promoted version to serve before giving up.")
     a = p.parse_args(argv)
     engines = tuple(e.strip() for e in a.engines.split(",") if e.strip())
-    if not engines or any(e not in ("vllm", "hf") for e in engines):
-        p.error(f"--engines takes vllm and/or hf, e.g. 'vllm,hf'; got {a.engines!r}.")
+    if not engines or any(not re.fullmatch(r"hf|vllm(@[\w,-]+)?", e) for e in engines) or len(set(engines)) < len(engines):
+        p.error(f"--engines takes vllm and/or hf, e.g. 'vllm,hf', and vLLM variants on other CPU cores "
+                f"(EngineConfig.cpu_cores), e.g. 'vllm@auto,vllm@all,hf'; got {a.engines!r}.")
     if a.users < 1 or a.requests_per_user < 1 or a.max_tokens < 1 or a.repeats < 1 or a.promotions < 1:
         p.error("--users, --requests-per-user, --max-tokens, --repeats and --promotions must be at least 1.")
     if a.promotion_only and (a.skip_app or a.skip_promotion):

