@@ -156,8 +156,13 @@ class RoundConfig:
     reward: RewardConfig = field(default_factory=lambda: RewardConfig(epochs=1.0, groups_per_batch=8, progress=False,
                                                                       lora=_small_lora()),
                                  metadata={"help": "Reward-model step defaults (`--set reward.lr=5e-5`)."})
+    # ptx_coef 0.1, not PPOConfig's 1.0: a round's ptx corpus is the demonstrations, so at γ = 1 the step was
+    # mostly more SFT. On Gemma 3 270M (scripts/bench_loop.py, gold (a), 3 users' rounds each): γ = 1 gave KL to
+    # SFT 12.8 and 23.1 nats (gate 10) and gold wins vs round 0 of 54% and 63%; γ = 0.1 gave 2.6 and 5.5 nats
+    # and 72% and 71% (training/README.md).
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(iterations=20, rollout_batch=8, minibatch=4, ppo_epochs=2,
-                                                             max_new_tokens=48, progress=False, lora=_small_lora()),
+                                                             max_new_tokens=48, ptx_coef=0.1, progress=False,
+                                                             lora=_small_lora()),
                            metadata={"help": "PPO-ptx step defaults (`--set ppo.iterations=50`)."})
 
     def to_dict(self) -> dict[str, Any]:
