@@ -47,7 +47,7 @@ AdminsOpt = Annotated[Optional[str], typer.Option("--admins", help="Logged-in us
 OldUsersOpt = Annotated[Optional[str], typer.Option("--users", hidden=True)]
 OldAdminPasswordOpt = Annotated[Optional[str], typer.Option("--admin-password", hidden=True)]
 MaxModelLenOpt = Annotated[int, typer.Option("--max-model-len", help="Longest prompt + reply in tokens.")]
-CpuCoresOpt = Annotated[Optional[str], typer.Option("--cpu-cores", help="vllm-cpu: cores the model's threads run on: auto (vLLM keeps one core for its scheduler and the app), all, or ids such as 0-3 (default: $VLLM_CPU_OMP_THREADS_BIND, else auto).")]
+CpuCoresOpt = Annotated[Optional[str], typer.Option("--cpu-cores", help="vllm-cpu: cores the model's threads run on: auto (vLLM keeps one core for its scheduler and the app), all, or ids such as 0-3 (default: $VLLM_CPU_OMP_THREADS_BIND if set, else all on a machine with fewer than 4 cores, auto on a bigger one).")]
 MaxLorasOpt = Annotated[int, typer.Option("--max-loras", help="vLLM: adapter versions one batch may mix (live, candidate, and the one a promotion switches from; on CPU the bare base model counts as one).")]
 RateLimitOpt = Annotated[int, typer.Option("--rate-limit", help="Generated replies per user per minute (a Compare costs 2, a Rank of K costs K); a client address gets 4x, feedback writes 2x (0: no limits).")]
 NewIdsOpt = Annotated[int, typer.Option("--new-ids-per-hour", help="New anonymous identities one client address may get per hour (each is a new voter; 0: no limit).")]

@@ -355,6 +355,16 @@ def test_engine_config_refuses_settings_vllm_cannot_use() -> None:
         EngineConfig(cpu_cores="half")
 
 
+def test_vllm_takes_every_core_of_a_small_machine_unless_the_operator_said_otherwise() -> None:
+    from chat_app.engines.config import default_cpu_cores, omp_threads_bind
+
+    assert default_cpu_cores(2, None) == "all"  # vLLM's "auto" would leave the model one core of two
+    assert default_cpu_cores(16, None) is None  # vLLM's own choice: one core kept for its scheduler
+    assert default_cpu_cores(2, "0") is None  # $VLLM_CPU_OMP_THREADS_BIND is left as it is
+    assert omp_threads_bind("all") == ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+    assert omp_threads_bind("0-3") == "0-3"
+
+
 def test_create_engine_refuses_unknown_kinds(tiny_model_path: Path) -> None:
     with pytest.raises(EngineError, match="Unknown engine kind"):
         create_engine("tensorrt", tiny_model_path)  # type: ignore[arg-type]

@@ -29,7 +29,8 @@ from training.base_models import default_cache_dir
 from .adapters import AdapterTable, ServedAdapter
 from .base import AdapterRef, Completion, EngineError, Messages, ReplyChunk, SamplingConfig
 from .chat_format import ChatFormat
-from .config import DEFAULT_CPU_KV_CACHE_GIB, EngineConfig, check_sampling, omp_threads_bind
+from .config import (DEFAULT_CPU_KV_CACHE_GIB, EngineConfig, check_sampling, default_cpu_cores, omp_threads_bind,
+                     usable_cores)
 from .zero_adapter import write_zero_adapter
 
 if TYPE_CHECKING:
@@ -89,7 +90,10 @@ class VLLMEngine:
         )
         _quiet_weight_loading()
         try:
-            with _cpu_binding(self.config.cpu_cores if current_platform.is_cpu() else None):
+            cores = self.config.cpu_cores
+            if cores is None:
+                cores = default_cpu_cores(usable_cores(), os.environ.get("VLLM_CPU_OMP_THREADS_BIND"))
+            with _cpu_binding(cores if current_platform.is_cpu() else None):
                 self._llm = AsyncLLM.from_engine_args(args)
         except Exception as exc:
             raise EngineError(
