@@ -124,7 +124,8 @@ def _engine_config(**options) -> EngineConfig:
 
 def _app_config(*, base_model: str, engine: str, db: Optional[Path], host: str, port: int, users_file: Optional[Path],
                 admins: Optional[str], users: Optional[str], admin_password: Optional[str], max_model_len: int,
-                max_loras: int = EngineConfig.max_loras, cpu_cores: Optional[str] = None, rate_limit: int, new_ids_per_hour: int, max_input_chars: int, max_new_tokens: int,
+                max_loras: int = EngineConfig.max_loras, cpu_cores: Optional[str] = None, rate_limit: int,
+                new_ids_per_hour: int, max_input_chars: int, max_new_tokens: int,
                 frequency_penalty: float, min_p: float, auto_promote_after: int, rounds_dir: Optional[Path] = None,
                 promote_alpha: float, promote_min_voters: int):
     """The AppConfig that `serve`'s options describe (shared with `demo`)."""

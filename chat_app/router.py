@@ -3,8 +3,9 @@
 The registry in feedback_db is the source of truth for the live and candidate policy
 versions. The router polls it, is poked directly after a promotion in this process, and looks
 again before routing each request (switching at once to a version it already holds, and
-waiting briefly for a promoted version it must load first), makes a new version's adapter available in the engine *before* routing to it, and pins
-every request to the version it started on with a lease. A version that is no longer
+waiting briefly for a promoted version it must load first), makes a new version's adapter
+available in the engine *before* routing to it, and pins every request to the version it
+started on with a lease. A version that is no longer
 live or candidate is released from the engine once no request holds it and it has been
 idle for a while. A version whose adapter fails to load is never routed to; the error is
 kept for the dashboard and the previous version keeps serving.

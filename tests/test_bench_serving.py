@@ -19,7 +19,7 @@ def test_bench_serving_interleaves_rounds_and_reports_median_ratios() -> None:
     assert re.search(r"app / raw tokens/s \(hf\), median \[range\]\s+[\d.]+ \[[\d.]+, [\d.]+\] \(n=2\)", out)
     assert re.search(r"failed app requests \(b\)\+\(c\)\s+0\s+target 0: met", out)
     assert len(re.findall(r"first token from the new version after [\d.]+ s", out)) == 2  # both served
-    assert len(re.findall(r"router switched after [\d.]+ s .* older version: 0$", out, re.MULTILINE)) == 2
+    assert len(re.findall(r"router switched after [\d.]+ s .* older version: 0$", out, re.MULTILINE)) == 2, out
 
 
 def test_bench_serving_promotion_only_repeats_both_kinds_of_promotion() -> None:
@@ -33,7 +33,7 @@ def test_bench_serving_promotion_only_repeats_both_kinds_of_promotion() -> None:
     assert not re.findall(r"^\d\s+\((a|b)\) ", out, re.MULTILINE)  # no raw-engine or app rounds
     kinds = re.findall(r"^promotion \d \((.*)\):$", out, re.MULTILINE)
     assert kinds == ["registered + promoted at once", "preloaded candidate promoted"] * 2
-    assert len(re.findall(r"router switched after [\d.]+ s .* older version: 0$", out, re.MULTILINE)) == 4
+    assert len(re.findall(r"router switched after [\d.]+ s .* older version: 0$", out, re.MULTILINE)) == 4, out
     for how in ("at once", "preloaded"):
         assert re.search(rf"first token \({how}\), median \[range\]\s+[\d.]+ \[[\d.]+, [\d.]+\] \(n=2\)\s+\(0 of 2 never",
                          out)
