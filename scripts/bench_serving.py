@@ -316,11 +316,13 @@ def _log_times(log_path: Path, pattern: str) -> dict[str, float]:
     return times
 
 
-def _stale_starts(db_path: Path, version_id: int, start_ts: float, end_ts: float, after_id: int) -> int:
-    """Requests started in (start_ts, end_ts) that were served by a version other than `version_id`."""
+def _stale_starts(db_path: Path, older_ids: list[int], start_ts: float, end_ts: float, after_id: int) -> int:
+    """Requests started in (start_ts, end_ts) that were served by one of the versions `older_ids`. (Not "any
+    other version": a request started just before the next promote() may rightly get the next version.)"""
+    marks = ",".join("?" * len(older_ids))
     rows = _db_rows(db_path, "SELECT u.created_at FROM messages r JOIN messages u ON u.id = r.parent_id "
-                             "WHERE r.role = 'assistant' AND r.model_version_id != ? AND r.id > ?",
-                    (version_id, after_id))
+                             f"WHERE r.role = 'assistant' AND r.model_version_id IN ({marks}) AND r.id > ?",
+                    (*older_ids, after_id))
     return sum(start_ts < _iso_to_ts(created) < end_ts for (created,) in rows)
 
 
@@ -362,6 +364,7 @@ def bench_promotion(server: ServerProcess, kind: str, model_path: Path, base_nam
 
     phase = PhaseResult("(c) app, promoting", kind)
     watermark = _last_message_id(server.db_path)
+    first_live = registry.live("policy")
     stop = threading.Event()
     lock = threading.Lock()
     # A probe user sends 8-token requests back to back (the UI slider allows no fewer): its TTFT is what
@@ -415,11 +418,12 @@ def bench_promotion(server: ServerProcess, kind: str, model_path: Path, base_nam
     phase.tokens = _completion_tokens_since(server.db_path, watermark)
     switched = _log_times(server.log_path, r"live: (\S+) ")
     switch_at = [switched.get(v.name) for v, *_ in promotions]
-    # After the router's switch, until the next promotion, every request should get the new version
+    # After the router's switch, until the next promotion, no request should get an older version
     # (50 ms of slack: a user turn is stored just before the router picks the version).
     ends = [at for _, at, *_ in promotions[1:]] + [float("inf")]
-    stale = [-1 if sw is None else _stale_starts(server.db_path, v.id, sw + 0.05, end, watermark)
-             for (v, *_), sw, end in zip(promotions, switch_at, ends)]
+    versions = [first_live.id] + [v.id for v, *_ in promotions]  # live at the start, then each promoted one
+    stale = [-1 if sw is None else _stale_starts(server.db_path, versions[:k + 1], sw + 0.05, end, watermark)
+             for k, (sw, end) in enumerate(zip(switch_at, ends))]
     return PromotionResult(
         phase, first_token_s=[first for _, _, first, _ in promotions], resent=[r for *_, r in promotions],
         switch_s=[None if sw is None else max(0.0, sw - at) for (_, at, *_), sw in zip(promotions, switch_at)],
