@@ -115,7 +115,6 @@ def _engine_config(**options) -> EngineConfig:
     """An EngineConfig from serve's options, with their names on a refusal."""
     from chat_app.engines import EngineError
 
-    options["max_cpu_loras"] = max(EngineConfig.max_cpu_loras, options.get("max_loras", 0))
     try:
         return EngineConfig(**options)
     except EngineError as exc:

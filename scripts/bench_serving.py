@@ -150,8 +150,7 @@ async def open_engine(name: str, model_path: Path, cfg: BenchConfig):
 
 def engine_config(cfg: BenchConfig, cpu_cores: str | None = None) -> EngineConfig:
     """The raw engines' settings: those of `alignloop serve` as (b) starts it."""
-    loras = {} if cfg.max_loras is None else {
-        "max_loras": cfg.max_loras, "max_cpu_loras": max(EngineConfig.max_cpu_loras, cfg.max_loras)}
+    loras = {} if cfg.max_loras is None else {"max_loras": cfg.max_loras}
     return EngineConfig(max_model_len=MAX_MODEL_LEN, cpu_cores=cpu_cores, **loras)
 
 

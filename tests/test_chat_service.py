@@ -28,6 +28,15 @@ def adapters(tiny_model_path, tmp_path_factory) -> list[Path]:
     return [make_lora_adapter(tiny_model_path, root / f"policy-{i}", seed=i) for i in range(2)]
 
 
+@pytest.fixture
+def broken(tmp_path) -> Path:
+    """An adapter folder whose config is not JSON: no engine can load it."""
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{not json")
+    return folder
+
+
 def run_with_service(tiny_model_path, db_path, body, router_config: RouterConfig | None = None, **service_kwargs):
     """Start engine + router + service on a fresh loop, run `body(service)`, shut down."""
 
@@ -169,10 +178,7 @@ def test_engine_failure_shows_a_clear_message_and_is_stored(tiny_model_path, tmp
     run_with_service(tiny_model_path, tmp_db_path, body, max_input_chars=10_000)
 
 
-def test_broken_adapter_is_never_served(tiny_model_path, tmp_db_path, tmp_path):
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "adapter_config.json").write_text("{not json")
+def test_broken_adapter_is_never_served(tiny_model_path, tmp_db_path, broken):
     with FeedbackStore(tmp_db_path) as store:
         reg = ModelRegistry(store)
         reg.ensure_base_policy("tiny")
@@ -231,14 +237,11 @@ def test_hot_swap_under_concurrent_load(tiny_model_path, tmp_db_path, adapters):
 
 
 def test_a_request_right_after_a_promotion_elsewhere_gets_the_new_version(tiny_model_path, tmp_db_path, adapters,
-                                                                           tmp_path):
+                                                                           broken, tmp_path):
     """A promotion by another process (the CLI) is followed before the next request is routed, not at the
     next poll (here an hour away): at once when the engine already holds the version (a preloaded
     candidate), else after loading it, which the request waits for. A version that cannot load, or that
     takes longer than RouterConfig.promotion_wait_s, leaves the request on the old version."""
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "adapter_config.json").write_text("{not json")
     with FeedbackStore(tmp_db_path) as store:
         reg = ModelRegistry(store)
         reg.ensure_base_policy("tiny")
@@ -300,11 +303,8 @@ def test_server_auto_promotes_a_gated_candidate_that_users_prefer(tiny_model_pat
                      auto_promote=PromotionPolicy(min_votes=6))
 
 
-def test_promote_refuses_what_this_server_cannot_serve_and_changes_nothing(tiny_model_path, tmp_db_path, tmp_path,
+def test_promote_refuses_what_this_server_cannot_serve_and_changes_nothing(tiny_model_path, tmp_db_path, broken,
                                                                            adapters):
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "adapter_config.json").write_text("{not json")
     with FeedbackStore(tmp_db_path) as store:
         reg = ModelRegistry(store)
         reg.ensure_base_policy("tiny")

@@ -355,6 +355,11 @@ def test_engine_config_refuses_settings_vllm_cannot_use() -> None:
         EngineConfig(cpu_cores="half")
 
 
+def test_engine_config_keeps_at_least_max_loras_adapters_in_memory() -> None:
+    assert EngineConfig(max_loras=6).max_cpu_loras == 6  # `serve --max-loras 6` alone must be valid
+    assert EngineConfig(max_loras=2).max_cpu_loras == 4 and EngineConfig(max_cpu_loras=5).max_cpu_loras == 5
+
+
 def test_vllm_takes_every_core_of_a_small_machine_unless_the_operator_said_otherwise() -> None:
     from chat_app.engines.config import default_cpu_cores, omp_threads_bind
 

