@@ -1,7 +1,8 @@
 """Automatic promotion of a candidate that users prefer, by a sequential test that may be checked often.
 
-A policy candidate goes live when its round's gates passed (metric ``gates_passed``) and its
-Compare votes against the live version pass the always-valid test of ``sequential_testing.py``
+A policy candidate goes live when its round allows it (metric ``auto_promotable``: every gate
+passed, or the only ones not passed are evidence gates whose intervals could not decide; candidates
+of older rounds have only ``gates_passed``) and its Compare votes against the live version pass the always-valid test of ``sequential_testing.py``
 (a one-sided mixture likelihood ratio reaching 1/alpha, with at least ``min_voters`` voters and
 each voter's weight capped). Calling it after every vote, from the server or from cron, keeps the
 chance of promoting a candidate no better than live at most alpha.
@@ -23,6 +24,11 @@ def promotion_evidence(store: FeedbackStore, candidate_id: int, live_id: int,
     """Where the test of `candidate_id` against `live_id` stands now (reads only; promotes nothing)."""
     policy = policy or PromotionPolicy()
     return promotion_decision(tally_votes(head_to_head_votes(store, candidate_id, live_id), policy), policy)
+
+
+def gated_for_users(metrics: dict) -> bool:
+    """Whether a candidate's round lets users' Compare votes promote it (see the module docstring)."""
+    return metrics.get("auto_promotable", metrics.get("gates_passed")) is True
 
 
 def promotion_candidate(store: FeedbackStore, base_model: str) -> tuple[ModelVersion, ModelVersion] | None:
@@ -49,7 +55,7 @@ def auto_promote_candidate(store: FeedbackStore, base_model: str, min_votes: int
     if pair is None:
         return None
     candidate, live = pair
-    if candidate.metrics.get("gates_passed") is not True:
+    if not gated_for_users(candidate.metrics):
         return None
     evidence = promotion_evidence(store, candidate.id, live.id, policy)
     if not evidence.promote:

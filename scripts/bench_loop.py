@@ -87,6 +87,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from chat_app.auth import UsersFile  # noqa: E402
+from chat_app.engines.base import SamplingConfig  # noqa: E402
 from scripts.server_process import ServerProcess, start_server, stop_server  # noqa: E402
 from feedback_db import FeedbackStore, ModelRegistry, wilson_interval  # noqa: E402
 from scripts.simulated_users import (  # noqa: E402
@@ -141,8 +142,8 @@ class BenchLoopConfig:
     compare_votes: int = _f(120, "Candidate-vs-live Compare votes collected after each round (fewer if promoted first); the promotion test counts each voter's first 20, so more than users x 20 adds nothing.")
     auto_promote_after: int = _f(10, "The server's --auto-promote-after (and the --promote-only min_votes): counted decisive votes before the promotion test may promote.")
     max_new_tokens: int = _f(64, "The app's reply length limit, as users set it.")
-    temperature: float = _f(1.0, "The app's sampling temperature, as users set it.")
-    top_p: float = _f(1.0, "The app's top-p, as users set it.")
+    temperature: float = _f(SamplingConfig.temperature, "The app's sampling temperature, as users set it (default: the app's).")
+    top_p: float = _f(SamplingConfig.top_p, "The app's top-p, as users set it (default: the app's).")
     eval_prompts: int = _f(64, "Held-out prompts (never sent by a user) for the gold win rates and the proxy's accuracy.")
     eval_fraction: float = _f(0.5, "Share of the prompt pool (by hash) kept away from the users for evaluation (starter-set prompts never are: round 0 trained on them).")
     eval_max_new_tokens: int = _f(64, "Longest greedy reply in the offline evaluation.")
@@ -278,6 +279,7 @@ def round_summary(db: Path, round_id: int) -> dict[str, Any]:
         "ptx_ppl_before": ev.get("ptx_ppl_before"), "ptx_ppl_after": ev.get("ptx_ppl_after"),
         "ptx_ppl_increase": ev.get("ptx_ppl_increase"), "max_ptx_ppl_increase": c.get("max_ptx_ppl_increase"),
         "reward_gain": ev.get("reward_gain"), "gates": verdicts, "gates_passed": m.get("gates_passed"),
+        "auto_promotable": m.get("auto_promotable"),
         "rm_heldout_accuracy": (m.get("reward_model") or {}).get("eval_accuracy"),
     }
 

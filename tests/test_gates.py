@@ -10,6 +10,7 @@ from training.gates import (
     NOT_ENOUGH_EVIDENCE,
     PASSED,
     all_passed,
+    auto_promotable,
     interval_verdict,
     missing_gate,
     point_gate,
@@ -74,3 +75,27 @@ def test_point_gates_and_all_passed() -> None:
     assert not all_passed(gates) and gates["judge"]["verdict"] == NOT_ENOUGH_EVIDENCE
     assert all_passed({})  # an SFT-only round has no gates: the Compare votes decide
     assert math.isnan(point_gate(float("nan"), 1.0).value) and point_gate(float("nan"), 1.0).to_dict()["value"] is None
+
+
+def test_auto_promotable_lets_users_settle_only_undecided_evidence_gates() -> None:
+    undecided = reward_gain_gate(bootstrap_interval([-1.0, 1.0] * 8), 0.0, 8)  # 16 prompts, mean 0
+    assert undecided.verdict == NOT_ENOUGH_EVIDENCE and undecided.undecided
+    few = reward_gain_gate(bootstrap_interval([1.0] * 7), 0.0, 8)  # too few prompts: not undecided
+    assert few.verdict == NOT_ENOUGH_EVIDENCE and not few.undecided
+    worse = reward_gain_gate(bootstrap_interval([-1.0, -0.5] * 8), 0.0, 8)
+    rm_undecided = reward_model_gate(accuracy_interval([True] * 13 + [False] * 7), 0.55, 20)  # 0.65 [0.43, 0.82]
+    assert rm_undecided.verdict == NOT_ENOUGH_EVIDENCE and rm_undecided.undecided
+    kl_ok, kl_bad = point_gate(3.0, 10.0).to_dict(), point_gate(12.0, 10.0).to_dict()
+    assert not point_gate(float("nan"), 10.0).undecided  # not measured is not "undecided"
+
+    def gates(**named: object) -> dict:
+        return {name: g.to_dict() if hasattr(g, "to_dict") else g for name, g in named.items()}
+
+    assert auto_promotable(gates(reward_gain=undecided, reward_model=rm_undecided, kl=kl_ok))
+    assert not auto_promotable(gates(reward_gain=undecided, kl=kl_ok), users_settle_undecided=False)
+    assert not all_passed(gates(reward_gain=undecided, kl=kl_ok))
+    assert not auto_promotable(gates(reward_gain=few, kl=kl_ok))  # too few held-out prompts always blocks
+    assert not auto_promotable(gates(reward_gain=worse, kl=kl_ok))  # failed blocks
+    assert not auto_promotable(gates(reward_gain=undecided, kl=kl_bad))  # KL is never left to the users
+    assert not auto_promotable(gates(reward_gain=missing_gate(0.0, "no judge"), kl=kl_ok))
+    assert not auto_promotable(gates(kl=dict(kl_ok, verdict=NOT_ENOUGH_EVIDENCE, undecided=True)))  # not an evidence gate

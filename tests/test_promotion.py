@@ -175,6 +175,23 @@ def test_store_never_promotes_a_candidate_whose_gates_did_not_pass(tmp_db_path: 
             assert registry.live().name == "base:tiny"
 
 
+def test_the_rounds_auto_promotable_verdict_decides_over_gates_passed(tmp_db_path: Path) -> None:
+    with FeedbackStore(tmp_db_path) as store:
+        registry = ModelRegistry(store)
+        live = registry.ensure_base_policy("tiny")
+        blocked = registry.register("policy-blocked", base_model="tiny",
+                                    metrics={"gates_passed": True, "auto_promotable": False})
+        for k in range(40):
+            _compare(store, f"u{k % 8}", blocked.id, live.id)
+        assert auto_promote_candidate(store, "tiny", policy=POLICY) is None
+        registry.retire(blocked.id)
+        undecided = registry.register("policy-undecided", base_model="tiny",  # an evidence gate could not tell
+                                      metrics={"gates_passed": False, "auto_promotable": True})
+        for k in range(40):
+            _compare(store, f"u{k % 8}", undecided.id, live.id)
+        assert auto_promote_candidate(store, "tiny", policy=POLICY) == "policy-undecided"
+
+
 def test_min_votes_keeps_the_old_call_working(tmp_db_path: Path) -> None:
     with FeedbackStore(tmp_db_path) as store:
         registry = ModelRegistry(store)

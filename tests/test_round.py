@@ -199,6 +199,7 @@ def test_interrupted_round_registers_nothing_and_the_next_one_runs(config: Round
                 "judge_reward_gain_ci", "kl_to_reference", "ptx_ppl_increase"):
         assert key in m["evaluation"]
     assert m["gates_passed"] is True and set(m["gates"]) == {"reward_model", "kl", "reward_gain", "ptx_perplexity"}
+    assert m["auto_promotable"] is True
     assert all(g["verdict"] == "passed" for g in m["gates"].values())
     # No previous reward model: the judge is a second one, trained on prompts the PPO proxy never saw.
     assert m["judge"]["kind"] == "split" and m["judge"]["train_prompts"] >= 1
@@ -397,6 +398,7 @@ def test_starter_round_runs_sft_then_rm_then_ppo_from_the_sft_adapter(config: Ro
     assert nxt.metrics["data"]["new_demonstrations"] == 0 and "sft" not in nxt.metrics
     assert nxt.status == "succeeded" and nxt.metrics["mode"] == "rm+ppo"
     assert nxt.metrics["gates"]["kl"]["verdict"] == "failed" and nxt.metrics["gates_passed"] is False
+    assert nxt.metrics["auto_promotable"] is False
     # A previous reward model exists: it judges the candidate (PPO optimised the new one, not it).
     judge = nxt.metrics["judge"]
     assert judge["kind"] == "previous" and judge["name"] == f"reward-r{result.round_id}"
@@ -433,6 +435,7 @@ def test_cli_round_with_the_starter_set_then_a_promotion_check(config: RoundConf
     assert held < 2 and done.metrics["evaluation"]["heldout_prompts"] == len(done.metrics["samples"]) == held
     assert gates["reward_gain"]["verdict"] == "not enough evidence" and gates["reward_gain"]["n"] == held
     assert gates["reward_model"]["verdict"] == "not enough evidence" and done.metrics["gates_passed"] is False
+    assert done.metrics["auto_promotable"] is False  # too few held-out units: never left to the users
     report = Path(done.report_path).read_text()
     assert "**not enough evidence**" in report and f"held-out prompts: {held}, need at least 2" in report
     with FeedbackStore(config.db) as store:

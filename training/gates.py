@@ -10,8 +10,12 @@ Every gate ends in one of three verdicts:
   units (held-out prompts or pairs) than the configured minimum, or there is nothing to judge
   with (no held-out prompts, no independent judge).
 
-A candidate's ``gates_passed`` is True only when every gate passed: "not enough evidence" never
-promotes. Gates measured without an interval (the KL at the end of PPO, the ptx perplexity
+A candidate's ``gates_passed`` is True only when every gate passed. Auto-promotion asks less of
+the evidence gates (``auto_promotable``): when a reward model's accuracy or the judge's reward
+gain was measured on enough held-out units but its interval straddles the threshold
+(``undecided``), the offline evidence cannot tell, and the users' Compare votes, the sequential
+test that promotes at most ``alpha`` of the candidates no better than live, decide. A failed gate,
+too few units, a missing judge, and the KL and ptx-perplexity gates always block. Gates measured without an interval (the KL at the end of PPO, the ptx perplexity
 change) are compared as points. A gate is stored as ``{"verdict", "value", "ci", "n",
 "threshold", "note"}`` in the round's metrics, under ``gates``.
 """
@@ -40,12 +44,13 @@ class Gate:
     n: int | None
     threshold: float
     note: str = ""
+    undecided: bool = False  # enough units, but the interval contains the threshold
 
     def to_dict(self) -> dict[str, Any]:
         """As stored in the round's metrics (NaN becomes None: plain JSON)."""
         ci = [json_number(x) for x in self.ci] if self.ci is not None else None
         return {"verdict": self.verdict, "value": json_number(self.value), "ci": ci, "n": self.n,
-                "threshold": self.threshold, "note": self.note}
+                "threshold": self.threshold, "note": self.note, "undecided": self.undecided}
 
 
 def interval_verdict(low: float, high: float, threshold: float, *, higher_is_better: bool = True) -> str:
@@ -64,8 +69,9 @@ def interval_gate(estimate: Estimate, threshold: float, min_n: int, unit: str, *
         return Gate(NOT_ENOUGH_EVIDENCE, estimate.value, ci, estimate.n, threshold,
                     f"held-out {unit}: {estimate.n}, need at least {min_n}")
     verdict = interval_verdict(estimate.low, estimate.high, threshold, higher_is_better=higher_is_better)
-    note = "" if verdict != NOT_ENOUGH_EVIDENCE else "the 95% interval contains the threshold"
-    return Gate(verdict, estimate.value, ci, estimate.n, threshold, note)
+    undecided = verdict == NOT_ENOUGH_EVIDENCE and not (math.isnan(estimate.low) or math.isnan(estimate.high))
+    note = "the 95% interval contains the threshold" if undecided else ""
+    return Gate(verdict, estimate.value, ci, estimate.n, threshold, note, undecided)
 
 
 def point_gate(value: float, maximum: float, *, n: int | None = None) -> Gate:
@@ -100,3 +106,15 @@ def reward_gain_gate(gain: Estimate, min_gain: float, min_prompts: int) -> Gate:
 def all_passed(gates: dict[str, dict[str, Any]]) -> bool:
     """True when every gate's verdict is 'passed' (and vacuously when there are none)."""
     return all(g["verdict"] == PASSED for g in gates.values())
+
+
+EVIDENCE_GATES = ("reward_model", "reward_model_vs_previous", "reward_gain")
+
+
+def auto_promotable(gates: dict[str, dict[str, Any]], *, users_settle_undecided: bool = True) -> bool:
+    """True when the users' Compare votes may promote the candidate (see the module docstring): every
+    gate passed, or, with `users_settle_undecided`, an evidence gate (EVIDENCE_GATES) is undecided."""
+    def ok(name: str, gate: dict[str, Any]) -> bool:
+        return gate["verdict"] == PASSED or (users_settle_undecided and name in EVIDENCE_GATES
+                                             and gate.get("undecided") is True)
+    return all(ok(name, gate) for name, gate in gates.items())

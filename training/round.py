@@ -16,8 +16,10 @@
 A reward-model gate that clearly fails stops the round before PPO. Any other verdict than
 "passed" (a failed candidate gate, or not enough evidence: too few held-out prompts or pairs, an
 interval straddling its threshold, no judge) still registers the candidate, for the operator to
-read and users to compare, but with ``gates_passed`` False, so it is never auto-promoted; its
-reward model is registered but not made live.
+read and users to compare, but with ``gates_passed`` False; its reward model is registered but not
+made live. Such a candidate is auto-promoted only when ``auto_promotable`` (training/gates.py): the
+only gates not passed are reward-model or judge gates that are undecided (enough held-out units,
+an interval straddling the threshold), and the users' Compare votes then pass the sequential test.
 
 The judge. PPO maximises the proxy reward model, so the proxy's own score of the candidate is
 biased upwards (Goodhart); the reward-gain gate is decided by a judge PPO did not optimise:
@@ -77,6 +79,7 @@ from training.gates import (
     FAILED,
     PASSED,
     all_passed,
+    auto_promotable,
     missing_gate,
     point_gate,
     reward_gain_gate,
@@ -147,6 +150,7 @@ class RoundConfig:
     min_reward_gain: float = _f(0.0, "Gate: the judge's reward of candidate minus live, paired per held-out prompt, must be above this (95% bootstrap interval).")
     max_ptx_ppl_increase: float = _f(0.1, "Gate: relative increase of the ptx perplexity (0.1 = +10%).")
     auto_promote: bool = _f(False, "Promote a candidate whose gates passed once its Compare votes vs live pass the sequential test.")
+    users_settle_undecided: bool = _f(True, "Auto-promotion when a reward-model or judge gate is undecided (enough held-out units, its 95% interval straddles the threshold): the users' Compare votes (the sequential test, still at promote_alpha) decide instead of it blocking. A failed gate, too few units, and the KL and ptx gates always block.")
     min_votes: int = _f(0, "Counted decisive Compare votes before auto-promotion is possible (the test is valid at any count).")
     promote_alpha: float = _f(0.05, "Chance of promoting a candidate no better than live, however often promotion is checked.")
     promote_min_voters: int = _f(5, "Distinct voters with a counted vote before auto-promotion is possible.")
@@ -407,6 +411,7 @@ class RoundRunner:
             self.metrics["skipped_rm_ppo"] = why
             self.metrics["gates"] = {}
             self.metrics["gates_passed"] = True  # no reward model yet: the Compare votes decide
+            self.metrics["auto_promotable"] = True
             self.sample_fixed_prompts(live.adapter_path, sft_dir)
             return self.register(policy=sft_dir, reward=None, live=live, sft=None)
 
@@ -711,6 +716,7 @@ class RoundRunner:
         gates["ptx_perplexity"] = point_gate(evaluation["ptx_ppl_increase"] if measured else float("nan"),
                                              c.max_ptx_ppl_increase).to_dict()
         self.metrics["gates_passed"] = all_passed(gates)
+        self.metrics["auto_promotable"] = auto_promotable(gates, users_settle_undecided=c.users_settle_undecided)
 
     def register(self, *, policy: Path, reward: Path | None, live: Any, sft: Path | None,
                  reference: str | None = None, promote_reward: bool = False) -> str:
@@ -745,7 +751,7 @@ class RoundRunner:
         shutil.rmtree(self.work, ignore_errors=True)
         self.step("report")  # books the registration's checks and moves; the commit itself takes milliseconds
         self.write_report("succeeded")
-        version_metrics = {k: self.metrics[k] for k in ("mode", "gates", "gates_passed", "evaluation", "reward_model",
+        version_metrics = {k: self.metrics[k] for k in ("mode", "gates", "gates_passed", "auto_promotable", "evaluation", "reward_model",
                                                         "judge", "sft") if k in self.metrics}
         if "ppo" in self.metrics:
             version_metrics["ppo"] = {k: v for k, v in self.metrics["ppo"].items() if k != "curve"}

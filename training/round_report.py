@@ -121,8 +121,10 @@ def _fmt(value: Any) -> str:
 
 GATES_NOTE = ("Each gate is *passed* when its whole 95% interval is on the good side of the threshold, *failed* "
               "when it is wholly on the bad side, and *not enough evidence* otherwise (the interval straddles the "
-              "threshold, too few held-out prompts or pairs, or no judge). Only a candidate whose gates all "
-              "passed can be auto-promoted. KL and ptx perplexity are single measurements (no interval).")
+              "threshold, too few held-out prompts or pairs, or no judge). A candidate can be auto-promoted by "
+              "users' Compare votes when every gate passed, or (auto_promotable, with users_settle_undecided) when "
+              "the only others are reward-model or judge gates whose interval straddles the threshold on enough "
+              "held-out units. KL and ptx perplexity are single measurements (no interval) and always decide.")
 
 
 def _gate_lines(gates: dict[str, dict[str, Any]]) -> list[str]:
@@ -160,7 +162,7 @@ def write_round_report(round_dir: Path, round_id: int, status: str, metrics: dic
     lines = [f"# Training round {round_id}: {escape_markdown_inline(status)}", "",
              escape_markdown_inline(str(metrics.get("reason", ""))), ""]
     lines += ["| | |", "|---|---|"]
-    for key in ("mode", "snapshot", "live_policy", "candidate", "gates_passed"):
+    for key in ("mode", "snapshot", "live_policy", "candidate", "gates_passed", "auto_promotable"):
         if key in metrics:
             lines.append(f"| {key} | {_fmt(metrics[key])} |")
     for title, key in (("Data", "data"), ("SFT", "sft"), ("Reward model", "reward_model"),
