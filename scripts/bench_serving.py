@@ -6,8 +6,12 @@ quoted as its median and range:
 
   (a) raw engine: C asyncio tasks stream requests straight through `engine.stream()`, for
       each engine in --engines (vLLM and transformers: the vllm/hf ratio).
-  (b) the app: `alignloop serve` as a subprocess (same engine kind, fresh database) and C
-      gradio_client users calling `/chat`; tokens come from the stored replies.
+  (b) the app: `alignloop serve` as a subprocess (same engine kind, fresh database) and C users
+      calling `/chat`, tokens counted from the stored replies, once per kind of client in
+      --app-clients: `gradio` (gradio_client, which rebuilds every streamed output in Python
+      threads) and `http` (a browser's share of the work: join the queue by fn_index and read the
+      event stream, tests/raw_gradio.py's protocol). The clients run on this machine's cores, beside
+      the server; a remote browser's do not, so the table shows each process's CPU seconds.
   (c) promotion under load: while C app users keep chatting (plus one probe user sending
       8-token requests back to back), two LoRA versions are registered and promoted one after
       the other from this process (the server polls the registry); counts failed requests and,
@@ -15,7 +19,9 @@ quoted as its median and range:
       time until its first token from the new version. The probe's TTFT is the floor under it.
 
 TTFT is the time until the first non-empty text; tokens/s is all completion tokens over the
-wall time of the phase. Replies are greedy (temperature 0 by default) and both sides sample
+wall time of the phase. CPU seconds per phase (psutil): `bench` is this process (the clients in
+(b), the engine's front end in (a)), `server` the app's process, `engine` every process below
+either of them (vLLM's engine core; the transformers engine runs inside its caller). Replies are greedy (temperature 0 by default) and both sides sample
 alike (the app's default --frequency-penalty 0.5 and --min-p 0.1, sent with every request), so
 (a) and (b) decode the same text for the same prompts.
 
@@ -42,6 +48,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -93,6 +100,7 @@ class BenchConfig:
     # request per event at a time unless told otherwise, which serialises /chat across users.
     app_concurrency: int | None = None
     repeats: int = 3  # interleaved rounds: raw engines and app measured A B A B ..., ratios per round
+    app_clients: tuple[str, ...] = ("gradio", "http")  # the kinds of client (b) is measured with, in turn
 
 
 @dataclass
@@ -114,6 +122,8 @@ class PhaseResult:
     results: list[RequestResult] = field(default_factory=list)
     wall_s: float = 0.0
     tokens: int = 0  # completion tokens of the whole phase
+    client: str = ""  # (b): the kind of client
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds during the phase: bench, server, engine
 
     @property
     def failed(self) -> int:
@@ -136,6 +146,38 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 def prompt_for(user: int, request: int) -> str:
     return PROMPTS[(user * 3 + request) % len(PROMPTS)]
+
+
+CPU_ROLES = ("bench", "server", "engine")
+
+
+def cpu_seconds(server_pid: int | None) -> dict[str, float]:
+    """User + system CPU seconds so far of this process, the server's, and every process below either
+    (see the module docstring); a process that exits meanwhile stops counting."""
+    import psutil
+
+    def used(proc: "psutil.Process") -> float:
+        try:
+            t = proc.cpu_times()
+            return t.user + t.system
+        except psutil.Error:
+            return 0.0
+
+    me = psutil.Process()
+    tops = [me] + ([psutil.Process(server_pid)] if server_pid else [])
+    below = []
+    for top in tops:
+        try:
+            below += top.children(recursive=True)
+        except psutil.Error:
+            pass
+    return {"bench": used(me), "server": used(tops[1]) if server_pid else 0.0,
+            "engine": sum(used(p) for p in {p.pid: p for p in below if p.pid != server_pid}.values())}
+
+
+def cpu_spent(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Per role, the CPU seconds between two `cpu_seconds` readings (a process that exited: never negative)."""
+    return {role: max(0.0, after[role] - before[role]) for role in CPU_ROLES}
 
 
 # -- (a) the raw engine --------------------------------------------------------------------------
@@ -165,9 +207,10 @@ def _sampling(cfg: BenchConfig) -> SamplingConfig:
                           frequency_penalty=cfg.frequency_penalty, min_p=cfg.min_p)
 
 
-async def bench_engine(engine, cfg: BenchConfig, name: str | None = None) -> PhaseResult:
+async def bench_engine(engine, cfg: BenchConfig, name: str | None = None, server_pid: int | None = None) -> PhaseResult:
     """C tasks, each streaming `requests_per_user` requests one after another through `engine.stream()`;
-    `name`: the --engines entry (default: the engine's own name)."""
+    `name`: the --engines entry (default: the engine's own name); `server_pid`: the idle app's, whose CPU
+    is counted too."""
     sampling = _sampling(cfg)
     phase = PhaseResult("(a) raw engine", name or engine.name)
 
@@ -184,9 +227,10 @@ async def bench_engine(engine, cfg: BenchConfig, name: str | None = None) -> Pha
             except Exception as exc:
                 result.error = f"{type(exc).__name__}: {exc}"
 
-    start = time.perf_counter()
+    cpu, start = cpu_seconds(server_pid), time.perf_counter()
     await asyncio.gather(*(user(u) for u in range(cfg.users)))
     phase.wall_s = time.perf_counter() - start
+    phase.cpu_s = cpu_spent(cpu, cpu_seconds(server_pid))
     phase.tokens = sum(r.tokens for r in phase.results)
     return phase
 
@@ -235,6 +279,86 @@ def chat_once(client, text: str, cfg: BenchConfig) -> RequestResult:
     return result
 
 
+class HttpChatClient:
+    """A browser's share of a `/chat` call: join the queue by fn_index with the Chat tab's inputs, read
+    the event stream, note when the first assistant text arrives. Nothing is rebuilt from the diffs
+    but the final output, which the server sends whole."""
+
+    def __init__(self, url: str) -> None:
+        import httpx
+
+        self.url = url.rstrip("/") + "/"
+        self.http = httpx.Client(timeout=300.0)
+        config = self.http.get(self.url + "config").raise_for_status().json()
+        components = {c["id"]: c for c in config["components"]}
+        dep = next(d for d in config["dependencies"] if d.get("api_name") == "chat")
+        self.fn_index, self.inputs = dep["id"], [components[i] for i in dep["inputs"]]
+
+    def data(self, text: str, cfg: BenchConfig) -> list:
+        """The /chat inputs in order: the message, an empty chat, no server-held states, no system
+        prompt, and the sliders by their labels."""
+        sliders = {"Temperature": cfg.temperature, "Top-p": 0.95, "Max new tokens": cfg.max_tokens,
+                   "Frequency penalty": cfg.frequency_penalty, "Min-p": cfg.min_p}
+        out, texts = [], 0
+        for c in self.inputs:
+            kind, label = c.get("type"), (c.get("props") or {}).get("label") or ""
+            if kind == "textbox":
+                out.append(text if texts == 0 else "")
+                texts += 1
+            elif kind == "chatbot":
+                out.append([])
+            elif kind == "slider":
+                out.append(next(v for name, v in sliders.items() if label.startswith(name)))
+            else:
+                out.append(None)
+        return out
+
+    def chat(self, text: str, cfg: BenchConfig) -> RequestResult:
+        """One `/chat` call in a new session (a fresh page), as `chat_once` with gradio_client."""
+        import json
+
+        result, session = RequestResult(time.perf_counter()), uuid.uuid4().hex[:11]
+        try:
+            join = self.http.post(self.url + "gradio_api/queue/join", json={
+                "data": self.data(text, cfg), "fn_index": self.fn_index, "session_hash": session, "trigger_id": None})
+            join.raise_for_status()
+            final = None
+            with self.http.stream("GET", self.url + "gradio_api/queue/data", params={"session_hash": session}) as events:
+                for line in events.iter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    message = json.loads(line[5:])
+                    kind = message.get("msg")
+                    if kind == "process_generating" and result.ttft_s is None and _has_text(message):
+                        result.ttft_s = time.perf_counter() - result.started
+                    elif kind == "process_completed":
+                        final = message
+                        break
+            if final is None or not final.get("success"):
+                result.error = str((final or {}).get("output", "the stream ended without a result"))[:200]
+            else:
+                data = final["output"]["data"]
+                status, reply = str(data[-1] or "").strip(), _assistant_text(data[1])
+                if status.startswith("⚠️") or reply.startswith("⚠️"):
+                    result.error = (status if status.startswith("⚠️") else reply)[:200]
+        except Exception as exc:
+            result.error = f"{type(exc).__name__}: {exc}"[:200]
+        return result
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def _has_text(message: dict) -> bool:
+    """Whether a streamed update carries assistant text: the chat (output 1) whole, or its diff ops."""
+    chat = (message.get("output") or {}).get("data", [None, None])[1]
+    if not isinstance(chat, list) or not chat:
+        return False
+    if isinstance(chat[0], dict):  # the whole chat (the first update)
+        return bool(_assistant_text(chat))
+    return any(isinstance(op, list) and len(op) == 3 and isinstance(op[2], str) and op[2] for op in chat)
+
+
 def _db_rows(db_path: Path, sql: str, params: tuple = ()) -> list[tuple]:
     conn = sqlite3.connect(db_path, timeout=30)
     try:
@@ -252,32 +376,41 @@ def _completion_tokens_since(db_path: Path, after_id: int) -> int:
                              "WHERE role = 'assistant' AND id > ?", (after_id,))[0][0]
 
 
-def make_clients(url: str, n: int) -> list:
-    """One gradio_client per simulated user (each is its own session, with its own chat state)."""
+def make_clients(url: str, n: int, kind: str = "gradio") -> list:
+    """One client per simulated user (each is its own session, with its own chat state): gradio_client's
+    `Client`, or (kind "http") `HttpChatClient`."""
+    if kind == "http":
+        return [HttpChatClient(url) for _ in range(n)]
     from gradio_client import Client
 
     return [Client(url, verbose=False) for _ in range(n)]
 
 
-def bench_app(server: ServerProcess, kind: str, clients: list, cfg: BenchConfig) -> PhaseResult:
+def app_chat(client, text: str, cfg: BenchConfig) -> RequestResult:
+    """One `/chat` call with either kind of client."""
+    return client.chat(text, cfg) if isinstance(client, HttpChatClient) else chat_once(client, text, cfg)
+
+
+def bench_app(server: ServerProcess, kind: str, clients: list, cfg: BenchConfig, client_kind: str = "gradio") -> PhaseResult:
     """C threads, one client each, `requests_per_user` `/chat` calls one after another."""
-    phase = PhaseResult("(b) app /chat", kind)
+    phase = PhaseResult("(b) app /chat", kind, client=client_kind)
     watermark = _last_message_id(server.db_path)
     lock = threading.Lock()
 
     def user(u: int) -> None:
         for j in range(cfg.requests_per_user):
-            result = chat_once(clients[u], prompt_for(u, j), cfg)
+            result = app_chat(clients[u], prompt_for(u, j), cfg)
             with lock:
                 phase.results.append(result)
 
-    start = time.perf_counter()
+    cpu, start = cpu_seconds(server.process.pid), time.perf_counter()
     threads = [threading.Thread(target=user, args=(u,)) for u in range(cfg.users)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     phase.wall_s = time.perf_counter() - start
+    phase.cpu_s = cpu_spent(cpu, cpu_seconds(server.process.pid))
     phase.tokens = _completion_tokens_since(server.db_path, watermark)
     return phase
 
@@ -380,7 +513,7 @@ def bench_promotion(server: ServerProcess, kind: str, model_path: Path, base_nam
                 if result.ttft_s is not None:
                     probe_ttft.append(result.ttft_s)
             else:
-                result = chat_once(clients[u], prompt_for(u, j), cfg)
+                result = app_chat(clients[u], prompt_for(u, j), cfg)
             j += 1
             with lock:
                 phase.results.append(result)
@@ -457,8 +590,8 @@ def ratios(rounds: list[list[PhaseResult]], top: Callable[[list[PhaseResult]], P
 
 
 def print_report(cfg: BenchConfig, rounds: list[list[PhaseResult]], promotion: PromotionResult | None) -> None:
-    header = f"{'round':<6}{'phase':<22}{'engine':<10}{'C':>3}{'reqs':>6}{'failed':>7}{'tokens':>8}{'wall s':>8}" \
-             f"{'tok/s':>8}{'TTFT p50':>10}{'TTFT p95':>10}"
+    header = f"{'round':<6}{'phase':<22}{'engine':<10}{'client':<8}{'C':>3}{'reqs':>6}{'failed':>7}{'tokens':>8}" \
+             f"{'wall s':>8}{'tok/s':>8}{'TTFT p50':>10}{'TTFT p95':>10}   CPU s: bench / server / engine"
     print()
     print(f"model={'tiny random' if cfg.tiny else cfg.model}  users={cfg.users}  "
           f"requests/user={cfg.requests_per_user}  max_tokens={cfg.max_tokens}  temperature={cfg.temperature}  "
@@ -469,25 +602,37 @@ def print_report(cfg: BenchConfig, rounds: list[list[PhaseResult]], promotion: P
     rows = [(str(i + 1), p) for i, phases in enumerate(rounds) for p in phases]
     rows += [("-", promotion.phase)] if promotion else []
     for r, p in rows:
-        print(f"{r:<6}{p.name:<22}{p.engine:<10}{cfg.users:>3}{len(p.results):>6}{p.failed:>7}{p.tokens:>8}"
-              f"{p.wall_s:>8.1f}{p.tokens_per_s:>8.1f}{_fmt(p.ttft(50)):>10}{_fmt(p.ttft(95)):>10}")
+        cpu = " / ".join(f"{p.cpu_s[role]:.1f}" for role in CPU_ROLES) if p.cpu_s else "-"
+        print(f"{r:<6}{p.name:<22}{p.engine:<10}{p.client or '-':<8}{cfg.users:>3}{len(p.results):>6}{p.failed:>7}"
+              f"{p.tokens:>8}{p.wall_s:>8.1f}{p.tokens_per_s:>8.1f}{_fmt(p.ttft(50)):>10}{_fmt(p.ttft(95)):>10}   {cpu}")
     print()
 
     def raw(kind: str) -> Callable[[list[PhaseResult]], PhaseResult | None]:
         return lambda phases: next((p for p in phases if p.name.startswith("(a)") and p.engine == kind), None)
 
-    def app(phases: list[PhaseResult]) -> PhaseResult | None:
-        return next((p for p in phases if p.name.startswith("(b)")), None)
+    def app(client: str) -> Callable[[list[PhaseResult]], PhaseResult | None]:
+        return lambda phases: next((p for p in phases if p.name.startswith("(b)") and p.client == client), None)
 
     app_kind = cfg.app_engine or cfg.engines[0]
-    app_raw = ratios(rounds, app, raw(app_kind))
-    if app_raw:
-        print(f"{f'app / raw tokens/s ({app_kind}), median [range]':<46}{median_range(app_raw)}   target >= 0.9: "
+    for client in cfg.app_clients:
+        app_raw = ratios(rounds, app(client), raw(app_kind))
+        if not app_raw:
+            continue
+        print(f"{f'app ({client} clients) / raw tokens/s ({app_kind})':<46}{median_range(app_raw)}   target >= 0.9: "
               f"{_verdict(statistics.median(app_raw) >= 0.9)}")
-        ttft = [a.ttft(50) - b.ttft(50) for phases in rounds if (a := app(phases)) and (b := raw(app_kind)(phases))
-                and a.ttft(50) is not None and b.ttft(50) is not None]
+        ttft = [a.ttft(50) - b.ttft(50) for phases in rounds if (a := app(client)(phases))
+                and (b := raw(app_kind)(phases)) and a.ttft(50) is not None and b.ttft(50) is not None]
         if ttft:
-            print(f"{f'app - raw TTFT p50 ({app_kind}), s':<46}{median_range(ttft)}")
+            print(f"{f'app ({client}) - raw TTFT p50 ({app_kind}), s':<46}{median_range(ttft)}")
+        per_k = {role: [1000 * a.cpu_s[role] / a.tokens for phases in rounds if (a := app(client)(phases)) and a.tokens]
+                 for role in CPU_ROLES}
+        if all(per_k.values()):
+            print(f"{f'  CPU s / 1k tokens ({client}), bench/server/engine':<50}"
+                  + " / ".join(f"{statistics.median(v):.2f}" for v in per_k.values()))
+    raw_k = [1000 * sum(b.cpu_s[role] for role in CPU_ROLES) / b.tokens for phases in rounds
+             if (b := raw(app_kind)(phases)) and b.cpu_s and b.tokens]
+    if raw_k:
+        print(f"{f'  CPU s / 1k tokens, raw {app_kind}, all processes':<50}{statistics.median(raw_k):.2f}")
     vllms = [e for e in cfg.engines if engine_kind(e)[0] == "vllm"]
     for name in vllms:
         vllm_hf = ratios(rounds, raw(name), raw("hf"))
@@ -538,7 +683,8 @@ def run(cfg: BenchConfig) -> None:
 
     loop = asyncio.new_event_loop()  # the raw engines live on this loop between their phases
     engines = {}
-    server = clients = None
+    server = None
+    clients: dict[str, list] = {}
     rounds: list[list[PhaseResult]] = []
     promotion = None
     try:
@@ -551,22 +697,25 @@ def run(cfg: BenchConfig) -> None:
             app_dir = workdir / "app"
             app_dir.mkdir()
             server = start_app(kind, model, app_dir, cfg)
-            clients = make_clients(server.url, cfg.users)
-            chat_once(clients[0], "Hi", cfg)  # untimed, as the engines' first request
+            clients = {how: make_clients(server.url, cfg.users, how) for how in cfg.app_clients}
+            for how in cfg.app_clients:
+                app_chat(clients[how][0], "Hi", cfg)  # untimed, as the engines' first request
         for r in range(0 if cfg.promotion_only else cfg.repeats):
             phases = []
             for name, engine in engines.items():
                 print(f"round {r + 1}/{cfg.repeats}: (a) raw {name}…", flush=True)
-                phases.append(loop.run_until_complete(bench_engine(engine, cfg, name)))
-            if server is not None:
-                print(f"round {r + 1}/{cfg.repeats}: (b) app…", flush=True)
-                phases.append(bench_app(server, kind, clients, cfg))
+                phases.append(loop.run_until_complete(
+                    bench_engine(engine, cfg, name, server.process.pid if server else None)))
+            for how in clients:
+                print(f"round {r + 1}/{cfg.repeats}: (b) app, {how} clients…", flush=True)
+                phases.append(bench_app(server, kind, clients[how], cfg, how))
             rounds.append(phases)
         if server is not None and not cfg.skip_promotion:
             print("(c) promotions under load…", flush=True)
-            promotion = bench_promotion(server, kind, model_path, base_name, clients, workdir / "app", cfg)
+            promotion = bench_promotion(server, kind, model_path, base_name, clients[cfg.app_clients[0]],
+                                        workdir / "app", cfg)
     finally:
-        for client in clients or []:
+        for client in (c for group in clients.values() for c in group):
             client.close()
         if server is not None:
             stop_server(server)
@@ -604,6 +753,9 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
                    help="EngineConfig.max_loras for every engine (`alignloop serve --max-loras`; default: its default).")
     p.add_argument("--app-concurrency", type=int, default=None,
                    help="Set GRADIO_DEFAULT_CONCURRENCY_LIMIT for the server (default: unset, Gradio's 1).")
+    p.add_argument("--app-clients", default=",".join(d.app_clients),
+                   help="Kinds of client (b) is measured with, in turn: gradio (gradio_client) and/or http (raw "
+                        "queue/join + event stream, a browser's share of the work); (c) uses the first.")
     p.add_argument("--repeats", type=int, default=d.repeats,
                    help="Interleaved rounds (raw engines, app, raw engines, app, ...); ratios are per round.")
     p.add_argument("--promotion-timeout", type=float, default=d.promotion_timeout_s,
@@ -615,6 +767,9 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
                 f"(EngineConfig.cpu_cores), e.g. 'vllm@auto,vllm@all,hf'; got {a.engines!r}.")
     if a.users < 1 or a.requests_per_user < 1 or a.max_tokens < 1 or a.repeats < 1 or a.promotions < 1:
         p.error("--users, --requests-per-user, --max-tokens, --repeats and --promotions must be at least 1.")
+    app_clients = tuple(c.strip() for c in a.app_clients.split(",") if c.strip())
+    if not app_clients or any(c not in ("gradio", "http") for c in app_clients) or len(set(app_clients)) < len(app_clients):
+        p.error(f"--app-clients takes gradio and/or http, e.g. 'gradio,http'; got {a.app_clients!r}.")
     if a.promotion_only and (a.skip_app or a.skip_promotion):
         p.error("--promotion-only runs (c), which needs the app: drop --skip-app / --skip-promotion.")
     return BenchConfig(model=a.model, tiny=a.tiny, users=a.users, requests_per_user=a.requests_per_user,
@@ -623,7 +778,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
                        app_engine=a.app_engine, skip_app=a.skip_app, skip_promotion=a.skip_promotion,
                        promotion_timeout_s=a.promotion_timeout, app_concurrency=a.app_concurrency,
                        repeats=a.repeats, promotion_only=a.promotion_only, promotions=a.promotions,
-                       max_loras=a.max_loras)
+                       max_loras=a.max_loras, app_clients=app_clients)
 
 
 if __name__ == "__main__":  # vLLM starts its engine process: keep it under the main guard
