@@ -237,6 +237,18 @@ def gold_win_rate(scores: list[float], baseline: list[float]) -> dict[str, Any]:
             "ci_low": low, "ci_high": high}
 
 
+def compare_gold(votes: list[Action], candidate: str) -> dict[str, Any]:
+    """The candidate's gold win rate in the users' own Compare pairs (their prompts, their sampling),
+    without the label noise: a win when g(candidate's reply) > g(the other's); plus the votes they cast.
+    What the promotion test sees, next to the held-out greedy figure."""
+    pairs = [(a.gold if a.versions[0] == candidate else a.gold[::-1]) for a in votes if a.gold is not None]
+    out = gold_win_rate([c for c, _ in pairs], [o for _, o in pairs])
+    voted = [a for a in votes if a.choice in ("A", "B")]
+    out["voted_for"] = sum(a.versions["AB".index(a.choice)] == candidate for a in voted)
+    out["voted_against"] = len(voted) - out["voted_for"]
+    return out
+
+
 def proxy_accuracy(proxy: list[list[float]], gold: list[list[float]]) -> dict[str, Any]:
     """Pairwise accuracy of the proxy reward model on gold-labelled pairs: for every prompt, every pair
     of its replies whose gold scores differ; correct when the proxy orders them the same way (a proxy
@@ -738,6 +750,7 @@ def one_round(cfg: BenchLoopConfig, server: ServerProcess, users: Users, evaluat
         "promotion_cli": promote_message, "signals": {**count_signals(actions),
                                                       "candidate_votes": len(candidate_votes)},
         "round_metrics": summary, "gold_win_rate": win, "proxy_accuracy": proxy,
+        "compare_gold": compare_gold(candidate_votes, candidate) if candidate else None,
         "mean_gold": {n: sum(s) / len(s) for n, s in evaluator.scores.items()
                       if n in (baseline, live_after, candidate)},
         "seconds": seconds,
@@ -756,6 +769,11 @@ def _rate(w: dict[str, Any] | None) -> str:
     return f"{w[key]:.0%} [{w['ci_low']:.0%}, {w['ci_high']:.0%}]"
 
 
+def _pairs(g: dict[str, Any] | None) -> str:
+    """The compare_gold cell: rate [interval] (votes for-against)."""
+    return "—" if not g else f"{_rate(g)} ({g['voted_for']}-{g['voted_against']})"
+
+
 def _num(value: Any, fmt: str = "{:.3g}") -> str:
     return fmt.format(value) if isinstance(value, (int, float)) and not math.isnan(value) else "—"
 
@@ -764,7 +782,8 @@ def table_lines(rows: list[dict[str, Any]]) -> list[str]:
     """The per-round table as Markdown. Row 0 (round 0) is judged against the bare base, later rows
     against the baseline (each row's ``gold_win_rate["against"]``)."""
     head = ("| round | status | chat | 👍/👎 | compare (cand.) | rank | demos | votes | proxy RM acc. | "
-            "cand. gold win vs baseline | live gold win vs baseline | KL to SFT (max) | ptx ppl (Δ) | promoted | "
+            "cand. gold win vs baseline | cand. gold win in users' Compare pairs (votes for-against) | "
+            "live gold win vs baseline | KL to SFT (max) | ptx ppl (Δ) | promoted | "
             "seconds: users / round / compare / promote / eval |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -779,7 +798,8 @@ def table_lines(rows: list[dict[str, Any]]) -> list[str]:
         lines.append(
             f"| {r['round']} (#{r['round_id']}) | {status} | {s['chat_turns']} | {s['thumbs_up']}/{s['thumbs_down']} "
             f"| {s['compare_votes']} ({s['candidate_votes']}) | {s['rankings']} | {s['demonstrations']} | {s['votes']} "
-            f"| {proxy_text} | {_rate(r['gold_win_rate'].get('candidate'))} | {_rate(r['gold_win_rate']['live'])} "
+            f"| {proxy_text} | {_rate(r['gold_win_rate'].get('candidate'))} | {_pairs(r.get('compare_gold'))} "
+            f"| {_rate(r['gold_win_rate']['live'])} "
             f"| {_num(m.get('kl_to_sft'))} ({_num(m.get('max_kl'))}) | {ppl} | {r['promoted'] or 'no'} | {secs} |")
     return lines
 

@@ -108,6 +108,7 @@ class Action:
     chat_turns: int = 0
     versions: tuple[str, str] | None = None  # Compare: (version of A, version of B)
     choice: str | None = None  # Compare: A, B or tie
+    gold: tuple[float, float] | None = None  # Compare: the gold scores of A and B (None: identical texts)
 
 
 @dataclass
@@ -187,14 +188,17 @@ class SimulatedUser:
         """Two anonymous replies side by side; vote for the preferred one (Tie when the texts are identical)."""
         outputs = self.client.predict(prompt, *self.sampling, api_name="/compare")
         a, b = str(outputs[0]), str(outputs[1])
+        gold = None
         if a.strip() == b.strip():
             choice = "tie"
         else:
             score_a, score_b = gold_scores(self.gold, [prompt, prompt], [a, b])
             choice = "A" if self.noise.prefers_first(score_a, score_b, self.rng) else "B"
+            gold = (score_a, score_b)
         reveal = self.client.predict(api_name=f"/vote_{choice}")
         reveal = reveal if isinstance(reveal, str) else next(o for o in reveal if isinstance(o, str))
-        return Action("compare", self.name, prompt, compare_votes=1, versions=parse_reveal(reveal), choice=choice)
+        return Action("compare", self.name, prompt, compare_votes=1, versions=parse_reveal(reveal), choice=choice,
+                      gold=gold)
 
 
 def _text(message: Any) -> str:

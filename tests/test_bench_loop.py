@@ -19,6 +19,7 @@ from feedback_db import FeedbackStore, ModelRegistry
 from scripts.bench_loop import (
     BenchLoopConfig,
     check_options,
+    compare_gold,
     gold_win_rate,
     load_gold,
     new_round_summary,
@@ -37,6 +38,7 @@ from scripts.gold_preferences import (
     rule_reasons,
 )
 from scripts.simulated_users import (
+    Action,
     NoiseModel,
     SimulatedUser,
     mix_weights,
@@ -151,6 +153,21 @@ def test_gold_win_rate_counts_ties_apart_with_a_wilson_interval() -> None:
     assert (result["wins"], result["losses"], result["ties"]) == (3, 1, 1)
     assert result["rate"] == 0.75
     assert result["ci_low"] == pytest.approx(0.3006, abs=1e-3) and result["ci_high"] == pytest.approx(0.9544, abs=1e-3)
+
+
+def test_compare_gold_judges_the_candidates_side_of_each_users_pair() -> None:
+    def vote(versions: tuple[str, str], choice: str, gold: tuple[float, float] | None) -> Action:
+        return Action("compare", "u", "p", compare_votes=1, versions=versions, choice=choice, gold=gold)
+
+    votes = [vote(("cand", "live"), "A", (2.0, 1.0)),   # gold: win; voted for
+             vote(("live", "cand"), "A", (3.0, 1.0)),   # candidate is B, gold 1 < 3: loss; voted against
+             vote(("live", "cand"), "A", (1.0, 2.0)),   # gold: win (label noise voted against it)
+             vote(("cand", "live"), "B", (1.0, 1.0)),   # gold tie
+             vote(("cand", "live"), "tie", None)]       # identical texts: no gold pair, no vote
+    result = compare_gold(votes, "cand")
+    assert (result["wins"], result["losses"], result["ties"]) == (2, 1, 1)
+    assert (result["voted_for"], result["voted_against"]) == (1, 3)
+    assert compare_gold([], "cand")["rate"] is None
 
 
 def test_proxy_accuracy_on_gold_distinct_pairs_only() -> None:
@@ -274,6 +291,8 @@ def test_tiny_benchmark_runs_every_step_end_to_end(tmp_path: Path) -> None:
         assert signals["thumbs_up"] + signals["thumbs_down"] > 0 and signals["candidate_votes"] > 0
         assert row["proxy_accuracy"] is not None  # the round's reward adapter was loaded and scored
         assert {"live", "candidate"} <= set(row["gold_win_rate"])
+        pairs = row["compare_gold"]  # the candidate's gold side of the users' own Compare pairs
+        assert pairs["voted_for"] + pairs["voted_against"] > 0 and pairs["wins"] + pairs["losses"] + pairs["ties"] > 0
         assert row["round_metrics"]["kl_to_sft"] is not None and row["round_metrics"]["ptx_ppl_after"] is not None
         assert "promot" in row["promotion_cli"] and row["live_after"]
         assert set(row["seconds"]) == {"users", "round", "compare", "promote", "evaluate"}
