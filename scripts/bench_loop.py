@@ -810,7 +810,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 def plot_win_rates(rows: list[dict[str, Any]], path: Path) -> None:
     """Gold win rate against the baseline (95% Wilson intervals) over the feedback votes collected so
-    far; round 0 (against the bare base) as its own marker at 0 votes."""
+    far, greedy on held-out prompts, and in the users' own Compare pairs (against live, as sampled for
+    them); round 0 (against the bare base) as its own marker at 0 votes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -829,13 +830,16 @@ def plot_win_rates(rows: list[dict[str, Any]], path: Path) -> None:
     for key, style in (("candidate", "o-"), ("live", "s--")):
         errorbar([(r["cumulative_votes"], r["gold_win_rate"][key]) for r in users_rows
                   if r["gold_win_rate"].get(key) and r["gold_win_rate"][key]["rate"] is not None],
-                 style, f"{key} vs {baseline}")
+                 style, f"{key} vs {baseline} (greedy, held-out prompts)")
+    errorbar([(r["cumulative_votes"], r["compare_gold"]) for r in users_rows
+              if r.get("compare_gold") and r["compare_gold"]["rate"] is not None],
+             "^:", "candidate vs live in the users' Compare pairs (their sampling)")
     zero = [r for r in rows if r["round"] == 0 and r["gold_win_rate"]["live"]["rate"] is not None]
     errorbar([(0, r["gold_win_rate"]["live"]) for r in zero], "D", "round 0 vs bare base (starter set)")
     ax.axhline(0.5, color="grey", linestyle=":")
     ax.set_ylim(0, 1)
     ax.set_xlabel("feedback votes so far (thumbs + Compare + rankings + demonstrations)")
-    ax.set_ylabel("gold win rate vs baseline")
+    ax.set_ylabel("gold win rate")
     ax.set_title("Simulated users, real app: gold win rate per round (95% Wilson)")
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
