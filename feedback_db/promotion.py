@@ -2,10 +2,11 @@
 
 A policy candidate goes live when its round allows it (metric ``auto_promotable``: every gate
 passed, or the only ones not passed are evidence gates whose intervals could not decide; candidates
-of older rounds have only ``gates_passed``) and its Compare votes against the live version pass the always-valid test of ``sequential_testing.py``
-(a one-sided mixture likelihood ratio reaching 1/alpha, with at least ``min_voters`` voters and
-each voter's weight capped). Calling it after every vote, from the server or from cron, keeps the
-chance of promoting a candidate no better than live at most alpha.
+of older rounds have only ``gates_passed``) and its Compare votes against the live version pass
+the always-valid test of ``sequential_testing.py`` (a one-sided mixture likelihood ratio reaching
+1/alpha, with at least ``min_voters`` voters and each voter's weight capped). Calling it after
+every vote, from the server or from cron, keeps the chance of promoting a candidate no better than
+live at most alpha.
 """
 
 from __future__ import annotations

@@ -21,9 +21,11 @@ quoted as its median and range:
 TTFT is the time until the first non-empty text; tokens/s is all completion tokens over the
 wall time of the phase. CPU seconds per phase (psutil): `bench` is this process (the clients in
 (b), the engine's front end in (a)), `server` the app's process, `engine` every process below
-either of them (vLLM's engine core; the transformers engine runs inside its caller). Replies are greedy (temperature 0 by default) and both sides sample
-alike (the app's default --frequency-penalty 0.5 and --min-p 0.1, sent with every request), so
-(a) and (b) decode the same text for the same prompts.
+either of them (vLLM's engine core; the transformers engine runs inside its caller).
+
+Replies are greedy (temperature 0 by default) and both sides sample alike (the app's default
+--frequency-penalty 0.5 and --min-p 0.1, sent with every request), so (a) and (b) decode the same
+text for the same prompts.
 
     python scripts/bench_serving.py --tiny                       # smoke run, tiny random model
     python scripts/bench_serving.py -c 8 --requests-per-user 2   # the embedded Gemma 3 270M
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import re
 import sqlite3
@@ -315,8 +318,6 @@ class HttpChatClient:
 
     def chat(self, text: str, cfg: BenchConfig) -> RequestResult:
         """One `/chat` call in a new session (a fresh page), as `chat_once` with gradio_client."""
-        import json
-
         result, session = RequestResult(time.perf_counter()), uuid.uuid4().hex[:11]
         try:
             join = self.http.post(self.url + "gradio_api/queue/join", json={

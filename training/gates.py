@@ -15,9 +15,11 @@ the evidence gates (``auto_promotable``): when a reward model's accuracy or the 
 gain was measured on enough held-out units but its interval straddles the threshold
 (``undecided``), the offline evidence cannot tell, and the users' Compare votes, the sequential
 test that promotes at most ``alpha`` of the candidates no better than live, decide. A failed gate,
-too few units, a missing judge, and the KL and ptx-perplexity gates always block. Gates measured without an interval (the KL at the end of PPO, the ptx perplexity
-change) are compared as points. A gate is stored as ``{"verdict", "value", "ci", "n",
-"threshold", "note"}`` in the round's metrics, under ``gates``.
+too few units, a missing judge, and the KL and ptx-perplexity gates always block.
+
+Gates measured without an interval (the KL at the end of PPO, the ptx perplexity change) are
+compared as points. A gate is stored as ``{"verdict", "value", "ci", "n",
+"threshold", "note", "undecided"}`` in the round's metrics, under ``gates``.
 """
 
 from __future__ import annotations
@@ -70,7 +72,8 @@ def interval_gate(estimate: Estimate, threshold: float, min_n: int, unit: str, *
                     f"held-out {unit}: {estimate.n}, need at least {min_n}")
     verdict = interval_verdict(estimate.low, estimate.high, threshold, higher_is_better=higher_is_better)
     undecided = verdict == NOT_ENOUGH_EVIDENCE and not (math.isnan(estimate.low) or math.isnan(estimate.high))
-    note = "the 95% interval contains the threshold" if undecided else ""
+    note = ("the 95% interval contains the threshold" if undecided else
+            "no interval could be computed" if verdict == NOT_ENOUGH_EVIDENCE else "")
     return Gate(verdict, estimate.value, ci, estimate.n, threshold, note, undecided)
 
 
