@@ -10,7 +10,7 @@ quoted as its median and range:
       calling `/chat`, tokens counted from the stored replies, once per kind of client in
       --app-clients: `gradio` (gradio_client, which rebuilds every streamed output in Python
       threads) and `http` (a browser's share of the work: join the queue by fn_index and read the
-      event stream, tests/raw_gradio.py's protocol). The clients run on this machine's cores, beside
+      event stream, scripts/raw_gradio.py). The clients run on this machine's cores, beside
       the server; a remote browser's do not, so the table shows each process's CPU seconds.
   (c) promotion under load: while C app users keep chatting (plus one probe user sending
       8-token requests back to back), two LoRA versions are registered and promoted one after
@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import re
 import sqlite3
@@ -51,7 +50,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -60,6 +58,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from chat_app.engines import EngineConfig, SamplingConfig, create_engine  # noqa: E402
+from scripts.raw_gradio import RawGradio  # noqa: E402
 from scripts.server_process import ServerProcess, start_server, stop_server  # noqa: E402
 from feedback_db import FeedbackStore, ModelRegistry, ModelVersion  # noqa: E402
 
@@ -271,12 +270,7 @@ def chat_once(client, text: str, cfg: BenchConfig) -> RequestResult:
         for output in job:
             if result.ttft_s is None and _assistant_text(output[1]):
                 result.ttft_s = time.perf_counter() - result.started
-        final = job.result(timeout=300)
-        status, reply = (final[-1] or "").strip(), _assistant_text(final[1])
-        # The service's error text (engine_failure_message) starts with ⚠️; other status lines are notes
-        # (a reply cut at the token limit, old turns left out of the context).
-        if status.startswith("⚠️") or reply.startswith("⚠️"):
-            result.error = (status if status.startswith("⚠️") else reply)[:200]
+        result.error = reply_error(job.result(timeout=300))
     except Exception as exc:
         result.error = f"{type(exc).__name__}: {exc}"[:200]
     return result
@@ -284,18 +278,13 @@ def chat_once(client, text: str, cfg: BenchConfig) -> RequestResult:
 
 class HttpChatClient:
     """A browser's share of a `/chat` call: join the queue by fn_index with the Chat tab's inputs, read
-    the event stream, note when the first assistant text arrives. Nothing is rebuilt from the diffs
-    but the final output, which the server sends whole."""
+    the event stream (scripts/raw_gradio.py), note when the first assistant text arrives. Nothing is
+    rebuilt from the diffs but the final output, which the server sends whole."""
 
     def __init__(self, url: str) -> None:
-        import httpx
-
-        self.url = url.rstrip("/") + "/"
-        self.http = httpx.Client(timeout=300.0)
-        config = self.http.get(self.url + "config").raise_for_status().json()
-        components = {c["id"]: c for c in config["components"]}
-        dep = next(d for d in config["dependencies"] if d.get("api_name") == "chat")
-        self.fn_index, self.inputs = dep["id"], [components[i] for i in dep["inputs"]]
+        self.raw = RawGradio(url, timeout=300.0)
+        self.fn_index = self.raw.fn_index("chat")
+        self.inputs = self.raw.inputs_of(self.fn_index)
 
     def data(self, text: str, cfg: BenchConfig) -> list:
         """The /chat inputs in order: the message, an empty chat, no server-held states, no system
@@ -318,36 +307,33 @@ class HttpChatClient:
 
     def chat(self, text: str, cfg: BenchConfig) -> RequestResult:
         """One `/chat` call in a new session (a fresh page), as `chat_once` with gradio_client."""
-        result, session = RequestResult(time.perf_counter()), uuid.uuid4().hex[:11]
+        result = RequestResult(time.perf_counter())
+
+        def first_text(message: dict) -> None:
+            if result.ttft_s is None and message.get("msg") == "process_generating" and _has_text(message):
+                result.ttft_s = time.perf_counter() - result.started
+
         try:
-            join = self.http.post(self.url + "gradio_api/queue/join", json={
-                "data": self.data(text, cfg), "fn_index": self.fn_index, "session_hash": session, "trigger_id": None})
-            join.raise_for_status()
-            final = None
-            with self.http.stream("GET", self.url + "gradio_api/queue/data", params={"session_hash": session}) as events:
-                for line in events.iter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    message = json.loads(line[5:])
-                    kind = message.get("msg")
-                    if kind == "process_generating" and result.ttft_s is None and _has_text(message):
-                        result.ttft_s = time.perf_counter() - result.started
-                    elif kind == "process_completed":
-                        final = message
-                        break
-            if final is None or not final.get("success"):
-                result.error = str((final or {}).get("output", "the stream ended without a result"))[:200]
-            else:
-                data = final["output"]["data"]
-                status, reply = str(data[-1] or "").strip(), _assistant_text(data[1])
-                if status.startswith("⚠️") or reply.startswith("⚠️"):
-                    result.error = (status if status.startswith("⚠️") else reply)[:200]
+            outcome = self.raw.call(self.fn_index, self.data(text, cfg), RawGradio.new_session(),
+                                    on_message=first_text)
+            result.error = (reply_error(outcome.data) if outcome.success
+                            else (outcome.error or "the call failed")[:200])
         except Exception as exc:
             result.error = f"{type(exc).__name__}: {exc}"[:200]
         return result
 
     def close(self) -> None:
-        self.http.close()
+        self.raw.close()
+
+
+def reply_error(outputs: list) -> str | None:
+    """The error a finished `/chat` shows, if any: the service's error text (engine_failure_message)
+    starts with ⚠️, in the status line (the last output) or the reply; other status lines are notes
+    (a reply cut at the token limit, old turns left out of the context)."""
+    status, reply = str(outputs[-1] or "").strip(), _assistant_text(outputs[1])
+    if status.startswith("⚠️") or reply.startswith("⚠️"):
+        return (status if status.startswith("⚠️") else reply)[:200]
+    return None
 
 
 def _has_text(message: dict) -> bool:

@@ -12,7 +12,7 @@ import httpx
 
 from feedback_db import FeedbackStore, StoreConfig
 from tests.app_server import count_rows
-from tests.raw_gradio import RawGradio
+from scripts.raw_gradio import RawGradio
 
 SAMPLING = ["", 0.0, 0.95, 8, 1.0, 0.1]  # system prompt, temperature, top-p, max new tokens, frequency penalty, min-p
 

@@ -1,4 +1,4 @@
-"""The live server attacked as a stranger would: raw HTTP by `fn_index` (tests/raw_gradio.py), forged
+"""The live server attacked as a stranger would: raw HTTP by `fn_index` (scripts/raw_gradio.py), forged
 and replayed identities, every handler called from a session that never loaded the page, and a
 restart (identities and conversations survive it)."""
 
@@ -11,7 +11,7 @@ import pytest
 
 from scripts.server_process import start_server
 from tests.app_server import count_rows, start_test_server, stop_server
-from tests.raw_gradio import RawGradio
+from scripts.raw_gradio import RawGradio
 
 SAMPLING = ["", 0.0, 0.95, 8, 1.0, 0.1]  # system prompt, temperature, top-p, max new tokens, frequency penalty, min-p
 # A refusal names what to do; an exception that escaped a handler shows up as one of these.

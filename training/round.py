@@ -751,8 +751,8 @@ class RoundRunner:
         shutil.rmtree(self.work, ignore_errors=True)
         self.step("report")  # books the registration's checks and moves; the commit itself takes milliseconds
         self.write_report("succeeded")
-        version_metrics = {k: self.metrics[k] for k in ("mode", "gates", "gates_passed", "auto_promotable", "evaluation", "reward_model",
-                                                        "judge", "sft") if k in self.metrics}
+        version_metrics = {k: self.metrics[k] for k in ("mode", "gates", "gates_passed", "auto_promotable", "evaluation",
+                                                        "reward_model", "judge", "sft") if k in self.metrics}
         if "ppo" in self.metrics:
             version_metrics["ppo"] = {k: v for k, v in self.metrics["ppo"].items() if k != "curve"}
             version_metrics["reference_adapter"] = reference or ""

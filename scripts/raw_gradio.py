@@ -1,10 +1,11 @@
-"""Calling a Gradio app the way a stranger can: raw HTTP to `/gradio_api/queue/join` by `fn_index`,
+"""Calling a Gradio app the way a stranger (or a browser) can: raw HTTP to `/gradio_api/queue/join` by `fn_index`,
 with any data, from any session, for every handler (including those with `api_name=False`)."""
 
 from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,8 +55,10 @@ class RawGradio:
         dep = next(d for d in self.dependencies if d["id"] == fn_index)
         return [self.components[i] for i in dep["inputs"]]
 
-    def call(self, fn_index: int, data: list[Any], session: str, *, event_data: Any = None) -> Outcome:
-        """Join the queue with `data` for `fn_index` in `session`, and read the stream to its end."""
+    def call(self, fn_index: int, data: list[Any], session: str, *, event_data: Any = None,
+             on_message: Callable[[dict], None] | None = None) -> Outcome:
+        """Join the queue with `data` for `fn_index` in `session`, and read the stream to its end;
+        `on_message` sees every event as it arrives (e.g. to time the first streamed text)."""
         join = self.http.post(self.url + "gradio_api/queue/join",
                               json={"data": data, "fn_index": fn_index, "session_hash": session,
                                     "trigger_id": None, "event_data": event_data})
@@ -67,6 +70,8 @@ class RawGradio:
                 if not line.startswith("data:"):
                     continue
                 message = json.loads(line[5:])
+                if on_message is not None:
+                    on_message(message)
                 if message.get("msg") == "process_completed":
                     last = message
                     break
