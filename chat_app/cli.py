@@ -10,6 +10,7 @@ import typer
 from chat_app.engines.config import EngineConfig
 from feedback_db.cli import app as db_app
 from training.cli import SAMPLER_FACTORY_KEY, models_app, train_app
+from training.sampling import APP_SAMPLING
 
 
 def rollout_sampler_factory(cfg, context):  # noqa: ANN001, ANN201 - training.rollout's SamplerFactory
@@ -79,8 +80,8 @@ def serve(
     new_ids_per_hour: NewIdsOpt = 60,
     max_input_chars: MaxInputOpt = 4000,
     max_new_tokens: MaxNewTokensOpt = 256,
-    frequency_penalty: FrequencyOpt = 0.5,
-    min_p: MinPOpt = 0.1,
+    frequency_penalty: FrequencyOpt = APP_SAMPLING.frequency_penalty,
+    min_p: MinPOpt = APP_SAMPLING.min_p,
     rounds_dir: RoundsDirOpt = None,
     auto_promote_after: AutoPromoteOpt = 0,
     promote_alpha: PromoteAlphaOpt = 0.05,

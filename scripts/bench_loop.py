@@ -40,13 +40,17 @@ Then rounds 1..N, each:
   4. promote: the server's own rule on every vote (`--auto-promote-after`: the sequential test of
      feedback_db/sequential_testing.py, >= 5 distinct voters, each voter's first 20 votes counted),
      then one `alignloop round --promote-only` (whatever rule the CLI has now);
-  5. evaluate, offline and deterministic: greedy replies (training.round.greedy_replies, the
-     transformers stack the round evaluates with) of the baseline, live and candidate on held-out
-     prompts no user ever sent and no starter-set row contains (round 0 trained on those); the gold
-     scorer judges candidate vs baseline and live vs baseline (win rate over decisive prompts, 95%
-     Wilson interval; ties reported apart); the round's registered reward adapter (the proxy) is
-     scored on the same replies: its accuracy on the gold-labelled pairs among them. KL to SFT and
-     ptx perplexity come from the round's metrics in the registry.
+  5. evaluate, offline and seeded: replies of the baseline, live and candidate on held-out prompts no
+     user ever sent and no starter-set row contains (round 0 trained on those), drawn as a user of
+     the app gets them by default (--eval-sampling app: training.sampling.APP_SAMPLING, the app's
+     temperature, top-p, min-p and frequency penalty, --eval-samples per prompt; or greedy), with
+     training.evaluation.policy_replies (the transformers stack the round evaluates with); the gold
+     scorer judges candidate vs baseline and live vs baseline (win rate over decisive pairs, reply i
+     against reply i; 95% interval: Wilson with one reply per prompt, else a bootstrap over prompts;
+     ties reported apart); the round's registered reward adapter (the proxy) is scored on the same
+     replies: its accuracy on the gold-labelled pairs among them. KL to SFT and ptx perplexity come
+     from the round's metrics in the registry. Beside it, the candidate's gold win rate in the
+     users' own Compare pairs (their prompts, as sampled for them, without label noise).
 
 The table's row 0 (with --baseline round0) is round 0 itself: no users, its wall time, and its
 policy's gold win rate against the bare base (what the starter set bought); rows 1..N show the
@@ -83,6 +87,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -100,7 +106,9 @@ from scripts.simulated_users import (  # noqa: E402
     plan_actions,
 )
 from training.config import _f  # noqa: E402
+from training.evaluation import BOOTSTRAP_RESAMPLES  # noqa: E402
 from training.round import heldout_bucket, starter_rows  # noqa: E402
+from training.sampling import APP_SAMPLING, GREEDY, ReplySampling  # noqa: E402
 
 # Round settings small enough for the tiny model on two CPU cores, with gates any candidate passes
 # (--tiny checks that every step runs, not the numbers). Round 0 runs with them too: SFT on the 301
@@ -124,7 +132,7 @@ class BenchLoopConfig:
     out: str = _f("runs/bench-loop", "A folder for everything this run writes (the database, logs, results).")
     base_model: str = _f("default", "Base model of the app and the rounds: 'default' (embedded Gemma 3 270M), a folder or an HF id.")
     engine: str = _f("auto", "The app's engine: auto (vLLM when importable) | vllm | hf.")
-    device: str = _f("auto", "Device of the offline evaluation (greedy replies, proxy and gold reward models).")
+    device: str = _f("auto", "Device of the offline evaluation (replies, proxy and gold reward models).")
     gold: str = _f("scripts.gold_preferences:rule_gold", "The hidden preference: package.module:function(prompt, reply) -> float.")
     null: bool = _f(False, "Users without a preference: every vote, thumb and ranking a coin flip (must promote nothing).")
     noise_temperature: float = _f(0.5, "Bradley–Terry temperature T in gold units: P(A over B) = sigmoid((g(A) - g(B)) / T).")
@@ -146,7 +154,9 @@ class BenchLoopConfig:
     top_p: float = _f(SamplingConfig.top_p, "The app's top-p, as users set it (default: the app's).")
     eval_prompts: int = _f(64, "Held-out prompts (never sent by a user) for the gold win rates and the proxy's accuracy.")
     eval_fraction: float = _f(0.5, "Share of the prompt pool (by hash) kept away from the users for evaluation (starter-set prompts never are: round 0 trained on them).")
-    eval_max_new_tokens: int = _f(64, "Longest greedy reply in the offline evaluation.")
+    eval_max_new_tokens: int = _f(64, "Longest reply in the offline evaluation.")
+    eval_sampling: str = _f("app", "How the offline evaluation draws replies: app (what a user of the app gets by default: training.sampling.APP_SAMPLING, --eval-samples per prompt) | greedy (one per prompt).")
+    eval_samples: int = _f(4, "Replies per held-out prompt and version with --eval-sampling app (paired sample by sample; the interval resamples prompts).")
     round_set: list = _f([], "`alignloop round --set` overrides for every round, e.g. ppo.iterations=16 (repeatable).")
     seed_starter: bool = _f(False, "With --baseline base: let the first users' round import the starter set (its preferences are not the gold's).")
     budget_minutes: float = _f(180.0, "Stop before a round that would end after this much wall time (a running round is stopped at it).")
@@ -170,7 +180,7 @@ def apply_tiny(cfg: BenchLoopConfig) -> BenchLoopConfig:
     return dataclasses.replace(
         cfg, base_model=str(model), engine="hf", device="cpu",
         rounds=2, users=2, actions=5, actions_during_round=1, best_of=2, rank_k=3, compare_votes=3,
-        auto_promote_after=3, max_new_tokens=8, eval_prompts=6, eval_max_new_tokens=8, budget_minutes=8.0,
+        auto_promote_after=3, max_new_tokens=8, eval_prompts=6, eval_max_new_tokens=8, eval_samples=2, budget_minutes=8.0,
         round_set=TINY_ROUND_SET + ["device=cpu"] + list(cfg.round_set))
 
 
@@ -223,26 +233,41 @@ def split_prompts(prompts: list[str], eval_fraction: float, eval_n: int,
 # --------------------------------------------------------------------------- #
 
 
-def gold_win_rate(scores: list[float], baseline: list[float]) -> dict[str, Any]:
-    """Gold-judged head-to-head on the same prompts: a win when g(reply) > g(baseline reply).
+def gold_win_rate(scores: list[list[float]], baseline: list[list[float]]) -> dict[str, Any]:
+    """Gold-judged head-to-head on the same prompts: a win when g(reply) > g(baseline reply), reply i of a
+    prompt against the baseline's reply i (``scores[p][i]`` vs ``baseline[p][i]``).
 
-    rate = wins / (wins + losses), with the 95% Wilson interval (feedback_db.wilson_interval, the
-    same statistic as the app's Compare win rate); ties count for neither side and are reported.
+    rate = wins / (wins + losses); ties count for neither side and are reported. The 95% interval: with one
+    pair per prompt, Wilson's (feedback_db.wilson_interval, the same statistic as the app's Compare win
+    rate); with several, a percentile bootstrap that resamples prompts (the pairs of one prompt are not
+    independent, so counting them as such would give too narrow an interval).
     """
-    wins = sum(a > b for a, b in zip(scores, baseline))
-    losses = sum(a < b for a, b in zip(scores, baseline))
-    n = wins + losses
-    low, high = wilson_interval(wins, n) if n else (None, None)
-    return {"wins": wins, "losses": losses, "ties": len(scores) - n, "rate": wins / n if n else None,
-            "ci_low": low, "ci_high": high}
+    pairs = [[(a > b) - (a < b) for a, b in zip(row, base)] for row, base in zip(scores, baseline)]
+    wins = np.array([sum(x > 0 for x in row) for row in pairs], dtype=np.float64)
+    decisive = np.array([sum(x != 0 for x in row) for row in pairs], dtype=np.float64)
+    n = int(decisive.sum())
+    out: dict[str, Any] = {"wins": int(wins.sum()), "losses": n - int(wins.sum()),
+                           "ties": sum(len(row) for row in pairs) - n, "rate": wins.sum() / n if n else None,
+                           "ci_low": None, "ci_high": None, "prompts": len(pairs)}
+    if not n:
+        return out
+    if all(len(row) == 1 for row in pairs):
+        out["ci_low"], out["ci_high"] = wilson_interval(out["wins"], n)
+        return out
+    idx = np.random.default_rng(0).integers(0, len(pairs), size=(BOOTSTRAP_RESAMPLES, len(pairs)))
+    w, d = wins[idx].sum(axis=1), decisive[idx].sum(axis=1)
+    rates = w[d > 0] / d[d > 0]
+    out["ci_low"], out["ci_high"] = (float(q) for q in np.quantile(rates, [0.025, 0.975]))
+    out["interval"] = "bootstrap over prompts"
+    return out
 
 
 def compare_gold(votes: list[Action], candidate: str) -> dict[str, Any]:
     """The candidate's gold win rate in the users' own Compare pairs (their prompts, their sampling),
     without the label noise: a win when g(candidate's reply) > g(the other's); plus the votes they cast.
-    What the promotion test sees, next to the held-out greedy figure."""
+    What the promotion test sees, next to the held-out figure."""
     pairs = [(a.gold if a.versions[0] == candidate else a.gold[::-1]) for a in votes if a.gold is not None]
-    out = gold_win_rate([c for c, _ in pairs], [o for _, o in pairs])
+    out = gold_win_rate([[c] for c, _ in pairs], [[o] for _, o in pairs])
     voted = [a for a in votes if a.choice in ("A", "B")]
     out["voted_for"] = sum(a.versions["AB".index(a.choice)] == candidate for a in voted)
     out["voted_against"] = len(voted) - out["voted_for"]
@@ -496,38 +521,63 @@ def promote_only(cfg: BenchLoopConfig, db: Path) -> str:
     return done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
 
 
+def eval_sampling(cfg: BenchLoopConfig) -> ReplySampling:
+    """--eval-sampling: the app's default sampling with --eval-samples per prompt, or greedy."""
+    if cfg.eval_sampling == "app":
+        return APP_SAMPLING.with_samples(cfg.eval_samples)
+    if cfg.eval_sampling == "greedy":
+        return GREEDY
+    raise SystemExit(f"--eval-sampling {cfg.eval_sampling!r}: use app or greedy.")
+
+
 @dataclass
 class Evaluator:
-    """Greedy replies of each version on the held-out prompts (cached by version) and their gold scores."""
+    """Each version's replies on the held-out prompts (``--eval-sampling``: several per prompt as the app
+    samples them, or one greedy; cached by version) and their gold scores, ``[prompt][sample]``."""
 
     cfg: BenchLoopConfig
     gold: GoldScorer
     prompts: list[str]
-    replies: dict[str, list[str]] = field(default_factory=dict)
-    scores: dict[str, list[float]] = field(default_factory=dict)
+    replies: dict[str, list[list[str]]] = field(default_factory=dict)
+    scores: dict[str, list[list[float]]] = field(default_factory=dict)
+
+    @property
+    def sampling(self) -> ReplySampling:
+        return eval_sampling(self.cfg)
 
     def ensure(self, versions: dict[str, str | None]) -> None:
-        """Greedy replies (training.round.greedy_replies: one base in memory) of versions not seen yet."""
-        from training.round import greedy_replies
+        """Replies (training.evaluation.policy_replies: one base in memory, the same seeded random stream
+        for every version) of versions not seen yet."""
+        from training.evaluation import policy_replies
 
         missing = {name: path for name, path in versions.items() if name not in self.replies}
         if missing:
-            out = greedy_replies(self.cfg.base_model, self.cfg.device, missing, self.prompts,
-                                 self.cfg.eval_max_new_tokens)
-            for name, texts in out.items():
-                self.replies[name] = texts
-                self.scores[name] = gold_scores(self.gold, self.prompts, texts)
+            out = policy_replies(self.cfg.base_model, self.cfg.device, missing, self.prompts,
+                                 self.cfg.eval_max_new_tokens, sampling=self.sampling)
+            for name, rows in out.items():
+                self.replies[name] = rows
+                k = len(rows[0]) if rows else 0
+                flat = gold_scores(self.gold, [p for p in self.prompts for _ in range(k)],
+                                   [text for row in rows for text in row])
+                self.scores[name] = [flat[i * k:(i + 1) * k] for i in range(len(rows))]
+
+    def mean_gold(self, name: str) -> float:
+        flat = [x for row in self.scores[name] for x in row]
+        return sum(flat) / len(flat)
 
     def proxy(self, adapter: str, names: list[str]) -> dict[str, Any]:
-        """The proxy reward model's accuracy on gold-labelled pairs among these versions' replies."""
+        """The proxy reward model's accuracy on gold-labelled pairs among these versions' replies (the
+        versions' i-th replies to one prompt form a group)."""
         from training.reward_model import RewardModel
 
         rm = RewardModel.load(adapter, base_model=self.cfg.base_model, device=self.cfg.device)
         names = list(dict.fromkeys(names))
-        proxy = {n: rm.score(self.prompts, self.replies[n]) for n in names}
-        rows = list(range(len(self.prompts)))
-        return proxy_accuracy([[proxy[n][i] for n in names] for i in rows],
-                              [[self.scores[n][i] for n in names] for i in rows])
+        k = len(self.replies[names[0]][0]) if self.prompts else 0
+        prompts = [p for p in self.prompts for _ in range(k)]
+        proxy = {n: rm.score(prompts, [t for row in self.replies[n] for t in row]) for n in names}
+        gold = {n: [x for row in self.scores[n] for x in row] for n in names}
+        rows = list(range(len(prompts)))
+        return proxy_accuracy([[proxy[n][i] for n in names] for i in rows], [[gold[n][i] for n in names] for i in rows])
 
 
 # --------------------------------------------------------------------------- #
@@ -573,6 +623,9 @@ def check_options(cfg: BenchLoopConfig) -> None:
     if cfg.baseline == "round0" and cfg.seed_starter:
         raise SystemExit("--seed-starter is for --baseline base: with round0 the starter set is seeded and trained on "
                          "(round 0) before any user acts.")
+    eval_sampling(cfg)
+    if cfg.eval_samples < 1:
+        raise SystemExit(f"--eval-samples {cfg.eval_samples}: draw at least 1 reply per prompt.")
 
 
 def run_bench(cfg: BenchLoopConfig) -> dict[str, Any]:
@@ -603,7 +656,8 @@ def run_bench(cfg: BenchLoopConfig) -> dict[str, Any]:
     user_prompts, eval_prompts = split_prompts(list(pool()), cfg.eval_fraction, cfg.eval_prompts,
                                                starter_prompt_texts())
     results: dict[str, Any] = {"config": dataclasses.asdict(cfg), "prompts": {"users": len(user_prompts),
-                               "eval": len(eval_prompts)}, "rounds": [], "stopped": None}
+                               "eval": len(eval_prompts)}, "eval_sampling": eval_sampling(cfg).describe(),
+                               "rounds": [], "stopped": None}
     if cfg.rounds <= 0:
         results["wall_seconds"] = time.monotonic() - started
         return write_results(out, results)
@@ -701,7 +755,7 @@ def round_zero(cfg: BenchLoopConfig, server: ServerProcess, evaluator: Evaluator
         "promoted": name, "promotion_cli": message, "reused_adapter": cfg.round0_adapter or None,
         "signals": {**count_signals([]), "candidate_votes": 0}, "round_metrics": summary,
         "gold_win_rate": {"against": base, "candidate": win, "live": win}, "proxy_accuracy": proxy,
-        "mean_gold": {n: sum(evaluator.scores[n]) / len(evaluator.scores[n]) for n in (base, name)},
+        "mean_gold": {n: evaluator.mean_gold(n) for n in (base, name)},
         "seconds": seconds,
     }
 
@@ -751,8 +805,7 @@ def one_round(cfg: BenchLoopConfig, server: ServerProcess, users: Users, evaluat
                                                       "candidate_votes": len(candidate_votes)},
         "round_metrics": summary, "gold_win_rate": win, "proxy_accuracy": proxy,
         "compare_gold": compare_gold(candidate_votes, candidate) if candidate else None,
-        "mean_gold": {n: sum(s) / len(s) for n, s in evaluator.scores.items()
-                      if n in (baseline, live_after, candidate)},
+        "mean_gold": {n: evaluator.mean_gold(n) for n in evaluator.scores if n in (baseline, live_after, candidate)},
         "seconds": seconds,
     }
 
@@ -808,10 +861,10 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     print("\n".join(table_lines(rows)), flush=True)
 
 
-def plot_win_rates(rows: list[dict[str, Any]], path: Path) -> None:
-    """Gold win rate against the baseline (95% Wilson intervals) over the feedback votes collected so
-    far, greedy on held-out prompts, and in the users' own Compare pairs (against live, as sampled for
-    them); round 0 (against the bare base) as its own marker at 0 votes."""
+def plot_win_rates(rows: list[dict[str, Any]], path: Path, sampling: str = "app sampling") -> None:
+    """Gold win rate against the baseline (95% intervals) over the feedback votes collected so far, on
+    held-out prompts (replies drawn as ``sampling`` says), and in the users' own Compare pairs (against
+    live, as sampled for them); round 0 (against the bare base) as its own marker at 0 votes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -830,7 +883,7 @@ def plot_win_rates(rows: list[dict[str, Any]], path: Path) -> None:
     for key, style in (("candidate", "o-"), ("live", "s--")):
         errorbar([(r["cumulative_votes"], r["gold_win_rate"][key]) for r in users_rows
                   if r["gold_win_rate"].get(key) and r["gold_win_rate"][key]["rate"] is not None],
-                 style, f"{key} vs {baseline} (greedy, held-out prompts)")
+                 style, f"{key} vs {baseline} (held-out prompts, {sampling})")
     errorbar([(r["cumulative_votes"], r["compare_gold"]) for r in users_rows
               if r.get("compare_gold") and r["compare_gold"]["rate"] is not None],
              "^:", "candidate vs live in the users' Compare pairs (their sampling)")
@@ -840,7 +893,7 @@ def plot_win_rates(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylim(0, 1)
     ax.set_xlabel("feedback votes so far (thumbs + Compare + rankings + demonstrations)")
     ax.set_ylabel("gold win rate")
-    ax.set_title("Simulated users, real app: gold win rate per round (95% Wilson)")
+    ax.set_title("Simulated users, real app: gold win rate per round (95% intervals)")
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
     fig.tight_layout()
@@ -859,8 +912,10 @@ def write_results(out: Path, results: dict[str, Any]) -> dict[str, Any]:
           f"`{results.get('round0_policy', '?')}` ({cfg['baseline']}), {results['prompts']['eval']} held-out prompts "
           f"({results['prompts']['users']} for users).", ""]
     md += table_lines(rows) if rows else ["No round ran."]
-    md += ["", "Gold win rates: greedy replies on held-out prompts, wins / (wins + losses), 95% Wilson interval, "
-           "against the baseline; row 0 (round 0, the starter set, promoted by the operator before any user acted) "
+    sampling = results.get("eval_sampling", "greedy")
+    md += ["", f"Gold win rates: replies on held-out prompts ({sampling}), wins / (wins + losses) with reply i "
+           "against the baseline's reply i, 95% interval (Wilson with one reply per prompt, else a bootstrap over "
+           "prompts), against the baseline; row 0 (round 0, the starter set, promoted by the operator before any user acted) "
            "against the bare base: what the starter set bought. "
            "Proxy RM accuracy: the round's reward adapter on the gold-labelled pairs among the baseline's, live's and "
            "the candidate's replies. KL and ptx perplexity: the round's own metrics (registry)."]
@@ -869,7 +924,7 @@ def write_results(out: Path, results: dict[str, Any]) -> dict[str, Any]:
             md.append(f"\n**{key}:** {results[key]}")
     (out / "results.md").write_text("\n".join(md) + "\n")
     if rows:
-        plot_win_rates(rows, out / "gold_win_rate.png")
+        plot_win_rates(rows, out / "gold_win_rate.png", "greedy" if sampling == "greedy" else "app sampling")
     return results
 
 

@@ -149,10 +149,24 @@ def test_hh_split_is_fixed_and_opening_turns_are_extracted() -> None:
 
 
 def test_gold_win_rate_counts_ties_apart_with_a_wilson_interval() -> None:
-    result = gold_win_rate([3.0, 2.0, 1.0, 4.0, 2.0], [1.0, 2.0, 2.0, 0.0, 1.0])
+    result = gold_win_rate([[3.0], [2.0], [1.0], [4.0], [2.0]], [[1.0], [2.0], [2.0], [0.0], [1.0]])
     assert (result["wins"], result["losses"], result["ties"]) == (3, 1, 1)
     assert result["rate"] == 0.75
     assert result["ci_low"] == pytest.approx(0.3006, abs=1e-3) and result["ci_high"] == pytest.approx(0.9544, abs=1e-3)
+
+
+def test_gold_win_rate_with_several_replies_per_prompt_pairs_them_in_order_and_resamples_prompts() -> None:
+    # Reply i against the baseline's reply i: prompt 0 wins 2 of 2; prompt 1 wins 1, loses 1; prompt 2 ties once.
+    result = gold_win_rate([[2.0, 3.0], [1.0, 0.0], [1.0, 2.0]], [[1.0, 1.0], [0.0, 1.0], [1.0, 1.0]])
+    assert (result["wins"], result["losses"], result["ties"], result["prompts"]) == (4, 1, 1, 3)
+    assert result["rate"] == 0.8 and result["interval"] == "bootstrap over prompts"
+    assert 0.0 <= result["ci_low"] <= 0.8 <= result["ci_high"] <= 1.0
+    # The same 40 pairs as 40 prompts of one reply (Wilson) or 4 prompts of ten identical replies: the
+    # clustered interval is wider, since its prompts are the independent units.
+    flat = gold_win_rate([[1.0]] * 30 + [[0.0]] * 10, [[0.5]] * 40)
+    clustered = gold_win_rate([[1.0] * 10] * 3 + [[0.0] * 10], [[0.5] * 10] * 4)
+    assert flat["rate"] == clustered["rate"] == 0.75
+    assert clustered["ci_high"] - clustered["ci_low"] > 1.5 * (flat["ci_high"] - flat["ci_low"])
 
 
 def test_compare_gold_judges_the_candidates_side_of_each_users_pair() -> None:

@@ -9,7 +9,16 @@ from dataclasses import dataclass, field
 import pytest
 
 from feedback_db import wilson_interval
-from training.evaluation import accuracy_interval, bootstrap_interval, paired_gains, pairwise_correct, reward_accuracy
+from training.evaluation import (
+    accuracy_interval,
+    bootstrap_interval,
+    greedy_replies,
+    paired_gains,
+    pairwise_correct,
+    policy_replies,
+    reward_accuracy,
+)
+from training.sampling import APP_SAMPLING, GREEDY, ReplyPenalty, ReplySampling
 
 
 def test_bootstrap_of_constant_gains_is_a_zero_width_interval_at_the_constant() -> None:
@@ -111,3 +120,38 @@ def test_reply_quality_script_runs_on_the_tiny_model(tiny_model_path, tmp_path) 
     data = json.loads(out.read_text())
     assert data["prompts"] == 20 and len(data["models"]["base"]["replies"]) == 20
     assert "| base |" in done.stdout
+
+
+# -- how evaluation replies are drawn ------------------------------------------------------------
+
+
+def test_reply_penalty_counts_the_reply_tokens_only() -> None:
+    import torch
+
+    ids = torch.tensor([[5, 7, 7, 3]])  # a one-token prompt (5), then the reply 7 7 3
+    scores = ReplyPenalty(prompt_length=1, frequency=0.5, presence=1.0)(ids, torch.zeros(1, 10))
+    assert scores[0, 7].item() == -2.0  # 0.5 x 2 + 1
+    assert scores[0, 3].item() == -1.5
+    assert scores[0, 5].item() == 0.0  # only in the prompt
+
+
+def test_reply_sampling_refuses_what_would_not_mean_what_it_says() -> None:
+    with pytest.raises(ValueError, match="one per prompt"):
+        GREEDY.with_samples(3)
+    with pytest.raises(ValueError):
+        ReplySampling(temperature=0.8, top_p=0.0)
+    options = APP_SAMPLING.generate_options(prompt_length=12)
+    assert options["do_sample"] and options["min_p"] == 0.1 and isinstance(options["logits_processor"][0], ReplyPenalty)
+    assert GREEDY.generate_options(12) == {"do_sample": False}
+
+
+def test_policy_replies_draws_seeded_samples_per_prompt_and_greedy_is_one_of_them(tiny_model_path) -> None:
+    prompts = ["How do I bake bread?", "Give me one tip for sleeping better."]
+    sampling = APP_SAMPLING.with_samples(3)
+    first = policy_replies(str(tiny_model_path), "cpu", {"base": None}, prompts, 6, sampling=sampling, batch_rows=4)
+    again = policy_replies(str(tiny_model_path), "cpu", {"base": None}, prompts, 6, sampling=sampling, batch_rows=4)
+    assert [len(row) for row in first["base"]] == [3, 3]
+    assert first == again  # seeded: every version draws from the same stream, run after run
+    greedy = greedy_replies(str(tiny_model_path), "cpu", {"base": None}, prompts, 6)
+    assert greedy["base"] == [row[0] for row in policy_replies(str(tiny_model_path), "cpu", {"base": None},
+                                                                  prompts, 6)["base"]]

@@ -198,6 +198,8 @@ def test_interrupted_round_registers_nothing_and_the_next_one_runs(config: Round
     for key in ("reward_live", "reward_candidate", "reward_gain", "reward_gain_ci", "judge_reward_gain",
                 "judge_reward_gain_ci", "kl_to_reference", "ptx_ppl_increase"):
         assert key in m["evaluation"]
+    # Judged on replies drawn as the app serves them (two per prompt by default), not only greedy ones.
+    assert m["evaluation"]["sampling"].startswith("2 sampled per prompt (temperature 0.8")
     assert m["gates_passed"] is True and set(m["gates"]) == {"reward_model", "kl", "reward_gain", "ptx_perplexity"}
     assert m["auto_promotable"] is True
     assert all(g["verdict"] == "passed" for g in m["gates"].values())

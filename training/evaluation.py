@@ -24,6 +24,7 @@ import numpy as np
 
 from feedback_db import wilson_interval
 from training.config import SFTConfig
+from training.sampling import GREEDY, ReplySampling
 
 BOOTSTRAP_RESAMPLES = 2000
 CONFIDENCE = 0.95
@@ -127,10 +128,20 @@ def reward_accuracy(rm: Any, groups: Sequence[Any]) -> float:
 
 def greedy_replies(base_model: str, device: str, adapters: dict[str, str | None], prompts: list[Any],
                    max_new_tokens: int, max_prompt_tokens: int = 0) -> dict[str, list[str]]:
-    """Greedy replies of each named adapter (None: the bare base) on the same prompts, one base in memory.
+    """Greedy replies of each named adapter (None: the bare base) on the same prompts, one base in memory."""
+    out = policy_replies(base_model, device, adapters, prompts, max_new_tokens, max_prompt_tokens)
+    return {name: [replies[0] for replies in rows] for name, rows in out.items()}
 
-    ``max_prompt_tokens`` > 0 cuts long prompts the way PPO does (``chat_data.encode_prompt_fitted``,
-    oldest turns first); 0 keeps them whole.
+
+def policy_replies(base_model: str, device: str, adapters: dict[str, str | None], prompts: list[Any],
+                   max_new_tokens: int, max_prompt_tokens: int = 0, sampling: ReplySampling = GREEDY,
+                   batch_rows: int = 64) -> dict[str, list[list[str]]]:
+    """``sampling.samples`` replies per prompt of each named adapter (None: the bare base), one base in memory.
+
+    ``sampling`` is greedy by default, or e.g. ``training.sampling.APP_SAMPLING`` (what users get from the
+    app). Every version draws from the same seeded random stream. ``max_prompt_tokens`` > 0 cuts long
+    prompts the way PPO does (``chat_data.encode_prompt_fitted``, oldest turns first); 0 keeps them whole.
+    Generation runs in batches of at most ``batch_rows`` replies.
     """
     import torch
 
@@ -143,25 +154,29 @@ def greedy_replies(base_model: str, device: str, adapters: dict[str, str | None]
         if folder:
             model = attach_adapter(model, name, folder, None, trainable=False)
     model.eval()
+    k = sampling.samples
     encoded = [encode_prompt_fitted(tok, p, max_prompt_tokens) if max_prompt_tokens else encode_prompt(tok, p)
-               for p in prompts]
+               for p in prompts for _ in range(k)]
     pad = pad_token_id(tok)
-    ids, mask = left_pad(encoded, pad)
     stops = stop_token_ids(tok)
-    out: dict[str, list[str]] = {}
+    out: dict[str, list[list[str]]] = {}
     for name, folder in adapters.items():
-        with torch.no_grad():
-            kwargs = dict(input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=False,
-                          max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad)
-            if folder:
-                use_adapter(model, name, set())
-                gen = model.generate(**kwargs)
-            elif model is base:
-                gen = model.generate(**kwargs)
-            else:
-                with model.disable_adapter():
+        if folder:
+            use_adapter(model, name, set())
+        torch.manual_seed(sampling.seed)
+        texts: list[str] = []
+        for start in range(0, len(encoded), batch_rows):
+            ids, mask = left_pad(encoded[start:start + batch_rows], pad)
+            kwargs = dict(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
+                          eos_token_id=stops, pad_token_id=pad, **sampling.generate_options(ids.shape[1]))
+            with torch.no_grad():
+                if folder or model is base:
                     gen = model.generate(**kwargs)
-        out[name] = [tok.decode(row[ids.shape[1]:], skip_special_tokens=True).strip() for row in gen.cpu()]
+                else:
+                    with model.disable_adapter():
+                        gen = model.generate(**kwargs)
+            texts += [tok.decode(row[ids.shape[1]:], skip_special_tokens=True).strip() for row in gen.cpu()]
+        out[name] = [texts[i * k:(i + 1) * k] for i in range(len(prompts))]
     return out
 
 

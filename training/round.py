@@ -69,10 +69,11 @@ from training.evaluation import (
     Estimate,
     accuracy_interval,
     bootstrap_interval,
-    json_number,
     greedy_replies,
+    json_number,
     paired_gains,
     pairwise_correct,
+    policy_replies,
     reward_accuracy,
 )
 from training.gates import (
@@ -102,6 +103,7 @@ from training.round_data import (
 )
 from training.progress import StepProgress, reporting
 from training.round_lock import RoundBusyError, recover_stale_rounds, round_dir_name, round_lock, same_round_done
+from training.sampling import APP_SAMPLING, GREEDY, ReplySampling
 
 __all__ = [
     "STARTER_DIR", "STARTER_FILES", "STARTER_SOURCE", "RoundBusyError", "RoundConfig", "RoundResult", "RoundRunner",
@@ -139,9 +141,11 @@ class RoundConfig:
     rm_floor: float = _f(0.55, "Reward-model gate: held-out pairwise accuracy must be above this (its 95% Wilson interval); clearly below it (upper bound under it) stops the round.")
     rm_tolerance: float = _f(0.02, "Reward-model gate: accuracy minus the previous reward model's on the same held-out pairs must be above -tolerance (95% bootstrap interval); clearly below stops the round.")
     min_rm_eval_pairs: int = _f(20, "Fewest held-out preference pairs for a reward-model verdict; fewer: 'not enough evidence' (PPO still runs, the candidate's gates do not pass).")
-    eval_prompts: int = _f(32, "Held-out prompts on which candidate and live reply (greedy) and are scored; never training prompts.")
+    eval_prompts: int = _f(32, "Held-out prompts on which candidate and live reply and are scored; never training prompts.")
+    eval_sampling: Literal["app", "greedy"] = _f("app", "How candidate and live reply in the evaluation: 'app' (as the chat app serves them by default: training.sampling.APP_SAMPLING, eval_samples per prompt, gains averaged per prompt) or 'greedy' (one per prompt).")
+    eval_samples: int = _f(2, "Replies per held-out prompt and side with eval_sampling 'app'.")
     min_eval_prompts: int = _f(8, "Fewest held-out prompts for a reward-gain verdict; fewer: 'not enough evidence' (registered, never auto-promoted).")
-    eval_max_new_tokens: int = _f(48, "Longest reply when evaluating candidate vs live (greedy).")
+    eval_max_new_tokens: int = _f(48, "Longest reply when evaluating candidate vs live.")
     bootstrap_resamples: int = _f(2000, "Resamples of the percentile bootstrap behind the reward-gain intervals.")
     report_prompts: int = _f(4, "Fixed prompts (the starter set's first N) that every round's report answers with live and candidate, so reports compare across rounds.")
     use_thumbs: bool = _f(True, "Train the reward models on each 👍/👎 as its own row (RewardConfig.thumbs_data, KTO-style); off: a 👍 and a 👎 reply to the same message become a preference pair instead.")
@@ -449,6 +453,12 @@ class RoundRunner:
                                      self.config.eval_max_new_tokens, self.eval_prompt_tokens())
             self.record_fixed_samples(fixed, replies)
 
+    def eval_sampling(self) -> ReplySampling:
+        """How the evaluation draws replies (RoundConfig.eval_sampling, eval_samples)."""
+        if self.config.eval_sampling == "greedy":
+            return GREEDY
+        return APP_SAMPLING.with_samples(self.config.eval_samples)
+
     def eval_prompt_tokens(self) -> int:
         """Longest prompt in greedy evaluation: PPO's length budget minus the reply's."""
         return max(MIN_PROMPT_TOKENS, self.config.ppo.max_length - self.config.eval_max_new_tokens)
@@ -660,29 +670,35 @@ class RoundRunner:
 
     def evaluate(self, ppo: Any, prompts: list[dict[str, Any]], live_adapter: str | None, rm_dir: Path,
                  judge: TrainedRewardModel | None) -> None:
-        """Candidate vs live on held-out prompts only: greedy replies scored by the proxy and the judge,
-        reward gains paired per prompt with bootstrap intervals; then every gate's verdict."""
+        """Candidate vs live on held-out prompts only: replies drawn as ``eval_sampling`` says (by default as
+        the app serves them, several per prompt), scored by the proxy and the judge; reward gains paired per
+        prompt (the mean over its replies) with bootstrap intervals; then every gate's verdict."""
         from training.reward_model import RewardModel
 
         c = self.config
         texts = [p["prompt"] for p in prompts]
-        fixed = fixed_report_prompts(c.report_prompts)
-        replies = greedy_replies(c.base_model, c.device, {"live": live_adapter, "candidate": str(ppo.adapter_dir)},
-                                 texts + fixed, c.eval_max_new_tokens, self.eval_prompt_tokens())
-        self.record_fixed_samples(fixed, {k: v[len(texts):] for k, v in replies.items()})
-        replies = {k: v[: len(texts)] for k, v in replies.items()}
+        self.sample_fixed_prompts(live_adapter, ppo.adapter_dir)
+        sampling = self.eval_sampling()
+        drawn = policy_replies(c.base_model, c.device, {"live": live_adapter, "candidate": str(ppo.adapter_dir)},
+                               texts, c.eval_max_new_tokens, self.eval_prompt_tokens(), sampling=sampling)
+        k = sampling.samples
+        flat_texts = [t for t in texts for _ in range(k)]
         scorers = {"proxy": rm_dir} | ({"judge": judge.adapter_dir} if judge is not None else {})
-        scores: dict[str, dict[str, list[float]]] = {}
+        scores: dict[str, dict[str, list[float]]] = {}  # role -> side -> one score per prompt (its replies' mean)
         gains: dict[str, Estimate] = {}
         for role, folder in scorers.items():
             rm = RewardModel.load(folder, base_model=c.base_model, device=c.device) if texts else None
-            scores[role] = {side: rm.score(texts, replies[side]) if rm else [] for side in ("live", "candidate")}
+            scores[role] = {}
+            for side in ("live", "candidate"):
+                flat = rm.score(flat_texts, [r for row in drawn[side] for r in row]) if rm else []
+                scores[role][side] = [sum(flat[i * k:(i + 1) * k]) / k for i in range(len(texts))] if rm else []
             gains[role] = bootstrap_interval(paired_gains(scores[role]["candidate"], scores[role]["live"]),
                                              resamples=c.bootstrap_resamples, seed=c.seed)
             del rm
+        replies = {side: [row[0] for row in rows] for side, rows in drawn.items()}
         before, after = ppo.ptx_nll_before, ppo.ptx_nll_after
         measured = not (math.isnan(before) or math.isnan(after))
-        evaluation: dict[str, Any] = {"heldout_prompts": len(texts)}
+        evaluation: dict[str, Any] = {"heldout_prompts": len(texts), "sampling": sampling.describe()}
         for role in scorers:
             prefix = "" if role == "proxy" else "judge_"
             live_s, cand_s = scores[role]["live"], scores[role]["candidate"]

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from training.sampling import APP_SAMPLING
+
 if TYPE_CHECKING:
     from .chat_format import ChatFormat
 
@@ -36,8 +38,8 @@ class AdapterRef:
 class SamplingConfig:
     """Sampling settings for one request (also stored with every reply)."""
 
-    temperature: float = 0.8
-    top_p: float = 0.95
+    temperature: float = APP_SAMPLING.temperature
+    top_p: float = APP_SAMPLING.top_p
     top_k: int = 0  # 0: off
     max_tokens: int = 256
     seed: int | None = None

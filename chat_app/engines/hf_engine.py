@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from training.sampling import ReplyPenalty
+
 from .adapters import AdapterTable, ServedAdapter
 from .base import AdapterRef, Completion, EngineError, Messages, ReplyChunk, SamplingConfig
 from .chat_format import ChatFormat, read_stop_token_ids
@@ -195,7 +197,7 @@ class HFEngine:
         if sampling.repetition_penalty != 1.0:
             options["repetition_penalty"] = sampling.repetition_penalty
         if sampling.frequency_penalty or sampling.presence_penalty:
-            options["logits_processor"] = [_ReplyPenalty(len(prompt), sampling.frequency_penalty,
+            options["logits_processor"] = [ReplyPenalty(len(prompt), sampling.frequency_penalty,
                                                          sampling.presence_penalty)]
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
@@ -298,23 +300,6 @@ class _TokenStreamer:
 
     def end(self) -> None:
         pass  # the job's completion ends the stream (also when generate() raises)
-
-
-class _ReplyPenalty:
-    """OpenAI's frequency and presence penalties on the tokens of the reply so far (not the prompt), as vLLM
-    applies them: logit - frequency x count - presence x [count > 0]."""
-
-    def __init__(self, prompt_length: int, frequency: float, presence: float) -> None:
-        self._start, self._frequency, self._presence = prompt_length, frequency, presence
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        import torch
-
-        reply = input_ids[:, self._start:]
-        if reply.shape[1] == 0:
-            return scores
-        counts = torch.zeros_like(scores).scatter_add_(1, reply, torch.ones_like(reply, dtype=scores.dtype))
-        return scores - self._frequency * counts - self._presence * (counts > 0).to(scores.dtype)
 
 
 class _StopWhenSet:
