@@ -188,7 +188,9 @@ def demo(
     from chat_app.round_process import start_round
     from feedback_db import FeedbackStore, ModelRegistry, default_db_path
     from training.base_models import ModelPreparationError, prepare_model
-    from training.round import RoundConfig, first_run_needed, first_run_settings, seed_starter_set
+    from training.round_config import RoundConfig, first_run_settings
+    from training.round_data import seed_starter_set
+    from training.round_promotion import first_run_needed
 
     try:
         model_dir = prepare_model(base_model)
@@ -452,7 +454,9 @@ def round_(
     import json as _json
 
     from training.config import ConfigError, apply_overrides
-    from training.round import RoundBusyError, RoundConfig, load_round_config, maybe_auto_promote, run_round
+    from training.round import RoundBusyError, run_round
+    from training.round_config import RoundConfig, load_round_config
+    from training.round_promotion import maybe_auto_promote
 
     try:
         cfg = load_round_config(config_file) if config_file else RoundConfig()

@@ -25,7 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.round import RoundConfig, run_round  # noqa: E402
+from training.round import run_round  # noqa: E402
+from training.round_config import RoundConfig  # noqa: E402
 
 TINY_OVERRIDES = {"heldout_fraction": 0.3, "min_pairs": 4, "min_prompts": 3, "eval_prompts": 8, "min_eval_prompts": 4,
                   "min_rm_eval_pairs": 4}

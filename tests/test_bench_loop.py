@@ -50,7 +50,8 @@ from scripts.simulated_users import (
 from tests.app_server import count_rows
 from tests.engine_contract import make_lora_adapter
 from training.base_models import resolve_model
-from training.round import RoundConfig, RoundRunner, seed_starter_set, starter_rows
+from training.round import RoundRunner, seed_starter_set, starter_rows
+from training.round_config import RoundConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

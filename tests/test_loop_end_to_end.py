@@ -22,7 +22,7 @@ from gradio_client import Client
 from scripts.server_process import ServerProcess, start_server, stop_server
 from tests.app_server import ADMIN_PASSWORD, count_rows, fetch_rows
 from training.config import LoraSettings, PPOConfig, RewardConfig, SFTConfig
-from training.round import RoundConfig
+from training.round_config import RoundConfig
 
 AUTO_PROMOTE_AFTER = 5  # a floor; the sequential test itself needs 10 straight wins from >= 5 voters
 VOTES_TO_PROMOTE = 10  # the default PromotionPolicy: e-value 20.3 >= 1/alpha at 10 wins, 0 losses

@@ -13,9 +13,6 @@ from training.base_models import resolve_model
 from training.config import LoraSettings, PPOConfig, RewardConfig, SFTConfig
 from training.round import (
     RoundBusyError,
-    RoundConfig,
-    load_round_config,
-    maybe_auto_promote,
     round_dir_name,
     round_lock,
     run_round,
@@ -23,7 +20,9 @@ from training.round import (
     split_heldout,
     starter_rows,
 )
+from training.round_config import RoundConfig, load_round_config
 from training.round_data import judge_split
+from training.round_promotion import maybe_auto_promote
 
 LORA = LoraSettings(r=4, alpha=8)
 
@@ -317,7 +316,8 @@ def test_auto_promotion_needs_passed_gates_and_users_preference(tmp_db_path: Pat
 
 KILLED_ROUND = """
 import os, signal, sys
-from training.round import load_round_config, run_round
+from training.round import run_round
+from training.round_config import load_round_config
 
 def die(step, round_dir):
     if step == sys.argv[2]:

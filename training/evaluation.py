@@ -1,4 +1,5 @@
-"""Evaluating a round's models, with intervals: greedy replies, paired reward gains, RM accuracy.
+"""Evaluating a round's models, with intervals: their replies (greedy, or as the app samples them), the
+candidate judged against live (``judge_candidate``), paired reward gains, RM accuracy.
 
 The statistics every gate reads are written here once:
 
@@ -178,6 +179,44 @@ def policy_replies(base_model: str, device: str, adapters: dict[str, str | None]
             texts += [tok.decode(row[ids.shape[1]:], skip_special_tokens=True).strip() for row in gen.cpu()]
         out[name] = [texts[i * k:(i + 1) * k] for i in range(len(prompts))]
     return out
+
+
+@dataclass
+class CandidateJudgement:
+    """Candidate vs live on the same prompts: ``replies[side][prompt]`` (one or more each), each scorer's
+    ``scores[scorer][side]`` (one per prompt: the mean over its replies) and ``gains[scorer]``, the
+    candidate's gain over live paired per prompt, with its bootstrap interval."""
+
+    replies: dict[str, list[list[str]]]
+    scores: dict[str, dict[str, list[float]]]
+    gains: dict[str, Estimate]
+
+
+def judge_candidate(base_model: str, device: str, prompts: list[Any], live: str | None, candidate: str,
+                    scorers: dict[str, Any], *, max_new_tokens: int, max_prompt_tokens: int = 0,
+                    sampling: ReplySampling = GREEDY, resamples: int = BOOTSTRAP_RESAMPLES,
+                    seed: int = 0) -> CandidateJudgement:
+    """Replies of live (None: the bare base) and candidate drawn as ``sampling`` says, scored by each reward
+    model in ``scorers`` (name -> adapter folder); per prompt the mean over its replies, so the prompt stays
+    the unit of the paired bootstrap."""
+    from training.reward_model import RewardModel
+
+    drawn = policy_replies(base_model, device, {"live": live, "candidate": candidate}, prompts, max_new_tokens,
+                           max_prompt_tokens, sampling=sampling)
+    k = sampling.samples
+    each = [p for p in prompts for _ in range(k)]
+    scores: dict[str, dict[str, list[float]]] = {}
+    gains: dict[str, Estimate] = {}
+    for role, folder in scorers.items():
+        rm = RewardModel.load(folder, base_model=base_model, device=device) if prompts else None
+        scores[role] = {}
+        for side in ("live", "candidate"):
+            flat = rm.score(each, [r for row in drawn[side] for r in row]) if rm else []
+            scores[role][side] = [sum(flat[i * k:(i + 1) * k]) / k for i in range(len(prompts))] if rm else []
+        gains[role] = bootstrap_interval(paired_gains(scores[role]["candidate"], scores[role]["live"]),
+                                         resamples=resamples, seed=seed)
+        del rm
+    return CandidateJudgement(drawn, scores, gains)
 
 
 # --------------------------------------------------------------------------- #

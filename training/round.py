@@ -35,7 +35,7 @@ biased upwards (Goodhart); the reward-gain gate is decided by a judge PPO did no
   proxy, each on half the data) and loaded to score.
 * ``auto``: previous when there is one, else split. ``none``: no judge and no reward-gain gate.
 
-The server then pits the candidate against live in Compare; `maybe_auto_promote` promotes it
+The server then pits the candidate against live in Compare; `round_promotion.maybe_auto_promote` promotes it
 once the gates passed and its Compare votes pass the sequential test of
 feedback_db/sequential_testing.py (valid however often it is checked; distinct, capped voters). Round 0, before any preference data exists, is SFT only
 (on the starter set, see `seed_starter_set`); it has no gates, the Compare votes decide.
@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -60,20 +59,18 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from training.config import MIN_PROMPT_TOKENS, LoraSettings, PPOConfig, RewardConfig, SFTConfig, _f
+from training.config import MIN_PROMPT_TOKENS
 from training.evaluation import (
-    Estimate,
     accuracy_interval,
     bootstrap_interval,
     greedy_replies,
+    judge_candidate,
     json_number,
-    paired_gains,
     pairwise_correct,
-    policy_replies,
     reward_accuracy,
 )
 from training.gates import (
@@ -87,6 +84,8 @@ from training.gates import (
     reward_model_gate,
     reward_model_vs_previous_gate,
 )
+from training.progress import StepProgress, reporting
+from training.round_config import RoundConfig
 from training.round_data import (
     STARTER_DIR,
     STARTER_FILES,
@@ -101,80 +100,26 @@ from training.round_data import (
     split_heldout,
     starter_rows,
 )
-from training.progress import StepProgress, reporting
-from training.round_lock import RoundBusyError, recover_stale_rounds, round_dir_name, round_lock, same_round_done
+from training.round_lock import (
+    RoundBusyError,
+    recover_stale_rounds,
+    round_dir_name,
+    round_lock,
+    same_round_done,
+)
 from training.sampling import APP_SAMPLING, GREEDY, ReplySampling
 
 __all__ = [
     "STARTER_DIR", "STARTER_FILES", "STARTER_SOURCE", "RoundBusyError", "RoundConfig", "RoundResult", "RoundRunner",
-    "StepHook", "check_adapter", "first_run_needed", "first_run_settings", "fixed_report_prompts", "greedy_replies", "heldout_bucket", "load_round_config",
-    "maybe_auto_promote", "recover_stale_rounds", "reward_accuracy", "round_dir_name", "round_lock", "run_round",
-    "same_round_done", "seed_starter_set", "split_heldout", "starter_rows",
+    "StepHook", "check_adapter", "fixed_report_prompts", "greedy_replies", "heldout_bucket", "recover_stale_rounds",
+    "reward_accuracy", "round_dir_name", "round_lock", "run_round", "same_round_done", "seed_starter_set",
+    "split_heldout", "starter_rows",
 ]
 
 log = logging.getLogger(__name__)
 
 # A test (or an operator's probe) can interrupt a round at a named step: hook(step, round_dir).
 StepHook = Callable[[str, Path], None]
-
-
-def _small_lora() -> LoraSettings:
-    return LoraSettings(r=8, alpha=16)
-
-
-@dataclass
-class RoundConfig:
-    """One retraining round; nested trainer configs are the defaults each step starts from.
-
-    The step configs' ``base_model``, ``output_dir``, data paths and ``seed`` are set by the round.
-    """
-
-    db: str = _f("", "Feedback database (empty: $ALIGNLOOP_DB or ~/.local/share/alignloop/feedback.db).")
-    base_model: str = _f("default", "Base model of every adapter: 'default' (embedded Gemma 3 270M), an HF id or a folder.")
-    rounds_dir: str = _f("~/.local/share/alignloop/rounds", "Where rounds write their work, adapters and reports.")
-    device: str = _f("auto", "'auto', 'cpu' or 'cuda' for every step.")
-    seed: int = _f(0, "Seed of every step and of the held-out splits.")
-    heldout_fraction: float = _f(0.2, "Share of prompts held out of every training step, by prompt hash: the reward model and the candidate are judged on them only.")
-    min_pairs: int = _f(8, "Fewest preference pairs to train a reward model and run PPO (else SFT only or stop).")
-    min_prompts: int = _f(8, "Fewest PPO training prompts to run PPO.")
-    judge: Literal["auto", "previous", "split", "none"] = _f("auto", "Reward model that decides the reward-gain gate, one PPO did not optimise: 'previous' (the live reward model before this round), 'split' (a second reward model on half the training prompts; the proxy PPO optimises trains on the other half), 'auto' (previous if any, else split), 'none' (no reward-gain gate).")
-    rm_floor: float = _f(0.55, "Reward-model gate: held-out pairwise accuracy must be above this (its 95% Wilson interval); clearly below it (upper bound under it) stops the round.")
-    rm_tolerance: float = _f(0.02, "Reward-model gate: accuracy minus the previous reward model's on the same held-out pairs must be above -tolerance (95% bootstrap interval); clearly below stops the round.")
-    min_rm_eval_pairs: int = _f(20, "Fewest held-out preference pairs for a reward-model verdict; fewer: 'not enough evidence' (PPO still runs, the candidate's gates do not pass).")
-    eval_prompts: int = _f(32, "Held-out prompts on which candidate and live reply and are scored; never training prompts.")
-    eval_sampling: Literal["app", "greedy"] = _f("app", "How candidate and live reply in the evaluation: 'app' (as the chat app serves them by default: training.sampling.APP_SAMPLING, eval_samples per prompt, gains averaged per prompt) or 'greedy' (one per prompt).")
-    eval_samples: int = _f(2, "Replies per held-out prompt and side with eval_sampling 'app'.")
-    min_eval_prompts: int = _f(8, "Fewest held-out prompts for a reward-gain verdict; fewer: 'not enough evidence' (registered, never auto-promoted).")
-    eval_max_new_tokens: int = _f(48, "Longest reply when evaluating candidate vs live.")
-    bootstrap_resamples: int = _f(2000, "Resamples of the percentile bootstrap behind the reward-gain intervals.")
-    report_prompts: int = _f(4, "Fixed prompts (the starter set's first N) that every round's report answers with live and candidate, so reports compare across rounds.")
-    use_thumbs: bool = _f(True, "Train the reward models on each 👍/👎 as its own row (RewardConfig.thumbs_data, KTO-style); off: a 👍 and a 👎 reply to the same message become a preference pair instead.")
-    sft_replay: float = _f(1.0, "When the live policy was fine-tuned before: old demonstrations replayed per new one in this round's SFT (a random sample; the new ones always all); < 0: every demonstration, every round.")
-    max_kl: float = _f(10.0, "Gate: KL(policy || reference) per reply at the end of PPO, in nats.")
-    min_reward_gain: float = _f(0.0, "Gate: the judge's reward of candidate minus live, paired per held-out prompt, must be above this (95% bootstrap interval).")
-    max_ptx_ppl_increase: float = _f(0.1, "Gate: relative increase of the ptx perplexity (0.1 = +10%).")
-    auto_promote: bool = _f(False, "Promote a candidate whose gates passed once its Compare votes vs live pass the sequential test.")
-    users_settle_undecided: bool = _f(True, "Auto-promotion when a reward-model or judge gate is undecided (enough held-out units, its 95% interval straddles the threshold): the users' Compare votes (the sequential test, still at promote_alpha) decide instead of it blocking. A failed gate, too few units, and the KL and ptx gates always block.")
-    min_votes: int = _f(0, "Counted decisive Compare votes before auto-promotion is possible (the test is valid at any count).")
-    promote_alpha: float = _f(0.05, "Chance of promoting a candidate no better than live, however often promotion is checked.")
-    promote_min_voters: int = _f(5, "Distinct voters with a counted vote before auto-promotion is possible.")
-    promote_max_votes_per_voter: int = _f(20, "Counted votes per voter (their first ones): bounds one person's weight.")
-    sft: SFTConfig = field(default_factory=lambda: SFTConfig(epochs=2.0, batch_size=8, progress=False, lora=_small_lora()),
-                           metadata={"help": "SFT step defaults (`--set sft.epochs=3`)."})
-    reward: RewardConfig = field(default_factory=lambda: RewardConfig(epochs=1.0, groups_per_batch=8, progress=False,
-                                                                      lora=_small_lora()),
-                                 metadata={"help": "Reward-model step defaults (`--set reward.lr=5e-5`)."})
-    # ptx_coef 0.1, not PPOConfig's 1.0: a round's ptx corpus is the demonstrations, so at γ = 1 the step was
-    # mostly more SFT. On Gemma 3 270M (scripts/bench_loop.py, gold (a), 3 users' rounds each): γ = 1 gave KL to
-    # SFT 12.8 and 23.1 nats (gate 10) and gold wins vs round 0 of 54% and 63%; γ = 0.1 gave 2.6 and 5.5 nats
-    # and 72% and 71% (training/README.md).
-    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(iterations=20, rollout_batch=8, minibatch=4, ppo_epochs=2,
-                                                             max_new_tokens=48, ptx_coef=0.1, progress=False,
-                                                             lora=_small_lora()),
-                           metadata={"help": "PPO-ptx step defaults (`--set ppo.iterations=50`)."})
-
-    def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
 
 
 @dataclass
@@ -673,29 +618,16 @@ class RoundRunner:
         """Candidate vs live on held-out prompts only: replies drawn as ``eval_sampling`` says (by default as
         the app serves them, several per prompt), scored by the proxy and the judge; reward gains paired per
         prompt (the mean over its replies) with bootstrap intervals; then every gate's verdict."""
-        from training.reward_model import RewardModel
-
         c = self.config
         texts = [p["prompt"] for p in prompts]
         self.sample_fixed_prompts(live_adapter, ppo.adapter_dir)
         sampling = self.eval_sampling()
-        drawn = policy_replies(c.base_model, c.device, {"live": live_adapter, "candidate": str(ppo.adapter_dir)},
-                               texts, c.eval_max_new_tokens, self.eval_prompt_tokens(), sampling=sampling)
-        k = sampling.samples
-        flat_texts = [t for t in texts for _ in range(k)]
         scorers = {"proxy": rm_dir} | ({"judge": judge.adapter_dir} if judge is not None else {})
-        scores: dict[str, dict[str, list[float]]] = {}  # role -> side -> one score per prompt (its replies' mean)
-        gains: dict[str, Estimate] = {}
-        for role, folder in scorers.items():
-            rm = RewardModel.load(folder, base_model=c.base_model, device=c.device) if texts else None
-            scores[role] = {}
-            for side in ("live", "candidate"):
-                flat = rm.score(flat_texts, [r for row in drawn[side] for r in row]) if rm else []
-                scores[role][side] = [sum(flat[i * k:(i + 1) * k]) / k for i in range(len(texts))] if rm else []
-            gains[role] = bootstrap_interval(paired_gains(scores[role]["candidate"], scores[role]["live"]),
-                                             resamples=c.bootstrap_resamples, seed=c.seed)
-            del rm
-        replies = {side: [row[0] for row in rows] for side, rows in drawn.items()}
+        judged = judge_candidate(c.base_model, c.device, texts, live_adapter, str(ppo.adapter_dir), scorers,
+                                 max_new_tokens=c.eval_max_new_tokens, max_prompt_tokens=self.eval_prompt_tokens(),
+                                 sampling=sampling, resamples=c.bootstrap_resamples, seed=c.seed)
+        scores, gains = judged.scores, judged.gains
+        replies = {side: [row[0] for row in rows] for side, rows in judged.replies.items()}
         before, after = ppo.ptx_nll_before, ppo.ptx_nll_after
         measured = not (math.isnan(before) or math.isnan(after))
         evaluation: dict[str, Any] = {"heldout_prompts": len(texts), "sampling": sampling.describe()}
@@ -792,80 +724,3 @@ class RoundRunner:
 
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
-
-
-# --------------------------------------------------------------------------- #
-# Promotion
-# --------------------------------------------------------------------------- #
-
-
-def first_run_settings() -> list[str]:
-    """`--set` overrides of the first aligned version a fresh install trains (`alignloop demo`): SFT alone
-    on the starter demonstrations (a reward model and PPO come in the next rounds, with the users'
-    feedback), two epochs, in bfloat16 where the CPU has native bfloat16 (faster than float32 there).
-    One epoch is not enough: on the 20 evaluation prompts (scripts/reply_quality.py, greedy, frequency
-    penalty 0.5) one epoch ended 3/20 replies properly at lr 2e-4 and 7/20 at lr 6e-4; two epochs at 2e-4
-    end them all (README, "The first start")."""
-    settings = ["min_pairs=1000000000", "sft.epochs=2", "sft.lr=2e-4"]
-    if native_bf16_cpu():
-        settings.append("sft.dtype=bfloat16")
-    return settings
-
-
-def native_bf16_cpu() -> bool:
-    """Whether this machine's CPU computes in bfloat16 natively (AVX512-BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def first_run_needed(registry: Any) -> bool:
-    """Whether a fresh install should train its first aligned version: the live policy is the bare base
-    (or nothing is live yet), no policy version with an adapter was ever registered, and no round runs."""
-    live = registry.live("policy")
-    if live is not None and live.adapter_path:
-        return False
-    if any(v.adapter_path for v in registry.list(kind="policy")):
-        return False
-    return registry.running_round() is None
-
-
-def promotion_policy(config: RoundConfig) -> Any:
-    """The sequential test's settings (feedback_db.PromotionPolicy) that ``config`` describes."""
-    from feedback_db import PromotionPolicy
-
-    return PromotionPolicy(alpha=config.promote_alpha, min_voters=config.promote_min_voters,
-                           max_votes_per_voter=config.promote_max_votes_per_voter, min_votes=config.min_votes)
-
-
-def maybe_auto_promote(store: Any, config: RoundConfig) -> str | None:
-    """Promote the newest policy candidate if auto-promotion is on, its gates passed, and its Compare votes
-    against live pass the sequential test (:func:`promotion_policy`).
-
-    Returns the promoted version's name, else None. Safe to call from cron or the server, often.
-    """
-    from feedback_db.promotion import auto_promote_candidate
-    from training.base_models import resolve_model
-
-    if not config.auto_promote:
-        return None
-    return auto_promote_candidate(store, resolve_model(config.base_model).name, policy=promotion_policy(config))
-
-
-def load_round_config(path: str | Path) -> RoundConfig:
-    """A RoundConfig from JSON (e.g. the config a round recorded); nested step configs included."""
-    from training.config import ConfigError, config_from_dict
-
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"No round configuration file at {path}.")
-    data = json.loads(path.read_text())
-    nested = {"sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig}
-    steps = {k: config_from_dict(cls, data.pop(k)) for k, cls in nested.items() if isinstance(data.get(k), dict)}
-    names = {f.name for f in dataclasses.fields(RoundConfig)}
-    unknown = set(data) - names
-    if unknown:
-        raise ConfigError(f"RoundConfig has no field(s) {', '.join(sorted(unknown))}.")
-    return RoundConfig(**data, **steps)

@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from feedback_db import feedback_over_time, leaderboard, thumbs_by_version, win_rate  # noqa: E402
-from training.round import RoundConfig  # noqa: E402
+from training.round_config import RoundConfig  # noqa: E402
 
 from ..auth import AdminGuard, admin_only  # noqa: E402
 from ..round_process import start_round as launch_round  # noqa: E402
