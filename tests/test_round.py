@@ -83,6 +83,17 @@ def test_starter_set_loads_and_seeds_once(tmp_db_path: Path) -> None:
         assert seed_starter_set(store) == {"sft": 0, "prompts": 0, "preferences": 0}  # content-keyed: a no-op
 
 
+def test_the_evaluation_samples_as_the_app_serves_unless_told_greedy() -> None:
+    from training.config import ConfigError
+    from training.sampling import APP_SAMPLING, GREEDY
+
+    assert RoundConfig().reply_sampling() == APP_SAMPLING.with_samples(2)
+    assert RoundConfig(eval_sampling="greedy").reply_sampling() == GREEDY
+    for bad in ({"eval_samples": 0}, {"eval_sampling": "beam"}):
+        with pytest.raises(ConfigError, match="eval_samples"):
+            RoundConfig(**bad)
+
+
 def test_heldout_split_is_stable() -> None:
     rows = [{"prompt": f"p{i}"} for i in range(200)]
     train, held = split_heldout(rows, 0.25)

@@ -107,7 +107,6 @@ from training.round_lock import (
     round_lock,
     same_round_done,
 )
-from training.sampling import APP_SAMPLING, GREEDY, ReplySampling
 
 __all__ = [
     "STARTER_DIR", "STARTER_FILES", "STARTER_SOURCE", "RoundBusyError", "RoundConfig", "RoundResult", "RoundRunner",
@@ -398,12 +397,6 @@ class RoundRunner:
                                      self.config.eval_max_new_tokens, self.eval_prompt_tokens())
             self.record_fixed_samples(fixed, replies)
 
-    def eval_sampling(self) -> ReplySampling:
-        """How the evaluation draws replies (RoundConfig.eval_sampling, eval_samples)."""
-        if self.config.eval_sampling == "greedy":
-            return GREEDY
-        return APP_SAMPLING.with_samples(self.config.eval_samples)
-
     def eval_prompt_tokens(self) -> int:
         """Longest prompt in greedy evaluation: PPO's length budget minus the reply's."""
         return max(MIN_PROMPT_TOKENS, self.config.ppo.max_length - self.config.eval_max_new_tokens)
@@ -621,7 +614,7 @@ class RoundRunner:
         c = self.config
         texts = [p["prompt"] for p in prompts]
         self.sample_fixed_prompts(live_adapter, ppo.adapter_dir)
-        sampling = self.eval_sampling()
+        sampling = c.reply_sampling()
         scorers = {"proxy": rm_dir} | ({"judge": judge.adapter_dir} if judge is not None else {})
         judged = judge_candidate(c.base_model, c.device, texts, live_adapter, str(ppo.adapter_dir), scorers,
                                  max_new_tokens=c.eval_max_new_tokens, max_prompt_tokens=self.eval_prompt_tokens(),

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from training.config import LoraSettings, PPOConfig, RewardConfig, SFTConfig, _f
+from training.config import ConfigError, LoraSettings, PPOConfig, RewardConfig, SFTConfig, _f
+from training.sampling import APP_SAMPLING, GREEDY, ReplySampling
 
 
 def _small_lora() -> LoraSettings:
@@ -67,6 +68,15 @@ class RoundConfig:
                                                              lora=_small_lora()),
                            metadata={"help": "PPO-ptx step defaults (`--set ppo.iterations=50`)."})
 
+    def __post_init__(self) -> None:
+        if self.eval_sampling not in ("app", "greedy") or self.eval_samples < 1:
+            raise ConfigError(f"eval_sampling={self.eval_sampling!r}, eval_samples={self.eval_samples}: use 'app' with "
+                              "eval_samples >= 1 (replies per held-out prompt) or 'greedy'.")
+
+    def reply_sampling(self) -> ReplySampling:
+        """How the evaluation draws candidate's and live's replies (``eval_sampling``, ``eval_samples``)."""
+        return GREEDY if self.eval_sampling == "greedy" else APP_SAMPLING.with_samples(self.eval_samples)
+
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))
 
@@ -95,7 +105,7 @@ def native_bf16_cpu() -> bool:
 
 def load_round_config(path: str | Path) -> RoundConfig:
     """A RoundConfig from JSON (e.g. the config a round recorded); nested step configs included."""
-    from training.config import ConfigError, config_from_dict
+    from training.config import config_from_dict
 
     path = Path(path).expanduser()
     if not path.is_file():
