@@ -234,7 +234,7 @@ def _promote_first_run(child, db_path: Path) -> None:
     if the round succeeded with its gates passed and the bare base is still live."""
     import logging
 
-    from feedback_db import FeedbackError, FeedbackStore, ModelRegistry
+    from feedback_db import FeedbackError, FeedbackStore, ModelRegistry, for_operator
 
     log = logging.getLogger("alignloop.first_run")
     status = child.wait()
@@ -254,7 +254,7 @@ def _promote_first_run(child, db_path: Path) -> None:
         try:
             registry.promote(candidates[0].id, actor=FIRST_RUN_ACTOR)
         except FeedbackError as exc:
-            log.error("could not make the first aligned version %s live: %s", candidates[0].name, exc)
+            log.error("could not make the first aligned version %s live: %s", candidates[0].name, for_operator(exc))
             return
         log.info("the first aligned version %s is live", candidates[0].name)
 
@@ -402,13 +402,13 @@ def promote(
 
     Example: alignloop promote policy-r3
     """
-    from feedback_db import FeedbackError
+    from feedback_db import FeedbackError, for_operator
 
     try:
         registry = _registry(db)
         promoted = registry.promote(int(version) if version.isdigit() else version, actor=_cli_operator(actor))
     except FeedbackError as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        typer.secho(f"error: {for_operator(exc)}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None
     typer.echo(f"{promoted.name} is live ({promoted.kind}).")
 
@@ -423,12 +423,12 @@ def rollback(
 
     Example: alignloop rollback
     """
-    from feedback_db import FeedbackError
+    from feedback_db import FeedbackError, for_operator
 
     try:
         restored = _registry(db).rollback(kind, actor=_cli_operator(actor))
     except FeedbackError as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        typer.secho(f"error: {for_operator(exc)}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None
     typer.echo(f"rolled back: {restored.name} is live again.")
 

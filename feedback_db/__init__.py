@@ -11,6 +11,7 @@ from .errors import (
     RegistryError,
     SchemaVersionError,
     StoreBusyError,
+    for_operator,
 )
 from .exports import (
     DROP_REASONS,
@@ -40,7 +41,7 @@ __all__ = [
     "AccessDeniedError", "CHOICES", "Context", "DROP_REASONS", "Export", "FeedbackError", "FeedbackStore",
     "ImportResult", "UNVOTABLE_FINISH_REASONS",
     "InvalidInputError", "ModelRegistry", "ModelVersion", "NotFoundError", "PreferenceGroup", "RegistryError",
-    "Reply", "SchemaVersionError", "StoreBusyError", "StoreConfig", "TrainingRound", "export", "export_ppo_prompts",
+    "Reply", "SchemaVersionError", "StoreBusyError", "StoreConfig", "for_operator", "TrainingRound", "export", "export_ppo_prompts",
     "export_preference_groups", "export_preferences", "export_sft", "export_thumbs", "import_jsonl", "import_rows",
     "read_jsonl", "write_jsonl", "default_db_path",
 ]

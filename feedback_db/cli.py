@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 
 from .connection import default_db_path
-from .errors import FeedbackError
+from .errors import FeedbackError, for_operator
 from .exports import export, write_jsonl
 from .imports import import_jsonl
 from .leaderboard import leaderboard
@@ -34,7 +34,7 @@ def _open(db: Optional[Path], *, create: bool = False) -> FeedbackStore:
 
 
 def _fail(exc: Exception) -> None:
-    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    typer.secho(f"error: {for_operator(exc)}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=1)
 
 

@@ -12,6 +12,9 @@ import. A writer that waits announces it with a shared lock on `<db>.lock.wait`,
 job that commits in batches (an import) can let it in between two batches
 (`WriteLock.let_waiters_in`): flock alone hands the lock to whoever asks first, which is
 usually the job itself, immediately after it released it.
+
+Whoever takes the lock writes who it is into `<db>.lock` (process id, command, thread, when), so a
+writer that gives up can tell the operator who kept it waiting (`StoreBusyError.detail`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import contextlib
 import fcntl
 import os
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -31,6 +35,7 @@ import sqlite_utils
 from .errors import StoreBusyError
 
 LOCK_POLL_MAX_S = 0.002  # longest sleep between two tries of a busy write lock
+HOLDER_RECORD_BYTES = 256  # the holder's record at the start of `<db>.lock`, padded to this size
 BUSY_MESSAGE = ("The feedback database is busy (another process is writing, e.g. an import); "
                 "try again in a few seconds.")
 
@@ -79,6 +84,7 @@ class WriteLock:
         self._wait_path = Path(str(db_path) + ".lock.wait")
         self._fd: int | None = None
         self._pid = os.getpid()
+        self._holder_thread: tuple[str, float] | None = None  # (thread name, since) of this process's holder
         self.timeout_s = timeout_s
 
     def _file(self) -> int:
@@ -100,8 +106,32 @@ class WriteLock:
         finally:
             os.close(fd)  # closing releases the shared lock
 
-    def _busy(self, waited: float) -> StoreBusyError:
-        return StoreBusyError(f"{BUSY_MESSAGE} (waited {waited:.1f} s for the write lock on {self._lock_path})")
+    def _busy(self, waited: float, holder: str) -> StoreBusyError:
+        return StoreBusyError(BUSY_MESSAGE, f"waited {waited:.1f} s for the write lock on {self._lock_path}; "
+                                            f"held by {holder}")
+
+    def _record_holder(self, fd: int) -> None:
+        """Write who holds the lock now into its file (read by a writer that gives up)."""
+        words = [a for a in sys.argv[1:3] if not a.startswith("-")]  # a subcommand, never an option's value
+        command = " ".join([Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python", *words])
+        record = f"{os.getpid()}\t{command}\t{threading.current_thread().name}\t{time.time():.3f}"
+        os.pwrite(fd, record.encode("utf-8", "replace")[:HOLDER_RECORD_BYTES - 1].ljust(HOLDER_RECORD_BYTES - 1)
+                  + b"\n", 0)
+
+    def _holder_in_file(self, fd: int) -> str:
+        """Who holds the lock by its file's record: 'pid 12 (alignloop db import), thread MainThread, for 3.1 s'."""
+        try:
+            pid, command, thread, since = os.pread(fd, HOLDER_RECORD_BYTES, 0).decode("utf-8", "replace").split("\t")
+            return f"pid {pid} ({command}), thread {thread}, for {time.time() - float(since):.1f} s"
+        except (OSError, ValueError):
+            return "a writer that left no record (another tool, or an older alignloop)"
+
+    def _holder_here(self) -> str:
+        """Who holds the lock in this process (another thread, queued ahead on the mutex)."""
+        held = self._holder_thread
+        if held is None:
+            return "another thread of this process"
+        return f"this process (pid {os.getpid()}), thread {held[0]}, for {time.monotonic() - held[1]:.1f} s"
 
     def _acquire(self, deadline: float | None) -> None:
         """Take the mutex, then the file lock, before `deadline` (time.monotonic), or raise StoreBusyError."""
@@ -110,7 +140,8 @@ class WriteLock:
             with self._announced():
                 left = -1 if deadline is None else max(0.0, deadline - time.monotonic())
                 if not self._mutex.acquire(timeout=left):
-                    raise self._busy(time.monotonic() - start)
+                    raise self._busy(time.monotonic() - start, self._holder_here())
+        self._holder_thread = (threading.current_thread().name, time.monotonic())
         try:
             fd = self._file()
             if not _try_flock(fd):
@@ -119,9 +150,10 @@ class WriteLock:
                     while not _try_flock(fd):
                         now = time.monotonic()
                         if deadline is not None and now >= deadline:
-                            raise self._busy(now - start)
+                            raise self._busy(now - start, self._holder_in_file(fd))
                         time.sleep(pause if deadline is None else min(pause, deadline - now))
                         pause = min(pause * 2, LOCK_POLL_MAX_S)
+            self._record_holder(fd)
         except BaseException:
             self._mutex.release()
             raise
@@ -203,6 +235,7 @@ def _begin_immediate(db: sqlite_utils.Database, deadline: float | None) -> None:
     except sqlite3.OperationalError as exc:
         if "locked" not in str(exc) and "busy" not in str(exc):
             raise
-        raise StoreBusyError(f"{BUSY_MESSAGE} (another program holds SQLite's write lock on the file)") from None
+        raise StoreBusyError(BUSY_MESSAGE, "another program holds SQLite's own write lock on the file "
+                                           "(a tool that does not use alignloop's lock file)") from None
     finally:
         db.execute(f"PRAGMA busy_timeout = {int(normal)}")

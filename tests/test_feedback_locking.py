@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from feedback_db import FeedbackStore, ModelRegistry, Reply, StoreBusyError, StoreConfig, import_rows
+from feedback_db import FeedbackStore, ModelRegistry, Reply, StoreBusyError, StoreConfig, for_operator, import_rows
+from feedback_db.connection import BUSY_MESSAGE
 
 SPAWN = mp.get_context("spawn")  # a fresh interpreter: no lock or connection inherited from the test
 
@@ -42,9 +43,14 @@ def test_a_write_gives_up_at_the_deadline_when_another_process_holds_the_lock(tm
         try:
             assert ready.wait(60), "the lock holder did not start"
             start = time.monotonic()
-            with pytest.raises(StoreBusyError, match="The feedback database is busy .* try again in a few seconds"):
+            with pytest.raises(StoreBusyError, match="The feedback database is busy .* try again in a few seconds") as busy:
                 store.record_rating(user, reply, 1)
             waited = time.monotonic() - start
+            # A user reads only what to do; the operator's detail names the lock file and who held it, for how long.
+            assert str(busy.value) == BUSY_MESSAGE and str(tmp_db_path) not in str(busy.value)
+            detail = busy.value.detail
+            assert f"{tmp_db_path}.lock" in detail and f"held by pid {holder.pid} (" in detail, detail
+            assert "thread MainThread, for " in detail and for_operator(busy.value) == f"{BUSY_MESSAGE} ({detail})"
             assert 0.4 <= waited < 0.5 + 2.0  # the deadline, plus a margin for a loaded machine
             assert store.snapshot() == before and store.db["ratings"].count == 0
         finally:
@@ -84,12 +90,13 @@ def test_a_thread_of_the_same_process_also_has_a_deadline(tmp_db_path):
                 inside.set()
                 release.wait(30)
 
-        holder = threading.Thread(target=hold)
+        holder = threading.Thread(target=hold, name="slow-writer")
         holder.start()
         try:
             assert inside.wait(10)
-            with pytest.raises(StoreBusyError):
+            with pytest.raises(StoreBusyError) as busy:
                 store.record_rating(user, reply, 1)
+            assert "held by this process" in busy.value.detail and "thread slow-writer, for " in busy.value.detail
         finally:
             release.set()
             holder.join()

@@ -12,7 +12,7 @@ from typing import TypeVar
 
 import gradio as gr
 
-from feedback_db import FeedbackError
+from feedback_db import FeedbackError, for_operator
 
 from ..engines.base import SamplingConfig
 from ..limits import UserFacingError
@@ -94,7 +94,7 @@ def show_error(exc: Exception) -> gr.Error:
     if isinstance(exc, gr.Error):
         return exc
     if isinstance(exc, (UserFacingError, FeedbackError)):  # the store's errors say what to do (e.g. "busy")
-        log.info("refused: %s", exc)
+        log.info("refused: %s", for_operator(exc))  # with the store's detail, e.g. who held the write lock
         return gr.Error(str(exc), print_exception=False)
     log.exception("handler failed")
     return gr.Error("Something went wrong on the server; please try again. If it keeps happening, tell the "
