@@ -16,6 +16,7 @@ from training.losses import mask_after_first_stop
 from training.metrics_log import read_metrics
 from training.ppo import make_rollout_batch, train_ppo
 from training.reward_model import train_reward_model
+from training.sampling import ReplySampling
 from training.sft import train_sft
 
 PROMPTS = ["What is the capital of France?", "Count to five", "Write a poem about the sea", "Hello! How are you?",
@@ -175,14 +176,16 @@ def full_loop(tiny_model_path: Path, data: dict[str, Path], tmp_path_factory: py
     cfg = PPOConfig(base_model=base, prompts=str(data["prompts"]), sft_adapter=str(sft.adapter_dir),
                     reward_adapter=str(rm.adapter_dir), sft_data=str(data["sft"]), output_dir=str(root / "ppo"),
                     iterations=2, rollout_batch=4, minibatch=2, ppo_epochs=1, max_new_tokens=5, save_every=1,
-                    missing_eos_penalty=1.0, progress=False, lora=lora)
+                    missing_eos_penalty=1.0, progress=False, lora=lora,
+                    temperature=0.8, frequency_penalty=0.5, min_p=0.1)  # sampled and scored as the app serves
     return {"sft": sft, "rm": rm, "ppo": train_ppo(cfg)}
 
 
 def test_ppo_with_sft_reference_and_reward_adapter(full_loop: dict) -> None:
     result = full_loop["ppo"]
     log = [r for r in read_metrics(result.metrics_path) if "reward/mean" in r]
-    assert log[0]["kl/per_reply"] == pytest.approx(0.0, abs=1e-4)  # policy = copy of the SFT reference
+    # policy = copy of the SFT reference, both scored under the served sampling (temperature, penalty, min-p)
+    assert log[0]["kl/per_reply"] == pytest.approx(0.0, abs=1e-4)
     assert (result.adapter_dir / "checkpoints" / "iter-00002" / "adapter_model.safetensors").is_file()
     assert (result.adapter_dir / "value" / "scalar_head.safetensors").is_file()
     assert len(result.samples) == 4
@@ -279,13 +282,19 @@ def test_engine_sampler_sends_the_fitted_prompt_ids_to_the_engine(tiny_model_pat
 
     async def recording(prompt_ids, n=1, **kwargs):
         sent.append(list(prompt_ids))
+        settings.append(kwargs["sampling"])
         return await original(prompt_ids, n, **kwargs)
 
+    settings = []
     engine.generate_tokens = recording
-    sampler = EngineSampler(engine, stop_token_ids(tok), max_new_tokens=8, temperature=1.0, top_p=1.0)
+    sampler = EngineSampler(engine, stop_token_ids(tok), max_new_tokens=8,
+                            sampling=ReplySampling(temperature=0.8, frequency_penalty=0.5, min_p=0.1))
     try:
         replies = sampler.sample([fitted], [long])
         assert sent == [fitted] and len(replies) == 1 and 1 <= len(replies[0]) <= 8
+        # Sampled as PPO scores them: its temperature, the penalty and min-p reach the engine.
+        s = settings[0]
+        assert (s.temperature, s.frequency_penalty, s.min_p, s.max_tokens) == (0.8, 0.5, 0.1, 8)
         # Token ids in, the same reply as from the messages that render to them (greedy).
         msgs = [{"role": "user", "content": "Hello! How are you?"}]
         greedy = SamplingConfig(temperature=0.0, max_tokens=6)

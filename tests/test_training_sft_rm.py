@@ -20,7 +20,7 @@ from training.chat_data import (
     to_messages,
 )
 from training.config import LoraSettings, RewardConfig, SFTConfig, apply_overrides
-from training.logprobs import token_logprobs
+from training.logprobs import reply_logprobs, token_logprobs
 from training.losses import pairwise_reward_loss
 from training.reward_model import (RewardModel, kwise_batch, kwise_loss, kwise_rewards, sequence_rewards,
                                    train_reward_model)
@@ -96,6 +96,40 @@ def test_chunked_logprobs_match_full_logits_with_temperature(tiny) -> None:
     probs = torch.softmax(logits, -1)
     full_ent = -(probs * torch.log_softmax(logits, -1)).sum(-1)
     assert torch.allclose(ent[:, 1:][mask], full_ent[mask], atol=1e-4)
+
+
+def test_reply_logprobs_are_those_of_the_served_distribution(tiny) -> None:
+    """With the app's frequency penalty and min-p, PPO's log-probs are exactly those of the distribution
+    transformers' generate sampled from (its processed scores), token by token."""
+    from training.chat_data import encode_prompt, left_pad
+    from training.sampling import ReplySampling
+
+    model, tok = tiny
+    sampling = ReplySampling(temperature=0.7, min_p=0.1, frequency_penalty=0.5)
+    ids, mask = left_pad([encode_prompt(tok, "Tell me a story"), encode_prompt(tok, "Hi")], tok.pad_token_id)
+    torch.manual_seed(0)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, return_dict_in_generate=True,
+                         output_scores=True, pad_token_id=tok.pad_token_id, eos_token_id=[-1],
+                         **sampling.generate_options(ids.shape[1]))
+    reply = out.sequences[:, ids.shape[1]:]
+    served = torch.stack([torch.log_softmax(step.float(), -1) for step in out.scores], 1)  # [batch, reply, vocab]
+    expected = served.gather(-1, reply.unsqueeze(-1)).squeeze(-1)
+    full = torch.cat([mask, torch.ones_like(reply)], 1)
+    lp, ent = reply_logprobs(model, out.sequences, full, torch.ones_like(reply), ids.shape[1], temperature=0.7,
+                             chunk=5, with_entropy=True, frequency_penalty=0.5, min_p=0.1)
+    assert torch.allclose(lp, expected, atol=1e-4), (lp, expected)
+    assert torch.isfinite(ent).all() and (ent >= 0).all()
+    # Without them, the log-probs are the plain tempered ones, which differ wherever the penalty bites.
+    plain, _ = reply_logprobs(model, out.sequences, full, torch.ones_like(reply), ids.shape[1], temperature=0.7)
+    assert not torch.allclose(plain, expected, atol=1e-3)
+
+
+def test_reply_history_lists_the_reply_tokens_before_each_scored_one() -> None:
+    from training.logprobs import reply_history
+
+    reply = torch.tensor([[5, 7, 7], [9, 2, 0]])
+    scored = torch.tensor([[1, 1, 1], [1, 1, 0]])  # the second reply ended: its last position is not scored
+    assert reply_history(reply, scored).tolist() == [[-1, -1, -1], [5, -1, -1], [5, 7, -1], [-1, -1, -1], [9, -1, -1]]
 
 
 # --------------------------------------------------------------------------- #

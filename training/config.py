@@ -179,6 +179,8 @@ class PPOConfig(BaseSettings):
     max_new_tokens: int = _f(64, "Longest sampled reply.")
     temperature: float = _f(1.0, "Sampling temperature; applied to the logits wherever log-probs are computed.")
     top_p: float = _f(1.0, "Nucleus sampling (1.0: off, which keeps log-probs exact).")
+    frequency_penalty: float = _f(0.0, "OpenAI's frequency penalty on the reply so far, in the rollouts and wherever log-probs are computed, so PPO trains the distribution the app serves (`serve --frequency-penalty`, 0.5 by default); 0: the model's own.")
+    min_p: float = _f(0.0, "Min-p cut in the rollouts and the log-probs alike (the app serves with 0.1); 0: off.")
     gamma: float = _f(1.0, "GAE discount.")
     lam: float = _f(0.95, "GAE lambda.")
     cliprange: float = _f(0.2, "PPO ratio clip.")

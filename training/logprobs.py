@@ -5,9 +5,17 @@ would take 8.6 GB in float32. So we run the transformer body once to get hidden
 states, keep only the rows whose next token we score (reply tokens), and
 project them through the LM head a chunk at a time. With gradients on, each
 chunk is checkpointed, so backward recomputes its logits instead of keeping them.
+
+The log-probs are those of the distribution the tokens were sampled from: the model's logits
+(soft-capped), minus OpenAI's frequency penalty on the reply so far, divided by the temperature,
+with min-p's cut (tokens below min_p x the top token's probability get none), renormalised. That is
+how the chat app samples (training.sampling: the same order as transformers' generate and vLLM), so
+PPO can train the policy users are served, not only its raw distribution.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor, nn
@@ -39,24 +47,41 @@ def hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -
 
 
 def _chunk_logprobs(rows: Tensor, targets: Tensor, lm_head: nn.Module, softcap: float | None,
-                    temperature: float, with_entropy: bool) -> tuple[Tensor, Tensor]:
+                    temperature: float, with_entropy: bool, history: Tensor | None = None,
+                    frequency_penalty: float = 0.0, min_p: float = 0.0) -> tuple[Tensor, Tensor]:
     logits = lm_head(rows).float()
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
+    if history is not None and frequency_penalty:  # OpenAI's: logit - f x (count of the token in the reply so far)
+        seen = history >= 0
+        counts = torch.zeros_like(logits).scatter_add_(1, history.clamp(min=0), seen.to(logits.dtype))
+        logits = logits - frequency_penalty * counts
     logits = logits / temperature  # the sampling temperature, so log-probs match the sampled distribution
+    if min_p > 0:  # min-p (Nguyen et al. 2024): p < min_p x p_max  <=>  logit < max logit + log(min_p)
+        cut = logits.max(dim=-1, keepdim=True).values + math.log(min_p)
+        logits = logits.masked_fill(logits < cut, torch.finfo(logits.dtype).min)  # finite: the entropy stays a number
     logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     entropy = entropy_from_logits(logits) if with_entropy else torch.zeros_like(logprobs)
     return logprobs, entropy
 
 
 def rows_logprobs(rows: Tensor, targets: Tensor, lm_head: nn.Module, softcap: float | None = None,
-                  temperature: float = 1.0, chunk: int = 128, with_entropy: bool = False) -> tuple[Tensor, Tensor]:
-    """log π(target | hidden row) for [N, hidden] rows, ``chunk`` rows at a time; also the entropy if asked."""
+                  temperature: float = 1.0, chunk: int = 128, with_entropy: bool = False,
+                  history: Tensor | None = None, frequency_penalty: float = 0.0,
+                  min_p: float = 0.0) -> tuple[Tensor, Tensor]:
+    """log π(target | hidden row) for [N, hidden] rows, ``chunk`` rows at a time; also the entropy if asked.
+
+    ``history`` [N, L]: the reply tokens before each row's target (-1: none), for the frequency penalty.
+    """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 to compute log-probs, got {temperature}.")
+    if not 0 <= min_p < 1 or frequency_penalty < 0:
+        raise ValueError(f"min_p must be in [0, 1) and frequency_penalty >= 0, got {min_p} and {frequency_penalty}.")
     logprobs, entropies = [], []
     for start in range(0, rows.shape[0], chunk):
-        args = (rows[start : start + chunk], targets[start : start + chunk], lm_head, softcap, temperature, with_entropy)
+        past = history[start : start + chunk] if history is not None else None
+        args = (rows[start : start + chunk], targets[start : start + chunk], lm_head, softcap, temperature, with_entropy,
+                past, frequency_penalty, min_p)
         if torch.is_grad_enabled() and rows.requires_grad:
             lp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
         else:
@@ -71,7 +96,8 @@ def rows_logprobs(rows: Tensor, targets: Tensor, lm_head: nn.Module, softcap: fl
 
 def token_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, target_mask: Tensor,
                    temperature: float = 1.0, chunk: int = 128, with_entropy: bool = False,
-                   hidden: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                   hidden: Tensor | None = None, history: Tensor | None = None, frequency_penalty: float = 0.0,
+                   min_p: float = 0.0) -> tuple[Tensor, Tensor]:
     """log π(x_t | x_<t) at the positions where ``target_mask`` is 1, 0 elsewhere.
 
     Args:
@@ -80,6 +106,8 @@ def token_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
         temperature: logits are divided by it before the softmax.
         chunk: hidden rows projected to the vocabulary at once.
         hidden: precomputed :func:`hidden_states`, to share one body pass.
+        history, frequency_penalty, min_p: see :func:`rows_logprobs` (``history`` has one row per scored
+            token, in the order of ``target_mask``'s ones).
 
     Returns:
         (log-probs [batch, seq] float32, entropies [batch, seq] float32, zeros if not asked).
@@ -90,7 +118,8 @@ def token_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
     scored = target_mask[:, 1:].bool()  # token t is predicted by the hidden state at t - 1
     rows = hidden[:, :-1][scored]
     targets = input_ids[:, 1:][scored]
-    lp, ent = rows_logprobs(rows, targets, lm_head, softcap, temperature, chunk, with_entropy)
+    lp, ent = rows_logprobs(rows, targets, lm_head, softcap, temperature, chunk, with_entropy, history,
+                            frequency_penalty, min_p)
     batch = input_ids.shape[0]
     first = hidden.new_zeros(batch, 1, dtype=torch.float32)
     out_lp = torch.cat([first, first.new_zeros(scored.shape).masked_scatter(scored, lp)], dim=1)
@@ -100,12 +129,25 @@ def token_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
 
 def reply_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, reply_mask: Tensor,
                    context_length: int, temperature: float = 1.0, chunk: int = 128,
-                   with_entropy: bool = False, hidden: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Log-probs [batch, reply_len] of the reply tokens of left-padded prompt + reply sequences.
+                   with_entropy: bool = False, hidden: Tensor | None = None, frequency_penalty: float = 0.0,
+                   min_p: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Log-probs [batch, reply_len] of the reply tokens of left-padded prompt + reply sequences, under the
+    sampling that drew them (temperature, frequency penalty on the reply so far, min-p).
 
     ``input_ids[:, :context_length]`` is the (left-padded) prompt, the rest the reply;
     ``reply_mask`` [batch, reply_len] marks the reply tokens to score.
     """
     target_mask = torch.cat([torch.zeros_like(input_ids[:, :context_length]), reply_mask.long()], dim=1)
-    lp, ent = token_logprobs(model, input_ids, attention_mask, target_mask, temperature, chunk, with_entropy, hidden)
+    history = reply_history(input_ids[:, context_length:], reply_mask) if frequency_penalty else None
+    lp, ent = token_logprobs(model, input_ids, attention_mask, target_mask, temperature, chunk, with_entropy, hidden,
+                             history, frequency_penalty, min_p)
     return lp[:, context_length:], ent[:, context_length:]
+
+
+def reply_history(reply: Tensor, reply_mask: Tensor) -> Tensor:
+    """For each scored reply token (``reply_mask``'s ones, row by row), the reply tokens before it:
+    [scored, reply_len], -1 where there is none. Reply token j sees tokens 0..j-1."""
+    length = reply.shape[1]
+    before = torch.ones(length, length, dtype=torch.bool, device=reply.device).tril(-1)  # [j, i]: i < j
+    past = reply.unsqueeze(1).expand(-1, length, -1).masked_fill(~before, -1)  # [batch, j, i]
+    return past[reply_mask.bool()]

@@ -99,15 +99,20 @@ class PolicyStack:
 
     def policy_logprobs(self, ids: Tensor, mask: Tensor, reply_mask: Tensor, ctx: int, with_entropy: bool = False) -> tuple[Tensor, Tensor]:
         use_adapter(self.model, "policy", TRAINABLE)
-        return reply_logprobs(self.model, ids, mask, reply_mask, ctx, self.cfg.temperature, self.cfg.logits_chunk, with_entropy)
+        return reply_logprobs(self.model, ids, mask, reply_mask, ctx, self.cfg.temperature, self.cfg.logits_chunk, with_entropy,
+                              frequency_penalty=self.cfg.frequency_penalty, min_p=self.cfg.min_p)
 
     @torch.no_grad()
     def reference_logprobs(self, ids: Tensor, mask: Tensor, reply_mask: Tensor, ctx: int) -> Tensor:
         if self.has_reference:
             use_adapter(self.model, "reference", TRAINABLE)
-            return reply_logprobs(self.model, ids, mask, reply_mask, ctx, self.cfg.temperature, self.cfg.logits_chunk)[0]
+            return self._served_logprobs(ids, mask, reply_mask, ctx)
         with self.model.disable_adapter():  # no SFT adapter: the reference is the base itself
-            return reply_logprobs(self.model, ids, mask, reply_mask, ctx, self.cfg.temperature, self.cfg.logits_chunk)[0]
+            return self._served_logprobs(ids, mask, reply_mask, ctx)
+
+    def _served_logprobs(self, ids: Tensor, mask: Tensor, reply_mask: Tensor, ctx: int) -> Tensor:
+        return reply_logprobs(self.model, ids, mask, reply_mask, ctx, self.cfg.temperature, self.cfg.logits_chunk,
+                              frequency_penalty=self.cfg.frequency_penalty, min_p=self.cfg.min_p)[0]
 
     def values(self, ids: Tensor, mask: Tensor, ctx: int) -> Tensor:
         """V(state before reply token t) for every reply position: [batch, reply_len]."""

@@ -24,6 +24,7 @@ from torch import nn
 
 from training.adapters import use_adapter
 from training.chat_data import Messages, left_pad
+from training.sampling import ReplySampling
 
 if TYPE_CHECKING:
     from training.config import PPOConfig
@@ -70,15 +71,16 @@ SamplerFactory = Callable[["PPOConfig", SamplerContext], Sampler]
 
 
 class HFSampler:
-    """``model.generate`` with the policy adapter active, left-padded prompts, plain sampling."""
+    """``model.generate`` with the policy adapter active, left-padded prompts, sampled as PPO's config says
+    (:func:`rollout_sampling`: temperature, top-p, the app's frequency penalty and min-p when set)."""
 
     needs_adapter_folder = False
 
     def __init__(self, model: nn.Module, tokenizer: Any, trainable: set[str], stop_ids: list[int], pad_id: int,
-                 max_new_tokens: int, temperature: float, top_p: float, device: torch.device):
+                 max_new_tokens: int, sampling: ReplySampling, device: torch.device):
         self.model, self.tokenizer, self.trainable = model, tokenizer, trainable
         self.stop_ids, self.pad_id, self.device = stop_ids, pad_id, device
-        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
+        self.max_new_tokens, self.sampling = max_new_tokens, sampling
 
     def set_policy(self, name: str, folder: Path | None) -> None:
         """Nothing to do: the training model's policy adapter is always the current one."""
@@ -90,13 +92,10 @@ class HFSampler:
         out = self.model.generate(
             input_ids=ids.to(self.device),
             attention_mask=mask.to(self.device),
-            do_sample=True,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=0,
             max_new_tokens=self.max_new_tokens,
             eos_token_id=self.stop_ids,
             pad_token_id=self.pad_id,
+            **self.sampling.generate_options(ids.shape[1]),
         )
         return [row.tolist() for row in out[:, ids.shape[1] :].cpu()]
 
@@ -107,4 +106,11 @@ class HFSampler:
 def hf_sampler_factory(cfg: PPOConfig, ctx: SamplerContext) -> HFSampler:
     """A :data:`SamplerFactory` for :class:`HFSampler` (``generate`` on the training model)."""
     return HFSampler(ctx.model, ctx.tokenizer, ctx.trainable, ctx.stop_ids, ctx.pad_id, cfg.max_new_tokens,
-                     cfg.temperature, cfg.top_p, ctx.device)
+                     rollout_sampling(cfg), ctx.device)
+
+
+def rollout_sampling(cfg: PPOConfig) -> ReplySampling:
+    """How PPO samples its rollouts: its temperature, top-p, frequency penalty and min-p (the same settings
+    every log-prob is computed under)."""
+    return ReplySampling(temperature=cfg.temperature, top_p=cfg.top_p, min_p=cfg.min_p,
+                         frequency_penalty=cfg.frequency_penalty)

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Sequence
 
 from training.config import ConfigError, PPOConfig
-from training.rollout import Sampler, SamplerContext, hf_sampler_factory
+from training.rollout import Sampler, SamplerContext, hf_sampler_factory, rollout_sampling
+from training.sampling import ReplySampling
 
 from .base import AdapterRef, Engine, Messages, SamplingConfig
 
@@ -31,14 +32,16 @@ class EngineSampler:
     Args:
         engine: a started engine on the training run's base model; the sampler owns it and closes it.
         stop_ids: the ids that end a reply (the first is appended when an engine drops it).
-        max_new_tokens, temperature, top_p: PPO's sampling settings (top-k off).
+        max_new_tokens: the longest reply.
+        sampling: PPO's sampling settings (``training.rollout.rollout_sampling``; top-k off), the same ones
+            its log-probs are computed under.
     """
 
     needs_adapter_folder = True
 
-    def __init__(self, engine: Engine, stop_ids: list[int], max_new_tokens: int, temperature: float, top_p: float):
+    def __init__(self, engine: Engine, stop_ids: list[int], max_new_tokens: int, sampling: ReplySampling):
         self.engine, self.stop_ids = engine, stop_ids
-        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
+        self.max_new_tokens, self.sampling = max_new_tokens, sampling
         self.adapter: str | None = None
         self._loop = asyncio.new_event_loop()
 
@@ -54,7 +57,10 @@ class EngineSampler:
 
     def sample(self, prompt_ids: Sequence[list[int]], prompts: Sequence[Messages]) -> list[list[int]]:
         """One reply per prompt, generated from exactly ``prompt_ids`` (``prompts`` are not re-rendered)."""
-        sampling = SamplingConfig(temperature=self.temperature, top_p=self.top_p, top_k=0, max_tokens=self.max_new_tokens)
+        s = self.sampling
+        sampling = SamplingConfig(temperature=s.temperature, top_p=s.top_p, top_k=0, max_tokens=self.max_new_tokens,
+                                  frequency_penalty=s.frequency_penalty, presence_penalty=s.presence_penalty,
+                                  min_p=s.min_p)
 
         async def run_all() -> list[list]:
             return await asyncio.gather(*(self.engine.generate_tokens(list(ids), 1, adapter=self.adapter,
@@ -97,4 +103,4 @@ def vllm_sampler_factory(cfg: PPOConfig, ctx: SamplerContext) -> Sampler:
             raise ConfigError(f"sampler='vllm' but the vLLM engine could not start ({exc}); use sampler='hf'.") from exc
         log.warning("vLLM engine unavailable (%s); sampling with HF generate.", exc)
         return hf_sampler_factory(cfg, ctx)
-    return EngineSampler(engine, ctx.stop_ids, cfg.max_new_tokens, cfg.temperature, cfg.top_p)
+    return EngineSampler(engine, ctx.stop_ids, cfg.max_new_tokens, rollout_sampling(cfg))
