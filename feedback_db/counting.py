@@ -21,8 +21,10 @@ import sqlite_utils
 # A reply the engine failed on ("error") or the user stopped ("abort") is not what the model
 # would have said: it cannot be rated, compared or ranked, and exports skip feedback on it
 # stored before this rule. A reply cut off at max_tokens ("length") is what the model said
-# under the serving budget, so it stays votable (exports treat it like any other reply).
+# under the serving budget, so it stays votable; exports mark it as not ended (the reward model then
+# reads it without a stop token, as PPO's scorer reads a rollout cut at its token limit).
 UNVOTABLE_FINISH_REASONS: tuple[str, ...] = ("error", "abort")
+CUT_OFF_FINISH_REASON = "length"
 
 _UNVOTABLE_SQL = ", ".join(f"'{reason}'" for reason in UNVOTABLE_FINISH_REASONS)
 _VOTABLE = f"COALESCE(m.finish_reason, '') NOT IN ({_UNVOTABLE_SQL})"

@@ -7,8 +7,9 @@ recorded since. Rows follow TRL's dataset conventions:
 * SFT: conversational `{"messages": [..., {"role": "assistant", ...}]}`, or
   `{"prompt": str, "completion": str}` for contexts imported as plain-text prompts.
 * Preferences: `{"prompt", "chosen", "rejected"}` (conversational lists, or strings for
-  plain-text imports), or per-prompt groups for K-wise reward-model batches.
-* Thumbs: TRL's unpaired preference (KTO) rows `{"prompt", "completion", "label"}`.
+  plain-text imports), or per-prompt groups for K-wise reward-model batches (with `ended` per
+  completion: false for a reply the server cut off at its token limit).
+* Thumbs: TRL's unpaired preference (KTO) rows `{"prompt", "completion", "label"}`, plus `ended`.
 * PPO prompts: `{"prompt": [...]}`, deduplicated.
 
 Preference pairs are votes on two replies to the same context: a K-ranking gives its C(K,2)
@@ -29,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .counting import latest_ratings
+from .counting import CUT_OFF_FINISH_REASON, latest_ratings
 from .errors import InvalidInputError
 from .store import UNVOTABLE_FINISH_REASONS, Context, FeedbackStore
 
@@ -60,6 +61,7 @@ class PreferenceGroup:
     completion_ids: list[int | None]  # the message holding each completion; None: a demonstration's text
     pairs: list[tuple[int, int]]  # (index of preferred, index of dispreferred) into completions
     sources: list[str] = field(default_factory=list)  # ranking | comparison | thumbs | demonstration, one per pair
+    ended: list[bool] = field(default_factory=list)  # per completion: False when the server cut it at its token limit
 
 
 @dataclass
@@ -113,6 +115,11 @@ class _Reply:
     @property
     def failed(self) -> bool:
         return self.finish_reason in UNVOTABLE_FINISH_REASONS
+
+    @property
+    def ended(self) -> bool:
+        """Whether the reply ended on its own: not cut off at the server's token limit."""
+        return self.finish_reason != CUT_OFF_FINISH_REASON
 
 
 @dataclass(frozen=True)
@@ -284,6 +291,7 @@ def _groups(store: FeedbackStore, kept: list[_Vote]) -> list[PreferenceGroup]:
                 where[reply.text.strip()] = len(group.completions)
                 group.completions.append(reply.text)
                 group.completion_ids.append(reply.message_id)
+                group.ended.append(reply.ended)
         group.pairs.append((where[v.winner.text.strip()], where[v.loser.text.strip()]))
         group.sources.append(v.source)
     return list(groups.values())
@@ -366,7 +374,7 @@ def export_thumbs(store: FeedbackStore, snapshot: int | None = None) -> Export:
         user_message_id = per_reply[message_id][0]["user_message_id"]
         ctx = contexts.get(user_message_id) or contexts.setdefault(user_message_id, store.context(user_message_id))
         rows.append({"prompt": prompt_value(ctx), "completion": _completion_value(ctx, replies[message_id].text),
-                     "label": label})
+                     "label": label, "ended": replies[message_id].ended})
     return Export(rows, snapshot, _counted(dropped))
 
 

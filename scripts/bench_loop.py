@@ -539,6 +539,7 @@ class Evaluator:
     gold: GoldScorer
     prompts: list[str]
     replies: dict[str, list[list[str]]] = field(default_factory=dict)
+    ended: dict[str, list[list[bool]]] = field(default_factory=dict)  # False: cut off at the token limit
     scores: dict[str, list[list[float]]] = field(default_factory=dict)
 
     @property
@@ -554,7 +555,8 @@ class Evaluator:
         if missing:
             out = policy_replies(self.cfg.base_model, self.cfg.device, missing, self.prompts,
                                  self.cfg.eval_max_new_tokens, sampling=self.sampling)
-            for name, rows in out.items():
+            self.ended.update(out.ended)
+            for name, rows in out.texts.items():
                 self.replies[name] = rows
                 k = len(rows[0]) if rows else 0
                 flat = gold_scores(self.gold, [p for p in self.prompts for _ in range(k)],
@@ -574,7 +576,8 @@ class Evaluator:
         names = list(dict.fromkeys(names))
         k = len(self.replies[names[0]][0]) if self.prompts else 0
         prompts = [p for p in self.prompts for _ in range(k)]
-        proxy = {n: rm.score(prompts, [t for row in self.replies[n] for t in row]) for n in names}
+        proxy = {n: rm.score(prompts, [t for row in self.replies[n] for t in row],
+                             [e for row in self.ended[n] for e in row]) for n in names}
         gold = {n: [x for row in self.scores[n] for x in row] for n in names}
         rows = list(range(len(prompts)))
         return proxy_accuracy([[proxy[n][i] for n in names] for i in rows], [[gold[n][i] for n in names] for i in rows])
@@ -608,8 +611,9 @@ def make_users(cfg: BenchLoopConfig, url: str, passwords: dict[str, str], gold: 
     noise = NoiseModel(math.inf if cfg.null else cfg.noise_temperature, threshold)
     sampling = ("", cfg.temperature, cfg.top_p, cfg.max_new_tokens)
     reasons = None if cfg.null else getattr(gold, "reasons", None)
+    edit = None if cfg.null else getattr(gold, "edit", None)  # a user without a preference saves replies as they are
     users = [SimulatedUser(name, Client(url, auth=(name, pw), verbose=False), gold, noise,
-                           random.Random(f"{cfg.seed}-{name}"), sampling, cfg.best_of, cfg.rank_k, reasons)
+                           random.Random(f"{cfg.seed}-{name}"), sampling, cfg.best_of, cfg.rank_k, reasons, edit)
              for name, pw in passwords.items()]
     return Users(users, prompts, mix_weights(cfg.action_mix), random.Random(cfg.seed))
 

@@ -6,7 +6,9 @@ higher is better. Optional attributes a scorer may carry, which bench_loop uses 
 * ``threshold``: the score at which a user is equally likely to give 👍 or 👎 (default 0);
 * ``score_batch(prompts, replies)``: the same scores for many pairs at once (faster for a model);
 * ``prompts()``: the prompts the simulated users write (default: :func:`rule_prompts`);
-* ``reasons(prompt, reply)``: the 👎 reasons a user ticks (the app's THUMBS_DOWN_REASONS).
+* ``reasons(prompt, reply)``: the 👎 reasons a user ticks (the app's THUMBS_DOWN_REASONS);
+* ``edit(prompt, reply)``: how a user with this preference edits the reply they save as the better one
+  (a demonstration is written, not only picked; default: saved as it is).
 
 Two ship here:
 
@@ -113,9 +115,24 @@ def rule_prompts() -> list[str]:
     return starter + [t.format(topic) for topic in _TOPICS for t in _TEMPLATES]
 
 
+_SENTENCE_END = re.compile(r"[.!?][\"'”’)]?(?=\s|$)")
+
+
+def rule_edit(prompt: str, reply: str) -> str:
+    """What a user with the rule's taste writes as the better reply, from the best one they saw: a reply
+    cut off mid-sentence loses its unfinished last sentence (when a whole sentence is left), as a person
+    tidying it up would; a complete reply is saved as it is."""
+    text = reply.strip()
+    if not text or text.endswith(_ENDINGS):
+        return text
+    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    return text[:ends[-1]] if ends and len(_words(text[:ends[-1]])) >= 3 else text
+
+
 rule_gold.threshold = RULE_THRESHOLD  # type: ignore[attr-defined]
 rule_gold.prompts = rule_prompts  # type: ignore[attr-defined]
 rule_gold.reasons = rule_reasons  # type: ignore[attr-defined]
+rule_gold.edit = rule_edit  # type: ignore[attr-defined]
 
 # --------------------------------------------------------------------------- #
 # (b) A gold reward model on one part of HH-harmless; the users' prompts from the other part

@@ -125,6 +125,7 @@ class SimulatedUser:
     best_of: int = 3
     rank_k: int = 4
     reasons: Callable[[str, str], list[str]] | None = None
+    edit: Callable[[str, str], str] | None = None  # how the user edits the better reply they save (None: as is)
     log: list[Action] = field(default_factory=list)
 
     def act(self, kind: str, prompt: str) -> Action:
@@ -165,6 +166,8 @@ class SimulatedUser:
             history = list(self.client.predict(history, *self.sampling, api_name="/regenerate")[0])
             replies.append(_text(history[-1]))
         best = replies[self.noise.order(gold_scores(self.gold, [prompt] * len(replies), replies), self.rng)[0]]
+        if self.edit is not None:  # written as this user likes it, not only picked
+            best = self.edit(prompt, best)
         # A NUL (a random model emits any token) is invisible in the text box, and the app refuses it
         # ("remove it and try again", feedback_db.validation): a person's edited copy would not hold one.
         best = best.replace("\x00", "")

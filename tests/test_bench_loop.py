@@ -35,6 +35,7 @@ from scripts.gold_preferences import (
     rule_components,
     rule_gold,
     rule_prompts,
+    rule_edit,
     rule_reasons,
 )
 from scripts.simulated_users import (
@@ -137,6 +138,16 @@ def test_rule_gold_scores_each_part() -> None:
     assert long["concise"] == pytest.approx(0.5)  # 90 words: 1 - 30 / 60
     assert rule_reasons(prompt, "Something else entirely") == ["cut off", "off topic"]
     assert len(rule_prompts()) == len(set(rule_prompts())) >= 100
+
+
+def test_the_rule_users_better_reply_drops_an_unfinished_last_sentence() -> None:
+    prompt = "How do I bake bread at home?"
+    cut = "Mix flour and water. Knead it well! Then bake the bread for forty"
+    assert rule_edit(prompt, cut) == "Mix flour and water. Knead it well!"
+    assert rule_gold(prompt, rule_edit(prompt, cut)) > rule_gold(prompt, cut)
+    assert rule_edit(prompt, "Bake it at 220 degrees.") == "Bake it at 220 degrees."  # complete: saved as it is
+    assert rule_edit(prompt, "Yes. Mix flour and water and") == "Yes. Mix flour and water and"  # too little left
+    assert rule_edit(prompt, "Use 3.5 cups of flour and") == "Use 3.5 cups of flour and"  # a decimal point ends nothing
 
 
 def test_hh_split_is_fixed_and_opening_turns_are_extracted() -> None:

@@ -72,12 +72,13 @@ class Group:
     prompt: str
     completions: list[str]
     pairs: list[tuple[int, int]] = field(default_factory=list)
+    ended: list[bool] = field(default_factory=list)
 
 
 class LengthRM:
     """A reward model that prefers longer replies."""
 
-    def score(self, prompts: list[str], replies: list[str]) -> list[float]:
+    def score(self, prompts: list[str], replies: list[str], ended: list[bool] | None = None) -> list[float]:
         return [float(len(r)) for r in replies]
 
 
@@ -150,8 +151,10 @@ def test_policy_replies_draws_seeded_samples_per_prompt_and_greedy_is_one_of_the
     sampling = APP_SAMPLING.with_samples(3)
     first = policy_replies(str(tiny_model_path), "cpu", {"base": None}, prompts, 6, sampling=sampling, batch_rows=4)
     again = policy_replies(str(tiny_model_path), "cpu", {"base": None}, prompts, 6, sampling=sampling, batch_rows=4)
-    assert [len(row) for row in first["base"]] == [3, 3]
+    assert [len(row) for row in first.texts["base"]] == [3, 3]
     assert first == again  # seeded: every version draws from the same stream, run after run
+    # The tiny random model never says its stop token within 6 tokens: every reply was cut off.
+    assert first.ended["base"] == [[False] * 3] * 2
     greedy = greedy_replies(str(tiny_model_path), "cpu", {"base": None}, prompts, 6)
     assert greedy["base"] == [row[0] for row in policy_replies(str(tiny_model_path), "cpu", {"base": None},
-                                                                  prompts, 6)["base"]]
+                                                                  prompts, 6).texts["base"]]

@@ -234,8 +234,8 @@ def test_thumbs_export_gives_one_kto_row_per_reply_with_its_latest_label(store):
     out = export_thumbs(store)
     prompt = [{"role": "user", "content": QUESTION}]
     assert out.rows == [
-        {"prompt": prompt, "completion": [{"role": "assistant", "content": "Paris."}], "label": True},
-        {"prompt": prompt, "completion": [{"role": "assistant", "content": "Lyon."}], "label": False},
+        {"prompt": prompt, "completion": [{"role": "assistant", "content": "Paris."}], "label": True, "ended": True},
+        {"prompt": prompt, "completion": [{"role": "assistant", "content": "Lyon."}], "label": False, "ended": True},
     ]
     assert out.dropped == {"superseded_by_same_user": 2, "cleared": 1}
     assert nice  # never rated: no row, nothing dropped
@@ -248,7 +248,22 @@ def test_thumbs_export_of_plain_text_prompts_is_strings(store):
     reply = store.add_reply(store.message(q)["conversation_id"], importer, q, "Go away.",
                             Reply(ModelRegistry(store).ensure_base_policy("tiny").id))
     store.record_rating(importer, reply, -1)
-    assert export_thumbs(store).rows == [{"prompt": "Say hi", "completion": "Go away.", "label": False}]
+    assert export_thumbs(store).rows == [{"prompt": "Say hi", "completion": "Go away.", "label": False, "ended": True}]
+
+
+def test_a_reply_cut_off_at_the_token_limit_is_exported_as_not_ended(store):
+    """The reward model must read such a reply without a stop token, as PPO's scorer reads a rollout cut at its
+    limit: the exports say which replies the server cut (finish_reason "length")."""
+    _, (paris, cut) = ask(store, "alice", ["Paris.", "Paris is the capital and the largest city of"],
+                          finish=["stop", "length"])
+    store.record_ranking("alice", [paris, cut])
+    store.record_rating("alice", cut, -1)
+    (group,) = export_preference_groups(store)[0]
+    assert group.completions == ["Paris.", "Paris is the capital and the largest city of"]
+    assert group.ended == [True, False]
+    assert [row["ended"] for row in export_thumbs(store).rows] == [False]
+    (row,) = export_preferences(store, fmt="groups").rows
+    assert row["ended"] == [True, False]
 
 
 # -- every vote accounted for; the same snapshot, the same bytes ---------------------------------

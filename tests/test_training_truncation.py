@@ -10,15 +10,18 @@ import torch
 from training.adapters import ScalarHead
 from training.base_models import load_model_and_tokenizer
 from training.chat_data import (
+    DataError,
     collate,
     encode_prompt,
     encode_prompt_fitted,
     encode_reply,
     example_for,
+    fit_group,
     fit_prompt,
     fit_reply,
     keep_newest,
     preference_groups,
+    rated_replies,
     stop_token_id,
 )
 from training.config import ConfigError, PPOConfig, RewardConfig, SFTConfig, TokenBudget
@@ -209,3 +212,26 @@ def test_ppo_sampler_and_scorer_see_identical_prompt_ids(tiny_model_path: Path, 
     assert sampled == scored and {json.dumps(s) for s in sampled} == expected
     assert all(len(s) <= 96 - 8 for s in sampled)
     assert any(len(encode_prompt(tok, p)) > 96 for p in prompts)  # some prompts really had to be fitted
+
+
+# -- replies the server cut off at its token limit ------------------------------------------------
+
+
+def test_a_reply_cut_off_when_served_gets_no_stop_token_anywhere_it_is_read(tok) -> None:
+    """The reward model must read a served reply that hit the token limit as PPO's scorer reads a rollout
+    cut at its limit: without a stop token (else it learns that every cut reply ended)."""
+    stop = stop_token_id(tok)
+    assert encode_reply(tok, "Paris is the", ended=False)[-1] != stop and encode_reply(tok, "Paris.")[-1] == stop
+    fitted = fit_group(tok, "Capital?", ["Paris.", "Paris is the"], TokenBudget(64), [True, False])
+    assert fitted.replies[0][-1] == stop and fitted.replies[1][-1] != stop
+    assert fitted.replies_cut == [False, False]  # not cut by this budget: it never ended
+    (group,) = preference_groups([{"prompt": "Capital?", "completions": ["Paris.", "Paris is the"],
+                                   "pairs": [[0, 1]], "ended": [True, False]}])
+    assert group.ended == [True, False]
+    batch = kwise_batch([group], tok, 64)
+    assert batch.replies[0][0][-1] == stop and batch.replies[0][1][-1] != stop
+    with pytest.raises(DataError, match="one true/false per completion"):
+        preference_groups([{"prompt": "Capital?", "completions": ["a", "b"], "pairs": [[0, 1]], "ended": [True]}])
+    (rated,) = rated_replies([{"prompt": "Capital?", "completion": "Paris is the", "label": False, "ended": False}])
+    assert rated.ended is False
+    assert example_for(tok, "Capital?", "Paris is the", 64, ended=False).input_ids[-1] != stop

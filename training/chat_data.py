@@ -122,12 +122,14 @@ def encode_prompt(tokenizer: Any, prompt: str | Sequence[dict[str, Any]]) -> lis
     return tokenizer(_render(tokenizer, to_messages(prompt)), add_special_tokens=False)["input_ids"]
 
 
-def encode_reply(tokenizer: Any, reply: str) -> list[int]:
-    """Token ids of a reply body plus the stop token, as the model would emit them.
+def encode_reply(tokenizer: Any, reply: str, ended: bool = True) -> list[int]:
+    """Token ids of a reply body plus the stop token, as the model would emit them; without it when the
+    reply did not end (``ended`` False: the server cut it off at its token limit, as PPO's rollouts are).
 
     The body is trimmed like the chat template trims assistant content.
     """
-    return tokenizer(reply.strip(), add_special_tokens=False)["input_ids"] + [stop_token_id(tokenizer)]
+    body = tokenizer(reply.strip(), add_special_tokens=False)["input_ids"]
+    return body + [stop_token_id(tokenizer)] if ended else body
 
 
 # --------------------------------------------------------------------------- #
@@ -230,11 +232,13 @@ class FittedGroup:
 
 
 def fit_group(tokenizer: Any, prompt: str | Sequence[dict[str, Any]], replies: Sequence[str],
-              budget: TokenBudget) -> FittedGroup:
+              budget: TokenBudget, ended: Sequence[bool] | None = None) -> FittedGroup:
     """Prompt + K replies under ``budget``: each reply by :func:`fit_reply`, then the prompt
     by :func:`fit_prompt` to what the longest kept reply leaves. With K = 1 this is an SFT
-    or reward example; the PPO sampler uses :func:`fit_prompt` with ``budget.generation_prompt``."""
-    kept = [fit_reply(encode_reply(tokenizer, r), budget.reply) for r in replies]
+    or reward example; the PPO sampler uses :func:`fit_prompt` with ``budget.generation_prompt``.
+    ``ended[i]`` False: reply i was cut off where it was generated and gets no stop token (default: all ended)."""
+    flags = list(ended) if ended else [True] * len(replies)
+    kept = [fit_reply(encode_reply(tokenizer, r, e), budget.reply) for r, e in zip(replies, flags, strict=True)]
     longest = max((len(ids) for ids, _ in kept), default=0)
     fitted = fit_prompt(tokenizer, prompt, budget.prompt(longest))
     return FittedGroup(fitted.ids, [ids for ids, _ in kept], fitted.cut, [cut for _, cut in kept])
@@ -254,11 +258,12 @@ class Example:
         return len(self.input_ids) - self.prompt_length
 
 
-def example_for(tokenizer: Any, prompt: str | Sequence[dict[str, Any]], reply: str, budget: TokenBudget | int) -> Example:
-    """Template-rendered prompt + reply (+ stop token unless the reply was cut), within ``budget``
-    (an int is ``TokenBudget(max_length)``)."""
+def example_for(tokenizer: Any, prompt: str | Sequence[dict[str, Any]], reply: str, budget: TokenBudget | int,
+                ended: bool = True) -> Example:
+    """Template-rendered prompt + reply (+ stop token unless the reply was cut, here or where it was
+    generated: ``ended`` False), within ``budget`` (an int is ``TokenBudget(max_length)``)."""
     budget = budget if isinstance(budget, TokenBudget) else TokenBudget(budget)
-    group = fit_group(tokenizer, prompt, [reply], budget)
+    group = fit_group(tokenizer, prompt, [reply], budget, [ended])
     return Example(group.prompt_ids + group.replies[0], len(group.prompt_ids), group.prompt_cut, group.replies_cut[0])
 
 
@@ -366,6 +371,7 @@ class PreferenceGroup:
     prompt: Messages
     completions: list[str]
     pairs: list[tuple[int, int]] = field(default_factory=list)
+    ended: list[bool] = field(default_factory=list)  # per completion (empty: all ended); False: cut off when served
 
 
 def preference_groups(rows: Iterable[dict[str, Any]]) -> list[PreferenceGroup]:
@@ -378,8 +384,11 @@ def preference_groups(rows: Iterable[dict[str, Any]]) -> list[PreferenceGroup]:
     groups: dict[str, PreferenceGroup] = {}
     for n, row in enumerate(rows, 1):
         if "completions" in row and "pairs" in row:
+            ended = row.get("ended") or []
+            if ended and (len(ended) != len(row["completions"]) or not all(isinstance(e, bool) for e in ended)):
+                raise DataError(f"Preference row {n}: 'ended' must hold one true/false per completion, got {ended!r}.")
             group = PreferenceGroup(to_messages(row["prompt"]), [_reply_text(c) for c in row["completions"]],
-                                    [tuple(p) for p in row["pairs"]])
+                                    [tuple(p) for p in row["pairs"]], list(ended))
             groups[f"group-{n}"] = group
             continue
         if not {"prompt", "chosen", "rejected"} <= set(row):
@@ -404,6 +413,7 @@ class RatedReply:
     prompt: Messages
     completion: str
     liked: bool
+    ended: bool = True  # False: the server cut the reply off at its token limit
 
 
 def rated_replies(rows: Iterable[dict[str, Any]]) -> list[RatedReply]:
@@ -417,7 +427,10 @@ def rated_replies(rows: Iterable[dict[str, Any]]) -> list[RatedReply]:
         label = row["label"]
         if label not in (True, False, 0, 1):
             raise DataError(f"Thumbs row {n}: 'label' must be true or false, got {label!r}.")
-        rated.append(RatedReply(to_messages(row["prompt"]), _reply_text(row["completion"]), bool(label)))
+        ended = row.get("ended", True)
+        if ended not in (True, False):
+            raise DataError(f"Thumbs row {n}: 'ended' must be true or false, got {ended!r}.")
+        rated.append(RatedReply(to_messages(row["prompt"]), _reply_text(row["completion"]), bool(label), ended))
     return rated
 
 

@@ -116,7 +116,7 @@ def pairwise_correct(rm: Any, groups: Sequence[Any]) -> list[bool]:
     strictly higher (a tie counts as wrong). Pairs in group order, then pair order."""
     correct: list[bool] = []
     for g in groups:
-        scores = rm.score([g.prompt] * len(g.completions), g.completions)
+        scores = rm.score([g.prompt] * len(g.completions), g.completions, g.ended or None)
         correct += [scores[w] > scores[lose] for w, lose in g.pairs]
     return correct
 
@@ -131,12 +131,21 @@ def greedy_replies(base_model: str, device: str, adapters: dict[str, str | None]
                    max_new_tokens: int, max_prompt_tokens: int = 0) -> dict[str, list[str]]:
     """Greedy replies of each named adapter (None: the bare base) on the same prompts, one base in memory."""
     out = policy_replies(base_model, device, adapters, prompts, max_new_tokens, max_prompt_tokens)
-    return {name: [replies[0] for replies in rows] for name, rows in out.items()}
+    return {name: [replies[0] for replies in rows] for name, rows in out.texts.items()}
+
+
+@dataclass
+class PolicyReplies:
+    """Each version's replies, ``texts[name][prompt][sample]``, and whether each ended with a stop token
+    (``ended``, same shape; False: cut off at the token limit)."""
+
+    texts: dict[str, list[list[str]]]
+    ended: dict[str, list[list[bool]]]
 
 
 def policy_replies(base_model: str, device: str, adapters: dict[str, str | None], prompts: list[Any],
                    max_new_tokens: int, max_prompt_tokens: int = 0, sampling: ReplySampling = GREEDY,
-                   batch_rows: int = 64) -> dict[str, list[list[str]]]:
+                   batch_rows: int = 64) -> PolicyReplies:
     """``sampling.samples`` replies per prompt of each named adapter (None: the bare base), one base in memory.
 
     ``sampling`` is greedy by default, or e.g. ``training.sampling.APP_SAMPLING`` (what users get from the
@@ -160,12 +169,13 @@ def policy_replies(base_model: str, device: str, adapters: dict[str, str | None]
                for p in prompts for _ in range(k)]
     pad = pad_token_id(tok)
     stops = stop_token_ids(tok)
-    out: dict[str, list[list[str]]] = {}
+    out = PolicyReplies({}, {})
     for name, folder in adapters.items():
         if folder:
             use_adapter(model, name, set())
         torch.manual_seed(sampling.seed)
         texts: list[str] = []
+        ended: list[bool] = []
         for start in range(0, len(encoded), batch_rows):
             ids, mask = left_pad(encoded[start:start + batch_rows], pad)
             kwargs = dict(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
@@ -176,8 +186,11 @@ def policy_replies(base_model: str, device: str, adapters: dict[str, str | None]
                 else:
                     with model.disable_adapter():
                         gen = model.generate(**kwargs)
-            texts += [tok.decode(row[ids.shape[1]:], skip_special_tokens=True).strip() for row in gen.cpu()]
-        out[name] = [texts[i * k:(i + 1) * k] for i in range(len(prompts))]
+            for row in gen[:, ids.shape[1]:].cpu().tolist():
+                texts.append(tok.decode(row, skip_special_tokens=True).strip())
+                ended.append(any(t in stops for t in row))
+        out.texts[name] = [texts[i * k:(i + 1) * k] for i in range(len(prompts))]
+        out.ended[name] = [ended[i * k:(i + 1) * k] for i in range(len(prompts))]
     return out
 
 
@@ -197,8 +210,9 @@ def judge_candidate(base_model: str, device: str, prompts: list[Any], live: str 
                     sampling: ReplySampling = GREEDY, resamples: int = BOOTSTRAP_RESAMPLES,
                     seed: int = 0) -> CandidateJudgement:
     """Replies of live (None: the bare base) and candidate drawn as ``sampling`` says, scored by each reward
-    model in ``scorers`` (name -> adapter folder); per prompt the mean over its replies, so the prompt stays
-    the unit of the paired bootstrap."""
+    model in ``scorers`` (name -> adapter folder; a reply cut off at the token limit is read without a stop
+    token, as in training); per prompt the mean over its replies, so the prompt stays the unit of the paired
+    bootstrap."""
     from training.reward_model import RewardModel
 
     drawn = policy_replies(base_model, device, {"live": live, "candidate": candidate}, prompts, max_new_tokens,
@@ -211,12 +225,13 @@ def judge_candidate(base_model: str, device: str, prompts: list[Any], live: str 
         rm = RewardModel.load(folder, base_model=base_model, device=device) if prompts else None
         scores[role] = {}
         for side in ("live", "candidate"):
-            flat = rm.score(each, [r for row in drawn[side] for r in row]) if rm else []
+            flat = rm.score(each, [r for row in drawn.texts[side] for r in row],
+                            [e for row in drawn.ended[side] for e in row]) if rm else []
             scores[role][side] = [sum(flat[i * k:(i + 1) * k]) / k for i in range(len(prompts))] if rm else []
         gains[role] = bootstrap_interval(paired_gains(scores[role]["candidate"], scores[role]["live"]),
                                          resamples=resamples, seed=seed)
         del rm
-    return CandidateJudgement(drawn, scores, gains)
+    return CandidateJudgement(drawn.texts, scores, gains)
 
 
 # --------------------------------------------------------------------------- #

@@ -145,7 +145,7 @@ def kwise_batch(groups: Sequence[PreferenceGroup], tokenizer: Any, budget: Token
     prompts, replies, winners, losers, pair_group = [], [], [], [], []
     offset = 0
     for g, group in enumerate(groups):
-        fitted = fit_group(tokenizer, group.prompt, group.completions, budget)
+        fitted = fit_group(tokenizer, group.prompt, group.completions, budget, group.ended)
         prompt, kept = fitted.prompt_ids, fitted.replies
         prompts.append(prompt)
         replies.append(kept)
@@ -226,19 +226,23 @@ def truncation_report(groups: Sequence[PreferenceGroup], tokenizer: Any, budget:
     """How many of these prompts and replies the token budget cuts (also checks every prompt renders)."""
     report = TruncationReport()
     for g in groups:
-        fitted = fit_group(tokenizer, g.prompt, g.completions, budget)
+        fitted = fit_group(tokenizer, g.prompt, g.completions, budget, g.ended)
         report.add(fitted.prompt_cut, fitted.replies_cut)
     return report
 
 
 @torch.no_grad()
 def score_texts(model: nn.Module, head: ScalarHead, tokenizer: Any, prompts: Sequence[Any], replies: Sequence[str],
-                budget: TokenBudget | int, device: torch.device, batch_rows: int = 32) -> list[float]:
-    """Raw rewards of (prompt, reply) pairs, fitted to ``budget`` as in training (an int: ``TokenBudget(max_length)``)."""
+                budget: TokenBudget | int, device: torch.device, batch_rows: int = 32,
+                ended: Sequence[bool] | None = None) -> list[float]:
+    """Raw rewards of (prompt, reply) pairs, fitted to ``budget`` as in training (an int: ``TokenBudget(max_length)``);
+    ``ended[i]`` False: reply i was cut off where it was generated (read without a stop token)."""
+    flags = list(ended) if ended is not None else [True] * len(replies)
     scores: list[float] = []
     for start in range(0, len(prompts), batch_rows):
-        examples = [example_for(tokenizer, p, r, budget)
-                    for p, r in zip(prompts[start : start + batch_rows], replies[start : start + batch_rows])]
+        rows = slice(start, start + batch_rows)
+        examples = [example_for(tokenizer, p, r, budget, e)
+                    for p, r, e in zip(prompts[rows], replies[rows], flags[rows], strict=True)]
         batch = collate(examples, pad_token_id(tokenizer)).to(device)
         scores += sequence_rewards(model, head, batch.input_ids, batch.attention_mask).tolist()
     return scores
@@ -265,7 +269,7 @@ def accumulate_thumbs_gradients(model: nn.Module, head: ScalarHead, threshold: T
 def rated_rewards(model: nn.Module, head: ScalarHead, rated: Sequence[RatedReply], tokenizer: Any,
                   budget: TokenBudget, device: torch.device) -> Tensor:
     """Raw rewards [N] of rated replies, fitted to ``budget`` like every other example."""
-    batch = collate([example_for(tokenizer, r.prompt, r.completion, budget) for r in rated],
+    batch = collate([example_for(tokenizer, r.prompt, r.completion, budget, r.ended) for r in rated],
                     pad_token_id(tokenizer)).to(device)
     return sequence_rewards(model, head, batch.input_ids, batch.attention_mask)
 
@@ -464,7 +468,9 @@ class RewardModel:
         head, info = load_head(folder, dev)
         return cls(model, head, tokenizer, info, dev, cfg.token_budget())  # scored with the budget it was trained with
 
-    def score(self, prompts: Sequence[Any], replies: Sequence[str]) -> list[float]:
-        """Rewards of (prompt, reply) pairs, shifted so reference replies average 0."""
-        raw = score_texts(self.model, self.head, self.tokenizer, prompts, replies, self.budget, self.device)
+    def score(self, prompts: Sequence[Any], replies: Sequence[str], ended: Sequence[bool] | None = None) -> list[float]:
+        """Rewards of (prompt, reply) pairs, shifted so reference replies average 0. ``ended[i]`` False: reply i
+        was cut off at a token limit (read without a stop token, as in training); default: all ended."""
+        raw = score_texts(self.model, self.head, self.tokenizer, prompts, replies, self.budget, self.device,
+                          ended=ended)
         return [r - self.shift for r in raw]
