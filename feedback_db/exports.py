@@ -41,6 +41,8 @@ ExportKind = Literal["sft", "preferences", "thumbs", "prompts"]
 DROP_REASONS: dict[str, str] = {
     "failed_or_stopped_reply": "a reply the engine failed on or the user stopped (finish_reason error or abort)",
     "empty_text": "a reply with no text (whitespace only)",
+    "cut_off_reply": "an SFT target the server cut off at its token limit: it would teach the model to stop "
+                     "mid-sentence (preference and thumbs rows keep such replies, marked ended: false)",
     "identical_texts": "chosen and rejected are the same text once whitespace is stripped (within one "
                        "ranking: a reply repeating the text of a better-ranked one)",
     "superseded_by_same_user": "the same user voted on the same two texts again later (the latest vote counts)",
@@ -381,7 +383,7 @@ def export_thumbs(store: FeedbackStore, snapshot: int | None = None) -> Export:
 def export_sft(store: FeedbackStore, snapshot: int | None = None, *, include_thumbs_up: bool = False) -> Export:
     """Demonstrations (and optionally replies with net thumbs up) as SFT examples, oldest first.
 
-    A liked reply counts by the sum of its users' latest ratings; failed or stopped and empty
+    A liked reply counts by the sum of its users' latest ratings; failed or stopped, empty and cut-off
     replies are left out (counted in `dropped`).
     """
     snapshot = _snapshot(store, snapshot)
@@ -404,6 +406,8 @@ def export_sft(store: FeedbackStore, snapshot: int | None = None, *, include_thu
                 dropped["failed_or_stopped_reply"] += 1
             elif not reply.text.strip():
                 dropped["empty_text"] += 1
+            elif not reply.ended:
+                dropped["cut_off_reply"] += 1
             else:
                 user_message_id, event = liked[message_id]
                 items.append((event, user_message_id, reply.text))

@@ -264,6 +264,12 @@ def test_a_reply_cut_off_at_the_token_limit_is_exported_as_not_ended(store):
     assert [row["ended"] for row in export_thumbs(store).rows] == [False]
     (row,) = export_preferences(store, fmt="groups").rows
     assert row["ended"] == [True, False]
+    # As an SFT target (a liked reply) it would teach stopping mid-sentence: left out, and said so.
+    store.record_rating("alice", cut, 1)
+    store.record_rating("alice", paris, 1)
+    sft = export_sft(store, include_thumbs_up=True)
+    assert [r["messages"][-1]["content"] for r in sft.rows] == ["Paris."]
+    assert sft.dropped == {"cut_off_reply": 1}
 
 
 # -- every vote accounted for; the same snapshot, the same bytes ---------------------------------
