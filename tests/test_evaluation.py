@@ -136,13 +136,37 @@ def test_reply_penalty_counts_the_reply_tokens_only() -> None:
     assert scores[0, 5].item() == 0.0  # only in the prompt
 
 
+def test_served_warper_applies_temperature_then_min_p_then_top_p_as_vllm_does() -> None:
+    import torch
+    from transformers import MinPLogitsWarper, TemperatureLogitsWarper, TopPLogitsWarper
+
+    from training.sampling import ServedWarper
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 500) * 3
+    kept = lambda scores: torch.isfinite(scores)  # noqa: E731
+    # Each step alone keeps what transformers' warper keeps.
+    assert torch.equal(kept(ServedWarper(1.0, min_p=0.2)(None, logits)), kept(MinPLogitsWarper(0.2)(None, logits)))
+    assert torch.equal(kept(ServedWarper(1.0, top_p=0.9)(None, logits)), kept(TopPLogitsWarper(0.9)(None, logits)))
+    assert torch.allclose(ServedWarper(0.5)(None, logits), TemperatureLogitsWarper(0.5)(None, logits))
+    # Probabilities 0.5, 0.3, 0.12, 0.08: min-p 0.2 drops what is under 0.2 x 0.5 = 0.1 (0.08 only); top-p 0.7
+    # then sees 0.54, 0.33, 0.13 (renormalised) and keeps the first two (0.54 < 0.7 <= 0.54 + 0.33).
+    probs = torch.tensor([[0.5, 0.3, 0.12, 0.08]])
+    out = ServedWarper(1.0, min_p=0.2, top_p=0.7)(None, probs.log())
+    assert kept(out).tolist() == [[True, True, False, False]]
+    # transformers' own order (top-p first, on the full distribution) keeps the same two here, but sorts every
+    # token; on the real 262k vocabulary, min-p first leaves top-p a few dozen to sort.
+
+
 def test_reply_sampling_refuses_what_would_not_mean_what_it_says() -> None:
     with pytest.raises(ValueError, match="one per prompt"):
         GREEDY.with_samples(3)
     with pytest.raises(ValueError):
         ReplySampling(temperature=0.8, top_p=0.0)
     options = APP_SAMPLING.generate_options(prompt_length=12)
-    assert options["do_sample"] and options["min_p"] == 0.1 and isinstance(options["logits_processor"][0], ReplyPenalty)
+    penalty, warper = options["logits_processor"]
+    assert options["do_sample"] and isinstance(penalty, ReplyPenalty) and (warper.min_p, warper.top_p) == (0.1, 0.95)
+    assert (options["temperature"], options["top_p"], options["top_k"]) == (1.0, 1.0, 0)  # generate's own are off
     assert GREEDY.generate_options(12) == {"do_sample": False}
 
 

@@ -49,14 +49,18 @@ class ReplySampling:
         return dataclasses.replace(self, samples=samples)
 
     def generate_options(self, prompt_length: int) -> dict[str, Any]:
-        """Keyword arguments of transformers' ``generate`` for prompts padded to ``prompt_length`` tokens."""
+        """Keyword arguments of transformers' ``generate`` for prompts padded to ``prompt_length`` tokens: the
+        penalty, then (sampling) :class:`ServedWarper`'s temperature, min-p and top-p, in vLLM's order;
+        generate's own warpers are turned off."""
+        processors: list[Any] = []
+        if self.frequency_penalty or self.presence_penalty:
+            processors.append(ReplyPenalty(prompt_length, self.frequency_penalty, self.presence_penalty))
         options: dict[str, Any] = {"do_sample": False}
         if not self.greedy:
-            options = {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": 0}
-            if self.min_p > 0:
-                options["min_p"] = self.min_p
-        if self.frequency_penalty or self.presence_penalty:
-            options["logits_processor"] = [ReplyPenalty(prompt_length, self.frequency_penalty, self.presence_penalty)]
+            processors.append(ServedWarper(self.temperature, self.min_p, self.top_p))
+            options = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0}
+        if processors:
+            options["logits_processor"] = processors
         return options
 
     def describe(self) -> str:
@@ -87,3 +91,29 @@ class ReplyPenalty:
             return scores
         counts = torch.zeros_like(scores).scatter_add_(1, reply, torch.ones_like(reply, dtype=scores.dtype))
         return scores - self._frequency * counts - self._presence * (counts > 0).to(scores.dtype)
+
+
+class ServedWarper:
+    """Temperature, then min-p, then top-p: the order of vLLM's sampler (penalties, temperature, min-p,
+    top-k/top-p), as one transformers logits processor. (generate's own warpers apply top-p before min-p and
+    sort all 262k logits every token; here top-p sorts only what min-p kept.)"""
+
+    def __init__(self, temperature: float, min_p: float = 0.0, top_p: float = 1.0) -> None:
+        self.temperature, self.min_p, self.top_p = temperature, min_p, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        import math
+
+        import torch
+
+        scores = scores / self.temperature
+        if self.min_p > 0:  # p < min_p x p_max  <=>  logit < max logit + log(min_p)
+            cut = scores.max(dim=-1, keepdim=True).values + math.log(self.min_p)
+            scores = scores.masked_fill(scores < cut, float("-inf"))
+        if self.top_p < 1:  # the fewest most likely tokens whose probability reaches top_p
+            kept = int(torch.isfinite(scores).sum(dim=-1).max()) if self.min_p > 0 else scores.shape[-1]
+            top, index = scores.topk(kept, dim=-1)
+            probs = torch.softmax(top, dim=-1)
+            beyond = probs.cumsum(dim=-1) - probs >= self.top_p  # the more likely tokens already reach top_p
+            scores = torch.full_like(scores, float("-inf")).scatter(-1, index, top.masked_fill(beyond, float("-inf")))
+        return scores

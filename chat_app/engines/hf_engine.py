@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from training.sampling import ReplyPenalty
+from training.sampling import ReplySampling
 
 from .adapters import AdapterTable, ServedAdapter
 from .base import AdapterRef, Completion, EngineError, Messages, ReplyChunk, SamplingConfig
@@ -188,17 +188,15 @@ class HFEngine:
             return [[] for _ in range(n)]
         self._select_adapter(served)
         input_ids = torch.tensor([prompt] * n, dtype=torch.long, device=self._device)
-        options: dict[str, Any] = {"do_sample": False}
+        # The penalties, then temperature, min-p and top-p in vLLM's order (training.sampling, the one rule);
+        # generate's own top-k, after them, and its repetition penalty, before them.
+        options = ReplySampling(temperature=sampling.temperature, top_p=sampling.top_p, min_p=sampling.min_p,
+                                frequency_penalty=sampling.frequency_penalty,
+                                presence_penalty=sampling.presence_penalty).generate_options(len(prompt))
         if sampling.temperature > 0:
-            options = {"do_sample": True, "temperature": sampling.temperature,
-                       "top_p": sampling.top_p, "top_k": sampling.top_k}
-            if sampling.min_p > 0:
-                options["min_p"] = sampling.min_p
+            options["top_k"] = sampling.top_k
         if sampling.repetition_penalty != 1.0:
             options["repetition_penalty"] = sampling.repetition_penalty
-        if sampling.frequency_penalty or sampling.presence_penalty:
-            options["logits_processor"] = [ReplyPenalty(len(prompt), sampling.frequency_penalty,
-                                                         sampling.presence_penalty)]
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
         with torch.inference_mode():
