@@ -145,10 +145,12 @@ def test_served_warper_applies_temperature_then_min_p_then_top_p_as_vllm_does() 
     torch.manual_seed(0)
     logits = torch.randn(4, 500) * 3
     kept = lambda scores: torch.isfinite(scores)  # noqa: E731
-    # Each step alone keeps what transformers' warper keeps.
-    assert torch.equal(kept(ServedWarper(1.0, min_p=0.2)(None, logits)), kept(MinPLogitsWarper(0.2)(None, logits)))
-    assert torch.equal(kept(ServedWarper(1.0, top_p=0.9)(None, logits)), kept(TopPLogitsWarper(0.9)(None, logits)))
-    assert torch.allclose(ServedWarper(0.5)(None, logits), TemperatureLogitsWarper(0.5)(None, logits))
+    # Each step alone keeps what transformers' warper keeps (ServedWarper works in place, as generate allows).
+    assert torch.equal(kept(ServedWarper(1.0, min_p=0.2)(None, logits.clone())),
+                       kept(MinPLogitsWarper(0.2)(None, logits.clone())))
+    assert torch.equal(kept(ServedWarper(1.0, top_p=0.9)(None, logits.clone())),
+                       kept(TopPLogitsWarper(0.9)(None, logits.clone())))
+    assert torch.allclose(ServedWarper(0.5)(None, logits.clone()), TemperatureLogitsWarper(0.5)(None, logits.clone()))
     # Probabilities 0.5, 0.3, 0.12, 0.08: min-p 0.2 drops what is under 0.2 x 0.5 = 0.1 (0.08 only); top-p 0.7
     # then sees 0.54, 0.33, 0.13 (renormalised) and keeps the first two (0.54 < 0.7 <= 0.54 + 0.33).
     probs = torch.tensor([[0.5, 0.3, 0.12, 0.08]])

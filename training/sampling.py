@@ -89,14 +89,21 @@ class ReplyPenalty:
         reply = input_ids[:, self._start:]
         if reply.shape[1] == 0:
             return scores
-        counts = torch.zeros_like(scores).scatter_add_(1, reply, torch.ones_like(reply, dtype=scores.dtype))
-        return scores - self._frequency * counts - self._presence * (counts > 0).to(scores.dtype)
+        # Only the reply's own tokens change: one scatter, in place (generate hands each step a fresh copy of
+        # the logits), no vocabulary-sized count tensor.
+        scores = scores.scatter_add_(1, reply, torch.full(reply.shape, -self._frequency, dtype=scores.dtype,
+                                                          device=scores.device))
+        if self._presence:
+            present = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, reply, True)
+            scores = scores - self._presence * present.to(scores.dtype)
+        return scores
 
 
 class ServedWarper:
     """Temperature, then min-p, then top-p: the order of vLLM's sampler (penalties, temperature, min-p,
     top-k/top-p), as one transformers logits processor. (generate's own warpers apply top-p before min-p and
-    sort all 262k logits every token; here top-p sorts only what min-p kept.)"""
+    sort all 262k logits every token; here top-p sorts only what min-p kept.) Like :class:`ReplyPenalty`, it
+    changes the scores in place: generate hands each step a fresh copy of the logits."""
 
     def __init__(self, temperature: float, min_p: float = 0.0, top_p: float = 1.0) -> None:
         self.temperature, self.min_p, self.top_p = temperature, min_p, top_p
@@ -106,14 +113,15 @@ class ServedWarper:
 
         import torch
 
-        scores = scores / self.temperature
+        scores = scores.div_(self.temperature)  # in place: generate hands each step a fresh copy of the logits
+        kept = scores.shape[-1]
         if self.min_p > 0:  # p < min_p x p_max  <=>  logit < max logit + log(min_p)
-            cut = scores.max(dim=-1, keepdim=True).values + math.log(self.min_p)
-            scores = scores.masked_fill(scores < cut, float("-inf"))
+            below = scores < scores.max(dim=-1, keepdim=True).values + math.log(self.min_p)
+            scores.masked_fill_(below, float("-inf"))
+            kept -= int(below.sum(dim=-1).min())
         if self.top_p < 1:  # the fewest most likely tokens whose probability reaches top_p
-            kept = int(torch.isfinite(scores).sum(dim=-1).max()) if self.min_p > 0 else scores.shape[-1]
             top, index = scores.topk(kept, dim=-1)
             probs = torch.softmax(top, dim=-1)
             beyond = probs.cumsum(dim=-1) - probs >= self.top_p  # the more likely tokens already reach top_p
-            scores = torch.full_like(scores, float("-inf")).scatter(-1, index, top.masked_fill(beyond, float("-inf")))
+            scores.fill_(float("-inf")).scatter_(-1, index, top.masked_fill(beyond, float("-inf")))
         return scores
