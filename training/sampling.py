@@ -10,6 +10,7 @@ here once; the chat app's transformers engine applies the same :class:`ReplyPena
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -109,8 +110,6 @@ class ServedWarper:
         self.temperature, self.min_p, self.top_p = temperature, min_p, top_p
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        import math
-
         import torch
 
         scores = scores.div_(self.temperature)  # in place: generate hands each step a fresh copy of the logits
