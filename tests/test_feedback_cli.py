@@ -67,7 +67,7 @@ def test_export_says_what_it_dropped_and_exports_thumbs(tmp_path):
     assert result.exit_code == 0, result.output
     assert [json.loads(line) for line in result.stdout.splitlines()] == [
         {"prompt": [{"role": "user", "content": "Capital of France?"}],
-         "completion": [{"role": "assistant", "content": "Lyon."}], "label": False}]
+         "completion": [{"role": "assistant", "content": "Lyon."}], "label": False, "ended": True}]
     assert result.stderr.strip() == "1 thumbs rows at snapshot 7; dropped 1 (superseded_by_same_user 1)"
 
 
