@@ -82,6 +82,14 @@ def token_set_reward(model_path: Path):
     return reward
 
 
+def test_ppo_stops_before_an_update_on_non_finite_numbers() -> None:
+    from training.ppo import check_finite
+
+    check_finite(3, score=torch.tensor([1.0, -2.0]), kl=torch.zeros(2, 4))
+    with pytest.raises(FloatingPointError, match="iteration 3: non-finite kl, advantages"):
+        check_finite(3, score=torch.ones(2), kl=torch.tensor([float("-inf")]), advantages=torch.tensor([float("nan")]))
+
+
 def test_rollout_batch_masks_everything_after_the_first_stop() -> None:
     batch = make_rollout_batch([[2, 7], [2]], [[9, 1, 8, 8], [9, 9]], stop_ids=[1, 5], pad_id=0,
                                device=torch.device("cpu"))

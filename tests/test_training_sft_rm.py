@@ -124,6 +124,23 @@ def test_reply_logprobs_are_those_of_the_served_distribution(tiny) -> None:
     assert not torch.allclose(plain, expected, atol=1e-3)
 
 
+def test_a_scored_token_under_the_min_p_cut_keeps_a_finite_log_prob() -> None:
+    """Sampler and scorer compute the logits in different passes; a sampled token that lands just under the
+    min-p cut when scored must not get log 0 (a KL of 1e38 nats, then NaN weights)."""
+    from torch import nn
+
+    from training.logprobs import rows_logprobs
+
+    head = nn.Linear(2, 3, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
+    rows = torch.tensor([[5.0, 0.0]])  # logits 5, 0, 0: probabilities ~0.99, ~0.007, ~0.007
+    lp, _ = rows_logprobs(rows, torch.tensor([1]), head, min_p=0.1)  # token 1 is far under 0.1 x 0.99
+    assert torch.isfinite(lp).all() and -6.0 < lp.item() < -4.0  # kept with its own weight: log(1 / (1 + e^5))
+    kept, _ = rows_logprobs(rows, torch.tensor([0]), head, min_p=0.1)
+    assert kept.item() == pytest.approx(0.0, abs=1e-6)  # the min-p set is token 0 alone (token 2 is cut)
+
+
 def test_reply_history_lists_the_reply_tokens_before_each_scored_one() -> None:
     from training.logprobs import reply_history
 

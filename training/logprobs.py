@@ -58,8 +58,13 @@ def _chunk_logprobs(rows: Tensor, targets: Tensor, lm_head: nn.Module, softcap: 
         logits = logits - frequency_penalty * counts
     logits = logits / temperature  # the sampling temperature, so log-probs match the sampled distribution
     if min_p > 0:  # min-p (Nguyen et al. 2024): p < min_p x p_max  <=>  logit < max logit + log(min_p)
-        cut = logits.max(dim=-1, keepdim=True).values + math.log(min_p)
-        logits = logits.masked_fill(logits < cut, torch.finfo(logits.dtype).min)  # finite: the entropy stays a number
+        below = logits < logits.max(dim=-1, keepdim=True).values + math.log(min_p)
+        # The scored token always stays: it was sampled, so it was above the cut where it was drawn; this pass's
+        # logits differ from the sampler's in the last bits (another kernel, no KV cache), and a token just
+        # under the cut here would get log 0: a KL of 10^38 nats, and NaN weights one update later. The
+        # reference keeps it too, so its KL term stays finite (and large, if the reference finds it unlikely).
+        below = below.scatter(-1, targets.unsqueeze(-1), False)
+        logits = logits.masked_fill(below, torch.finfo(logits.dtype).min)  # finite: the entropy stays a number
     logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     entropy = entropy_from_logits(logits) if with_entropy else torch.zeros_like(logprobs)
     return logprobs, entropy

@@ -201,6 +201,16 @@ class RolloutBatch:
     extras: dict[str, Tensor] = field(default_factory=dict)
 
 
+def check_finite(iteration: int, **tensors: Tensor) -> None:
+    """Stop before an update that would write NaN or inf into the adapters (one such step ruins them)."""
+    bad = [name for name, t in tensors.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise FloatingPointError(
+            f"PPO iteration {iteration}: non-finite {', '.join(bad)} before the update; the adapters were not "
+            "changed by it. Lower ppo.lr, or check the reward model and the sampling settings (temperature, "
+            "min_p, frequency_penalty) the log-probs are computed under.")
+
+
 def make_rollout_batch(prompt_ids: list[list[int]], replies: list[list[int]], stop_ids: list[int], pad_id: int,
                        device: torch.device) -> RolloutBatch:
     """Pack sampled replies; tokens after the first stop token are masked everywhere (and set to pad)."""
@@ -404,6 +414,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None,
                 rewards = L.masked_whiten(rewards, rmask, shift_mean=False)
             advantages, returns = L.gae(rewards, old_values, rmask, cfg.gamma, cfg.lam)  # returns before whitening
             advantages = L.masked_whiten(advantages, rmask)
+            check_finite(iteration, score=raw_score, kl=kl, advantages=advantages)
             t_score = time.perf_counter() - t0
 
             # ---- 3. Update: PPO epochs over minibatches, each step with the ptx term ---------------------
