@@ -36,6 +36,9 @@ from .errors import StoreBusyError
 
 LOCK_POLL_MAX_S = 0.002  # longest sleep between two tries of a busy write lock
 HOLDER_RECORD_BYTES = 256  # the holder's record at the start of `<db>.lock`, padded to this size
+# This process in the holder's record: the program and its subcommand words, never an option's value.
+_COMMAND = " ".join([Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python",
+                     *[a for a in sys.argv[1:3] if not a.startswith("-")]])
 BUSY_MESSAGE = ("The feedback database is busy (another process is writing, e.g. an import); "
                 "try again in a few seconds.")
 
@@ -112,9 +115,7 @@ class WriteLock:
 
     def _record_holder(self, fd: int) -> None:
         """Write who holds the lock now into its file (read by a writer that gives up)."""
-        words = [a for a in sys.argv[1:3] if not a.startswith("-")]  # a subcommand, never an option's value
-        command = " ".join([Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python", *words])
-        record = f"{os.getpid()}\t{command}\t{threading.current_thread().name}\t{time.time():.3f}"
+        record = f"{os.getpid()}\t{_COMMAND}\t{threading.current_thread().name}\t{time.time():.3f}"
         os.pwrite(fd, record.encode("utf-8", "replace")[:HOLDER_RECORD_BYTES - 1].ljust(HOLDER_RECORD_BYTES - 1)
                   + b"\n", 0)
 

@@ -108,7 +108,7 @@ from scripts.simulated_users import (  # noqa: E402
 from training.config import _f  # noqa: E402
 from training.evaluation import BOOTSTRAP_RESAMPLES  # noqa: E402
 from training.round import heldout_bucket, starter_rows  # noqa: E402
-from training.sampling import APP_SAMPLING, GREEDY, ReplySampling  # noqa: E402
+from training.sampling import ReplySampling, evaluation_sampling  # noqa: E402
 
 # Round settings small enough for the tiny model on two CPU cores, with gates any candidate passes
 # (--tiny checks that every step runs, not the numbers). Round 0 runs with them too: SFT on the 301
@@ -523,11 +523,10 @@ def promote_only(cfg: BenchLoopConfig, db: Path) -> str:
 
 def eval_sampling(cfg: BenchLoopConfig) -> ReplySampling:
     """--eval-sampling: the app's default sampling with --eval-samples per prompt, or greedy."""
-    if cfg.eval_sampling == "app":
-        return APP_SAMPLING.with_samples(cfg.eval_samples)
-    if cfg.eval_sampling == "greedy":
-        return GREEDY
-    raise SystemExit(f"--eval-sampling {cfg.eval_sampling!r}: use app or greedy.")
+    try:
+        return evaluation_sampling(cfg.eval_sampling, cfg.eval_samples)
+    except ValueError as exc:
+        raise SystemExit(f"--eval-sampling / --eval-samples: {exc}") from None
 
 
 @dataclass

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from training.config import ConfigError, LoraSettings, PPOConfig, RewardConfig, SFTConfig, _f
-from training.sampling import APP_SAMPLING, GREEDY, ReplySampling
+from training.sampling import ReplySampling, evaluation_sampling
 
 
 def _small_lora() -> LoraSettings:
@@ -75,7 +75,7 @@ class RoundConfig:
 
     def reply_sampling(self) -> ReplySampling:
         """How the evaluation draws candidate's and live's replies (``eval_sampling``, ``eval_samples``)."""
-        return GREEDY if self.eval_sampling == "greedy" else APP_SAMPLING.with_samples(self.eval_samples)
+        return evaluation_sampling(self.eval_sampling, self.eval_samples)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))

@@ -72,6 +72,15 @@ class ReplySampling:
 
 
 GREEDY = ReplySampling()
+
+
+def evaluation_sampling(kind: str, samples: int) -> ReplySampling:
+    """An evaluation's sampling by name: 'app' (:data:`APP_SAMPLING`, ``samples`` replies per prompt) or 'greedy'."""
+    if kind == "greedy":
+        return GREEDY
+    if kind == "app":
+        return APP_SAMPLING.with_samples(samples)
+    raise ValueError(f"evaluation sampling {kind!r}: use 'app' or 'greedy'.")
 # What `alignloop serve` gives a user who moves no slider: its --frequency-penalty and --min-p defaults, and
 # the temperature and top-p of chat_app's SamplingConfig (both read them from here).
 APP_SAMPLING = ReplySampling(temperature=0.8, top_p=0.95, min_p=0.1, frequency_penalty=0.5)
