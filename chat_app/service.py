@@ -107,7 +107,8 @@ class Ranking:
 
 
 def storable(model_text: str) -> str:
-    """Model output as the store accepts it: a model can emit NUL, which is not valid text there."""
+    """Model output as the store accepts it: a model can emit NUL, which is not valid text there.
+    Applied to what the user is sent as well, so what they see is what is stored and trained on."""
     return model_text.replace("\x00", "\ufffd")
 
 
@@ -226,7 +227,7 @@ class ChatService:
             error = None
             try:
                 async for chunk in self.engine.stream(messages, adapter=served.adapter, sampling=sampling):
-                    text, last = chunk.text, chunk
+                    text, last = storable(chunk.text), chunk
                     if first_token is None and chunk.delta:
                         first_token = time.perf_counter() - start
                     if chunk.finished:
@@ -257,7 +258,7 @@ class ChatService:
                      sampling: SamplingConfig, start: float, last: ReplyChunk | None, finish_reason: str,
                      client_id: str | None = None) -> int:
         return self.store.add_reply(
-            conversation_id, user_id, parent_id, storable(text),
+            conversation_id, user_id, parent_id, text,
             Reply(
                 model_version_id=served.version_id,
                 sampling=sampling.as_dict(),
@@ -565,13 +566,15 @@ class ChatService:
         for c in completions:
             self.metrics.reply(served.name, c.completion_tokens, None, latency / 1000)
 
+        texts = [storable(c.text) for c in completions]
+
         def store_replies() -> list[int]:
-            return [self.store.add_reply(conv, user_id, q, storable(c.text),
+            return [self.store.add_reply(conv, user_id, q, text,
                                          Reply(served.version_id, sampling.as_dict(), latency, c.prompt_tokens,
                                                c.completion_tokens, c.finish_reason))
-                    for c in completions]
+                    for c, text in zip(completions, texts)]
 
-        return await self._db(store_replies), [c.text for c in completions]
+        return await self._db(store_replies), texts
 
     def submit_ranking(self, user_id: str, ranked_reply_ids: list[int], *, client_id: str | None = None,
                        client: str | None = None) -> int:

@@ -4,6 +4,7 @@ SQLite store: chat, feedback, Compare, Rank, limits, engine failures, and hot-sw
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import random
 import shutil
@@ -149,6 +150,32 @@ def test_rank_streams_its_replies_where_the_engine_batches_streams(tiny_model_pa
         assert len({r["parent_id"] for r in rows}) == 1
         assert sorted(json.loads(r["sampling"])["seed"] for r in rows) == [5, 6, 7]
         svc.submit_ranking(uid, ids)
+
+    run_with_service(tiny_model_path, tmp_db_path, body)
+
+
+def test_a_nul_the_model_emits_reaches_the_user_as_it_is_stored(tiny_model_path, tmp_db_path):
+    """SQLite text cannot hold NUL, so the store gets U+FFFD; the user must be sent that same text (the
+    OpenAI API's test once caught a random tiny-model reply whose NUL came back to the client but not to the
+    store). The real engine's output gets a NUL put into each chunk."""
+    async def body(svc: ChatService):
+        stream, generate = svc.engine.stream, svc.engine.generate
+
+        async def stream_with_nul(*args, **kwargs):
+            async for chunk in stream(*args, **kwargs):
+                yield dataclasses.replace(chunk, text="\x00" + chunk.text)
+
+        async def generate_with_nul(*args, **kwargs):
+            return [dataclasses.replace(c, text=c.text + "\x00") for c in await generate(*args, **kwargs)]
+
+        svc.engine.stream, svc.engine.generate = stream_with_nul, generate_with_nul
+        uid = svc.ensure_user("nul")
+        final = (await _drain(svc.chat(uid, "Hello there")))[-1]
+        assert final.text.startswith("\ufffd") and "\x00" not in final.text
+        assert svc.store.db["messages"].get(final.reply_id)["content"] == final.text
+        ranking = (await _drain(svc.rank_stream(uid, "Tell me a story", 2)))[-1]
+        assert all(t.endswith("\ufffd") for t in ranking.texts)
+        assert [svc.store.db["messages"].get(i)["content"] for i in ranking.reply_ids] == ranking.texts
 
     run_with_service(tiny_model_path, tmp_db_path, body)
 
