@@ -83,11 +83,16 @@ def test_starter_set_loads_and_seeds_once(tmp_db_path: Path) -> None:
         assert seed_starter_set(store) == {"sft": 0, "prompts": 0, "preferences": 0}  # content-keyed: a no-op
 
 
-def test_the_evaluation_samples_as_the_app_serves_unless_told_greedy() -> None:
-    from training.config import ConfigError
+def test_the_evaluation_and_ppo_sample_as_the_app_serves_unless_told_otherwise() -> None:
+    from training.config import ConfigError, apply_overrides
     from training.sampling import APP_SAMPLING, GREEDY
 
     assert RoundConfig().reply_sampling() == APP_SAMPLING.with_samples(2)
+    ppo = RoundConfig().ppo
+    assert (ppo.temperature, ppo.frequency_penalty, ppo.min_p) == (APP_SAMPLING.temperature,
+                                                                   APP_SAMPLING.frequency_penalty, APP_SAMPLING.min_p)
+    assert apply_overrides(RoundConfig(), ["ppo.temperature=1", "ppo.min_p=0"]).ppo.temperature == 1.0  # the old way
+
     assert RoundConfig(eval_sampling="greedy").reply_sampling() == GREEDY
     for bad in ({"eval_samples": 0}, {"eval_sampling": "beam"}):
         with pytest.raises(ConfigError, match="eval_samples"):
