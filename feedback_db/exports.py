@@ -7,7 +7,8 @@ recorded since. Rows follow TRL's dataset conventions:
 * SFT: conversational `{"messages": [..., {"role": "assistant", ...}]}`, or
   `{"prompt": str, "completion": str}` for contexts imported as plain-text prompts.
 * Preferences: `{"prompt", "chosen", "rejected"}` (conversational lists, or strings for
-  plain-text imports), or per-prompt groups for K-wise reward-model batches (with `ended` per
+  plain-text imports), with `chosen_ended`/`rejected_ended` false for a reply the server cut
+  off at its token limit (absent: it ended), or per-prompt groups for K-wise reward-model batches (with `ended` per
   completion: false for a reply the server cut off at its token limit).
 * Thumbs: TRL's unpaired preference (KTO) rows `{"prompt", "completion", "label"}`, plus `ended`.
 * PPO prompts: `{"prompt": [...]}`, deduplicated.
@@ -323,13 +324,12 @@ def export_preferences(store: FeedbackStore, snapshot: int | None = None, *, fmt
     rows = []
     for v in kept:
         ctx = contexts.get(v.user_message_id) or contexts.setdefault(v.user_message_id, store.context(v.user_message_id))
-        rows.append(
-            {
-                "prompt": prompt_value(ctx),
-                "chosen": _completion_value(ctx, v.winner.text),
-                "rejected": _completion_value(ctx, v.loser.text),
-            }
-        )
+        row = {"prompt": prompt_value(ctx), "chosen": _completion_value(ctx, v.winner.text),
+               "rejected": _completion_value(ctx, v.loser.text)}
+        # Only a cut-off reply says so: a row of two ended replies stays exactly TRL's.
+        row.update({f"{side}_ended": False for side, reply in (("chosen", v.winner), ("rejected", v.loser))
+                    if not reply.ended})
+        rows.append(row)
     return Export(rows, snapshot, dropped)
 
 

@@ -1,7 +1,8 @@
 """Seeding the store from JSONL in TRL's conventions (e.g. a public preference set).
 
 The same formats the exports write come back in: preferences (`prompt`/`chosen`/
-`rejected`, strings or conversational lists), SFT (`messages`, or `prompt`/`completion`)
+`rejected`, strings or conversational lists; `chosen_ended`/`rejected_ended` false for a reply
+cut off at a token limit), SFT (`messages`, or `prompt`/`completion`)
 and prompts (`prompt`). Every row is validated before anything is written (a preference
 row the export would never produce, with an empty `chosen` or `rejected` or the same text
 in both, is refused with its row number), so a bad file writes nothing. The rows then land
@@ -145,9 +146,11 @@ class _Importer:
                                               client_id=f"{key}:turn:{i}")
         return parent
 
-    def reply(self, user_message_id: int, text: str) -> int:
+    def reply(self, user_message_id: int, text: str, ended: bool = True) -> int:
+        """A reply; `ended` False stores it as one the server cut off at its token limit."""
         conv = self.store.message(user_message_id)["conversation_id"]
-        return self.store.add_reply(conv, self.user, user_message_id, text, Reply(self.version.id),
+        reply = Reply(self.version.id) if ended else Reply(self.version.id, finish_reason="length")
+        return self.store.add_reply(conv, self.user, user_message_id, text, reply,
                                     client_id=f"import:{self.source}:reply:{user_message_id}:{_digest(text)}")
 
     def add(self, kind: str, item: tuple[Any, ...]) -> None:
@@ -155,8 +158,8 @@ class _Importer:
         row_key, system, turns, fmt, *rest = item
         user_message_id = self.context(system, turns, fmt)
         if kind == "preferences":
-            chosen, rejected = rest
-            a, b = self.reply(user_message_id, chosen), self.reply(user_message_id, rejected)
+            chosen, rejected, chosen_ended, rejected_ended = rest
+            a, b = self.reply(user_message_id, chosen, chosen_ended), self.reply(user_message_id, rejected, rejected_ended)
             self.store.record_comparison(self.user, a, b, "A", client_id=f"import:{self.source}:pair:{row_key}")
         elif kind == "sft":
             self.store.record_demonstration(self.user, user_message_id, rest[0],
@@ -192,7 +195,11 @@ def _parsed(rows: Iterable[dict[str, Any]], kind: str, max_chars: int,
                     f"{where}: chosen and rejected are the same text (ignoring whitespace), so the row says "
                     "nothing; drop the row."
                 )
-            parsed.append((row_key, system, turns, fmt, chosen, rejected))
+            ends = row.get("chosen_ended", True), row.get("rejected_ended", True)
+            if not all(isinstance(e, bool) for e in ends):
+                raise InvalidInputError(f"{where}: 'chosen_ended' and 'rejected_ended' are true or false (false: the "
+                                        f"reply was cut off at a token limit), not {ends!r}.")
+            parsed.append((row_key, system, turns, fmt, chosen, rejected, *ends))
         elif kind == "sft":
             if "messages" in row:
                 msgs = row["messages"]

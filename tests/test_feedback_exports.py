@@ -146,7 +146,7 @@ TEXT_ROWS = [
     {"prompt": "\n\nHuman: Say hi", "chosen": " Hi!", "rejected": " Go away."},
     {"prompt": "\n\nHuman: How do I bake bread?\n\nAssistant:", "chosen": " Knead, rise, bake.", "rejected": " No."},
     {"prompt": "\n\nHuman: Say hi", "chosen": " Hi!", "rejected": " Go away."},  # a repeated vote counts once
-    {"prompt": "Unicode ✓ — ünïcödé 😀", "chosen": "Yes ✓", "rejected": "Nein ✗"},
+    {"prompt": "Unicode ✓ — ünïcödé 😀", "chosen": "Yes ✓", "rejected": "Nein ✗", "rejected_ended": False},  # cut off
 ]
 # Exported in the order of the deciding votes: the repeated row 4 supersedes row 2.
 TEXT_EXPORT = [TEXT_ROWS[0], TEXT_ROWS[2], TEXT_ROWS[3], TEXT_ROWS[4]]
@@ -214,6 +214,7 @@ def test_sft_and_prompt_imports_round_trip(store):
           "rejected": [{"role": "assistant", "content": "b"}]}, "row 2: 'chosen' is empty"),
         ({"prompt": [{"role": "user", "content": " "}], "chosen": [{"role": "assistant", "content": "a"}],
           "rejected": [{"role": "assistant", "content": "b"}]}, "row 2 message 0 is empty"),
+        ({"prompt": "p", "chosen": "a", "rejected": "b", "rejected_ended": "no"}, "row 2: 'chosen_ended' and "),
     ],
 )
 def test_a_bad_row_aborts_the_whole_import(store, bad_row, match):

@@ -264,6 +264,8 @@ def test_a_reply_cut_off_at_the_token_limit_is_exported_as_not_ended(store):
     assert [row["ended"] for row in export_thumbs(store).rows] == [False]
     (row,) = export_preferences(store, fmt="groups").rows
     assert row["ended"] == [True, False]
+    (trl,) = export_preferences(store).rows
+    assert trl["rejected_ended"] is False and "chosen_ended" not in trl  # absent: ended, as in TRL's own rows
     # As an SFT target (a liked reply) it would teach stopping mid-sentence: left out, and said so.
     store.record_rating("alice", cut, 1)
     store.record_rating("alice", paris, 1)

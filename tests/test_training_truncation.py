@@ -232,6 +232,14 @@ def test_a_reply_cut_off_when_served_gets_no_stop_token_anywhere_it_is_read(tok)
     assert batch.replies[0][0][-1] == stop and batch.replies[0][1][-1] != stop
     with pytest.raises(DataError, match="one true/false per completion"):
         preference_groups([{"prompt": "Capital?", "completions": ["a", "b"], "pairs": [[0, 1]], "ended": [True]}])
+    # TRL pairs say it per side; a pair without the keys is two ended replies (TRL's own datasets).
+    trl = [{"prompt": "Capital?", "chosen": "Paris.", "rejected": "Paris is the", "rejected_ended": False},
+           {"prompt": "Capital?", "chosen": "Lyon? No: Paris.", "rejected": "Paris is the", "chosen_ended": True}]
+    (group,) = preference_groups(trl)
+    assert group.completions == ["Paris.", "Paris is the", "Lyon? No: Paris."] and group.ended == [True, False, True]
+    assert kwise_batch([group], tok, 64).replies[0][1][-1] != stop
+    with pytest.raises(DataError, match="chosen_ended"):
+        preference_groups([{"prompt": "Capital?", "chosen": "a", "rejected": "b", "chosen_ended": "no"}])
     (rated,) = rated_replies([{"prompt": "Capital?", "completion": "Paris is the", "label": False, "ended": False}])
     assert rated.ended is False
     assert example_for(tok, "Capital?", "Paris is the", 64, ended=False).input_ids[-1] != stop

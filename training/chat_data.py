@@ -378,8 +378,9 @@ def preference_groups(rows: Iterable[dict[str, Any]]) -> list[PreferenceGroup]:
     """Group preference rows per prompt.
 
     Accepts feedback_db's groups ({'prompt', 'completions', 'pairs'}) and TRL pairs
-    ({'prompt', 'chosen', 'rejected'}); pairs of the same prompt are merged, each
-    distinct reply appearing once, so it goes through the model once.
+    ({'prompt', 'chosen', 'rejected'}, with 'chosen_ended'/'rejected_ended' false for a reply the
+    server cut off; absent: ended); pairs of the same prompt are merged, each distinct reply
+    appearing once, so it goes through the model once.
     """
     groups: dict[str, PreferenceGroup] = {}
     for n, row in enumerate(rows, 1):
@@ -397,11 +398,15 @@ def preference_groups(rows: Iterable[dict[str, Any]]) -> list[PreferenceGroup]:
         key = json.dumps(prompt, sort_keys=True)
         group = groups.setdefault(key, PreferenceGroup(prompt, []))
         winner, loser = _reply_text(row["chosen"]), _reply_text(row["rejected"])
+        ends = row.get("chosen_ended", True), row.get("rejected_ended", True)
+        if not all(isinstance(e, bool) for e in ends):
+            raise DataError(f"Preference row {n}: 'chosen_ended' and 'rejected_ended' must be true or false, got {ends!r}.")
         if winner.strip() == loser.strip():
             continue  # no signal
-        for text in (winner, loser):
+        for text, ended in zip((winner, loser), ends):
             if text not in group.completions:
                 group.completions.append(text)
+                group.ended.append(ended)
         group.pairs.append((group.completions.index(winner), group.completions.index(loser)))
     return [g for g in groups.values() if g.pairs]
 
