@@ -65,9 +65,10 @@ class RoundConfig:
     # and 72% and 71% (training/README.md).
     # PPO trains the policy users are served: rollouts and every log-prob at the app's sampling (temperature,
     # frequency penalty, min-p; top-p stays off, see training/README.md) and as long as the app's replies in
-    # bench_loop (64 tokens). The first round so trained (session 13) passed its judge gate, +1.56 [+0.66, +2.34],
-    # and won 59% [44, 72] of the users' own Compare pairs by gold; at temperature 1 and 48 tokens the
-    # candidates ended their replies within the users' limit less often than live (training/README.md).
+    # bench_loop (64 tokens). The first round so trained (bench_loop, gold (a)) passed its judge gate, +1.56
+    # [+0.66, +2.34]; by gold it won 71% [63, 78] against round 0 on held-out prompts at the app's sampling and
+    # 59% [44, 72] of the 51 users' Compare pairs voted before the run stopped. At temperature 1 and 48 tokens
+    # the candidates had ended their replies within the users' limit less often than live (training/README.md).
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(iterations=20, rollout_batch=8, minibatch=4, ppo_epochs=2,
                                                              max_new_tokens=64, ptx_coef=0.1, progress=False,
                                                              temperature=APP_SAMPLING.temperature,
