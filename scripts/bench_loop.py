@@ -228,6 +228,15 @@ def split_prompts(prompts: list[str], eval_fraction: float, eval_n: int,
     return users, held[:eval_n]
 
 
+def gold_prompt_split(cfg: BenchLoopConfig, gold: GoldScorer) -> tuple[list[str], list[str]]:
+    """(users' prompts, evaluation prompts) of the gold's own prompt pool (``gold.prompts()``; the rule's
+    otherwise), split by `split_prompts` with the run's --eval-fraction and --eval-prompts."""
+    pool = getattr(gold, "prompts", None)
+    if pool is None:
+        from scripts.gold_preferences import rule_prompts as pool
+    return split_prompts(list(pool()), cfg.eval_fraction, cfg.eval_prompts, starter_prompt_texts())
+
+
 # --------------------------------------------------------------------------- #
 # Statistics (each written once)
 # --------------------------------------------------------------------------- #
@@ -653,11 +662,7 @@ def run_bench(cfg: BenchLoopConfig) -> dict[str, Any]:
         os.environ["ALIGNLOOP_GOLD_RM"] = cfg.gold_rm
     gold = load_gold(cfg.gold)
     gold_scores(gold, ["Say hello."], ["Hello."])  # fails now, with its message, if the gold cannot score
-    pool = getattr(gold, "prompts", None)
-    if pool is None:
-        from scripts.gold_preferences import rule_prompts as pool
-    user_prompts, eval_prompts = split_prompts(list(pool()), cfg.eval_fraction, cfg.eval_prompts,
-                                               starter_prompt_texts())
+    user_prompts, eval_prompts = gold_prompt_split(cfg, gold)
     results: dict[str, Any] = {"config": dataclasses.asdict(cfg), "prompts": {"users": len(user_prompts),
                                "eval": len(eval_prompts)}, "eval_sampling": eval_sampling(cfg).describe(),
                                "rounds": [], "stopped": None}

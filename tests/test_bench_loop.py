@@ -338,3 +338,26 @@ def test_tiny_benchmark_runs_every_step_end_to_end(tmp_path: Path) -> None:
     for table_name in ("ratings", "comparisons", "rankings"):
         assert count_rows(db, f"SELECT COUNT(*) FROM {table_name}") > 0, table_name
     print(f"bench_loop --tiny: {wall:.0f} s (the run itself: {results['wall_seconds']:.0f} s)")
+
+
+def test_judge_adapters_rejudges_saved_versions_on_the_held_out_prompts(tiny_model_path, tmp_path, capsys) -> None:
+    """scripts/judge_adapters.py on the tiny model: one seeded stream for every version, so an adapter judged
+    against itself ties on every reply; a different adapter is judged reply against reply, with the rule's
+    parts; a folder that is not an adapter is refused before anything loads."""
+    from scripts.judge_adapters import main
+    from tests.engine_contract import make_lora_adapter
+
+    a = make_lora_adapter(tiny_model_path, tmp_path / "a", seed=0)
+    b = make_lora_adapter(tiny_model_path, tmp_path / "b", seed=1)
+    options = ["--base-model", str(tiny_model_path), "--device", "cpu", "--eval-prompts", "3",
+               "--eval-samples", "2", "--eval-max-new-tokens", "6", "--json", str(tmp_path / "judged.json")]
+    assert main([f"a={a}", f"same={a}", f"b={b}", "base=base", *options]) == 0
+    results = json.loads((tmp_path / "judged.json").read_text())
+    same, other = results["versions"]["same"]["vs_baseline"], results["versions"]["b"]["vs_baseline"]
+    assert (same["wins"], same["losses"], same["ties"], same["rate"]) == (0, 0, 6, None)
+    assert other["wins"] + other["losses"] + other["ties"] == 6 and other["prompts"] == 3
+    assert results["replies"]["same"] == results["replies"]["a"] != results["replies"]["b"]
+    assert set(results["versions"]["base"]["rule_components"]) == {"complete", "non_repetitive", "concise", "on_topic"}
+    assert "baseline a" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="not a saved adapter"):
+        main([f"a={a}", f"x={tmp_path}", *options])
