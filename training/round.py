@@ -337,7 +337,11 @@ class RoundRunner:
         reference = self.sft_reference_of(live)
 
         sft_dir = None
-        if new_demos > 0:
+        ppo_trained = bool(policy_adapter) and reference != policy_adapter
+        if new_demos > 0 and ppo_trained and cfg.sft_after_ppo == "skip":
+            self.metrics["sft_skipped"] = (f"{new_demos} new demonstrations left to PPO's ptx term and the reward "
+                                           f"model: the live policy {live.name} was PPO-trained (sft_after_ppo=skip)")
+        elif new_demos > 0:
             self.step("sft")
             round_sft = self.data_dir / "sft-round.jsonl"
             write_jsonl(self.sft_rows(data.sft, new_demos, continued=bool(policy_adapter) and trained_on > 0),
@@ -352,7 +356,8 @@ class RoundRunner:
             why = (f"{pairs} preference pairs over {len(data.groups)} prompts (need {cfg.min_pairs} over 2+)"
                    if not enough_prefs else f"{len(data.train_prompts)} training prompts (need {cfg.min_prompts})")
             if sft_dir is None:
-                raise _Stop(f"not enough feedback for a round: {why}, and no new demonstrations. Collect more "
+                raise _Stop(f"not enough feedback for a round: {why}, and no demonstrations to fine-tune on "
+                            "(none new, or sft_after_ppo=skip). Collect more "
                             "Compare/Rank votes and prompts, seed the starter set (--seed-starter), or lower "
                             "--set min_pairs / min_prompts.")
             self.metrics["mode"] = "sft-only"

@@ -45,6 +45,7 @@ class RoundConfig:
     report_prompts: int = _f(4, "Fixed prompts (the starter set's first N) that every round's report answers with live and candidate, so reports compare across rounds.")
     use_thumbs: bool = _f(True, "Train the reward models on each 👍/👎 as its own row (RewardConfig.thumbs_data, KTO-style); off: a 👍 and a 👎 reply to the same message become a preference pair instead.")
     sft_replay: float = _f(1.0, "When the live policy was fine-tuned before: old demonstrations replayed per new one in this round's SFT (a random sample; the new ones always all); < 0: every demonstration, every round.")
+    sft_after_ppo: Literal["continue", "skip"] = _f("continue", "New demonstrations when the live policy was PPO-trained: 'continue' fine-tunes that policy on them (and replayed ones) and anchors PPO's KL to the result; 'skip' leaves them to PPO's ptx term and the reward model, PPO continuing from live with its old reference. In session 13 'continue' undid round 1's PPO gain (training/README.md).")
     max_kl: float = _f(10.0, "Gate: KL(policy || reference) per reply at the end of PPO, in nats.")
     min_reward_gain: float = _f(0.0, "Gate: the judge's reward of candidate minus live, paired per held-out prompt, must be above this (95% bootstrap interval).")
     max_ptx_ppl_increase: float = _f(0.1, "Gate: relative increase of the ptx perplexity (0.1 = +10%).")
@@ -77,6 +78,8 @@ class RoundConfig:
                            metadata={"help": "PPO-ptx step defaults (`--set ppo.iterations=50`)."})
 
     def __post_init__(self) -> None:
+        if self.sft_after_ppo not in ("continue", "skip"):
+            raise ConfigError(f"sft_after_ppo={self.sft_after_ppo!r}: use 'continue' or 'skip'.")
         if self.eval_sampling not in ("app", "greedy") or self.eval_samples < 1:
             raise ConfigError(f"eval_sampling={self.eval_sampling!r}, eval_samples={self.eval_samples}: use 'app' with "
                               "eval_samples >= 1 (replies per held-out prompt) or 'greedy'.")
