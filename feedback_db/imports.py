@@ -149,8 +149,8 @@ class _Importer:
     def reply(self, user_message_id: int, text: str, ended: bool = True) -> int:
         """A reply; `ended` False stores it as one the server cut off at its token limit."""
         conv = self.store.message(user_message_id)["conversation_id"]
-        reply = Reply(self.version.id) if ended else Reply(self.version.id, finish_reason="length")
-        return self.store.add_reply(conv, self.user, user_message_id, text, reply,
+        return self.store.add_reply(conv, self.user, user_message_id, text,
+                                    Reply(self.version.id, finish_reason=None if ended else "length"),
                                     client_id=f"import:{self.source}:reply:{user_message_id}:{_digest(text)}")
 
     def add(self, kind: str, item: tuple[Any, ...]) -> None:

@@ -944,7 +944,16 @@ def write_results(out: Path, results: dict[str, Any]) -> dict[str, Any]:
 def parse_args(argv: list[str] | None = None) -> BenchLoopConfig:
     """A BenchLoopConfig from the command line (each field is `--name-with-dashes`, its help the field's)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_options(parser)
+    cfg = BenchLoopConfig(**vars(parser.parse_args(argv)))
+    return apply_tiny(cfg) if cfg.tiny else cfg
+
+
+def add_config_options(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:
+    """One `--name-with-dashes` option per BenchLoopConfig field (or just `names`), its help the field's."""
     for f in dataclasses.fields(BenchLoopConfig):
+        if names is not None and f.name not in names:
+            continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         helptext = f.metadata["help"] + f" (default: {default})"
@@ -954,8 +963,6 @@ def parse_args(argv: list[str] | None = None) -> BenchLoopConfig:
             parser.add_argument(flag, action="append", default=[], help=helptext)
         else:
             parser.add_argument(flag, type=type(default), default=default, help=helptext)
-    cfg = BenchLoopConfig(**vars(parser.parse_args(argv)))
-    return apply_tiny(cfg) if cfg.tiny else cfg
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from scripts.bench_loop import (  # noqa: E402
     BenchLoopConfig,
     Evaluator,
+    add_config_options,
     gold_prompt_split,
     gold_win_rate,
     load_gold,
@@ -74,7 +75,7 @@ def judge(cfg: BenchLoopConfig, versions: dict[str, str | None]) -> dict[str, ob
             row["vs_baseline"] = gold_win_rate(evaluator.scores[name], evaluator.scores[names[0]])
         if gold is rule_gold:
             totals: Counter[str] = Counter()
-            replies = [(p, r) for p, row_ in zip(prompts, evaluator.replies[name]) for r in row_]
+            replies = [(p, r) for p, samples in zip(prompts, evaluator.replies[name]) for r in samples]
             for p, r in replies:
                 totals.update(rule_components(p, r))
             row["rule_components"] = {k: round(v / len(replies), 3) for k, v in totals.items()}
@@ -101,12 +102,7 @@ def report(results: dict[str, object]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("versions", nargs="+", metavar="NAME=PATH", help="The baseline first, then the versions to judge.")
-    defaults = BenchLoopConfig()
-    for name in EVAL_FIELDS:
-        field = BenchLoopConfig.__dataclass_fields__[name]
-        default = getattr(defaults, name)
-        parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default,
-                            help=f"{field.metadata['help']} (default: {default})")
+    add_config_options(parser, EVAL_FIELDS)
     parser.add_argument("--json", default="", help="Write the figures and every reply here.")
     args = parser.parse_args(argv)
     versions = parse_versions(args.versions)

@@ -72,6 +72,9 @@ class ReplySampling:
 
 
 GREEDY = ReplySampling()
+# What `alignloop serve` gives a user who moves no slider: its --frequency-penalty and --min-p defaults, and
+# the temperature and top-p of chat_app's SamplingConfig (both read them from here).
+APP_SAMPLING = ReplySampling(temperature=0.8, top_p=0.95, min_p=0.1, frequency_penalty=0.5)
 
 
 def evaluation_sampling(kind: str, samples: int) -> ReplySampling:
@@ -81,9 +84,6 @@ def evaluation_sampling(kind: str, samples: int) -> ReplySampling:
     if kind == "app":
         return APP_SAMPLING.with_samples(samples)
     raise ValueError(f"evaluation sampling {kind!r}: use 'app' or 'greedy'.")
-# What `alignloop serve` gives a user who moves no slider: its --frequency-penalty and --min-p defaults, and
-# the temperature and top-p of chat_app's SamplingConfig (both read them from here).
-APP_SAMPLING = ReplySampling(temperature=0.8, top_p=0.95, min_p=0.1, frequency_penalty=0.5)
 
 
 class ReplyPenalty:
