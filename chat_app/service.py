@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, TypeVar
 
 from feedback_db import FeedbackError, FeedbackStore, ModelRegistry, PromotionPolicy, Reply, auto_promote_candidate
@@ -588,16 +589,22 @@ class ChatService:
 
     # -- operators --------------------------------------------------------------------
     def promotable_versions(self) -> list[dict]:
-        """Policy versions an operator may make live here: built on this server's base model, not
-        failed, not live already, and not known to fail to load (newest first)."""
-        live = self.router.live.name if self.router.live else None
+        """Policy versions an operator may make live here (newest first): candidates built on this
+        server's base model whose adapter folder exists and is not known to fail to load.
+
+        Retired versions are not offered: one taken out by `retire` was withdrawn on purpose, and
+        going back to an earlier live version is `rollback`'s job. A candidate whose round gates
+        failed is offered (the operator may overrule the gates) but says so in its label.
+        """
         out = []
-        for v in reversed(self.registry.list(kind="policy")):
-            if v.status == "failed" or v.name == live or v.name in self.router.load_errors:
+        for v in reversed(self.registry.list(kind="policy", status="candidate")):
+            if v.name in self.router.load_errors or v.base_model not in (None, self.router.base_model):
                 continue
-            if v.base_model not in (None, self.router.base_model):
+            if v.adapter_path and not Path(v.adapter_path).is_dir():
                 continue
-            out.append({"name": v.name, "status": v.status, "created_at": v.created_at})
+            gates = v.metrics.get("gates_passed")
+            label = v.name if gates is not False else f"{v.name} (gates failed)"
+            out.append({"name": v.name, "label": label, "status": v.status, "created_at": v.created_at})
         return out
 
     async def promote(self, version: int | str, *, actor: str) -> str:

@@ -338,17 +338,25 @@ def test_promote_refuses_what_this_server_cannot_serve_and_changes_nothing(tiny_
         reg.register("policy-broken", adapter_path=broken, base_model="tiny")
         reg.register("policy-other-base", adapter_path=adapters[0], base_model="someone/else")
         reg.register("policy-good", adapter_path=adapters[1], base_model="tiny")
+        reg.retire(reg.register("policy-withdrawn", adapter_path=adapters[1], base_model="tiny").name)
+        reg.register("policy-gone", adapter_path=broken.parent / "deleted-folder", base_model="tiny")
+        reg.register("policy-gates-failed", adapter_path=adapters[0], base_model="tiny",
+                     metrics={"gates_passed": False})
 
     async def body(svc: ChatService):
-        offered = [v["name"] for v in svc.promotable_versions()]
-        assert offered == ["policy-good", "policy-broken"]  # not live, not on another base
+        offered = {v["name"]: v["label"] for v in svc.promotable_versions()}
+        # Candidates on this base whose folder exists: not live, not retired, not on another base.
+        assert list(offered) == ["policy-gates-failed", "policy-good", "policy-broken"]
+        assert offered["policy-gates-failed"] == "policy-gates-failed (gates failed)"
+        assert offered["policy-good"] == "policy-good"
         with pytest.raises(UserFacingError, match="cannot be served, so it was not promoted"):
             await svc.promote("policy-broken", actor="op")
-        assert [v["name"] for v in svc.promotable_versions()] == ["policy-good"]  # known not to load now
+        assert [v["name"] for v in svc.promotable_versions()] == ["policy-gates-failed", "policy-good"]  # known bad
         with pytest.raises(UserFacingError, match="trained on someone/else"):
             await svc.promote("policy-other-base", actor="op")
         assert ModelRegistry(svc.store).live().name == "base:tiny" == svc.router.live.name
         assert await svc.promote("policy-good", actor="op") == "policy-good" == svc.router.live.name
+        assert "base:tiny" not in [v["name"] for v in svc.promotable_versions()]  # retired: rollback's job
         # A load error is not forever: fixing the folder and promoting again retries it.
         import shutil
         shutil.rmtree(broken)

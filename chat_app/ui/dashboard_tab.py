@@ -140,7 +140,7 @@ def build_dashboard_tab(rt: Runtime, guard: AdminGuard | None = None) -> None:
         text = (f"**Live:** `{live.name if live else '-'}` · **Candidate:** `{cand.name if cand else 'none'}` · "
                 f"messages {stats['messages']:,} · ratings {stats['ratings']:,} · comparisons {stats['comparisons']:,}"
                 f" · rankings {stats['rankings']:,} · demonstrations {stats['demonstrations']:,}{training}{errors}")
-        choices = [v["name"] for v in svc.promotable_versions()]  # servable here: same base, loads, not failed
+        choices = [(v["label"], v["name"]) for v in svc.promotable_versions()]  # candidates servable here
         figs = (_feedback_plot(feedback_over_time(store)), _thumbs_plot(thumbs_by_version(store)), _win_plot(wr))
         for f in figs:
             plt.close(f)
@@ -153,7 +153,7 @@ def build_dashboard_tab(rt: Runtime, guard: AdminGuard | None = None) -> None:
                              headers=["round", "status", "started", "finished", "snapshot",
                                                         "metrics", "report"]),
                 gr.Dataframe(value=version_rows, headers=["id", "name", "kind", "status", "adapter", "created"]),
-                gr.Dropdown(choices=choices, value=cand.name if cand else None),
+                gr.Dropdown(choices=choices, value=cand.name if cand and cand.name in {n for _, n in choices} else None),
                 gr.Dataframe(value=board_rows or [["", "no Compare votes between two versions yet", "", "", "", ""]],
                              headers=["rank", "version", "rating", "95% interval", "votes", "won/lost/tied"]))
 
