@@ -338,6 +338,18 @@ def _user_message_id(db: sqlite_utils.Database) -> None:
     _latest_reply_scores_view(db, "user_message_id")
 
 
+def _no_sessions_table(db: sqlite_utils.Database) -> None:
+    """Migration 7: the `sessions` table and `conversations.session_id` go. No part of the app
+    wrote them: who a user is comes from the login or the server-signed identity
+    (chat_app/identity.py), never from a browser session id.
+
+    sqlite-utils' transform rebuilds the table with its indexes; inside this migration's
+    transaction it defers the foreign-key checks to the commit.
+    """
+    db["conversations"].transform(drop={"session_id"}, drop_foreign_keys=["session_id"])
+    db["sessions"].drop()
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[sqlite_utils.Database], None]]] = [
     (1, "initial schema", _initial),
     (2, "browsing views", _browsing_views),
@@ -345,6 +357,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[sqlite_utils.Database], None]]] = [
     (4, "one live version per kind", _one_live_version_per_kind),
     (5, "conversations can be deleted from a user's history", _deletable_conversations),
     (6, "feedback names the user message it answers (user_message_id)", _user_message_id),
+    (7, "no sessions table: identities come from the login or the signed token", _no_sessions_table),
 ]
 LATEST_VERSION = MIGRATIONS[-1][0]
 

@@ -170,7 +170,7 @@ class FeedbackStore:
         """A user id as the store keeps it (short UTF-8 text); anything else is refused."""
         return clean_text(user_id, field="user id", max_chars=200)
 
-    # -- users and sessions -----------------------------------------------------------
+    # -- users --------------------------------------------------------------------------
     def ensure_user(self, user_id: str | None = None, *, display_name: str | None = None, is_admin: bool = False) -> str:
         """Create the user if new (an anonymous id when `user_id` is None); return its id."""
         user_id = self._user_id(user_id if user_id is not None else f"anon-{uuid.uuid4().hex[:12]}")
@@ -185,19 +185,6 @@ class FeedbackStore:
                 db["users"].update(user_id, {"is_admin": 1})
         return user_id
 
-    def start_session(self, user_id: str, *, user_agent: str | None = None, session_id: str | None = None) -> str:
-        """Record a browser session of `user_id` (created if new); return the session id."""
-        user_id = self.ensure_user(user_id)
-        session_id = self._text(session_id or uuid.uuid4().hex, "session id", max_chars=200)
-        if user_agent is not None:
-            user_agent = self._text(user_agent, "user agent", allow_empty=True, max_chars=1_000)
-        with self.transaction() as db:
-            if db.execute("SELECT 1 FROM sessions WHERE id = ?", [session_id]).fetchone() is None:
-                db["sessions"].insert(
-                    {"id": session_id, "user_id": user_id, "user_agent": user_agent, "created_at": utc_now()}
-                )
-        return session_id
-
     def _require_user(self, db: sqlite_utils.Database, user_id: str) -> None:
         if db.execute("SELECT 1 FROM users WHERE id = ?", [user_id]).fetchone() is None:
             raise NotFoundError(f"unknown user {user_id!r}; create it with ensure_user() first.")
@@ -209,7 +196,6 @@ class FeedbackStore:
         *,
         system_prompt: str | None = None,
         title: str | None = None,
-        session_id: str | None = None,
         source: str = "chat",
         prompt_format: str = "chat",
         client_id: str | None = None,
@@ -217,8 +203,6 @@ class FeedbackStore:
         """Start a conversation owned by `user_id`; return its id."""
         user_id = self._user_id(user_id)
         client_id = clean_client_id(client_id)
-        if session_id is not None:
-            session_id = self._text(session_id, "session id", max_chars=200)
         if system_prompt is not None:
             system_prompt = self._text(system_prompt, "system prompt", allow_empty=True,
                                        max_chars=self.config.max_system_prompt_chars) or None
@@ -232,12 +216,9 @@ class FeedbackStore:
             if (existing := self._already(db, "conversations", client_id)) is not None:
                 return existing
             self._require_user(db, user_id)
-            if session_id is not None and db.execute("SELECT 1 FROM sessions WHERE id = ?", [session_id]).fetchone() is None:
-                raise NotFoundError(f"no session {session_id!r}; start it with start_session() first.")
             return db["conversations"].insert(
                 {
                     "user_id": user_id,
-                    "session_id": session_id,
                     "title": title,
                     "system_prompt": system_prompt,
                     "source": source,
@@ -665,7 +646,7 @@ class FeedbackStore:
         latest vote per pair, ..., see counting.py), thumbs per model version (the same rule), the
         live versions and the current snapshot id."""
         db = self.db
-        tables = ["users", "sessions", "conversations", "messages", "ratings", "comparisons", "rankings",
+        tables = ["users", "conversations", "messages", "ratings", "comparisons", "rankings",
                   "demonstrations", "model_versions", "training_rounds"]
         counts = {t: db[t].count for t in tables}
         return {

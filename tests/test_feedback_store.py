@@ -50,7 +50,8 @@ def test_pragmas_and_schema(store):
     assert db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     assert db.execute("PRAGMA busy_timeout").fetchone()[0] == StoreConfig().busy_timeout_ms
     assert store.schema_version == LATEST_VERSION
-    for table in ["users", "sessions", "conversations", "messages", "ratings", "comparisons", "rankings",
+    assert "sessions" not in db.table_names() and "session_id" not in db["conversations"].columns_dict
+    for table in ["users", "conversations", "messages", "ratings", "comparisons", "rankings",
                   "ranking_items", "demonstrations", "model_versions", "training_rounds", "registry_log", "events"]:
         assert table in db.table_names()
     fks = {(fk.column, fk.other_table) for fk in db["messages"].foreign_keys}
@@ -112,6 +113,33 @@ def test_migration_6_renames_context_id_and_keeps_the_feedback(tmp_path):
         best_first = [group.completions[i] for i, _ in group.pairs]
         assert best_first[0] == "Pear."  # the ranking's best, over both others
         assert "Banana." in json.dumps(export_sft(store).rows)  # the demonstration still trains SFT
+
+
+def test_migration_7_drops_the_unused_sessions_table_and_keeps_the_conversations(tmp_path):
+    """A database written before migration 7 keeps its conversations, their messages, indexes and
+    foreign keys; only `sessions` and `conversations.session_id` go."""
+    path = tmp_path / "v6.db"
+    db = sqlite_utils.Database(path)
+    assert migrate(db, target=6) == [1, 2, 3, 4, 5, 6]
+    t = "2026-01-01T00:00:00Z"
+    db["events"].insert({"id": 1, "table_name": "x", "created_at": t})
+    db["users"].insert({"id": "ann", "created_at": t})
+    db["sessions"].insert({"id": "s1", "user_id": "ann", "created_at": t})
+    db["conversations"].insert({"id": 7, "user_id": "ann", "session_id": "s1", "source": "chat",
+                                "prompt_format": "chat", "created_at": t, "client_id": "c-7"})
+    db["messages"].insert({"id": 1, "conversation_id": 7, "role": "user", "content": "Hi.", "user_id": "ann",
+                           "created_at": t, "event_id": 1})
+    db.close()
+    with FeedbackStore(path) as store:
+        sdb = store.db
+        assert "sessions" not in sdb.table_names() and "session_id" not in sdb["conversations"].columns_dict
+        assert sdb["conversations"].get(7)["client_id"] == "c-7"
+        assert {tuple(i.columns) for i in sdb["conversations"].indexes} == {("client_id",), ("user_id",)}
+        assert {(fk.column, fk.other_table) for fk in sdb["conversations"].foreign_keys} == {("user_id", "users")}
+        assert sdb.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert sdb.execute("PRAGMA foreign_key_check").fetchall() == []
+        assert store.create_conversation("ann", client_id="c-7") == 7  # the unique client id still holds
+        assert [m["content"] for m in store.conversation_messages(7)] == ["Hi."]
 
 
 def test_newer_schema_is_refused(tmp_path):
