@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from scripts.server_process import start_server
-from tests.app_server import count_rows, start_test_server, stop_server
+from tests.app_server import count_rows, fetch_rows, start_test_server, stop_server
 from scripts.raw_gradio import RawGradio
 
 SAMPLING = ["", 0.0, 0.95, 8, 1.0, 0.1]  # system prompt, temperature, top-p, max new tokens, frequency penalty, min-p
@@ -167,6 +167,30 @@ def test_healthz_and_metrics_name_the_live_version(served) -> None:
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
     assert 'alignloop_version_info{role="live",version="base:tiny-gemma3"} 1.0' in metrics.text
     assert 'alignloop_requests_total{kind="chat",outcome="ok"}' in metrics.text  # earlier tests chatted
+
+
+def test_every_admin_handler_refuses_a_stranger_and_changes_nothing(raw, served) -> None:
+    """Every handler whose first input is the admin password box, the `api_name=False` ones included,
+    called by fn_index with no password and with a wrong one: refused with a readable reason, and the
+    registry, the rounds and the live version are as before."""
+    db = served["server"].db_path
+    password_boxes = {c["id"] for c in raw.components.values()
+                      if c.get("type") == "textbox" and c.get("props", {}).get("type") == "password"}
+    guarded = [dep for dep in raw.dependencies if dep.get("backend_fn") and dep["inputs"]
+               and dep["inputs"][0] in password_boxes]
+    names = {dep.get("api_name") for dep in guarded}
+    assert {"dashboard", "promote", "rollback", "start_round", "round_report"} <= names and len(guarded) >= 8
+    state = ("SELECT (SELECT COUNT(*) FROM registry_log) || '/' || (SELECT COUNT(*) FROM training_rounds)"
+             " || '/' || (SELECT name FROM model_versions WHERE status = 'live' AND kind = 'policy')")
+    before = fetch_rows(db, state)
+    for dep in guarded:
+        inputs = [c.get("props", {}).get("value") for c in raw.inputs_of(dep["id"])]
+        for password in ("", "wrong-password"):
+            outcome = raw.call(dep["id"], [password, *inputs[1:]], raw.new_session())
+            assert not outcome.success, (dep.get("api_name"), password)
+            assert re.search("password|admin|log in|too many", outcome.error or "", re.I), outcome.error
+            assert not PYTHON_ERRORS.search(outcome.error or ""), outcome.error
+    assert fetch_rows(db, state) == before
 
 
 def test_identities_and_conversations_survive_a_restart(raw, served, tiny_model_path) -> None:
