@@ -291,6 +291,12 @@ class ChatService:
                                                              title=text.strip()[:80])
         elif parent_id is None:
             raise UserFacingError("Wait until the reply has finished (or press Stop), then send your next message.")
+        else:
+            parent = self.store.message(parent_id)
+            if parent["role"] == "user" and parent["conversation_id"] == conversation_id and parent["user_id"] == user_id:
+                # The caller's turn that never got a reply (the server stopped while answering it): the
+                # new message takes its place, as its sibling, instead of following a user turn.
+                parent_id = parent["parent_id"]
         if edits is not None:
             self.store.owned_conversation(user_id, conversation_id)
         message_id = self.store.add_user_message(conversation_id, user_id, text, parent_id=parent_id,

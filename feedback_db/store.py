@@ -32,6 +32,7 @@ CHOICES: tuple[str, ...] = ("A", "B", "tie", "both_bad")
 MIN_RANKED, MAX_RANKED = 2, 9
 WHITESPACE = " \t\r\n"
 SOURCES: tuple[str, ...] = ("chat", "compare", "rank", "import", "api")  # where a conversation came from
+ROLE_ARTICLE = {"user": "a user", "assistant": "an assistant", "system": "a system"}  # for error messages
 
 
 
@@ -261,8 +262,8 @@ class FeedbackStore:
                     raise InvalidInputError(f"message {parent_id} is in another conversation; it cannot be the parent.")
                 expected = "assistant" if role == "user" else "user"
                 if parent["role"] != expected:
-                    raise InvalidInputError(f"a {role} message must follow a {expected} message, "
-                                            f"not a {parent['role']} message.")
+                    raise InvalidInputError(f"a {role} message must follow {ROLE_ARTICLE[expected]} message, "
+                                            f"not {ROLE_ARTICLE[parent['role']]} message.")
             elif role == "assistant":
                 raise InvalidInputError("a reply needs the id of the user message it answers (parent_id).")
             row: dict[str, Any] = {

@@ -386,6 +386,29 @@ def test_a_message_sent_while_a_reply_streams_is_refused_not_forked(tiny_model_p
     run_with_service(tiny_model_path, tmp_db_path, body)
 
 
+def test_a_turn_left_unanswered_by_a_crash_is_replaced_by_the_next_message(tiny_model_path, tmp_db_path):
+    """A server killed mid-reply leaves the user's turn stored with no reply (tests/test_fault_server_killed.py).
+    The reopened conversation ends on it; the next Send takes its place, as its sibling, instead of being
+    refused as a user turn after a user turn."""
+    async def body(svc: ChatService):
+        uid = svc.ensure_user("ida")
+        first = (await _drain(svc.chat(uid, "first")))[-1]
+        conv = first.conversation_id
+        stranded = svc.store.add_user_message(conv, uid, "lost in the crash", parent_id=first.reply_id)
+        assert svc.store.latest_branch(conv).message_ids[-1] == stranded  # what the page reopens on
+        again = (await _drain(svc.chat(uid, "asked again", conversation_id=conv, parent_id=stranded)))[-1]
+        assert again.error is None and again.finished
+        branch = svc.store.latest_branch(conv)
+        assert [m["content"] for m in branch.messages[:-1]] == ["first", first.text, "asked again"]
+        assert branch.message_ids[-1] == again.reply_id
+        # Only the caller's own unanswered turn is replaced; someone else's message id is refused.
+        other = (await _drain(svc.chat(svc.ensure_user("eve"), "mine")))[-1]
+        with pytest.raises(UserFacingError):
+            await _drain(svc.chat(uid, "hijack", conversation_id=conv, parent_id=other.user_message_id))
+
+    run_with_service(tiny_model_path, tmp_db_path, body)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"system_prompt": "s" * 30_000}, "system prompt is 30,000 characters"),
     ({"sampling": SamplingConfig(temperature=float("nan"))}, "must be numbers"),
