@@ -3,13 +3,14 @@
     snapshot the feedback (recorded with the round) and split it by prompt hash into training and
       held-out prompts (``round_data``), the same split for pairs, PPO prompts and thumbs
     → SFT when there are new demonstrations (continuing the live policy's adapter)
-    → the proxy reward model PPO will optimise, and a judge it will not (see "The judge" below);
+    → the proxy reward model PPO will optimise, and a judge it will not (``round_judging``);
       the reward-model gates judge the proxy's held-out accuracy (Wilson interval) against a floor
       and against the previous reward model on the same held-out pairs (paired bootstrap)
     → PPO-ptx from the SFT adapter (or the live policy) against the proxy, with the KL measured to
       the lineage's last SFT adapter (pi_SFT; kept beside the policy as ``sft-rN``)
-    → evaluate candidate vs live on held-out prompts only (``evaluation``): the proxy's and the
-      judge's reward gain, each paired per prompt with a bootstrap interval; KL to SFT; ptx perplexity
+    → evaluate candidate vs live on held-out prompts only (``round_judging``, with ``evaluation``): the
+      proxy's and the judge's reward gain, each paired per prompt with a bootstrap interval; KL to
+      SFT; ptx perplexity
     → gate verdicts (``gates``: passed, failed or not enough evidence)
     → register the candidate (and the new reward model) in one transaction
 
@@ -21,24 +22,16 @@ made live. Such a candidate is auto-promoted only when ``auto_promotable`` (trai
 only gates not passed are reward-model or judge gates that are undecided (enough held-out units,
 an interval straddling the threshold), and the users' Compare votes then pass the sequential test.
 
-The judge. PPO maximises the proxy reward model, so the proxy's own score of the candidate is
-biased upwards (Goodhart); the reward-gain gate is decided by a judge PPO did not optimise:
-
-* ``previous``: the live reward model before this round. It never saw this round's new pairs, and
-  held-out prompts are held out in every round. The proxy is warm-started from it, so errors they
-  share are not caught, and the live policy was tuned against it (which favours live, not the
-  candidate).
-* ``split``: a second reward model trained on half of this round's training prompts (a second,
-  independent prompt hash); the proxy trains on the other half. No pair is on both sides, and
-  neither warm-starts (the previous reward model may have trained on either half). Cost: the
-  proxy learns from half the pairs, and a second reward model is trained (about as long as the
-  proxy, each on half the data) and loaded to score.
-* ``auto``: previous when there is one, else split. ``none``: no judge and no reward-gain gate.
-
 The server then pits the candidate against live in Compare; `round_promotion.maybe_auto_promote` promotes it
 once the gates passed and its Compare votes pass the sequential test of
-feedback_db/sequential_testing.py (valid however often it is checked; distinct, capped voters). Round 0, before any preference data exists, is SFT only
-(on the starter set, see `seed_starter_set`); it has no gates, the Compare votes decide.
+feedback_db/sequential_testing.py (valid however often it is checked; distinct, capped voters).
+Round 0, before any preference data exists, is SFT only (on the starter set, see
+`seed_starter_set`); it has no gates, the Compare votes decide.
+
+Where things are: this file runs the steps in order (``RoundRunner.train``) and registers the
+result; ``round_data`` (the snapshot and its splits), ``round_judging`` (the reward-model gates,
+the judge, the candidate's evaluation and every verdict), ``round_lock`` (one round at a time,
+recovery), ``round_promotion`` (auto-promotion), ``round_report`` (the Markdown report).
 
 Safe to interrupt: every step writes under ``<round_dir>/work``; finished adapters are checked
 to load, moved into ``<round_dir>/adapters/`` and registered together with the round's result
@@ -66,23 +59,9 @@ from typing import Any
 from training.config import MIN_PROMPT_TOKENS
 from training.evaluation import (
     accuracy_interval,
-    bootstrap_interval,
     greedy_replies,
-    judge_candidate,
-    json_number,
     pairwise_correct,
     reward_accuracy,
-)
-from training.gates import (
-    FAILED,
-    PASSED,
-    all_passed,
-    auto_promotable,
-    missing_gate,
-    point_gate,
-    reward_gain_gate,
-    reward_model_gate,
-    reward_model_vs_previous_gate,
 )
 from training.progress import StepProgress, reporting
 from training.round_config import RoundConfig
@@ -90,7 +69,6 @@ from training.round_data import (
     STARTER_DIR,
     STARTER_FILES,
     STARTER_SOURCE,
-    JudgeSplit,
     fixed_report_prompts,
     heldout_bucket,
     judge_split,
@@ -100,6 +78,7 @@ from training.round_data import (
     split_heldout,
     starter_rows,
 )
+from training.round_judging import RoundJudging, RoundStop, TrainedRewardModel
 from training.round_lock import (
     RoundBusyError,
     recover_stale_rounds,
@@ -160,10 +139,6 @@ def check_adapter(folder: Path, *, with_head: bool = False) -> None:
 # --------------------------------------------------------------------------- #
 
 
-class _Stop(Exception):
-    """A gate or missing data ends the round as 'stopped' (not an error)."""
-
-
 def _unique_name(registry: Any, name: str) -> str:
     from feedback_db import NotFoundError
 
@@ -212,18 +187,6 @@ def run_round(config: RoundConfig, *, seed_starter: bool = False, step_hook: Ste
             store.close()
 
 
-@dataclass
-class TrainedRewardModel:
-    """A reward model trained (or chosen) by this round, and how well it ranks the held-out pairs."""
-
-    adapter_dir: Path
-    name: str
-    correct: list[bool]  # per held-out pair, in ``evaluation.pairwise_correct`` order
-    train_pairs: int
-    seconds: float
-    warm_start: str | None = None  # the reward version it started from
-
-
 class RoundRunner:
     """The steps of one round, sharing its folders, registry and metrics."""
 
@@ -240,7 +203,7 @@ class RoundRunner:
         self.sampler_factory = sampler_factory
         self.base_name = resolve_model(config.base_model).name
         self.metrics: dict[str, Any] = {"snapshot": snapshot}
-        self.previous_correct: list[bool] | None = None  # the previous reward model on the held-out pairs
+        self.judging = RoundJudging(config, self.metrics, round_id)  # the gates, the judge, the evaluation
         self._published = -1e9  # when the progress was last recorded (time.monotonic)
 
     def step(self, name: str) -> None:
@@ -279,9 +242,9 @@ class RoundRunner:
             self.work.mkdir(parents=True, exist_ok=True)
             with reporting(self.report_loop):
                 candidate = self.train()
-        except _Stop as stop:
+        except RoundStop as stop:
             return self.finish("stopped", str(stop))
-        except BaseException as exc:  # noqa: BLE001 - record it, clean up, re-raise
+        except BaseException as exc:
             status = "stopped" if isinstance(exc, KeyboardInterrupt) else "failed"
             self.metrics["error"] = f"{type(exc).__name__}: {exc}"
             self.metrics["traceback"] = traceback.format_exc(limit=8)
@@ -322,7 +285,7 @@ class RoundRunner:
         live = self.registry.live("policy")
         self.metrics["live_policy"] = live.name
         if live.base_model not in (None, self.base_name):
-            raise _Stop(f"the live policy {live.name} runs on {live.base_model}, not {self.base_name}; "
+            raise RoundStop(f"the live policy {live.name} runs on {live.base_model}, not {self.base_name}; "
                         "pass the base model the server runs (--base-model).")
         trained_on = self.demonstrations_at_last_sft(live)
         new_demos = len(data.sft) - trained_on
@@ -356,7 +319,7 @@ class RoundRunner:
             why = (f"{pairs} preference pairs over {len(data.groups)} prompts (need {cfg.min_pairs} over 2+)"
                    if not enough_prefs else f"{len(data.train_prompts)} training prompts (need {cfg.min_prompts})")
             if sft_dir is None:
-                raise _Stop(f"not enough feedback for a round: {why}, and no demonstrations to fine-tune on "
+                raise RoundStop(f"not enough feedback for a round: {why}, and no demonstrations to fine-tune on "
                             "(none new, or sft_after_ppo=skip). Collect more "
                             "Compare/Rank votes and prompts, seed the starter set (--seed-starter), or lower "
                             "--set min_pairs / min_prompts.")
@@ -372,16 +335,17 @@ class RoundRunner:
         self.metrics["gates"] = {}
         self.step("reward_model")
         previous = self.previous_reward_model()
-        judge_kind = self.judge_kind(previous)
+        judge_kind = self.judging.judge_kind(previous)
         split = judge_split(data.train_groups, data.train_thumbs) if judge_kind == "split" else None
         held = self.held_groups(data.held_groups)
         proxy = self.fit_reward_model(
             "rm", split.proxy_groups if split else data.train_groups, split.proxy_thumbs if split else data.train_thumbs,
             held, sft_data, warm=previous if judge_kind != "split" else None)
-        rm_promote = self.judge_reward_model(proxy, previous, held)
+        rm_promote = self.judging.reward_model(proxy, previous, held,
+                                               self.reward_model_history(accuracy_interval(proxy.correct).value))
 
         self.step("judge")
-        judge = self.choose_judge(judge_kind, previous, split, held, sft_data)
+        judge = self.judging.choose_judge(judge_kind, previous, split, held, sft_data, self.fit_reward_model)
 
         self.step("ppo")
         prompts_path = self.data_dir / "prompts.jsonl"
@@ -389,7 +353,9 @@ class RoundRunner:
         ppo = self.train_ppo(prompts_path, policy_adapter, reference, proxy.adapter_dir, sft_data)
 
         self.step("evaluate")
-        self.evaluate(ppo, data.eval_prompts(cfg.eval_prompts), live.adapter_path, proxy.adapter_dir, judge)
+        self.sample_fixed_prompts(live.adapter_path, ppo.adapter_dir)
+        self.judging.candidate(ppo, data.eval_prompts(cfg.eval_prompts), live.adapter_path, proxy.adapter_dir, judge,
+                               self.eval_prompt_tokens())
         return self.register(policy=ppo.adapter_dir, reward=proxy.adapter_dir, live=live, sft=sft_dir,
                              reference=reference, promote_reward=rm_promote)
 
@@ -488,7 +454,7 @@ class RoundRunner:
 
         held = preference_groups(rows)
         if not held:
-            raise _Stop("no held-out preference prompts to judge a reward model on; collect feedback on more prompts.")
+            raise RoundStop("no held-out preference prompts to judge a reward model on; collect feedback on more prompts.")
         return held
 
     def fit_reward_model(self, name: str, groups: list[dict[str, Any]], thumbs: list[dict[str, Any]],
@@ -512,74 +478,6 @@ class RoundRunner:
         rm = RewardModel.load(result.adapter_dir, base_model=c.base_model, device=c.device)
         return TrainedRewardModel(result.adapter_dir, name, pairwise_correct(rm, held), result.train_pairs,
                                   result.train_seconds, warm.name if warm else None)
-
-    def judge_reward_model(self, proxy: TrainedRewardModel, previous: Any | None, held: list[Any]) -> bool:
-        """The reward-model gates on the proxy's held-out pairs; stop the round when one clearly fails.
-
-        Returns whether the new reward model may become the live one (both gates passed).
-        """
-        from training.reward_model import RewardModel
-
-        c = self.config
-        accuracy = accuracy_interval(proxy.correct)
-        rm = {"eval_accuracy": accuracy.value, "eval_accuracy_ci": accuracy.ci, "eval_pairs": accuracy.n,
-              "eval_prompts": len(held), "train_pairs": proxy.train_pairs, "seconds": proxy.seconds,
-              "warm_start": proxy.warm_start,
-              "floor": c.rm_floor, "tolerance": c.rm_tolerance}
-        self.metrics["reward_model"] = rm
-        self.metrics["reward_model_history"] = self.reward_model_history(accuracy.value)
-        gates = self.metrics["gates"]
-        gates["reward_model"] = reward_model_gate(accuracy, c.rm_floor, c.min_rm_eval_pairs).to_dict()
-        if previous is not None:
-            before = pairwise_correct(RewardModel.load(previous.adapter_path, base_model=c.base_model,
-                                                       device=c.device), held)
-            self.previous_correct = before
-            rm["previous"] = previous.name
-            rm["previous_accuracy"] = json_number(accuracy_interval(before).value)
-            # Held-out prompts are chosen by hash, the same in every round, so the previous reward
-            # model never trained on them either: both are judged on the same unseen pairs.
-            difference = bootstrap_interval([int(a) - int(b) for a, b in zip(proxy.correct, before)],
-                                            resamples=c.bootstrap_resamples, seed=c.seed)
-            gates["reward_model_vs_previous"] = reward_model_vs_previous_gate(
-                difference, c.rm_tolerance, c.min_rm_eval_pairs).to_dict()
-        if gates["reward_model"]["verdict"] == FAILED:
-            lo, hi = accuracy.ci
-            raise _Stop(f"reward model held-out accuracy {accuracy.value:.3f} (95% interval {lo:.3f}-{hi:.3f}, "
-                        f"{accuracy.n} pairs) is below the floor {c.rm_floor}; collect more (and more consistent) "
-                        "preference votes.")
-        if gates.get("reward_model_vs_previous", {}).get("verdict") == FAILED:
-            raise _Stop(f"the new reward model ({accuracy.value:.3f}) is worse than the previous one "
-                        f"{previous.name} ({rm['previous_accuracy']:.3f}) on the same held-out pairs by more than "
-                        f"{c.rm_tolerance} (95% interval); keeping the previous one.")
-        return all(g["verdict"] == PASSED for k, g in gates.items() if k.startswith("reward_model"))
-
-    def judge_kind(self, previous: Any | None) -> str:
-        """The judge this round uses: ``config.judge``, with 'auto' resolved."""
-        if self.config.judge != "auto":
-            return self.config.judge
-        return "previous" if previous is not None else "split"
-
-    def choose_judge(self, kind: str, previous: Any | None, split: JudgeSplit | None, held: list[Any],
-                     reference: Path | None) -> TrainedRewardModel | None:
-        """The judge of the reward-gain gate (see the module docstring); None when there is none."""
-        record: dict[str, Any] = {"kind": kind}
-        self.metrics["judge"] = record
-        judge: TrainedRewardModel | None = None
-        if kind == "previous" and previous is not None:
-            judge = TrainedRewardModel(Path(previous.adapter_path), previous.name, self.previous_correct or [], 0, 0.0)
-        elif kind == "previous":
-            record["note"] = "no previous reward model to judge with; use judge=split (or auto)"
-        elif kind == "split" and split is not None and split.judge_groups:
-            judge = self.fit_reward_model("judge", split.judge_groups, split.judge_thumbs, held, reference, warm=None)
-            judge = dataclasses.replace(judge, name=f"judge-r{self.round_id} (trained on the other half; not kept)")
-            record.update({"train_pairs": judge.train_pairs, "train_prompts": len(split.judge_groups),
-                           "proxy_train_prompts": len(split.proxy_groups), "seconds": judge.seconds})
-        elif kind == "split":
-            record["note"] = "too few training prompts to split between the proxy and a judge"
-        if judge is not None:
-            accuracy = accuracy_interval(judge.correct)
-            record.update({"name": judge.name, "eval_accuracy": accuracy.value, "eval_accuracy_ci": accuracy.ci})
-        return judge
 
     def train_ppo(self, prompts_path: Path, policy_adapter: str | None, reference: str | None, rm_dir: Path,
                   sft_path: Path | None) -> Any:
@@ -610,59 +508,6 @@ class RoundRunner:
                                "seconds": result.seconds, "curve": curve, "start": policy_adapter or "base",
                                "reference": reference or "base"}
         return result
-
-    def evaluate(self, ppo: Any, prompts: list[dict[str, Any]], live_adapter: str | None, rm_dir: Path,
-                 judge: TrainedRewardModel | None) -> None:
-        """Candidate vs live on held-out prompts only: replies drawn as ``eval_sampling`` says (by default as
-        the app serves them, several per prompt), scored by the proxy and the judge; reward gains paired per
-        prompt (the mean over its replies) with bootstrap intervals; then every gate's verdict."""
-        c = self.config
-        texts = [p["prompt"] for p in prompts]
-        self.sample_fixed_prompts(live_adapter, ppo.adapter_dir)
-        sampling = c.reply_sampling()
-        scorers = {"proxy": rm_dir} | ({"judge": judge.adapter_dir} if judge is not None else {})
-        judged = judge_candidate(c.base_model, c.device, texts, live_adapter, str(ppo.adapter_dir), scorers,
-                                 max_new_tokens=c.eval_max_new_tokens, max_prompt_tokens=self.eval_prompt_tokens(),
-                                 sampling=sampling, resamples=c.bootstrap_resamples, seed=c.seed)
-        scores, gains = judged.scores, judged.gains
-        replies = {side: [row[0] for row in rows] for side, rows in judged.replies.items()}
-        before, after = ppo.ptx_nll_before, ppo.ptx_nll_after
-        measured = not (math.isnan(before) or math.isnan(after))
-        evaluation: dict[str, Any] = {"heldout_prompts": len(texts), "sampling": sampling.describe()}
-        for role in scorers:
-            prefix = "" if role == "proxy" else "judge_"
-            live_s, cand_s = scores[role]["live"], scores[role]["candidate"]
-            evaluation.update({f"{prefix}reward_live": _mean(live_s), f"{prefix}reward_candidate": _mean(cand_s),
-                               f"{prefix}reward_gain": json_number(gains[role].value),
-                               f"{prefix}reward_gain_ci": [json_number(x) for x in gains[role].ci]})
-        evaluation.update({
-            "judge": judge.name if judge is not None else None,
-            "kl_to_reference": ppo.kl_last,
-            "ptx_ppl_before": math.exp(before) if measured else None,
-            "ptx_ppl_after": math.exp(after) if measured else None,
-            "ptx_ppl_increase": math.exp(after - before) - 1 if measured else None,
-        })
-        self.metrics["evaluation"] = evaluation
-        samples = []
-        for i, (text, a, b) in enumerate(zip(texts, replies["live"], replies["candidate"])):
-            sample = {"prompt": text, "live": a, "candidate": b, "reward_live": scores["proxy"]["live"][i],
-                      "reward_candidate": scores["proxy"]["candidate"][i]}
-            if "judge" in scores:
-                sample.update(judge_live=scores["judge"]["live"][i], judge_candidate=scores["judge"]["candidate"][i])
-            samples.append(sample)
-        self.metrics["samples"] = samples
-
-        gates = self.metrics["gates"]
-        if c.judge != "none":
-            gates["reward_gain"] = (reward_gain_gate(gains["judge"], c.min_reward_gain, c.min_eval_prompts)
-                                    if judge is not None else
-                                    missing_gate(c.min_reward_gain, self.metrics["judge"].get("note", "no judge"))
-                                    ).to_dict()
-        gates["kl"] = point_gate(ppo.kl_last, c.max_kl).to_dict()
-        gates["ptx_perplexity"] = point_gate(evaluation["ptx_ppl_increase"] if measured else float("nan"),
-                                             c.max_ptx_ppl_increase).to_dict()
-        self.metrics["gates_passed"] = all_passed(gates)
-        self.metrics["auto_promotable"] = auto_promotable(gates, users_settle_undecided=c.users_settle_undecided)
 
     def register(self, *, policy: Path, reward: Path | None, live: Any, sft: Path | None,
                  reference: str | None = None, promote_reward: bool = False) -> str:
@@ -719,6 +564,3 @@ class RoundRunner:
                                        report_path=self.report_path())
         return policy_name
 
-
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
