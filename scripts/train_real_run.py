@@ -48,6 +48,7 @@ def main(
 ) -> None:
     """Reward model then PPO-ptx on HH-harmless; print and save a report."""
     from feedback_db import read_jsonl
+    from feedback_db.analytics import wilson_interval
     from training.config import LoraSettings, PPOConfig, RewardConfig
     from training.ppo import train_ppo
     from training.reward_model import train_reward_model
@@ -69,13 +70,16 @@ def main(
                               epochs=rm_epochs, groups_per_batch=rm_batch, micro_batch_groups=rm_micro_batch, max_length=max_length, seed=seed, lora=lora)
         started = time.perf_counter()
         rm = train_reward_model(rm_cfg)
+        # One HH pair per prompt, prompts held out whole: the pairs are independent draws (Wilson interval).
+        low, high = wilson_interval(round(rm.eval_accuracy * rm.eval_pairs), rm.eval_pairs)
         report["reward_model"] = {
             "adapter": str(rm.adapter_dir), "held_out_accuracy": rm.eval_accuracy, "held_out_pairs": rm.eval_pairs,
+            "held_out_accuracy_95ci": [low, high],
             "train_pairs": rm.train_pairs, "train_seconds": rm.train_seconds, "pairs_per_second": rm.pairs_per_second,
             "total_seconds": time.perf_counter() - started, "shift": rm.shift, "std": rm.std,
         }
         rm_adapter = rm.adapter_dir
-        typer.echo(f"RM: held-out accuracy {rm.eval_accuracy:.3f} on {rm.eval_pairs} pairs; "
+        typer.echo(f"RM: held-out accuracy {rm.eval_accuracy:.3f} [{low:.3f}, {high:.3f}] on {rm.eval_pairs} pairs; "
                    f"{rm.train_pairs} pairs in {rm.train_seconds:.0f} s ({rm.pairs_per_second:.2f} pairs/s)")
     if skip_ppo:
         _write_report(out, report)
