@@ -1,0 +1,52 @@
+"""The training scripts an operator runs by hand: scripts/train_real_run.py end to end on the tiny model (a
+reward model, then PPO-ptx, with the held-out accuracy's interval), and bench_training's interleaved
+summary on hand-made results."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+from feedback_db.analytics import wilson_interval
+from scripts import bench_training, train_real_run
+
+
+def _hh_pairs(path: Path, n: int) -> Path:
+    rows = [{"prompt": f"\n\nHuman: question number {i}?\n\nAssistant:", "chosen": f" A kind answer {i}.",
+             "rejected": f" go away {i}"} for i in range(n)]
+    with gzip.open(path, "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return path
+
+
+def test_train_real_run_reports_the_reward_models_held_out_accuracy_with_its_interval(tiny_model_path, tmp_path):
+    out = tmp_path / "run"
+    train_real_run.main(out=out, data=_hh_pairs(tmp_path / "pairs.jsonl.gz", 30), base_model=str(tiny_model_path),
+                        pairs=0, max_length=48, rm_batch=4, rm_micro_batch=2, ppo_iterations=1, ppo_batch=2,
+                        max_new_tokens=4, ppo_max_length=48, ptx_max_length=32, ppo_epochs=1, seed=0)
+    report = json.loads((out / "report.json").read_text())
+    rm = report["reward_model"]
+    assert report["pairs"] == 30 and rm["held_out_pairs"] > 0 and rm["train_pairs"] + rm["held_out_pairs"] == 30
+    low, high = rm["held_out_accuracy_95ci"]
+    correct = round(rm["held_out_accuracy"] * rm["held_out_pairs"])
+    assert [low, high] == list(wilson_interval(correct, rm["held_out_pairs"]))
+    assert low <= rm["held_out_accuracy"] <= high and high - low > 0.1  # a handful of pairs: a wide interval
+    assert report["ppo"]["iterations"] == 1 and Path(report["ppo"]["adapter"]).is_dir()
+    assert "held_out_accuracy" in (out / "report.md").read_text()
+
+
+def test_bench_training_summarises_interleaved_pairs_by_their_median_ratio_and_range():
+    def run(impl: str, pairs_per_s: float, accuracy: float) -> dict:
+        return {"impl": impl, "pairs_per_s": pairs_per_s, "accuracy": accuracy}
+
+    rounds = [[run("ours", 3.0, 0.6), run("trl", 2.0, 0.5)],   # 1.50x
+              [run("ours", 2.0, 0.6), run("trl", 2.0, 0.55)],  # 1.00x: a slow moment for ours
+              [run("ours", 4.0, 0.7), run("trl", 2.0, 0.5)],   # 2.00x
+              [run("ours", 1.0, 0.6), {"impl": "trl", "error": "killed"}]]  # no pair: left out
+    line = bench_training._interleaved_summary("rm", ["ours", "trl"], rounds)
+    assert "median 1.50x over 3 interleaved pairs (range 1.00-2.00; each: 1.50, 1.00, 2.00)" in line
+    assert "(0.600, 0.500), (0.600, 0.550), (0.700, 0.500)" in line
+    memory = [[{"net_peak_mb": 1000.0}, {"net_peak_mb": 4000.0}], [{"net_peak_mb": 1200.0}, {"net_peak_mb": 4000.0}]]
+    assert "PPO net peak memory, ours / four models: median 0.28x over 2 interleaved pairs" in \
+        bench_training._interleaved_summary("ppo", ["ours", "four-models"], memory)
