@@ -397,20 +397,66 @@ def promote(
     version: str = typer.Argument(..., help="Version name (or id) from `alignloop db versions`."),
     db: Optional[Path] = typer.Option(None, "--db", help="Feedback database."),
     actor: Optional[str] = typer.Option(None, "--actor", help="Who promotes, for the registry log (default: your OS login name).", show_default=False),
+    wait: Optional[str] = typer.Option(None, "--wait", help="A running server's URL (e.g. http://127.0.0.1:7860/): wait until its /healthz says it serves the version.", show_default=False),
+    wait_seconds: float = typer.Option(60.0, "--wait-seconds", help="How long --wait waits."),
 ) -> None:
     """Make a version live; running servers switch to it within about a second.
 
-    Example: alignloop promote policy-r3
+    The version's adapter folder is checked first: one that cannot be loaded is refused and nothing
+    changes. With --wait, the command returns once the server says it serves the version (exit 2 if
+    it does not in time).
+
+    Example: alignloop promote policy-r3 --wait http://127.0.0.1:7860/
     """
     from feedback_db import FeedbackError, for_operator
+    from training.round import check_adapter
 
     try:
         registry = _registry(db)
-        promoted = registry.promote(int(version) if version.isdigit() else version, actor=_cli_operator(actor))
+        target = registry.get(int(version) if version.isdigit() else version)
+        if target.adapter_path and target.kind in ("policy", "reward"):
+            try:
+                check_adapter(Path(target.adapter_path), with_head=target.kind == "reward")
+            except Exception as exc:  # noqa: BLE001 - any reason the folder will not load
+                typer.secho(f"error: {target.name}'s adapter {target.adapter_path} cannot be loaded "
+                            f"({type(exc).__name__}: {str(exc)[:300]}); nothing changed.", fg=typer.colors.RED, err=True)
+                raise typer.Exit(1) from None
+        promoted = registry.promote(target.id, actor=_cli_operator(actor))
     except FeedbackError as exc:
         typer.secho(f"error: {for_operator(exc)}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None
-    typer.echo(f"{promoted.name} is live ({promoted.kind}).")
+    typer.echo(f"{promoted.name} is live in the registry ({promoted.kind}).")
+    if wait and promoted.kind == "policy":
+        _wait_until_served(wait, promoted.name, wait_seconds)
+
+
+def _wait_until_served(url: str, name: str, seconds: float) -> None:
+    """Poll the server's /healthz until it names ``name`` as live; exit 2 with what it serves after ``seconds``."""
+    import json
+    import time
+    import urllib.error
+    import urllib.request
+
+    health = url.rstrip("/") + "/healthz"
+    started = time.monotonic()
+    body: dict = {}
+    while True:
+        try:
+            with urllib.request.urlopen(health, timeout=5) as response:
+                body = json.loads(response.read())
+        except urllib.error.HTTPError as exc:  # 503: not ready, with why
+            body = json.loads(exc.read() or b"{}")
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            body = {"error": f"{health} did not answer: {exc}"}
+        if body.get("live_version") == name:
+            typer.echo(f"{url} serves {name} (after {time.monotonic() - started:.1f} s).")
+            return
+        if time.monotonic() - started > seconds:
+            typer.secho(f"error: after {seconds:.0f} s {url} still serves {body.get('live_version')!r}, not {name}"
+                        f"{': ' + body['error'] if body.get('error') else ''}. Its log says why; "
+                        "`alignloop rollback` undoes the promotion.", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2)
+        time.sleep(0.25)
 
 
 @app.command()

@@ -1,4 +1,4 @@
-"""`alignloop promote` / `alignloop rollback` on a real database."""
+"""`alignloop promote` / `alignloop rollback` on a real database, and `promote --wait` against a real server."""
 
 from __future__ import annotations
 
@@ -6,16 +6,22 @@ from typer.testing import CliRunner
 
 from chat_app.cli import app
 from feedback_db import FeedbackStore, ModelRegistry
+from tests.app_server import start_test_server, stop_server
+from tests.engine_contract import make_lora_adapter
 
 runner = CliRunner()
 
 
-def test_promote_and_rollback_from_the_command_line(tmp_path):
+def test_promote_and_rollback_from_the_command_line(tiny_model_path, tmp_path):
     db = tmp_path / "f.db"
     with FeedbackStore(db) as store:
         reg = ModelRegistry(store)
         reg.ensure_base_policy("tiny")
-        reg.register("policy-r1", adapter_path="/a/r1", base_model="tiny")
+        reg.register("policy-r1", adapter_path=make_lora_adapter(tiny_model_path, tmp_path / "r1", seed=1),
+                     base_model="tiny")
+        reg.register("policy-gone", adapter_path=tmp_path / "deleted", base_model="tiny")
+    result = runner.invoke(app, ["promote", "policy-gone", "--db", str(db)])
+    assert result.exit_code == 1 and "cannot be loaded" in result.output and "nothing changed" in result.output
     result = runner.invoke(app, ["promote", "policy-r1", "--db", str(db)])
     assert result.exit_code == 0 and "policy-r1 is live" in result.output
     result = runner.invoke(app, ["promote", "policy-r1", "--db", str(db)])
@@ -26,3 +32,27 @@ def test_promote_and_rollback_from_the_command_line(tmp_path):
         assert ModelRegistry(store).live().name == "base:tiny"
     result = runner.invoke(app, ["rollback", "--db", str(db)])
     assert result.exit_code == 1 and "no earlier live" in result.output
+
+
+def test_promote_waits_until_the_running_server_serves_the_version(tiny_model_path, tmp_path):
+    (tmp_path / "served").mkdir()
+    server = start_test_server(tiny_model_path, tmp_path / "served")
+    try:
+        with FeedbackStore(server.db_path) as store:
+            ModelRegistry(store).register("policy-w1", adapter_path=make_lora_adapter(tiny_model_path, tmp_path / "w1",
+                                                                                      seed=2),
+                                          base_model="tiny-gemma3")
+        result = runner.invoke(app, ["promote", "policy-w1", "--db", str(server.db_path), "--wait", server.url])
+        assert result.exit_code == 0, result.output
+        assert f"{server.url} serves policy-w1 (after" in result.output
+
+        # A promotion in another database: this server never serves it, and --wait says so.
+        other = tmp_path / "other.db"
+        with FeedbackStore(other) as store:
+            ModelRegistry(store).register("policy-x", adapter_path=make_lora_adapter(tiny_model_path, tmp_path / "x",
+                                                                                      seed=3))
+        result = runner.invoke(app, ["promote", "policy-x", "--db", str(other), "--wait", server.url,
+                                     "--wait-seconds", "1"])
+        assert result.exit_code == 2 and "still serves 'policy-w1', not policy-x" in result.output
+    finally:
+        stop_server(server)
