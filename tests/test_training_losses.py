@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from training import losses as L
+from training.config import PPOConfig
 
 
 def close(a: torch.Tensor | float, b: torch.Tensor | list | float, tol: float = 1e-5) -> bool:
@@ -69,6 +70,13 @@ def test_kl_estimators() -> None:
     assert close(L.kl_per_token(lp, ref, "k3"), (0.5 - 1) - math.log(0.5))  # ρ = 0.25 / 0.5
     with pytest.raises(ValueError):
         L.kl_per_token(lp, ref, "k2")
+
+
+def test_a_reply_cut_off_without_a_stop_token_loses_the_penalty_by_default() -> None:
+    score, ended = torch.tensor([0.5, 0.5, -1.0]), torch.tensor([True, False, False])
+    assert L.penalize_unfinished(score, ended, 1.0).tolist() == [0.5, -0.5, -2.0]
+    assert L.penalize_unfinished(score, ended, 0.0).tolist() == [0.5, 0.5, -1.0]
+    assert PPOConfig().missing_eos_penalty == 1.0  # on unless a round turns it off (TRL's examples use 1.0)
 
 
 def test_per_token_rewards_put_the_score_on_the_last_real_token() -> None:

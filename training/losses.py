@@ -187,6 +187,15 @@ def kl_per_token(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") 
     raise ValueError(f"Unknown KL estimator {estimator!r}; use 'k1' or 'k3'.")
 
 
+def penalize_unfinished(score: Tensor, ended: Tensor, penalty: float) -> Tensor:
+    """r_θ(x, y) − penalty · [y was cut off without a stop token] (TRL's ``missing_eos_penalty``).
+
+    A reply cut at the token limit is scored at its last token as if it had ended; without this
+    term PPO can be paid for text the user never sees finished.
+    """
+    return score - penalty * (~ended.bool()).to(score.dtype)
+
+
 def per_token_rewards(score: Tensor, kl: Tensor, beta: float, mask: Tensor) -> tuple[Tensor, Tensor]:
     """The first term of InstructGPT eq. 2, spread over tokens as in [Ziegler]:
 

@@ -406,8 +406,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None,
                 old_values = stack.values(ids, mask, ctx) * rmask
                 score = reward_fn(rb.reply, rmask).to(device).float() if reward_fn else stack.scores(rb.prompt_ids, rb.reply, rmask, rb.ended)
             raw_score = score.clone()
-            if cfg.missing_eos_penalty:
-                score = score - cfg.missing_eos_penalty * (~rb.ended).float()  # replies cut off without EOS
+            score = L.penalize_unfinished(score, rb.ended, cfg.missing_eos_penalty)
             kl = L.kl_per_token(old_logprobs, ref_logprobs, cfg.kl_estimator) * rmask
             rewards, kl_rewards = L.per_token_rewards(score, kl, kl_ctl.value, rmask)
             if cfg.whiten_rewards:
