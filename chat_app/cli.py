@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,6 +14,7 @@ import typer
 from chat_app.engines.config import EngineConfig
 from feedback_db.cli import app as db_app
 from training.cli import SAMPLER_FACTORY_KEY, models_app, train_app
+from training.round import check_adapter
 from training.sampling import APP_SAMPLING
 
 
@@ -409,7 +414,6 @@ def promote(
     Example: alignloop promote policy-r3 --wait http://127.0.0.1:7860/
     """
     from feedback_db import FeedbackError, for_operator
-    from training.round import check_adapter
 
     try:
         registry = _registry(db)
@@ -419,7 +423,8 @@ def promote(
                 check_adapter(Path(target.adapter_path), with_head=target.kind == "reward")
             except Exception as exc:  # noqa: BLE001 - any reason the folder will not load
                 typer.secho(f"error: {target.name}'s adapter {target.adapter_path} cannot be loaded "
-                            f"({type(exc).__name__}: {str(exc)[:300]}); nothing changed.", fg=typer.colors.RED, err=True)
+                            f"({type(exc).__name__}: {str(exc)[:300]}); nothing changed. Restore the folder, or "
+                            "run a new round and promote its candidate.", fg=typer.colors.RED, err=True)
                 raise typer.Exit(1) from None
         promoted = registry.promote(target.id, actor=_cli_operator(actor))
     except FeedbackError as exc:
@@ -428,15 +433,12 @@ def promote(
     typer.echo(f"{promoted.name} is live in the registry ({promoted.kind}).")
     if wait and promoted.kind == "policy":
         _wait_until_served(wait, promoted.name, wait_seconds)
+    elif wait:
+        typer.echo(f"(--wait ignored: servers do not serve {promoted.kind} models; the next round uses it.)")
 
 
 def _wait_until_served(url: str, name: str, seconds: float) -> None:
     """Poll the server's /healthz until it names ``name`` as live; exit 2 with what it serves after ``seconds``."""
-    import json
-    import time
-    import urllib.error
-    import urllib.request
-
     health = url.rstrip("/") + "/healthz"
     started = time.monotonic()
     body: dict = {}
@@ -444,8 +446,15 @@ def _wait_until_served(url: str, name: str, seconds: float) -> None:
         try:
             with urllib.request.urlopen(health, timeout=5) as response:
                 body = json.loads(response.read())
-        except urllib.error.HTTPError as exc:  # 503: not ready, with why
-            body = json.loads(exc.read() or b"{}")
+        except urllib.error.HTTPError as exc:  # 503: not ready, with why; 404: not an alignloop server's root
+            if exc.code == 404:
+                typer.secho(f"error: {health} does not exist; pass the server's root URL (e.g. http://127.0.0.1:7860/). "
+                            f"The promotion itself is done.", fg=typer.colors.RED, err=True)
+                raise typer.Exit(2) from None
+            try:
+                body = json.loads(exc.read() or b"{}")
+            except ValueError:
+                body = {"error": f"HTTP {exc.code} from {health}"}
         except (urllib.error.URLError, OSError, ValueError) as exc:
             body = {"error": f"{health} did not answer: {exc}"}
         if body.get("live_version") == name:

@@ -278,7 +278,9 @@ class ChatService:
         an edit of the caller's user message `edits`: a sibling of it (the same parent, also the root).
 
         Any other turn in an existing conversation must answer one of its replies: a turn with no parent
-        there would start a second root with no context (what a Send during a stream used to do).
+        there would start a second root with no context (what a Send during a stream used to do). The
+        one exception: after the caller's own turn that never got a reply, the new turn replaces it (a
+        sibling; a second root when that turn was the first).
         """
         if edits is not None:
             edited = self.store.message(edits)
@@ -291,16 +293,12 @@ class ChatService:
                                                              title=text.strip()[:80])
         elif parent_id is None:
             raise UserFacingError("Wait until the reply has finished (or press Stop), then send your next message.")
-        else:
-            parent = self.store.message(parent_id)
-            if parent["role"] == "user" and parent["conversation_id"] == conversation_id and parent["user_id"] == user_id:
-                # The caller's turn that never got a reply (the server stopped while answering it): the
-                # new message takes its place, as its sibling, instead of following a user turn.
-                parent_id = parent["parent_id"]
         if edits is not None:
             self.store.owned_conversation(user_id, conversation_id)
+        # A turn of the caller's that never got a reply (the server stopped while answering it) is
+        # replaced by this one rather than followed by it (FeedbackStore.add_user_message).
         message_id = self.store.add_user_message(conversation_id, user_id, text, parent_id=parent_id,
-                                                 client_id=client_id)
+                                                 client_id=client_id, replace_unanswered=edits is None)
         return conversation_id, message_id
 
     async def chat(self, user_id: str, text: str, *, conversation_id: int | None = None, parent_id: int | None = None,
@@ -595,22 +593,25 @@ class ChatService:
 
     # -- operators --------------------------------------------------------------------
     def promotable_versions(self) -> list[dict]:
-        """Policy versions an operator may make live here (newest first): candidates built on this
-        server's base model whose adapter folder exists and is not known to fail to load.
+        """Policy versions an operator may make live here: the candidates (newest first), then the versions
+        that were live before (most recently live first), each built on this server's base model, with its
+        adapter folder present and not known to fail to load. Each has a ``label`` for the list.
 
-        Retired versions are not offered: one taken out by `retire` was withdrawn on purpose, and
-        going back to an earlier live version is `rollback`'s job. A candidate whose round gates
-        failed is offered (the operator may overrule the gates) but says so in its label.
+        Left out: versions withdrawn with `retire` (never live, taken out on purpose). A candidate whose
+        round gates did not all pass is offered, since the operator may overrule the gates, and says so.
         """
+        withdrawn = {e["version_id"] for e in self.registry.history("policy") if e["action"] == "retire"}
+        earlier = sorted((v for v in self.registry.list("policy", "retired") if v.promoted_at and v.id not in withdrawn),
+                         key=lambda v: v.promoted_at, reverse=True)
         out = []
-        for v in reversed(self.registry.list(kind="policy", status="candidate")):
+        for v in self.registry.candidates("policy") + earlier:
             if v.name in self.router.load_errors or v.base_model not in (None, self.router.base_model):
                 continue
             if v.adapter_path and not Path(v.adapter_path).is_dir():
                 continue
-            gates = v.metrics.get("gates_passed")
-            label = v.name if gates is not False else f"{v.name} (gates failed)"
-            out.append({"name": v.name, "label": label, "status": v.status, "created_at": v.created_at})
+            note = (" (was live)" if v.status == "retired" else
+                    " (gates not all passed)" if v.metrics.get("gates_passed") is False else "")
+            out.append({"name": v.name, "label": v.name + note, "created_at": v.created_at})
         return out
 
     async def promote(self, version: int | str, *, actor: str) -> str:

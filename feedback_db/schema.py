@@ -346,6 +346,14 @@ def _no_sessions_table(db: sqlite_utils.Database) -> None:
     sqlite-utils' transform rebuilds the table with its indexes; inside this migration's
     transaction it defers the foreign-key checks to the commit.
     """
+    users = [name for name, sql in db.execute(
+        "SELECT name, sql FROM sqlite_master WHERE type IN ('view', 'trigger') AND (sql LIKE '%sessions%' "
+        "OR sql LIKE '%session_id%')").fetchall()]
+    if users:
+        raise SchemaVersionError(
+            f"this database's own views or triggers ({', '.join(users)}) use the `sessions` table or "
+            "`conversations.session_id`, which schema version 7 removes (alignloop never wrote them); "
+            "drop or rewrite them, then open the database again.")
     db["conversations"].transform(drop={"session_id"}, drop_foreign_keys=["session_id"])
     db["sessions"].drop()
 

@@ -245,7 +245,7 @@ class FeedbackStore:
         return rows[0]
 
     def _add_message(self, conversation_id: int, user_id: str, role: str, content: str, parent_id: int | None,
-                     reply: Reply | None, client_id: str | None) -> int:
+                     reply: Reply | None, client_id: str | None, replace_unanswered: bool = False) -> int:
         user_id = self._user_id(user_id)
         conversation_id = clean_id(conversation_id, field="conversation")
         parent_id = None if parent_id is None else clean_id(parent_id, field="parent message")
@@ -260,10 +260,14 @@ class FeedbackStore:
                 parent = self._message(db, parent_id)
                 if parent["conversation_id"] != conversation_id:
                     raise InvalidInputError(f"message {parent_id} is in another conversation; it cannot be the parent.")
+                if replace_unanswered and role == parent["role"] == "user" and parent["user_id"] == user_id \
+                        and db.execute("SELECT 1 FROM messages WHERE parent_id = ?", [parent_id]).fetchone() is None:
+                    parent = None if parent["parent_id"] is None else self._message(db, parent["parent_id"])
+                    parent_id = None if parent is None else parent["id"]
                 expected = "assistant" if role == "user" else "user"
-                if parent["role"] != expected:
-                    raise InvalidInputError(f"a {role} message must follow {ROLE_ARTICLE[expected]} message, "
-                                            f"not {ROLE_ARTICLE[parent['role']]} message.")
+                if parent is not None and parent["role"] != expected:
+                    raise InvalidInputError(f"{ROLE_ARTICLE[role]} message must follow {ROLE_ARTICLE[expected]} "
+                                            f"message, not {ROLE_ARTICLE[parent['role']]} message.")
             elif role == "assistant":
                 raise InvalidInputError("a reply needs the id of the user message it answers (parent_id).")
             row: dict[str, Any] = {
@@ -302,9 +306,16 @@ class FeedbackStore:
         }
 
     def add_user_message(self, conversation_id: int, user_id: str, content: str, *,
-                         parent_id: int | None = None, client_id: str | None = None) -> int:
-        """Store a user turn (after `parent_id`, an assistant reply, or at the root); return its id."""
-        return self._add_message(conversation_id, user_id, "user", content, parent_id, None, client_id)
+                         parent_id: int | None = None, client_id: str | None = None,
+                         replace_unanswered: bool = False) -> int:
+        """Store a user turn (after `parent_id`, an assistant reply, or at the root); return its id.
+
+        ``replace_unanswered``: when `parent_id` is this user's own turn that has no reply (a server
+        stopped while answering it), the new turn takes its place, as its sibling, instead of being
+        refused as a user turn after a user turn. Checked and written in one transaction.
+        """
+        return self._add_message(conversation_id, user_id, "user", content, parent_id, None, client_id,
+                                 replace_unanswered)
 
     def add_reply(self, conversation_id: int, user_id: str, parent_id: int, content: str, reply: Reply, *,
                   client_id: str | None = None) -> int:

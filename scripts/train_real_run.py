@@ -71,7 +71,8 @@ def main(
         started = time.perf_counter()
         rm = train_reward_model(rm_cfg)
         # One HH pair per prompt, prompts held out whole: the pairs are independent draws (Wilson interval).
-        low, high = wilson_interval(round(rm.eval_accuracy * rm.eval_pairs), rm.eval_pairs)
+        low, high = (wilson_interval(round(rm.eval_accuracy * rm.eval_pairs), rm.eval_pairs) if rm.eval_pairs
+                     else (math.nan, math.nan))
         report["reward_model"] = {
             "adapter": str(rm.adapter_dir), "held_out_accuracy": rm.eval_accuracy, "held_out_pairs": rm.eval_pairs,
             "held_out_accuracy_95ci": [low, high],

@@ -345,9 +345,9 @@ def test_promote_refuses_what_this_server_cannot_serve_and_changes_nothing(tiny_
 
     async def body(svc: ChatService):
         offered = {v["name"]: v["label"] for v in svc.promotable_versions()}
-        # Candidates on this base whose folder exists: not live, not retired, not on another base.
+        # Candidates on this base whose folder exists: not live, not withdrawn, not on another base.
         assert list(offered) == ["policy-gates-failed", "policy-good", "policy-broken"]
-        assert offered["policy-gates-failed"] == "policy-gates-failed (gates failed)"
+        assert offered["policy-gates-failed"] == "policy-gates-failed (gates not all passed)"
         assert offered["policy-good"] == "policy-good"
         with pytest.raises(UserFacingError, match="cannot be served, so it was not promoted"):
             await svc.promote("policy-broken", actor="op")
@@ -356,7 +356,8 @@ def test_promote_refuses_what_this_server_cannot_serve_and_changes_nothing(tiny_
             await svc.promote("policy-other-base", actor="op")
         assert ModelRegistry(svc.store).live().name == "base:tiny" == svc.router.live.name
         assert await svc.promote("policy-good", actor="op") == "policy-good" == svc.router.live.name
-        assert "base:tiny" not in [v["name"] for v in svc.promotable_versions()]  # retired: rollback's job
+        # The version it replaced was live: it is offered (going back two versions is more than Roll back).
+        assert {v["name"]: v["label"] for v in svc.promotable_versions()}["base:tiny"] == "base:tiny (was live)"
         # A load error is not forever: fixing the folder and promoting again retries it.
         import shutil
         shutil.rmtree(broken)
@@ -401,10 +402,14 @@ def test_a_turn_left_unanswered_by_a_crash_is_replaced_by_the_next_message(tiny_
         branch = svc.store.latest_branch(conv)
         assert [m["content"] for m in branch.messages[:-1]] == ["first", first.text, "asked again"]
         assert branch.message_ids[-1] == again.reply_id
-        # Only the caller's own unanswered turn is replaced; someone else's message id is refused.
-        other = (await _drain(svc.chat(svc.ensure_user("eve"), "mine")))[-1]
-        with pytest.raises(UserFacingError):
-            await _drain(svc.chat(uid, "hijack", conversation_id=conv, parent_id=other.user_message_id))
+        # Only a turn that has no reply is replaced: an answered one (a stale tab) is refused as before.
+        with pytest.raises(UserFacingError, match="a user message must follow an assistant message"):
+            await _drain(svc.chat(uid, "from a stale tab", conversation_id=conv, parent_id=again.user_message_id))
+        # The first turn stranded: its replacement is a second root, the conversation's new start.
+        alone = await svc._db(svc.store.create_conversation, uid)
+        root = svc.store.add_user_message(alone, uid, "never answered")
+        restart = (await _drain(svc.chat(uid, "hello again", conversation_id=alone, parent_id=root)))[-1]
+        assert [m["content"] for m in svc.store.latest_branch(alone).messages] == ["hello again", restart.text]
 
     run_with_service(tiny_model_path, tmp_db_path, body)
 

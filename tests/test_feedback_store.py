@@ -21,7 +21,7 @@ from feedback_db import (
     export_preference_groups,
     export_sft,
 )
-from feedback_db.schema import LATEST_VERSION, MIGRATIONS, migrate
+from feedback_db.schema import LATEST_VERSION, MIGRATIONS, current_version, migrate
 
 
 @pytest.fixture
@@ -134,12 +134,28 @@ def test_migration_7_drops_the_unused_sessions_table_and_keeps_the_conversations
         sdb = store.db
         assert "sessions" not in sdb.table_names() and "session_id" not in sdb["conversations"].columns_dict
         assert sdb["conversations"].get(7)["client_id"] == "c-7"
-        assert {tuple(i.columns) for i in sdb["conversations"].indexes} == {("client_id",), ("user_id",)}
+        assert {(tuple(i.columns), bool(i.unique)) for i in sdb["conversations"].indexes} == {
+            (("client_id",), True), (("user_id",), False)}
         assert {(fk.column, fk.other_table) for fk in sdb["conversations"].foreign_keys} == {("user_id", "users")}
         assert sdb.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         assert sdb.execute("PRAGMA foreign_key_check").fetchall() == []
-        assert store.create_conversation("ann", client_id="c-7") == 7  # the unique client id still holds
+        assert store.create_conversation("ann", client_id="c-7") == 7  # the same client id: the same conversation
         assert [m["content"] for m in store.conversation_messages(7)] == ["Hi."]
+
+
+def test_migration_7_refuses_a_database_whose_own_views_use_sessions(tmp_path):
+    """An operator's view over `sessions` would break when the table goes: the upgrade stops with what to
+    do, and the database stays at version 6, unchanged."""
+    path = tmp_path / "v6.db"
+    db = sqlite_utils.Database(path)
+    migrate(db, target=6)
+    db.execute("CREATE VIEW my_sessions AS SELECT s.id, c.id AS conversation FROM sessions s "
+               "JOIN conversations c ON c.session_id = s.id")
+    db.close()
+    with pytest.raises(SchemaVersionError, match="my_sessions.*drop or rewrite"):
+        FeedbackStore(path)
+    db = sqlite_utils.Database(path)
+    assert current_version(db) == 6 and "sessions" in db.table_names()
 
 
 def test_newer_schema_is_refused(tmp_path):

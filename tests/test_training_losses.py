@@ -72,7 +72,7 @@ def test_kl_estimators() -> None:
         L.kl_per_token(lp, ref, "k2")
 
 
-def test_a_reply_cut_off_without_a_stop_token_loses_the_penalty_by_default() -> None:
+def test_a_reply_cut_off_without_a_stop_token_is_penalised_by_default() -> None:
     score, ended = torch.tensor([0.5, 0.5, -1.0]), torch.tensor([True, False, False])
     assert L.penalize_unfinished(score, ended, 1.0).tolist() == [0.5, -0.5, -2.0]
     assert L.penalize_unfinished(score, ended, 0.0).tolist() == [0.5, 0.5, -1.0]

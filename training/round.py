@@ -121,6 +121,8 @@ class RoundResult:
 
 def check_adapter(folder: Path, *, with_head: bool = False) -> None:
     """Raise ValueError unless ``folder`` holds a complete peft adapter (config + readable tensors)."""
+    if not folder.is_dir():  # else peft would look a relative path up on the model hub
+        raise ValueError(f"{folder} is not a folder.")
     from peft import PeftConfig
     from safetensors import safe_open
 

@@ -140,7 +140,7 @@ def build_dashboard_tab(rt: Runtime, guard: AdminGuard | None = None) -> None:
         text = (f"**Live:** `{live.name if live else '-'}` · **Candidate:** `{cand.name if cand else 'none'}` · "
                 f"messages {stats['messages']:,} · ratings {stats['ratings']:,} · comparisons {stats['comparisons']:,}"
                 f" · rankings {stats['rankings']:,} · demonstrations {stats['demonstrations']:,}{training}{errors}")
-        choices = [(v["label"], v["name"]) for v in svc.promotable_versions()]  # candidates servable here
+        choices = [(v["label"], v["name"]) for v in svc.promotable_versions()]  # servable here
         figs = (_feedback_plot(feedback_over_time(store)), _thumbs_plot(thumbs_by_version(store)), _win_plot(wr))
         for f in figs:
             plt.close(f)
