@@ -19,6 +19,7 @@ import httpx
 import psutil
 
 from scripts.raw_gradio import RawGradio
+from feedback_db import FeedbackStore
 from tests.app_server import count_rows, fetch_rows, start_test_server, stop_server
 
 SAMPLING = ["", 0.0, 0.95, 8, 1.0, 0.1]  # system prompt, temperature, top-p, max new tokens, frequency penalty, min-p
@@ -173,3 +174,37 @@ def test_a_sigkilled_server_loses_no_acknowledged_write(tiny_model_path, tmp_pat
         stop_server(again)
     assert count_rows(again.db_path, "SELECT COUNT(*) FROM messages WHERE content = 'after the kill'") == 1
     assert _missing(again.db_path, acked) == []
+
+
+def test_regenerate_answers_a_turn_the_killed_server_left_without_a_reply(tiny_model_path, tmp_path) -> None:
+    """The page reopens a conversation on the turn a kill left unanswered; Regenerate answers that turn
+    (before, it asked to "send a message first" or regenerated the reply before it)."""
+    server = start_test_server(tiny_model_path, tmp_path)
+    raw = RawGradio(server.url)
+    try:
+        first = raw.new_session()
+        opened = raw.call(raw.fn_index(trigger="load"), [{}], first)
+        assert opened.success, opened.error
+        sent = raw.call(raw.fn_index("chat"), ["before the kill", [], None, *SAMPLING, None], first)
+        assert sent.success, sent.error
+        browser = sent.data[4]
+        conversation, user_id = browser["conversation_id"], browser["token"].rsplit(".", 1)[0]
+        (reply_id,) = fetch_rows(server.db_path, "SELECT id FROM messages WHERE conversation_id = ? AND role = "
+                                                 "'assistant'", [conversation])[0]
+        with FeedbackStore(server.db_path) as store:  # what a kill mid-reply leaves: the turn, no reply
+            stranded = store.add_user_message(conversation, user_id, "asked as the server died", parent_id=reply_id)
+
+        later = raw.new_session()  # the user comes back after the restart
+        reopened = raw.call(raw.fn_index(trigger="load"), [browser], later)
+        assert reopened.success, reopened.error
+        history = reopened.data[2]
+        history = history["value"] if isinstance(history, dict) else history  # a component update, or the value
+        assert history[-1]["role"] == "user" and "asked as the server died" in str(history[-1]["content"])
+        regenerated = raw.call(raw.fn_index("regenerate"), [history, None, *SAMPLING, None], later)
+        assert regenerated.success, regenerated.error
+        assert [m["role"] for m in regenerated.data[0]] == ["user", "assistant", "user", "assistant"]
+        assert count_rows(server.db_path, "SELECT COUNT(*) FROM messages WHERE parent_id = ? AND role = 'assistant'",
+                          [stranded]) == 1
+    finally:
+        raw.close()
+        stop_server(server)

@@ -228,9 +228,13 @@ def build_chat_tab(rt: Runtime, user_state: gr.State, browser: gr.BrowserState, 
 
     @user_handler(rt)
     async def on_regenerate(svc, who, history, state, system_prompt, temperature, top_p, max_tokens, frequency_penalty, min_p):
-        if len(state["ids"]) < 2:
+        history, ids = list(history), list(state["ids"])
+        if ids and history and history[-1].get("role") == "user":
+            pass  # a turn that never got its reply (the server stopped while answering it): answer it now
+        elif len(ids) < 2:
             raise UserFacingError("Nothing to regenerate yet: send a message first.")
-        history, ids = list(history)[:-1], state["ids"][:-1]  # drop the last reply; keep its user turn
+        else:
+            history, ids = history[:-1], ids[:-1]  # drop the last reply; keep its user turn
         history.append({"role": "assistant", "content": ""})
         stream = svc.regenerate(who.user_id, ids[-1], sampling=sampling_from(temperature, top_p, max_tokens, frequency_penalty, min_p),
                                 client=who.address)
