@@ -200,6 +200,10 @@ def test_regenerate_answers_a_turn_the_killed_server_left_without_a_reply(tiny_m
         history = reopened.data[2]
         history = history["value"] if isinstance(history, dict) else history  # a component update, or the value
         assert history[-1]["role"] == "user" and "asked as the server died" in str(history[-1]["content"])
+        better = raw.call(raw.fn_index("demonstrate"), [None, "The answer it should have had.", None], later)
+        assert better.success, better.error  # "Write a better reply" answers that turn, replacing no reply
+        assert fetch_rows(server.db_path, "SELECT user_message_id, replaces_message_id FROM demonstrations "
+                                          "WHERE content = 'The answer it should have had.'") == [(stranded, None)]
         regenerated = raw.call(raw.fn_index("regenerate"), [history, None, *SAMPLING, None], later)
         assert regenerated.success, regenerated.error
         assert [m["role"] for m in regenerated.data[0]] == ["user", "assistant", "user", "assistant"]

@@ -269,11 +269,16 @@ def build_chat_tab(rt: Runtime, user_state: gr.State, browser: gr.BrowserState, 
 
     @user_handler(rt)
     def on_save_better(svc, who, state, text):
-        if len(state["ids"]) < 2:
+        ids = state["ids"]
+        if ids and ids[-1] is not None and svc.store.message(ids[-1])["role"] == "user":
+            turn, replaces = ids[-1], None  # a turn the server never answered: the ideal reply is its only one
+        elif len(ids) >= 2:
+            turn, replaces = ids[-2], ids[-1]
+        else:
             raise UserFacingError("Send a message first; the ideal reply answers your last message.")
         # The same text for the same turn twice is one demonstration.
-        svc.demonstrate(who.user_id, state["ids"][-2], text, replaces_reply_id=state["ids"][-1], client=who.address,
-                        client_id=f"demo:{_digest(who.user_id, state['ids'][-2], text)}")
+        svc.demonstrate(who.user_id, turn, text, replaces_reply_id=replaces, client=who.address,
+                        client_id=f"demo:{_digest(who.user_id, turn, text)}")
         gr.Info("Thanks! Your reply was saved as a demonstration for training.")
         return ""
 
