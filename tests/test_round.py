@@ -423,11 +423,11 @@ def test_starter_round_runs_sft_then_rm_then_ppo_from_the_sft_adapter(config: Ro
     assert nxt.metrics["evaluation"]["judge"] == judge["name"]
     assert nxt.metrics["evaluation"]["judge_reward_gain"] is not None
     assert "judge_candidate" in nxt.metrics["samples"][0]
-    # New demonstrations under a PPO-trained live policy, with sft_after_ppo=skip: no SFT step; PPO continues
-    # from live, anchored to the lineage's old SFT adapter, the demonstrations in its ptx term.
+    # New demonstrations under a PPO-trained live policy, by default (sft_after_ppo=skip): no SFT step; PPO
+    # continues from live, anchored to the lineage's old SFT adapter, the demonstrations in its ptx term.
     with FeedbackStore(config.db) as store:
         import_rows(store, [{"prompt": "Name a fruit.", "completion": "An apple."}], "sft", source="later")
-    config.max_kl, config.sft_after_ppo = 10.0, "skip"
+    config.max_kl = 10.0
     later = run_round(config)
     assert later.status == "succeeded" and later.metrics["mode"] == "rm+ppo", later.reason
     assert "sft" not in later.metrics and "1 new demonstrations" in later.metrics["sft_skipped"]
