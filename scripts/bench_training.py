@@ -403,14 +403,20 @@ def _bench(kind: str, impls: list[str], opts: dict[str, Any], out: Path | None, 
             result["repeat"] = repeat + 1
             results.append(result)
             pair.append(result)
+            # Each run as it ends: a benchmark stopped halfway (or killed) keeps what it measured.
+            typer.echo(_table(kind, [result]).splitlines()[-1], err=True)
+            if out:
+                _write_results(out, kind, opts, results)
         rounds.append(pair)
     report = _table(kind, results) + "\n\n" + _summary(kind, results)
     if repeats > 1:
         report += "\n" + _interleaved_summary(kind, impls, rounds)
     typer.echo(report)
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"kind": kind, "options": opts, "results": results}, indent=2) + "\n")
+
+
+def _write_results(out: Path, kind: str, opts: dict[str, Any], results: list[dict[str, Any]]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"kind": kind, "options": opts, "results": results}, indent=2) + "\n")
 
 
 @app.command()

@@ -50,3 +50,23 @@ def test_bench_training_summarises_interleaved_pairs_by_their_median_ratio_and_r
     memory = [[{"net_peak_mb": 1000.0}, {"net_peak_mb": 4000.0}], [{"net_peak_mb": 1200.0}, {"net_peak_mb": 4000.0}]]
     assert "PPO net peak memory, ours / four models: median 0.28x over 2 interleaved pairs" in \
         bench_training._interleaved_summary("ppo", ["ours", "four-models"], memory)
+
+
+def test_bench_training_keeps_each_finished_run_when_stopped_halfway(tmp_path, monkeypatch):
+    """Runs are written as they end: a benchmark killed in its third run keeps the first two."""
+    finished = iter([{"impl": "alignloop", "pairs_per_s": 1.2}, {"impl": "trl RewardTrainer", "pairs_per_s": 1.0}])
+
+    def run(kind, impl, opts):
+        try:
+            return dict(next(finished))
+        except StopIteration:
+            raise KeyboardInterrupt from None  # the operator (or the OOM killer) stops it here
+
+    monkeypatch.setattr(bench_training, "_run_isolated", run)
+    out = tmp_path / "rm.json"
+    try:
+        bench_training._bench("rm", ["ours", "trl"], {"pairs": 8}, out, repeats=3)
+    except KeyboardInterrupt:
+        pass
+    saved = json.loads(out.read_text())
+    assert [r["pairs_per_s"] for r in saved["results"]] == [1.2, 1.0] and saved["options"] == {"pairs": 8}
