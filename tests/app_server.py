@@ -8,8 +8,11 @@ from pathlib import Path
 from scripts.server_process import ServerProcess, start_server, stop_server
 
 ADMIN_PASSWORD = "test-admin"
+# The chat tab's settings inputs as a raw `fn_index` call sends them: system prompt, temperature, top-p,
+# max new tokens, frequency penalty, min-p.
+RAW_SAMPLING = ["", 0.0, 0.95, 8, 1.0, 0.1]
 
-__all__ = ["ADMIN_PASSWORD", "ServerProcess", "count_rows", "fetch_rows", "start_test_server", "stop_server"]
+__all__ = ["ADMIN_PASSWORD", "RAW_SAMPLING", "ServerProcess", "count_rows", "fetch_rows", "start_test_server", "stop_server"]
 
 
 def start_test_server(model_path: Path, workdir: Path) -> ServerProcess:

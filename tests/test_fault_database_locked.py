@@ -11,10 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 
 from feedback_db import FeedbackStore, StoreConfig
-from tests.app_server import count_rows
+from tests.app_server import RAW_SAMPLING as SAMPLING, count_rows
 from scripts.raw_gradio import RawGradio
 
-SAMPLING = ["", 0.0, 0.95, 8, 1.0, 0.1]  # system prompt, temperature, top-p, max new tokens, frequency penalty, min-p
 
 
 def _hold_write_lock(db_path: str, held, release) -> None:

@@ -20,9 +20,8 @@ import psutil
 
 from scripts.raw_gradio import RawGradio
 from feedback_db import FeedbackStore
-from tests.app_server import count_rows, fetch_rows, start_test_server, stop_server
+from tests.app_server import RAW_SAMPLING as SAMPLING, count_rows, fetch_rows, start_test_server, stop_server
 
-SAMPLING = ["", 0.0, 0.95, 8, 1.0, 0.1]  # system prompt, temperature, top-p, max new tokens, frequency penalty, min-p
 CLIENTS = 4
 ACKNOWLEDGED_BEFORE_KILL = 40  # writes acknowledged before the kill: a run that wrote little proves nothing
 WRITING_DEADLINE_S = 40.0

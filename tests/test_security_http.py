@@ -10,10 +10,9 @@ import httpx
 import pytest
 
 from scripts.server_process import start_server
-from tests.app_server import count_rows, fetch_rows, start_test_server, stop_server
+from tests.app_server import RAW_SAMPLING as SAMPLING, count_rows, fetch_rows, start_test_server, stop_server
 from scripts.raw_gradio import RawGradio
 
-SAMPLING = ["", 0.0, 0.95, 8, 1.0, 0.1]  # system prompt, temperature, top-p, max new tokens, frequency penalty, min-p
 # A refusal names what to do; an exception that escaped a handler shows up as one of these.
 PYTHON_ERRORS = re.compile(r"Traceback|(Type|Key|Attribute|Index|Value|Runtime|Assertion)Error|File \"/|went wrong")
 

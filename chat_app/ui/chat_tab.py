@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import tempfile
@@ -86,6 +87,15 @@ def conversation_view(svc: ChatService, who: Caller, conversation_id: int,
               for message, message_id in zip(branch.messages if branch else [], ids) if message["role"] == "assistant"]
     return gr.Chatbot(value=history, feedback_value=thumbs), \
         {**_empty_state(), "conversation_id": conversation_id, "ids": ids}
+
+
+def last_turn(svc: ChatService, state: dict) -> tuple[int, int | None] | None:
+    """(the user turn the shown chat ends on, the stored reply shown after it), from the server-side ids;
+    the reply is None when there is none (a server stopped while answering). None before any exchange."""
+    ids = state.get("ids") or []
+    if ids and ids[-1] is not None and svc.store.message(ids[-1])["role"] == "user":
+        return ids[-1], None
+    return (ids[-2], ids[-1]) if len(ids) >= 2 else None
 
 
 def last_reply_versions(svc: ChatService, state: dict) -> list[int]:
@@ -228,15 +238,14 @@ def build_chat_tab(rt: Runtime, user_state: gr.State, browser: gr.BrowserState, 
 
     @user_handler(rt)
     async def on_regenerate(svc, who, history, state, system_prompt, temperature, top_p, max_tokens, frequency_penalty, min_p):
-        history, ids = list(history), list(state["ids"])
-        if ids and history and history[-1].get("role") == "user":
-            pass  # a turn that never got its reply (the server stopped while answering it): answer it now
-        elif len(ids) < 2:
+        turn = await asyncio.to_thread(last_turn, svc, state)
+        if turn is None:
             raise UserFacingError("Nothing to regenerate yet: send a message first.")
-        else:
-            history, ids = history[:-1], ids[:-1]  # drop the last reply; keep its user turn
+        history, ids = list(history), list(state["ids"])
+        if ids[-1] != turn[0]:  # the chat ends on a reply: drop it and keep its user turn (else answer that turn)
+            history, ids = history[:-1], ids[:-1]
         history.append({"role": "assistant", "content": ""})
-        stream = svc.regenerate(who.user_id, ids[-1], sampling=sampling_from(temperature, top_p, max_tokens, frequency_penalty, min_p),
+        stream = svc.regenerate(who.user_id, turn[0], sampling=sampling_from(temperature, top_p, max_tokens, frequency_penalty, min_p),
                                 client=who.address)
         async for update in throttled(stream, lambda u: u.finished):
             history[-1] = {"role": "assistant", "content": for_display("assistant", update.error or update.text)}
@@ -269,13 +278,9 @@ def build_chat_tab(rt: Runtime, user_state: gr.State, browser: gr.BrowserState, 
 
     @user_handler(rt)
     def on_save_better(svc, who, state, text):
-        ids = state["ids"]
-        if ids and ids[-1] is not None and svc.store.message(ids[-1])["role"] == "user":
-            turn, replaces = ids[-1], None  # a turn the server never answered: the ideal reply is its only one
-        elif len(ids) >= 2:
-            turn, replaces = ids[-2], ids[-1]
-        else:
+        if (last := last_turn(svc, state)) is None:
             raise UserFacingError("Send a message first; the ideal reply answers your last message.")
+        turn, replaces = last  # no reply to replace when the server never answered the turn
         # The same text for the same turn twice is one demonstration.
         svc.demonstrate(who.user_id, turn, text, replaces_reply_id=replaces, client=who.address,
                         client_id=f"demo:{_digest(who.user_id, turn, text)}")
