@@ -488,6 +488,27 @@ def phase_summary(name: str, records: list[ActionRecord], clock: Clock, rss: lis
     }
 
 
+def ttft_by_step(records: list[ActionRecord], clock: Clock, disturbances: list[Disturbance]) -> list[dict]:
+    """Chat TTFT in the disturbed phase while each operator step ran, and outside every step: which step
+    slows the first token. A chat counts for a step when the wait for its first token overlaps the step."""
+    start, end = clock.bounds["disturbed"]
+    chats = [r for r in records if r.ttft_s is not None and start <= r.started_s < end]
+
+    def waiting(r: ActionRecord, a: float, b: float) -> bool:
+        return r.started_s < b and r.started_s + (r.ttft_s or 0.0) > a
+
+    rows, during_any = [], set()
+    for d in disturbances:
+        mine = [r for r in chats if waiting(r, d.started_s, d.started_s + d.seconds)]
+        during_any.update(id(r) for r in mine)
+        rows.append({"window": d.name, "chats": len(mine), "ttft_p50_s": _p([r.ttft_s for r in mine], 50),
+                     "ttft_max_s": max((r.ttft_s for r in mine), default=None)})
+    rest = [r.ttft_s for r in chats if id(r) not in during_any]
+    rows.append({"window": "no operator step", "chats": len(rest), "ttft_p50_s": _p(rest, 50),
+                 "ttft_max_s": max(rest, default=None)})
+    return rows
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
@@ -523,6 +544,8 @@ def summarise(cfg: SoakConfig, records: list[ActionRecord], clock: Clock, rss: l
                 "samples": [[round(t, 1), round(mb, 1)] for t, mb in rss]},
         "rows": rows,
         "disturbances": [dataclasses.asdict(d) for d in disturbances],
+        "ttft_by_step": ttft_by_step(records, clock, disturbances),
+        "chats": [[round(r.started_s, 2), round(r.ttft_s, 3)] for r in records if r.ttft_s is not None],
         "targets": targets,
         "wall_seconds": round(wall_s, 1),
     }
@@ -554,6 +577,10 @@ def report_lines(results: dict) -> list[str]:
     lines += [f"| {d['name']} | {d['started_s']:.1f} | {d['seconds']:.1f} | {'yes' if d['ok'] else 'NO'} "
               f"| {d['detail'].splitlines()[-1].replace('|', '/') if d['detail'] else ''} |"
               for d in results["disturbances"]]
+    lines += ["", "| disturbed phase: chats waiting for their first token while… | chats | TTFT p50 (s) | TTFT max (s) |",
+              "|---|---|---|---|"]
+    lines += [f"| {w['window']} | {w['chats']} | {_fmt(w['ttft_p50_s'])} | {_fmt(w['ttft_max_s'])} |"
+              for w in results.get("ttft_by_step", [])]
     lines += ["", "| acknowledged writes | acked | in the database | lost |", "|---|---|---|---|"]
     lines += [f"| {kind} | {r['acked']} | {r['found']} | {r['lost']} |" for kind, r in results["rows"].items()]
     lines += ["", "| target | value | wanted | |", "|---|---|---|---|"]

@@ -14,7 +14,9 @@ and reference plus a separate reward model) and against four separate copies of 
 (policy, reference, reward, value) loaded and run once. Target: ours <= 0.5x four models.
 
 TRL is for this benchmark only, not a dependency: `pip install trl` where you run it.
-Each implementation runs in a fresh subprocess so peak memory is its own.
+Each implementation runs in a fresh subprocess so peak memory is its own; the PPO runs' prompts,
+demonstrations and reward adapter are built once beforehand, in a process of their own, so no run's
+peak holds the reward model's training and every run scores with the same reward adapter.
 """
 
 from __future__ import annotations
@@ -154,6 +156,15 @@ def rm_trl(opts: dict[str, Any], work: Path) -> dict[str, Any]:
 
 
 def _bench_prompts(opts: dict[str, Any], work: Path) -> tuple[Path, Path, Path]:
+    """Prompts, ptx demonstrations and a reward adapter for a PPO run: those the driver built once for every
+    run (``opts["inputs"]``, :func:`_build_ppo_inputs`), else built here."""
+    if opts.get("inputs"):
+        paths = json.loads((Path(opts["inputs"]) / "inputs.json").read_text())
+        return Path(paths["prompts"]), Path(paths["demos"]), Path(paths["reward_adapter"])
+    return _build_ppo_inputs(opts, work)
+
+
+def _build_ppo_inputs(opts: dict[str, Any], work: Path) -> tuple[Path, Path, Path]:
     """Prompts, ptx demonstrations and a (briefly trained) reward adapter for the PPO runs."""
     from training.config import LoraSettings, RewardConfig
     from training.reward_model import train_reward_model
@@ -168,6 +179,8 @@ def _bench_prompts(opts: dict[str, Any], work: Path) -> tuple[Path, Path, Path]:
     rm = train_reward_model(RewardConfig(base_model=opts["model"], data=str(prefs), output_dir=str(work / "rm"),
                                          epochs=1, groups_per_batch=4, max_length=opts["max_length"], eval_fraction=0.0,
                                          progress=False, lora=LoraSettings(r=16, alpha=32)))
+    (work / "inputs.json").write_text(json.dumps({"prompts": str(prompts), "demos": str(demos),
+                                                  "reward_adapter": str(rm.adapter_dir)}))
     return prompts, demos, rm.adapter_dir
 
 
@@ -192,7 +205,7 @@ def ppo_ours(opts: dict[str, Any], work: Path) -> dict[str, Any]:
     split = {k: sum(r[f"time/{k}_s"] for r in steady) / len(steady) for k in ("generation", "scoring", "update")}
     return {"impl": "alignloop PPO-ptx", "iteration_s": sum(split.values()), **{f"{k}_s": v for k, v in split.items()},
             "peak_mb": _peak_mb(), "param_mb_shared": result.memory["shared_mb"],
-            "param_mb_four_models": result.memory["four_models_mb"]}
+            "param_mb_four_models": result.memory["four_models_mb"], "reward_adapter": str(rm_dir)}
 
 
 class _FourModelStack:
@@ -278,7 +291,8 @@ def ppo_four_models(opts: dict[str, Any], work: Path) -> dict[str, Any]:
     steady = log[1:] or log
     split = {k: sum(r[f"time/{k}_s"] for r in steady) / len(steady) for k in ("generation", "scoring", "update")}
     return {"impl": "four separate models", "iteration_s": sum(split.values()),
-            **{f"{k}_s": v for k, v in split.items()}, "peak_mb": _peak_mb(), "param_mb": result.memory["four_models_mb"]}
+            **{f"{k}_s": v for k, v in split.items()}, "peak_mb": _peak_mb(), "param_mb": result.memory["four_models_mb"],
+            "reward_adapter": str(rm_dir)}
 
 
 def ppo_trl(opts: dict[str, Any], work: Path) -> dict[str, Any]:
@@ -391,7 +405,19 @@ def _interleaved_summary(kind: str, impls: list[str], rounds: list[list[dict[str
 
 def _bench(kind: str, impls: list[str], opts: dict[str, Any], out: Path | None, repeats: int = 1) -> None:
     """Run the implementations A B (C) A B (C) ... ``repeats`` times, each in a fresh process, so that a
-    noisy shared machine slows both sides of a pair alike; report every run and the per-pair ratios."""
+    noisy shared machine slows both sides of a pair alike; report every run and the per-pair ratios.
+
+    PPO: the prompts, demonstrations and reward adapter every run needs are built first, once, in a
+    process of their own, so that no run's peak memory holds the reward model's training."""
+    if kind == "ppo" and not opts.get("inputs"):
+        with tempfile.TemporaryDirectory(prefix="bench-ppo-inputs-") as folder:
+            typer.echo("building the PPO runs' prompts, demonstrations and reward adapter (own process) ...", err=True)
+            built = subprocess.run([sys.executable, __file__, "inputs", json.dumps(opts), folder], cwd=ROOT,
+                                   capture_output=True, text=True, env=os.environ.copy())
+            if built.returncode != 0:
+                raise SystemExit(f"Could not build the PPO inputs:\n{(built.stderr or built.stdout)[-2000:]}")
+            _bench(kind, impls, {**opts, "inputs": folder}, out, repeats)
+        return
     results, rounds = [], []
     for repeat in range(repeats):
         pair = []
@@ -416,7 +442,8 @@ def _bench(kind: str, impls: list[str], opts: dict[str, Any], out: Path | None, 
 
 def _write_results(out: Path, kind: str, opts: dict[str, Any], results: list[dict[str, Any]]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"kind": kind, "options": opts, "results": results}, indent=2) + "\n")
+    options = {k: v for k, v in opts.items() if k != "inputs"}  # a temporary folder, gone after the run
+    out.write_text(json.dumps({"kind": kind, "options": options, "results": results}, indent=2) + "\n")
 
 
 @app.command()
@@ -457,6 +484,12 @@ def ppo(
     _bench("ppo", impl, {"model": model, "data": str(data), "pairs": pairs, "iterations": iterations, "batch": batch,
                          "ppo_epochs": ppo_epochs, "max_new_tokens": max_new_tokens, "max_length": max_length,
                          "seed": seed}, out, repeats)
+
+
+@app.command(hidden=True)
+def inputs(opts_json: str, folder: Path) -> None:
+    """Build the PPO runs' prompts, demonstrations and reward adapter into FOLDER (``inputs.json``)."""
+    _build_ppo_inputs(json.loads(opts_json), folder)
 
 
 @app.command(hidden=True)

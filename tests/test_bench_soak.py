@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.bench_soak import ActionRecord, SoakConfig, count_lost_rows, parse_args
+from scripts.bench_soak import ActionRecord, Clock, Disturbance, SoakConfig, count_lost_rows, parse_args, ttft_by_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,6 +23,23 @@ def test_tiny_settings_yield_to_explicit_options() -> None:
     assert parse_args([]) == SoakConfig()
     with pytest.raises(SystemExit):
         parse_args(["--action-mix", "chat:1,demonstrate:1"])
+
+
+def test_ttft_by_step_puts_each_chat_under_the_operator_steps_its_wait_overlapped() -> None:
+    clock = Clock()
+    clock.bounds = {"quiet": (0.0, 100.0), "disturbed": (100.0, 300.0)}
+    steps = [Disturbance("alignloop promote", 150.0, 10.0, True), Disturbance("alignloop db import", 200.0, 50.0, True)]
+    chats = [ActionRecord(0, "chat", "q", 50.0, ttft_s=9.0),  # quiet phase: not counted
+             ActionRecord(0, "chat", "a", 145.0, ttft_s=6.0),  # waits into the promotion
+             ActionRecord(1, "chat", "b", 120.0, ttft_s=2.0),  # before any step
+             ActionRecord(1, "chat", "c", 210.0, ttft_s=4.0),  # during the import
+             ActionRecord(2, "chat", "d", 240.0, ttft_s=12.0),  # starts in the import, waits past its end
+             ActionRecord(2, "chat", "e", 260.0, ttft_s=1.0),  # after both
+             ActionRecord(3, "compare", "f", 205.0)]  # not a timed chat
+    rows = {r["window"]: r for r in ttft_by_step(chats, clock, steps)}
+    assert rows["alignloop promote"] == {"window": "alignloop promote", "chats": 1, "ttft_p50_s": 6.0, "ttft_max_s": 6.0}
+    assert rows["alignloop db import"]["chats"] == 2 and rows["alignloop db import"]["ttft_max_s"] == 12.0
+    assert rows["no operator step"]["chats"] == 2 and rows["no operator step"]["ttft_max_s"] == 2.0
 
 
 def test_rows_lost_counts_acknowledged_writes_missing_from_the_database(tmp_db_path: Path) -> None:
@@ -64,6 +81,8 @@ def test_tiny_soak_runs_both_phases_and_every_operator_step(tmp_path: Path) -> N
                                                             "alignloop db import"]
     assert all(d["ok"] for d in results["disturbances"]), results["disturbances"]
     assert results["rows"]["chat replies"]["acked"] > 0 and results["rows"]["imported pairs"]["acked"] == 500
+    assert [w["window"] for w in results["ttft_by_step"]][-1] == "no operator step"
+    assert len(results["chats"]) >= sum(p["chats_timed"] for p in results["phases"].values())
     assert len(results["rss"]["samples"]) >= 2 and results["rss"]["mb_start"] > 0
     assert {"failed requests", "rows lost"} <= set(results["targets"])
     assert "| failed requests |" in done.stdout and (out / "results.md").is_file() and (out / "server.log").is_file()

@@ -70,3 +70,29 @@ def test_bench_training_keeps_each_finished_run_when_stopped_halfway(tmp_path, m
         pass
     saved = json.loads(out.read_text())
     assert [r["pairs_per_s"] for r in saved["results"]] == [1.2, 1.0] and saved["options"] == {"pairs": 8}
+
+
+def test_bench_training_ppo_runs_both_implementations_on_one_reward_adapter_built_apart(tiny_model_path, tmp_path):
+    """The PPO benchmark on the tiny model: ours and four separate models each run in their own process, on the
+    reward adapter built once beforehand (in a process of its own: no run's peak memory holds its training)."""
+    import subprocess
+    import sys
+
+    rows = [{"prompt": f"Question {i}: what is {i} plus {i}?", "chosen": f"It is {2 * i}.", "rejected": "No idea."}
+            for i in range(16)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "ppo.json"
+    done = subprocess.run([sys.executable, str(Path(bench_training.__file__)), "ppo", "--model", str(tiny_model_path),
+                           "--data", str(data), "--pairs", "16", "--iterations", "2", "--batch", "2",
+                           "--ppo-epochs", "1", "--max-new-tokens", "4", "--max-length", "64",
+                           "--impl", "ours", "--impl", "four-models", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = json.loads(out.read_text())
+    ours, four = saved["results"]
+    assert "error" not in ours and "error" not in four, saved["results"]
+    assert ours["impl"] == "alignloop PPO-ptx" and four["impl"] == "four separate models"
+    assert ours["reward_adapter"] == four["reward_adapter"] and "inputs" not in saved["options"]
+    assert ours["peak_mb"] > 0 and four["peak_mb"] > 0 and ours["param_mb_shared"] < ours["param_mb_four_models"]
+    assert "PPO peak memory" in done.stdout
