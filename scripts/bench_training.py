@@ -3,6 +3,7 @@
     python scripts/bench_training.py rm  --pairs 256 --max-length 256          # RM: ours vs TRL RewardTrainer
     python scripts/bench_training.py ppo --iterations 3 --batch 8                # PPO: ours vs TRL RLOOTrainer vs four models
     python scripts/bench_training.py rm --model /path/to/tiny --pairs 64        # a smoke run on a tiny model
+    python scripts/bench_training.py logprobs --rows 256                          # log-probs: written-out vs taped gradient
 
 Reward model: the same HH pairs, the same 80/20 prompt split, LoRA r=16 on the same modules,
 the same pairs per step and learning rate; reported: training pairs/s and held-out pairwise accuracy.
@@ -331,8 +332,58 @@ def ppo_trl(opts: dict[str, Any], work: Path) -> dict[str, Any]:
     return {"impl": "trl RLOOTrainer", "iteration_s": seconds / opts["iterations"], "peak_mb": _peak_mb()}
 
 
+def _taped_logprobs(rows: Any, targets: Any, head: Any, temperature: float, history: Any, penalty: float,
+                    min_p: float, chunk: int) -> tuple[Any, Any]:
+    """The same log-probs and entropies as ``training.logprobs.rows_logprobs``, every step taped by autograd
+    (each chunk checkpointed too): what the written-out gradient of ``SampledLogprobs`` is measured against."""
+    import math
+
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    def one(x: Any, t: Any, past: Any) -> tuple[Any, Any]:
+        logits = head(x).float()
+        counts = torch.zeros_like(logits).scatter_add_(1, past.clamp(min=0), (past >= 0).to(logits.dtype))
+        z = (logits - penalty * counts) / temperature
+        below = z < z.max(dim=-1, keepdim=True).values + math.log(min_p)
+        z = z.masked_fill(below.scatter(-1, t.unsqueeze(-1), False), torch.finfo(z.dtype).min)
+        probs = torch.softmax(z, dim=-1)
+        return (torch.log_softmax(z, dim=-1).gather(-1, t.unsqueeze(-1)).squeeze(-1),
+                torch.logsumexp(z, dim=-1) - (probs * z).sum(-1))
+
+    parts = [checkpoint(one, rows[i : i + chunk], targets[i : i + chunk], history[i : i + chunk], use_reentrant=False)
+             for i in range(0, rows.shape[0], chunk)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _logprobs_run(opts: dict[str, Any], taped: bool) -> dict[str, Any]:
+    """One forward + backward of log-probs and entropies of ``rows`` hidden rows through an LM head of Gemma 3
+    270M's shape, at the app's sampling (temperature 0.8, frequency penalty 0.5 over 24 reply tokens, min-p 0.1)."""
+    import torch
+    from torch import nn
+
+    from training.logprobs import rows_logprobs
+
+    torch.manual_seed(opts["seed"])
+    head = nn.Linear(opts["hidden"], opts["vocab"], bias=False).requires_grad_(False)
+    rows = torch.randn(opts["rows"], opts["hidden"], requires_grad=True)
+    targets = torch.randint(0, opts["vocab"], (opts["rows"],))
+    history = torch.randint(-1, opts["vocab"], (opts["rows"], 24))
+    before = _peak_mb()
+    started = time.perf_counter()
+    if taped:
+        lp, ent = _taped_logprobs(rows * 1.0, targets, head, 0.8, history, 0.5, 0.1, opts["chunk"])
+    else:
+        lp, ent = rows_logprobs(rows * 1.0, targets, head, None, 0.8, opts["chunk"], True, history, 0.5, 0.1)
+    (lp.sum() + 0.01 * ent.sum()).backward()
+    return {"impl": "autograd-taped" if taped else "alignloop SampledLogprobs", "seconds": time.perf_counter() - started,
+            "peak_mb": _peak_mb() - before}
+
+
 RUNNERS = {("rm", "ours"): rm_ours, ("rm", "trl"): rm_trl, ("ppo", "ours"): ppo_ours, ("ppo", "trl"): ppo_trl,
-           ("ppo", "four-models"): ppo_four_models}
+           ("ppo", "four-models"): ppo_four_models,
+           ("logprobs", "ours"): lambda opts, work: _logprobs_run(opts, taped=False),
+           ("logprobs", "taped"): lambda opts, work: _logprobs_run(opts, taped=True)}
 
 
 # --------------------------------------------------------------------------- #
@@ -353,7 +404,8 @@ def _run_isolated(kind: str, impl: str, opts: dict[str, Any]) -> dict[str, Any]:
 
 
 def _table(kind: str, results: list[dict[str, Any]]) -> str:
-    keys = ["pairs_per_s", "accuracy", "train_pairs", "eval_pairs", "train_s", "peak_mb"] if kind == "rm" else \
+    keys = {"rm": ["pairs_per_s", "accuracy", "train_pairs", "eval_pairs", "train_s", "peak_mb"],
+            "logprobs": ["seconds", "peak_mb"]}.get(kind) or \
         ["iteration_s", "generation_s", "scoring_s", "update_s", "peak_mb", "net_peak_mb", "param_mb_shared", "param_mb_four_models", "param_mb"]
     lines = ["| impl | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for r in results:
@@ -371,6 +423,11 @@ def _summary(kind: str, results: list[dict[str, Any]]) -> str:
         if ours and trl and "pairs_per_s" in trl:
             return (f"RM throughput {ours['pairs_per_s'] / trl['pairs_per_s']:.2f}x TRL (target >= 1.5x), accuracy "
                     f"{ours['accuracy']:.3f} vs {trl['accuracy']:.3f}")
+    elif kind == "logprobs":
+        ours, taped = by.get("alignloop SampledLogprobs"), by.get("autograd-taped")
+        if ours and taped and "peak_mb" in ours and "peak_mb" in taped:
+            return (f"log-probs forward + backward: peak {ours['peak_mb']:.0f} MB vs {taped['peak_mb']:.0f} MB taped "
+                    f"({ours['peak_mb'] / taped['peak_mb']:.2f}x), time {ours['seconds'] / taped['seconds']:.2f}x")
     else:
         ours, four = by.get("alignloop PPO-ptx"), by.get("four separate models")
         if ours and four and "net_peak_mb" in four and "net_peak_mb" in ours:
@@ -382,7 +439,7 @@ def _summary(kind: str, results: list[dict[str, Any]]) -> str:
 
 def _ratio(kind: str, a: dict[str, Any], b: dict[str, Any]) -> float | None:
     """The headline ratio of one A/B pair: RM pairs/s ours over TRL's; PPO peak memory ours over four models."""
-    key = "pairs_per_s" if kind == "rm" else "net_peak_mb"
+    key = {"rm": "pairs_per_s", "logprobs": "peak_mb"}.get(kind, "net_peak_mb")
     if a.get(key) and b.get(key):
         return a[key] / b[key]
     return None
@@ -393,13 +450,20 @@ def _interleaved_summary(kind: str, impls: list[str], rounds: list[list[dict[str
     ratios = [r for pair in rounds if len(pair) >= 2 and (r := _ratio(kind, pair[0], pair[1])) is not None]
     if not ratios:
         return ""
-    what = "RM pairs/s, ours / TRL" if kind == "rm" else "PPO net peak memory, ours / four models"
+    what = {"rm": "RM pairs/s, ours / TRL", "logprobs": "log-probs peak memory, ours / taped"}.get(
+        kind, "PPO net peak memory, ours / four models")
     line = (f"{what}: median {statistics.median(ratios):.2f}x over {len(ratios)} interleaved pairs "
             f"(range {min(ratios):.2f}-{max(ratios):.2f}; each: {', '.join(f'{r:.2f}' for r in ratios)})")
     if kind == "rm":
         accs = [(pair[0].get("accuracy"), pair[1].get("accuracy")) for pair in rounds if len(pair) >= 2]
         line += "; held-out accuracy per pair (ours, TRL): " + ", ".join(
             f"({a:.3f}, {b:.3f})" for a, b in accs if isinstance(a, float) and isinstance(b, float))
+    if kind == "logprobs":
+        times = [pair[0]["seconds"] / pair[1]["seconds"] for pair in rounds
+                 if len(pair) >= 2 and pair[0].get("seconds") and pair[1].get("seconds")]
+        if times:
+            line += (f"; time, ours / taped: median {statistics.median(times):.2f}x "
+                     f"(range {min(times):.2f}-{max(times):.2f})")
     return line
 
 
@@ -484,6 +548,22 @@ def ppo(
     _bench("ppo", impl, {"model": model, "data": str(data), "pairs": pairs, "iterations": iterations, "batch": batch,
                          "ppo_epochs": ppo_epochs, "max_new_tokens": max_new_tokens, "max_length": max_length,
                          "seed": seed}, out, repeats)
+
+
+@app.command()
+def logprobs(
+    rows: Annotated[int, typer.Option(help="Hidden rows scored (a PPO minibatch: 4 replies x 64 tokens).")] = 256,
+    chunk: Annotated[int, typer.Option(help="Rows projected to the vocabulary at once (PPOConfig.logits_chunk).")] = 128,
+    hidden: int = 640,
+    vocab: Annotated[int, typer.Option(help="LM head shape: Gemma 3 270M's by default.")] = 262144,
+    impl: Annotated[list[str], typer.Option(help="ours, taped (repeatable).")] = ["ours", "taped"],  # noqa: B006
+    out: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
+    seed: int = 0,
+    repeats: Annotated[int, typer.Option(help="Interleaved rounds (ours, taped, ...); >= 3 on a shared machine.")] = 3,
+) -> None:
+    """Log-probs and entropies at the app's sampling, forward + backward: peak memory and time of the written-out
+    gradient (training.logprobs.SampledLogprobs) vs the same math taped by autograd, interleaved."""
+    _bench("logprobs", impl, {"rows": rows, "chunk": chunk, "hidden": hidden, "vocab": vocab, "seed": seed}, out, repeats)
 
 
 @app.command(hidden=True)

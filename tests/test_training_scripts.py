@@ -96,3 +96,20 @@ def test_bench_training_ppo_runs_both_implementations_on_one_reward_adapter_buil
     assert ours["reward_adapter"] == four["reward_adapter"] and "inputs" not in saved["options"]
     assert ours["peak_mb"] > 0 and four["peak_mb"] > 0 and ours["param_mb_shared"] < ours["param_mb_four_models"]
     assert "PPO peak memory" in done.stdout
+
+
+def test_bench_training_logprobs_compares_the_written_out_gradient_with_the_taped_one(tmp_path):
+    """The log-probs benchmark on a small head: both implementations run, each in its own process, and the
+    interleaved summary gives the memory and time ratios."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "logprobs.json"
+    done = subprocess.run([sys.executable, str(Path(bench_training.__file__)), "logprobs", "--vocab", "3000",
+                           "--rows", "40", "--chunk", "16", "--repeats", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ours, taped = json.loads(out.read_text())["results"]
+    assert (ours["impl"], taped["impl"]) == ("alignloop SampledLogprobs", "autograd-taped")
+    assert ours["seconds"] > 0 and taped["seconds"] > 0 and ours["peak_mb"] >= 0
+    assert "log-probs forward + backward: peak" in done.stdout

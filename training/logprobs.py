@@ -16,12 +16,12 @@ PPO can train the policy users are served, not only its raw distribution.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from training.losses import entropy_from_logits
 
 
 def causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, float | None]:
@@ -46,6 +46,52 @@ def hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -
     return out.last_hidden_state
 
 
+class SampledLogprobs(torch.autograd.Function):
+    """log π(target) and the entropy H of softmax(z), z = logits / temperature with min-p's cut, keeping
+    only log π [rows, vocab] for backward; the gradient is written out instead of taped:
+
+        ∂ log π(t) / ∂z_j = 1[j = t] − π_j            (softmax cross-entropy)
+        ∂ H / ∂z_j        = −π_j (log π_j + H)          (H = −Σ_j π_j log π_j)
+
+    and ∂z/∂logits = 1/temperature (0 where min-p cut: π_j = 0 there, and the target is never cut).
+    Taped, the same steps hold about nine vocabulary-wide tensors per row at once (the scaled and cut
+    logits, the softmax, the entropy's products, and a gradient for each); here at most four.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, targets: Tensor, temperature: float, min_p: float,
+                with_entropy: bool) -> tuple[Tensor, Tensor]:
+        z = logits / temperature  # the sampling temperature, so log-probs match the sampled distribution
+        if min_p > 0:  # min-p (Nguyen et al. 2024): p < min_p x p_max  <=>  z < max z + log(min_p)
+            below = z < z.max(dim=-1, keepdim=True).values + math.log(min_p)
+            # The scored token always stays: it was sampled, so it was above the cut where it was drawn; this
+            # pass's logits differ from the sampler's in the last bits (another kernel, no KV cache), and a token
+            # just under the cut here would get log 0: a KL of 10^38 nats, and NaN weights one update later. The
+            # reference keeps it too, so its KL term stays finite (and large, if the reference finds it unlikely).
+            below.scatter_(-1, targets.unsqueeze(-1), False)
+            z.masked_fill_(below, torch.finfo(z.dtype).min)  # finite: the entropy stays a number
+            del below
+        logp = torch.log_softmax(z, dim=-1)
+        del z
+        picked = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        entropy = -(logp.exp() * logp).sum(-1) if with_entropy else torch.zeros_like(picked)
+        ctx.save_for_backward(logp, targets, entropy)
+        ctx.temperature, ctx.with_entropy = temperature, with_entropy
+        return picked, entropy
+
+    @staticmethod
+    def backward(ctx: Any, grad_picked: Tensor, grad_entropy: Tensor) -> tuple[Tensor | None, ...]:
+        logp, targets, entropy = ctx.saved_tensors
+        probs = logp.exp()
+        grad = probs * -grad_picked.unsqueeze(-1)
+        grad.scatter_add_(-1, targets.unsqueeze(-1), grad_picked.unsqueeze(-1))
+        if ctx.with_entropy and grad_entropy is not None and bool(grad_entropy.any()):
+            term = logp + entropy.unsqueeze(-1)
+            grad.sub_(term.mul_(probs).mul_(grad_entropy.unsqueeze(-1)))
+            del term
+        return grad.div_(ctx.temperature), None, None, None, None
+
+
 def _chunk_logprobs(rows: Tensor, targets: Tensor, lm_head: nn.Module, softcap: float | None,
                     temperature: float, with_entropy: bool, history: Tensor | None = None,
                     frequency_penalty: float = 0.0, min_p: float = 0.0) -> tuple[Tensor, Tensor]:
@@ -54,20 +100,9 @@ def _chunk_logprobs(rows: Tensor, targets: Tensor, lm_head: nn.Module, softcap: 
         logits = torch.tanh(logits / softcap) * softcap
     if history is not None and frequency_penalty:  # OpenAI's: logit - f x (count of the token in the reply so far)
         seen = history >= 0
-        counts = torch.zeros_like(logits).scatter_add_(1, history.clamp(min=0), seen.to(logits.dtype))
-        logits = logits - frequency_penalty * counts
-    logits = logits / temperature  # the sampling temperature, so log-probs match the sampled distribution
-    if min_p > 0:  # min-p (Nguyen et al. 2024): p < min_p x p_max  <=>  logit < max logit + log(min_p)
-        below = logits < logits.max(dim=-1, keepdim=True).values + math.log(min_p)
-        # The scored token always stays: it was sampled, so it was above the cut where it was drawn; this pass's
-        # logits differ from the sampler's in the last bits (another kernel, no KV cache), and a token just
-        # under the cut here would get log 0: a KL of 10^38 nats, and NaN weights one update later. The
-        # reference keeps it too, so its KL term stays finite (and large, if the reference finds it unlikely).
-        below = below.scatter(-1, targets.unsqueeze(-1), False)
-        logits = logits.masked_fill(below, torch.finfo(logits.dtype).min)  # finite: the entropy stays a number
-    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    entropy = entropy_from_logits(logits) if with_entropy else torch.zeros_like(logprobs)
-    return logprobs, entropy
+        # In place: the projection does not keep its output for backward, and subtracting counts has gradient 1.
+        logits.scatter_add_(1, history.clamp(min=0), seen.to(logits.dtype) * -frequency_penalty)
+    return SampledLogprobs.apply(logits, targets, temperature, min_p, with_entropy)
 
 
 def rows_logprobs(rows: Tensor, targets: Tensor, lm_head: nn.Module, softcap: float | None = None,

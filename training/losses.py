@@ -306,12 +306,6 @@ def approx_kl(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor) -> Tensor:
     return masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
 
 
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy of the softmax over the last dim: H = logsumexp(l) − Σ softmax(l) · l."""
-    probs = torch.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
-
-
 def ppo_ptx_loss(policy_loss: Tensor, value_loss: Tensor, entropy: Tensor, ptx_nll: Tensor,
                  vf_coef: float, entropy_coef: float, ptx_coef: float) -> Tensor:
     """InstructGPT eq. 2 as one loss to minimise:
