@@ -4,7 +4,8 @@ Gemma 3 has a 262k vocabulary: the full logits of a batch of 16 × 512 tokens
 would take 8.6 GB in float32. So we run the transformer body once to get hidden
 states, keep only the rows whose next token we score (reply tokens), and
 project them through the LM head a chunk at a time. With gradients on, each
-chunk is checkpointed, so backward recomputes its logits instead of keeping them.
+chunk is checkpointed, so backward recomputes its logits instead of keeping them, and
+:class:`SampledLogprobs` keeps only the chunk's log π for backward, its gradient written out.
 
 The log-probs are those of the distribution the tokens were sampled from: the model's logits
 (soft-capped), minus OpenAI's frequency penalty on the reply so far, divided by the temperature,
@@ -21,7 +22,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
-
 
 
 def causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, float | None]:
