@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from typer.testing import CliRunner
 
 from chat_app.cli import app
@@ -56,3 +58,40 @@ def test_promote_waits_until_the_running_server_serves_the_version(tiny_model_pa
         assert result.exit_code == 2 and "still serves 'policy-w1', not policy-x" in result.output
     finally:
         stop_server(server)
+
+
+def test_promote_refuses_a_damaged_adapter_and_checks_without_torch(tiny_model_path, tmp_path):
+    """The check reads the adapter's config and safetensors header only: a cut-short weights file, a config
+    that is not peft's, or weights without a tensor are refused with nothing changed, and a whole adapter
+    passes, all without importing torch (the CLI runs beside a live server that holds the cores)."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    good = make_lora_adapter(tiny_model_path, tmp_path / "good", seed=1)
+    cut = Path(shutil.copytree(good, tmp_path / "cut"))
+    weights = cut / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    not_peft = Path(shutil.copytree(good, tmp_path / "not-peft"))
+    (not_peft / "adapter_config.json").write_text(json.dumps({"r": 8}))
+    empty = Path(shutil.copytree(good, tmp_path / "empty"))
+    header = json.dumps({"__metadata__": {"format": "pt"}}).encode()
+    (empty / "adapter_model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    db = tmp_path / "f.db"
+    with FeedbackStore(db) as store:
+        reg = ModelRegistry(store)
+        reg.ensure_base_policy("tiny")
+        for name, folder in (("policy-cut", cut), ("policy-not-peft", not_peft), ("policy-empty", empty)):
+            reg.register(name, adapter_path=folder, base_model="tiny")
+    for name, why in (("policy-cut", "cut short"), ("policy-not-peft", "no peft_type"),
+                      ("policy-empty", "no LoRA weights")):
+        result = runner.invoke(app, ["promote", name, "--db", str(db)])
+        assert result.exit_code == 1 and why in result.output and "nothing changed" in result.output, result.output
+    with FeedbackStore(db) as store:
+        assert ModelRegistry(store).live().name == "base:tiny"
+    probe = ("import sys; from pathlib import Path; from training.round import check_adapter; "
+             f"check_adapter(Path({str(good)!r})); print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr[-2000:]

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -91,7 +92,7 @@ __all__ = [
     "STARTER_DIR", "STARTER_FILES", "STARTER_SOURCE", "RoundBusyError", "RoundConfig", "RoundResult", "RoundRunner",
     "StepHook", "check_adapter", "fixed_report_prompts", "greedy_replies", "heldout_bucket", "recover_stale_rounds",
     "reward_accuracy", "round_dir_name", "round_lock", "run_round", "same_round_done", "seed_starter_set",
-    "split_heldout", "starter_rows",
+    "safetensors_shapes", "split_heldout", "starter_rows",
 ]
 
 log = logging.getLogger(__name__)
@@ -120,20 +121,47 @@ class RoundResult:
 
 
 def check_adapter(folder: Path, *, with_head: bool = False) -> None:
-    """Raise ValueError unless ``folder`` holds a complete peft adapter (config + readable tensors)."""
+    """Raise ValueError unless ``folder`` holds a complete LoRA adapter: a peft config and a whole
+    safetensors file of non-empty tensors (and a scalar head, ``with_head``).
+
+    Reads the JSON config and the safetensors header only, never torch or the weights: `alignloop
+    promote` checks a version beside a live server without competing with it for the cores.
+    """
     if not folder.is_dir():  # else peft would look a relative path up on the model hub
         raise ValueError(f"{folder} is not a folder.")
-    from peft import PeftConfig
-    from safetensors import safe_open
-
-    PeftConfig.from_pretrained(str(folder))
+    config_path = folder / "adapter_config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{config_path} is missing or not JSON ({exc}).") from None
+    if not isinstance(config, dict) or not config.get("peft_type"):
+        raise ValueError(f"{config_path} is not a peft adapter config (no peft_type).")
     weights = folder / "adapter_model.safetensors"
-    with safe_open(str(weights), framework="pt") as f:
-        keys = list(f.keys())
-        if not keys or any(f.get_tensor(k).numel() == 0 for k in keys):
-            raise ValueError(f"{weights} has no LoRA weights.")
+    shapes = safetensors_shapes(weights)
+    if not shapes or any(math.prod(shape) == 0 for shape in shapes.values()):
+        raise ValueError(f"{weights} has no LoRA weights.")
     if with_head and not (folder / "scalar_head.json").is_file():
         raise ValueError(f"{folder} has no scalar head (scalar_head.json).")
+
+
+def safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape from a safetensors file's header (an 8-byte little-endian length, then JSON);
+    ValueError when the file is missing, its header unreadable, or its data cut short."""
+    try:
+        with path.open("rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if not 0 < length <= 100_000_000:
+                raise ValueError(f"a header of {length} bytes")
+            header = json.loads(f.read(length))
+        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+        end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+        shapes = {k: [int(d) for d in v["shape"]] for k, v in tensors.items()}
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise ValueError(f"{path} is missing or not a safetensors file ({exc}).") from None
+    if 8 + length + end > path.stat().st_size:
+        raise ValueError(f"{path} is cut short: its header names {8 + length + end} bytes, the file has "
+                         f"{path.stat().st_size}.")
+    return shapes
 
 
 # --------------------------------------------------------------------------- #
