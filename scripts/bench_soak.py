@@ -489,24 +489,27 @@ def phase_summary(name: str, records: list[ActionRecord], clock: Clock, rss: lis
 
 
 def ttft_by_step(records: list[ActionRecord], clock: Clock, disturbances: list[Disturbance]) -> list[dict]:
-    """Chat TTFT in the disturbed phase while each operator step ran, and outside every step: which step
-    slows the first token. A chat counts for a step when the wait for its first token overlaps the step."""
+    """Chat TTFT while each operator step ran, and in the disturbed phase outside every step: which step slows
+    the first token. A chat counts for a step when its wait for the first token overlapped the step (whatever
+    phase it started in); a chat that never got one counts as waiting until the run's end."""
     start, end = clock.bounds["disturbed"]
-    chats = [r for r in records if r.ttft_s is not None and start <= r.started_s < end]
+    chats = [r for r in records if r.kind == "chat"]
 
-    def waiting(r: ActionRecord, a: float, b: float) -> bool:
-        return r.started_s < b and r.started_s + (r.ttft_s or 0.0) > a
+    def waited_until(r: ActionRecord) -> float:
+        return r.started_s + r.ttft_s if r.ttft_s is not None else math.inf
+
+    def window(name: str, mine: list[ActionRecord]) -> dict:
+        ttfts = [r.ttft_s for r in mine if r.ttft_s is not None]
+        return {"window": name, "chats": len(mine), "no_first_token": len(mine) - len(ttfts),
+                "ttft_p50_s": _p(ttfts, 50), "ttft_max_s": max(ttfts, default=None)}
 
     rows, during_any = [], set()
     for d in disturbances:
-        mine = [r for r in chats if waiting(r, d.started_s, d.started_s + d.seconds)]
+        mine = [r for r in chats if r.started_s < d.started_s + d.seconds and waited_until(r) > d.started_s]
         during_any.update(id(r) for r in mine)
-        rows.append({"window": d.name, "chats": len(mine), "ttft_p50_s": _p([r.ttft_s for r in mine], 50),
-                     "ttft_max_s": max((r.ttft_s for r in mine), default=None)})
-    rest = [r.ttft_s for r in chats if id(r) not in during_any]
-    rows.append({"window": "no operator step", "chats": len(rest), "ttft_p50_s": _p(rest, 50),
-                 "ttft_max_s": max(rest, default=None)})
-    return rows
+        rows.append(window(d.name, mine))
+    rest = [r for r in chats if start <= r.started_s < end and id(r) not in during_any]
+    return rows + [window("no operator step", rest)]
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -577,10 +580,10 @@ def report_lines(results: dict) -> list[str]:
     lines += [f"| {d['name']} | {d['started_s']:.1f} | {d['seconds']:.1f} | {'yes' if d['ok'] else 'NO'} "
               f"| {d['detail'].splitlines()[-1].replace('|', '/') if d['detail'] else ''} |"
               for d in results["disturbances"]]
-    lines += ["", "| disturbed phase: chats waiting for their first token while… | chats | TTFT p50 (s) | TTFT max (s) |",
-              "|---|---|---|---|"]
-    lines += [f"| {w['window']} | {w['chats']} | {_fmt(w['ttft_p50_s'])} | {_fmt(w['ttft_max_s'])} |"
-              for w in results.get("ttft_by_step", [])]
+    lines += ["", "| chats waiting for their first token while… | chats | no first token | TTFT p50 (s) | TTFT max (s) |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {w['window']} | {w['chats']} | {w['no_first_token']} | {_fmt(w['ttft_p50_s'])} | "
+              f"{_fmt(w['ttft_max_s'])} |" for w in results.get("ttft_by_step", [])]
     lines += ["", "| acknowledged writes | acked | in the database | lost |", "|---|---|---|---|"]
     lines += [f"| {kind} | {r['acked']} | {r['found']} | {r['lost']} |" for kind, r in results["rows"].items()]
     lines += ["", "| target | value | wanted | |", "|---|---|---|---|"]

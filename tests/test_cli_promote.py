@@ -75,6 +75,8 @@ def test_promote_refuses_a_damaged_adapter_and_checks_without_torch(tiny_model_p
     weights.write_bytes(weights.read_bytes()[:-100])
     not_peft = Path(shutil.copytree(good, tmp_path / "not-peft"))
     (not_peft / "adapter_config.json").write_text(json.dumps({"r": 8}))
+    longer = Path(shutil.copytree(good, tmp_path / "longer"))  # overwritten in place, never truncated
+    (longer / "adapter_model.safetensors").write_bytes((longer / "adapter_model.safetensors").read_bytes() + b"0" * 64)
     empty = Path(shutil.copytree(good, tmp_path / "empty"))
     header = json.dumps({"__metadata__": {"format": "pt"}}).encode()
     (empty / "adapter_model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
@@ -82,10 +84,11 @@ def test_promote_refuses_a_damaged_adapter_and_checks_without_torch(tiny_model_p
     with FeedbackStore(db) as store:
         reg = ModelRegistry(store)
         reg.ensure_base_policy("tiny")
-        for name, folder in (("policy-cut", cut), ("policy-not-peft", not_peft), ("policy-empty", empty)):
+        for name, folder in (("policy-cut", cut), ("policy-not-peft", not_peft), ("policy-empty", empty),
+                             ("policy-longer", longer)):
             reg.register(name, adapter_path=folder, base_model="tiny")
     for name, why in (("policy-cut", "cut short"), ("policy-not-peft", "no peft_type"),
-                      ("policy-empty", "no LoRA weights")):
+                      ("policy-empty", "no LoRA weights"), ("policy-longer", "trailing bytes")):
         result = runner.invoke(app, ["promote", name, "--db", str(db)])
         assert result.exit_code == 1 and why in result.output and "nothing changed" in result.output, result.output
     with FeedbackStore(db) as store:

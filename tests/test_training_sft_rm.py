@@ -142,22 +142,26 @@ def test_a_scored_token_under_the_min_p_cut_keeps_a_finite_log_prob() -> None:
     assert kept.item() == pytest.approx(0.0, abs=1e-6)  # the min-p set is token 0 alone (token 2 is cut)
 
 
-def test_the_written_out_log_prob_gradient_equals_the_taped_one() -> None:
+@pytest.mark.parametrize(("dtype", "softcap"), [(torch.float32, None), (torch.bfloat16, 5.0)])
+def test_the_written_out_log_prob_gradient_equals_the_taped_one(dtype: torch.dtype, softcap: float | None) -> None:
     """SampledLogprobs keeps only log π for backward and writes the gradient out; with temperature, the
-    frequency penalty, min-p and the entropy all weighted, it must equal autograd through the plain steps."""
+    frequency penalty, min-p and the entropy all weighted (a bfloat16 head with a soft-cap too), it must equal
+    autograd through the plain steps, and the log-probs alone (the entropy only logged) too."""
     from torch import nn
 
     from training.logprobs import SampledLogprobs, rows_logprobs
 
     torch.manual_seed(0)
-    head = nn.Linear(8, 50, bias=False).requires_grad_(False)
-    rows = (torch.randn(6, 8) * 2).requires_grad_(True)
+    head = nn.Linear(8, 50, bias=False).to(dtype).requires_grad_(False)
+    rows = (torch.randn(6, 8) * 2).to(dtype).requires_grad_(True)
     targets = torch.randint(0, 50, (6,))
     history = torch.randint(-1, 50, (6, 4))
     w_lp, w_ent = torch.randn(6), torch.randn(6)
 
     def taped(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = head(x)
+        logits = head(x).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
         counts = torch.zeros_like(logits).scatter_add_(1, history.clamp(min=0), (history >= 0).float())
         z = (logits - 0.5 * counts) / 0.7
         below = z < z.max(-1, keepdim=True).values + math.log(0.05)
@@ -167,19 +171,25 @@ def test_the_written_out_log_prob_gradient_equals_the_taped_one() -> None:
         kept = logp.masked_fill(below, 0.0)  # π = 0 where cut: the same entropy, without 0 x 10^38 in backward
         return logp.gather(-1, targets[:, None]).squeeze(-1), -(torch.softmax(z, -1) * kept).sum(-1)
 
+    def ours(entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor]:  # two chunks, each checkpointed
+        return rows_logprobs(rows, targets, head, softcap, 0.7, chunk=4, with_entropy=entropy, history=history,
+                             frequency_penalty=0.5, min_p=0.05)
+
+    tol = 1e-5 if dtype == torch.float32 else 1e-3
     want_lp, want_ent = taped(rows)
-    (want_grad,) = torch.autograd.grad((w_lp * want_lp).sum() + (w_ent * want_ent).sum(), rows)
-    lp, ent = rows_logprobs(rows, targets, head, None, 0.7, chunk=4, with_entropy=True, history=history,
-                            frequency_penalty=0.5, min_p=0.05)  # two chunks, each checkpointed
+    (want,) = torch.autograd.grad((w_lp * want_lp).sum() + (w_ent * want_ent).sum(), rows)
+    lp, ent = ours()
     (grad,) = torch.autograd.grad((w_lp * lp).sum() + (w_ent * ent).sum(), rows)
-    assert torch.allclose(lp, want_lp, atol=1e-5) and torch.allclose(ent, want_ent, atol=1e-5)
-    assert torch.allclose(grad, want_grad, atol=1e-5), (grad - want_grad).abs().max()
-    # Log-probs alone (the entropy unweighted, as in PPO with entropy_coef 0) take the same path.
-    lp_only, _ = rows_logprobs(rows, targets, head, None, 0.7, chunk=4, history=history, frequency_penalty=0.5,
-                               min_p=0.05)
-    (grad_lp,) = torch.autograd.grad((w_lp * lp_only).sum(), rows)
+    assert torch.allclose(lp, want_lp, atol=tol) and torch.allclose(ent, want_ent, atol=tol)
+    assert torch.allclose(grad.float(), want.float(), atol=tol), (grad.float() - want.float()).abs().max()
     (want_lp_only,) = torch.autograd.grad((w_lp * taped(rows)[0]).sum(), rows)
-    assert torch.allclose(grad_lp, want_lp_only, atol=1e-5)
+    (grad_lp_only,) = torch.autograd.grad((w_lp * ours()[0]).sum(), rows)  # the entropy output gets no gradient
+    assert torch.allclose(grad_lp_only.float(), want_lp_only.float(), atol=tol)
+    (want_ent_only,) = torch.autograd.grad((w_ent * taped(rows)[1]).sum(), rows)
+    (grad_ent_only,) = torch.autograd.grad((w_ent * ours()[1]).sum(), rows)
+    assert torch.allclose(grad_ent_only.float(), want_ent_only.float(), atol=tol)
+    (no_entropy,) = torch.autograd.grad((w_lp * ours(entropy=False)[0]).sum(), rows)
+    assert torch.allclose(no_entropy, grad_lp_only)
     # A uniform distribution over 4 tokens: entropy log 4, and each log-prob log(1/4).
     lp4, ent4 = SampledLogprobs.apply(torch.zeros(1, 4), torch.tensor([2]), 1.0, 0.0, True)
     assert lp4.item() == pytest.approx(-math.log(4)) and ent4.item() == pytest.approx(math.log(4))

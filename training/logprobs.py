@@ -77,15 +77,18 @@ class SampledLogprobs(torch.autograd.Function):
         entropy = -(logp.exp() * logp).sum(-1) if with_entropy else torch.zeros_like(picked)
         ctx.save_for_backward(logp, targets, entropy)
         ctx.temperature, ctx.with_entropy = temperature, with_entropy
+        ctx.set_materialize_grads(False)  # an output nothing differentiates (a logged entropy) arrives as None
         return picked, entropy
 
     @staticmethod
-    def backward(ctx: Any, grad_picked: Tensor, grad_entropy: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad_picked: Tensor | None, grad_entropy: Tensor | None) -> tuple[Tensor | None, ...]:
         logp, targets, entropy = ctx.saved_tensors
         probs = logp.exp()
-        grad = probs * -grad_picked.unsqueeze(-1)
-        grad.scatter_add_(-1, targets.unsqueeze(-1), grad_picked.unsqueeze(-1))
-        if ctx.with_entropy and grad_entropy is not None and bool(grad_entropy.any()):
+        grad = torch.zeros_like(logp)
+        if grad_picked is not None:
+            torch.mul(probs, -grad_picked.unsqueeze(-1), out=grad)
+            grad.scatter_add_(-1, targets.unsqueeze(-1), grad_picked.unsqueeze(-1))
+        if grad_entropy is not None and ctx.with_entropy:  # without it, the entropy output is constant zeros
             term = logp + entropy.unsqueeze(-1)
             grad.sub_(term.mul_(probs).mul_(grad_entropy.unsqueeze(-1)))
             del term

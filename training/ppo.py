@@ -441,7 +441,8 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None,
                     logprobs, entropy = stack.policy_logprobs(ids[mb], mask[mb], m, ctx, with_entropy=True)
                     pg_loss, clipfrac = L.clipped_surrogate_loss(logprobs, old_logprobs[mb], advantages[mb], m, cfg.cliprange)
                     mean_entropy = L.masked_mean(entropy, m)
-                    L.ppo_ptx_loss(pg_loss, zero, mean_entropy, zero, cfg.vf_coef, cfg.entropy_coef, cfg.ptx_coef).backward()
+                    bonus = mean_entropy if cfg.entropy_coef else mean_entropy.detach()  # 0: logged, not differentiated
+                    L.ppo_ptx_loss(pg_loss, zero, bonus, zero, cfg.vf_coef, cfg.entropy_coef, cfg.ptx_coef).backward()
                     ptx_norm, pg_norm = split_grad_norms(policy_params, ptx_grads)
                     policy_norm, value_norm = clip_actor_critic(policy_params, value_params, cfg.max_grad_norm)
                     optimizer.step()

@@ -144,9 +144,15 @@ def check_adapter(folder: Path, *, with_head: bool = False) -> None:
         raise ValueError(f"{folder} has no scalar head (scalar_head.json).")
 
 
+# Bytes per element of the safetensors dtypes a LoRA adapter can hold.
+SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
+                           "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
 def safetensors_shapes(path: Path) -> dict[str, list[int]]:
-    """Tensor name -> shape from a safetensors file's header (an 8-byte little-endian length, then JSON);
-    ValueError when the file is missing, its header unreadable, or its data cut short."""
+    """Tensor name -> shape from a safetensors file's header (an 8-byte little-endian length, then JSON),
+    checked as safetensors checks it when loading: known dtypes, each tensor's bytes = its shape x its dtype's
+    size, the tensors back to back from the header's end to the file's. ValueError otherwise."""
     try:
         with path.open("rb") as f:
             length = int.from_bytes(f.read(8), "little")
@@ -154,13 +160,25 @@ def safetensors_shapes(path: Path) -> dict[str, list[int]]:
                 raise ValueError(f"a header of {length} bytes")
             header = json.loads(f.read(length))
         tensors = {k: v for k, v in header.items() if k != "__metadata__"}
-        end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
-        shapes = {k: [int(d) for d in v["shape"]] for k, v in tensors.items()}
+        spans, shapes = [], {}
+        for name, info in tensors.items():
+            shape = [int(d) for d in info["shape"]]
+            start, end = (int(o) for o in info["data_offsets"])
+            size = SAFETENSORS_DTYPE_BYTES.get(info["dtype"])
+            if size is None or end - start != math.prod(shape) * size:
+                raise ValueError(f"tensor {name!r}: dtype {info['dtype']}, shape {shape} and offsets "
+                                 f"{[start, end]} disagree")
+            spans.append((start, end))
+            shapes[name] = shape
     except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
         raise ValueError(f"{path} is missing or not a safetensors file ({exc}).") from None
-    if 8 + length + end > path.stat().st_size:
-        raise ValueError(f"{path} is cut short: its header names {8 + length + end} bytes, the file has "
-                         f"{path.stat().st_size}.")
+    spans.sort()
+    if any(a[1] != b[0] for a, b in zip(spans, spans[1:])) or (spans and spans[0][0] != 0):
+        raise ValueError(f"{path}: its tensors' bytes overlap or leave gaps.")
+    data = path.stat().st_size - 8 - length
+    if (spans[-1][1] if spans else 0) != data:
+        raise ValueError(f"{path} is cut short or has trailing bytes: its header names "
+                         f"{spans[-1][1] if spans else 0} bytes of tensors, the file holds {data}.")
     return shapes
 
 
