@@ -47,10 +47,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split
 # --------------------------------------------------------------------------- #
 
 
-def _peak_mb() -> float:
+def _peak_mb(cpu: bool = False) -> float:
+    """Peak memory so far in MB: CUDA's allocator when a GPU is present (unless ``cpu``), else this process's RSS."""
     import torch
 
-    if torch.cuda.is_available():
+    if not cpu and torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -331,55 +332,28 @@ def ppo_trl(opts: dict[str, Any], work: Path) -> dict[str, Any]:
     return {"impl": "trl RLOOTrainer", "iteration_s": seconds / opts["iterations"], "peak_mb": _peak_mb()}
 
 
-def _taped_logprobs(rows: Any, targets: Any, head: Any, temperature: float, history: Any, penalty: float,
-                    min_p: float, chunk: int) -> tuple[Any, Any]:
-    """The same log-probs and entropies as ``training.logprobs.rows_logprobs``, every step taped by autograd
-    (each chunk checkpointed too): what the written-out gradient of ``SampledLogprobs`` is measured against."""
-    import math
-
-    import torch
-    from torch.utils.checkpoint import checkpoint
-
-    def one(x: Any, t: Any, past: Any) -> tuple[Any, Any]:
-        logits = head(x).float()
-        counts = torch.zeros_like(logits).scatter_add_(1, past.clamp(min=0), (past >= 0).to(logits.dtype))
-        z = (logits - penalty * counts) / temperature
-        below = z < z.max(dim=-1, keepdim=True).values + math.log(min_p)
-        z = z.masked_fill(below.scatter(-1, t.unsqueeze(-1), False), torch.finfo(z.dtype).min)
-        probs = torch.softmax(z, dim=-1)
-        return (torch.log_softmax(z, dim=-1).gather(-1, t.unsqueeze(-1)).squeeze(-1),
-                torch.logsumexp(z, dim=-1) - (probs * z).sum(-1))
-
-    parts = [checkpoint(one, rows[i : i + chunk], targets[i : i + chunk], history[i : i + chunk], use_reentrant=False)
-             for i in range(0, rows.shape[0], chunk)]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-
-
 def _logprobs_run(opts: dict[str, Any], taped: bool) -> dict[str, Any]:
     """One forward + backward of log-probs and entropies of ``rows`` hidden rows through an LM head of Gemma 3
     270M's shape, at the app's sampling (temperature 0.8, frequency penalty 0.5 over 24 reply tokens, min-p 0.1)."""
     import torch
     from torch import nn
 
-    from training.logprobs import rows_logprobs
+    from training.logprobs import rows_logprobs, taped_rows_logprobs
 
     torch.manual_seed(opts["seed"])
     head = nn.Linear(opts["hidden"], opts["vocab"], bias=False).requires_grad_(False)
     rows = torch.randn(opts["rows"], opts["hidden"], requires_grad=True)
     targets = torch.randint(0, opts["vocab"], (opts["rows"],))
     history = torch.randint(-1, opts["vocab"], (opts["rows"], 24))
-    def rss_peak_mb() -> float:  # the tensors are on the CPU, whatever else the machine has
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-    before = rss_peak_mb()
+    before = _peak_mb(cpu=True)  # the tensors are on the CPU, whatever else the machine has
     started = time.perf_counter()
     if taped:
-        lp, ent = _taped_logprobs(rows * 1.0, targets, head, 0.8, history, 0.5, 0.1, opts["chunk"])
+        lp, ent = taped_rows_logprobs(rows * 1.0, targets, head, None, 0.8, opts["chunk"], history, 0.5, 0.1)
     else:
         lp, ent = rows_logprobs(rows * 1.0, targets, head, None, 0.8, opts["chunk"], True, history, 0.5, 0.1)
     (lp.sum() + 0.01 * ent.sum()).backward()
     return {"impl": "autograd-taped" if taped else "alignloop SampledLogprobs", "seconds": time.perf_counter() - started,
-            "peak_mb": rss_peak_mb() - before}
+            "peak_mb": _peak_mb(cpu=True) - before}
 
 
 RUNNERS = {("rm", "ours"): rm_ours, ("rm", "trl"): rm_trl, ("ppo", "ours"): ppo_ours, ("ppo", "trl"): ppo_trl,

@@ -87,8 +87,8 @@ def test_promote_refuses_a_damaged_adapter_and_checks_without_torch(tiny_model_p
         for name, folder in (("policy-cut", cut), ("policy-not-peft", not_peft), ("policy-empty", empty),
                              ("policy-longer", longer)):
             reg.register(name, adapter_path=folder, base_model="tiny")
-    for name, why in (("policy-cut", "cut short"), ("policy-not-peft", "no peft_type"),
-                      ("policy-empty", "no LoRA weights"), ("policy-longer", "trailing bytes")):
+    for name, why in (("policy-cut", "not fully covered"), ("policy-not-peft", "no peft_type"),
+                      ("policy-empty", "no LoRA weights"), ("policy-longer", "not fully covered")):
         result = runner.invoke(app, ["promote", name, "--db", str(db)])
         assert result.exit_code == 1 and why in result.output and "nothing changed" in result.output, result.output
     with FeedbackStore(db) as store:

@@ -137,6 +137,38 @@ def rows_logprobs(rows: Tensor, targets: Tensor, lm_head: nn.Module, softcap: fl
     return torch.cat(logprobs), torch.cat(entropies)
 
 
+def taped_rows_logprobs(rows: Tensor, targets: Tensor, lm_head: nn.Module, softcap: float | None = None,
+                        temperature: float = 1.0, chunk: int = 128, history: Tensor | None = None,
+                        frequency_penalty: float = 0.0, min_p: float = 0.0) -> tuple[Tensor, Tensor]:
+    """The reference for :func:`rows_logprobs`: the same log-probs and entropies through the plain steps,
+    every one taped by autograd (each chunk checkpointed too). Tests check :class:`SampledLogprobs`'s
+    written-out gradient against it and ``scripts/bench_training.py logprobs`` measures the two side by side;
+    training never calls it (it keeps about nine vocabulary-wide tensors per row for backward)."""
+
+    def one(x: Tensor, t: Tensor, past: Tensor | None) -> tuple[Tensor, Tensor]:
+        logits = lm_head(x).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        if past is not None and frequency_penalty:
+            counts = torch.zeros_like(logits).scatter_add_(1, past.clamp(min=0), (past >= 0).to(logits.dtype))
+            logits = logits - frequency_penalty * counts
+        z = logits / temperature
+        if min_p > 0:
+            below = z < z.max(-1, keepdim=True).values + math.log(min_p)
+        else:
+            below = torch.zeros_like(z, dtype=torch.bool)
+        below = below.scatter(-1, t.unsqueeze(-1), False)  # the sampled token keeps its own weight
+        z = z.masked_fill(below, torch.finfo(z.dtype).min)
+        logp = torch.log_softmax(z, -1)
+        kept = logp.masked_fill(below, 0.0)  # π = 0 where cut: the same entropy, without 0 x 10^38 in backward
+        return logp.gather(-1, t.unsqueeze(-1)).squeeze(-1), -(torch.softmax(z, -1) * kept).sum(-1)
+
+    parts = [checkpoint(one, rows[i : i + chunk], targets[i : i + chunk],
+                        history[i : i + chunk] if history is not None else None, use_reentrant=False)
+             for i in range(0, rows.shape[0], chunk)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
 def token_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, target_mask: Tensor,
                    temperature: float = 1.0, chunk: int = 128, with_entropy: bool = False,
                    hidden: Tensor | None = None, history: Tensor | None = None, frequency_penalty: float = 0.0,

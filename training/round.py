@@ -87,12 +87,13 @@ from training.round_lock import (
     round_lock,
     same_round_done,
 )
+from training.safetensors_header import safetensors_shapes
 
 __all__ = [
     "STARTER_DIR", "STARTER_FILES", "STARTER_SOURCE", "RoundBusyError", "RoundConfig", "RoundResult", "RoundRunner",
     "StepHook", "check_adapter", "fixed_report_prompts", "greedy_replies", "heldout_bucket", "recover_stale_rounds",
     "reward_accuracy", "round_dir_name", "round_lock", "run_round", "same_round_done", "seed_starter_set",
-    "safetensors_shapes", "split_heldout", "starter_rows",
+    "split_heldout", "starter_rows",
 ]
 
 log = logging.getLogger(__name__)
@@ -142,44 +143,6 @@ def check_adapter(folder: Path, *, with_head: bool = False) -> None:
         raise ValueError(f"{weights} has no LoRA weights.")
     if with_head and not (folder / "scalar_head.json").is_file():
         raise ValueError(f"{folder} has no scalar head (scalar_head.json).")
-
-
-# Bytes per element of the safetensors dtypes a LoRA adapter can hold.
-SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
-                           "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-
-
-def safetensors_shapes(path: Path) -> dict[str, list[int]]:
-    """Tensor name -> shape from a safetensors file's header (an 8-byte little-endian length, then JSON),
-    checked as safetensors checks it when loading: known dtypes, each tensor's bytes = its shape x its dtype's
-    size, the tensors back to back from the header's end to the file's. ValueError otherwise."""
-    try:
-        with path.open("rb") as f:
-            length = int.from_bytes(f.read(8), "little")
-            if not 0 < length <= 100_000_000:
-                raise ValueError(f"a header of {length} bytes")
-            header = json.loads(f.read(length))
-        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
-        spans, shapes = [], {}
-        for name, info in tensors.items():
-            shape = [int(d) for d in info["shape"]]
-            start, end = (int(o) for o in info["data_offsets"])
-            size = SAFETENSORS_DTYPE_BYTES.get(info["dtype"])
-            if size is None or end - start != math.prod(shape) * size:
-                raise ValueError(f"tensor {name!r}: dtype {info['dtype']}, shape {shape} and offsets "
-                                 f"{[start, end]} disagree")
-            spans.append((start, end))
-            shapes[name] = shape
-    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
-        raise ValueError(f"{path} is missing or not a safetensors file ({exc}).") from None
-    spans.sort()
-    if any(a[1] != b[0] for a, b in zip(spans, spans[1:])) or (spans and spans[0][0] != 0):
-        raise ValueError(f"{path}: its tensors' bytes overlap or leave gaps.")
-    data = path.stat().st_size - 8 - length
-    if (spans[-1][1] if spans else 0) != data:
-        raise ValueError(f"{path} is cut short or has trailing bytes: its header names "
-                         f"{spans[-1][1] if spans else 0} bytes of tensors, the file holds {data}.")
-    return shapes
 
 
 # --------------------------------------------------------------------------- #

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from training.safetensors_header import safetensors_shapes
 
 from .base import AdapterRef, EngineError
 from .config import VLLM_LORA_RANKS
@@ -58,7 +59,7 @@ def read_adapter(adapter: AdapterRef) -> AdapterInfo:
     try:
         config = json.loads(config_file.read_text())
         shapes = safetensors_shapes(weights) if weights.suffix == ".safetensors" else {}
-    except (json.JSONDecodeError, struct.error, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # JSON or safetensors: both say what is wrong
         raise EngineError(f"Adapter {adapter.name!r}: {folder} holds a damaged file ({exc}). Save it again.") from exc
     if config.get("peft_type") != "LORA":
         raise EngineError(
@@ -103,17 +104,6 @@ def check_fits_base(adapter: AdapterRef, info: AdapterInfo, base_shapes: dict[st
                 f"Adapter {adapter.name!r} does not fit {base_model}: {module} has {expected} {side}, the "
                 f"adapter's lora_{kind} has {actual}. It was trained on another base model; serve it with that one."
             )
-
-
-def safetensors_shapes(path: Path) -> dict[str, list[int]]:
-    """Tensor name -> shape, from the headers of a .safetensors file or of every one in a folder."""
-    shapes: dict[str, list[int]] = {}
-    for file in sorted(path.glob("*.safetensors")) if path.is_dir() else [path]:
-        with file.open("rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_len))
-        shapes.update({name: info["shape"] for name, info in header.items() if name != "__metadata__"})
-    return shapes
 
 
 @dataclass

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .adapters import safetensors_shapes
+from training.safetensors_header import safetensors_shapes
+
 from .base import EngineError
 
 # Projections vLLM serves LoRA on for most decoder models, and that it does not pack.
