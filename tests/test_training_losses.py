@@ -113,6 +113,24 @@ def test_gae_ignores_tokens_after_the_reply() -> None:
     assert close(adv, [[1.35, 1.0, 0.0]]) and close(ret, [[2.35, 2.0, 0.0]])
 
 
+def test_rloo_advantage_by_hand() -> None:
+    # Two prompts, 3 replies each; per-token rewards summed over each reply's mask (the third token of
+    # row 1 is past its end and does not count).
+    rewards = torch.tensor([[0.0, 1.0, 0.0], [1.0, 1.0, 5.0], [0.0, 0.0, 3.0],
+                            [2.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, -1.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0], [1, 1, 1]])
+    adv = L.rloo_advantages(rewards, mask, group=3)
+    # Returns 1, 2, 3 → A = 1 − 2.5, 2 − 2, 3 − 1.5; returns 2, 2, −1 → A = 2 − 0.5, 2 − 0.5, −1 − 2.
+    want = torch.tensor([-1.5, 0.0, 1.5, 1.5, 1.5, -3.0])[:, None] * mask
+    assert close(adv, want.tolist())
+    # Two replies: each is measured against the other alone.
+    assert close(L.rloo_advantages(torch.tensor([[4.0], [1.0]]), torch.ones(2, 1), group=2), [[3.0], [-3.0]])
+    # A prompt whose replies all score the same (however high) gives no signal.
+    assert close(L.rloo_advantages(torch.full((3, 2), 7.0), torch.ones(3, 2), group=3), [[0.0, 0.0]] * 3)
+    with pytest.raises(ValueError, match="at least 2 replies"):
+        L.rloo_advantages(torch.zeros(4, 2), torch.ones(4, 2), group=3)
+
+
 def test_clipped_surrogate_loss() -> None:
     lp = torch.full((1, 2), math.log(1.5))
     old = torch.zeros(1, 2)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from training.base_models import MANIFEST_NAME, load_model_and_tokenizer
-from training.config import LoraSettings, PPOConfig, RewardConfig, SFTConfig
+from training.config import ConfigError, LoraSettings, PPOConfig, RewardConfig, SFTConfig
 from training.losses import mask_after_first_stop
 from training.metrics_log import read_metrics
 from training.ppo import make_rollout_batch, train_ppo
@@ -137,6 +137,37 @@ def test_ppo_raises_the_reward_with_bounded_kl_and_ptx_keeps_pretraining_loss(
     assert all(r["policy/ptx_grad_norm"] > 0 for r in ptx_log)
     final = read_metrics(with_ptx.metrics_path)[-1]
     assert final["ptx/held_out_docs"] == len(DEMOS) // 2 and final["ptx/train_docs"] == len(DEMOS) - len(DEMOS) // 2
+
+
+def test_rloo_ppo_raises_the_reward_without_a_critic(steerable_model: Path, data: dict[str, Path],
+                                                      tmp_path: Path) -> None:
+    """advantage=rloo: 4 replies to each of 8 prompts per batch, each against the others' mean; the value
+    head is never run or trained, and the reward rises as with GAE."""
+    import dataclasses
+
+    import training.ppo as ppo
+
+    reward = token_set_reward(steerable_model)
+    cfg = dataclasses.replace(ppo_config(steerable_model, data, tmp_path / "rloo", ptx_coef=0.0),
+                              advantage="rloo", replies_per_prompt=4)
+    values_calls = []
+    original = ppo.PolicyStack.values
+    ppo.PolicyStack.values = lambda self, *a: values_calls.append(1) or original(self, *a)
+    try:
+        result = train_ppo(cfg, reward_fn=reward)
+    finally:
+        ppo.PolicyStack.values = original
+    assert not values_calls
+    log = [r for r in read_metrics(result.metrics_path) if "reward/mean" in r]
+    first = sum(r["reward/mean"] for r in log[:2]) / 2
+    last = sum(r["reward/mean"] for r in log[-4:]) / 4
+    assert last > first + 0.05, [round(r["reward/mean"], 3) for r in log]
+    assert "value/explained_variance" not in log[0] and log[0]["value/grad_norm"] == 0
+    assert max(r["kl/per_reply"] for r in log) < 2 * 2.0
+    with pytest.raises(ConfigError, match="replies_per_prompt"):
+        train_ppo(dataclasses.replace(cfg, replies_per_prompt=1, output_dir=str(tmp_path / "x")), reward_fn=reward)
+    with pytest.raises(ConfigError, match="multiple of replies_per_prompt"):
+        train_ppo(dataclasses.replace(cfg, replies_per_prompt=5, output_dir=str(tmp_path / "y")), reward_fn=reward)
 
 
 def test_split_grad_norms_separates_the_ptx_gradient_from_the_policy_terms() -> None:

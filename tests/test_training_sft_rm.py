@@ -149,7 +149,7 @@ def test_the_written_out_log_prob_gradient_equals_the_taped_one(dtype: torch.dty
     autograd through the plain steps, and the log-probs alone (the entropy only logged) too."""
     from torch import nn
 
-    from training.logprobs import SampledLogprobs, rows_logprobs
+    from training.logprobs import SampledLogprobs, rows_logprobs, taped_rows_logprobs
 
     torch.manual_seed(0)
     head = nn.Linear(8, 50, bias=False).to(dtype).requires_grad_(False)
@@ -158,18 +158,9 @@ def test_the_written_out_log_prob_gradient_equals_the_taped_one(dtype: torch.dty
     history = torch.randint(-1, 50, (6, 4))
     w_lp, w_ent = torch.randn(6), torch.randn(6)
 
-    def taped(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = head(x).float()
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        counts = torch.zeros_like(logits).scatter_add_(1, history.clamp(min=0), (history >= 0).float())
-        z = (logits - 0.5 * counts) / 0.7
-        below = z < z.max(-1, keepdim=True).values + math.log(0.05)
-        below[torch.arange(6), targets] = False
-        z = z.masked_fill(below, torch.finfo(z.dtype).min)
-        logp = torch.log_softmax(z, -1)
-        kept = logp.masked_fill(below, 0.0)  # π = 0 where cut: the same entropy, without 0 x 10^38 in backward
-        return logp.gather(-1, targets[:, None]).squeeze(-1), -(torch.softmax(z, -1) * kept).sum(-1)
+    def taped(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # one chunk: every step taped
+        return taped_rows_logprobs(x, targets, head, softcap, 0.7, chunk=6, history=history, frequency_penalty=0.5,
+                                   min_p=0.05)
 
     def ours(entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor]:  # two chunks, each checkpointed
         return rows_logprobs(rows, targets, head, softcap, 0.7, chunk=4, with_entropy=entropy, history=history,
@@ -325,6 +316,41 @@ def test_micro_batches_accumulate_the_same_gradient_as_the_whole_step(tiny_model
     for loss, acc, pairs, grads in results[1:]:
         assert loss == pytest.approx(loss0, abs=1e-5) and acc == pytest.approx(acc0) and pairs == pairs0
         assert all(torch.allclose(g, g0, atol=1e-5) for g, g0 in zip(grads, grads0))
+
+
+def test_checkpointed_layers_recompute_in_backward_and_give_the_same_gradient(tiny_model_path: Path) -> None:
+    """gradient_checkpointing: each layer runs again in backward (in eval mode too, as PPO trains), never without
+    gradients, and the LoRA gradient is the one without checkpointing."""
+    from training.adapters import checkpoint_layers
+
+    def run(checkpointed: bool) -> tuple[list[torch.Tensor], int, int]:
+        model, tok = load_model_and_tokenizer(tiny_model_path)  # eval mode, as PPO's stack
+        model = attach_adapter(model, "default", None, LoraSettings(r=4), trainable=True)
+        torch.manual_seed(0)
+        for p in model.parameters():  # LoRA B starts at 0: give every LoRA weight a gradient to compare
+            if p.requires_grad:
+                p.data.normal_(0, 0.05)
+        if checkpointed:
+            assert checkpoint_layers(model) == model.get_base_model().config.num_hidden_layers
+        calls = [0]
+        for name, module in model.named_modules():
+            if name.endswith("self_attn"):
+                module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        ex = collate([example_for(tok, "Count to three", "1, 2, 3", 64)], 0)
+        with torch.no_grad():
+            token_logprobs(model, ex.input_ids, ex.attention_mask, ex.reply_mask)
+        no_grad_calls = calls[0]
+        lp, _ = token_logprobs(model, ex.input_ids, ex.attention_mask, ex.reply_mask)
+        lp.sum().backward()
+        return [p.grad.clone() for p in model.parameters() if p.requires_grad], no_grad_calls, calls[0] - no_grad_calls
+
+    grads, plain_no_grad, plain_calls = run(False)
+    ckpt_grads, ckpt_no_grad, ckpt_calls = run(True)
+    layers = plain_no_grad
+    assert layers > 0 and ckpt_no_grad == layers and plain_calls == layers
+    assert ckpt_calls == 2 * layers  # each layer's forward again in backward
+    assert len(grads) == len(ckpt_grads) and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, ckpt_grads))
+    assert any(g.abs().sum() > 0 for g in ckpt_grads)
 
 
 def preference_rows(n: int) -> list[dict]:

@@ -68,7 +68,35 @@ def load_base(cfg: BaseSettings) -> tuple[nn.Module, Any, torch.device]:
         model, tokenizer = load_model_and_tokenizer(folder, dtype=dtype, device=device, attention=cfg.attention)
     for p in model.parameters():
         p.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        checkpoint_layers(model)
     return model, tokenizer, device
+
+
+def checkpoint_layers(model: nn.Module) -> int:
+    """Recompute each decoder layer's activations in backward instead of keeping them; return how many layers.
+
+    A layer keeps only its input for backward (torch's non-reentrant checkpoint) whenever gradients are being
+    taped, in train or eval mode alike (PPO scores and trains in eval mode: no dropout, the same function for
+    old and new log-probs); without gradients (sampling, scoring) it runs as before.
+    """
+    from torch.utils.checkpoint import checkpoint
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise ConfigError(f"{type(model).__name__} has no decoder layers transformers can checkpoint; "
+                          "set gradient_checkpointing=False.")
+    for layer in layers:
+        forward = layer.forward
+
+        def recomputed(*args: Any, _forward: Any = forward, **kwargs: Any) -> Any:
+            if torch.is_grad_enabled():
+                return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+            return _forward(*args, **kwargs)
+
+        layer.forward = recomputed
+    return len(layers)
 
 
 def fresh_dir(path: str | Path) -> Path:

@@ -110,6 +110,7 @@ class BaseSettings:
     max_reply_tokens: int = _f(0, "Longest reply in tokens, stop token included; a longer one is cut at its end and loses its stop token (0: max_length // 2; PPO: max_new_tokens).")
     seed: int = _f(0, "Random seed for data order, initialisation and sampling.")
     logits_chunk: int = _f(128, "Rows of hidden states projected to the vocabulary at once (bounds memory).")
+    gradient_checkpointing: bool = _f(False, "Recompute each layer's activations in backward instead of keeping them: far less memory for about a third more compute per training step.")
     progress: bool = _f(True, "Show progress bars.")
 
     def token_budget(self) -> TokenBudget:
@@ -181,6 +182,8 @@ class PPOConfig(BaseSettings):
     top_p: float = _f(1.0, "Nucleus sampling (1.0: off, which keeps log-probs exact).")
     frequency_penalty: float = _f(0.0, "OpenAI's frequency penalty on the reply so far, in the rollouts and wherever log-probs are computed, so PPO trains the distribution the app serves (`serve --frequency-penalty`, 0.5 by default); 0: the model's own.")
     min_p: float = _f(0.0, "Min-p cut in the rollouts and the log-probs alike (the app serves with 0.1); 0: off.")
+    advantage: Literal["gae", "rloo"] = _f("gae", "Advantage estimator: 'gae' (a value head, InstructGPT), or 'rloo': each reply's KL-penalised return minus the mean of the other replies to its prompt (Ahmadian et al. 2024; no critic, needs replies_per_prompt >= 2).")
+    replies_per_prompt: int = _f(1, "Replies sampled per prompt in each rollout batch (rollout_batch must be a multiple); rloo compares them.")
     gamma: float = _f(1.0, "GAE discount.")
     lam: float = _f(0.95, "GAE lambda.")
     cliprange: float = _f(0.2, "PPO ratio clip.")

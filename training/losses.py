@@ -13,6 +13,8 @@ References:
         Generalized Advantage Estimation", eq. 16.
     [PPO] Schulman et al. 2017, "Proximal Policy Optimization Algorithms", eq. 7 and 9.
     [k3] Schulman 2020, "Approximating KL Divergence", http://joschu.net/blog/kl-approx.html
+    [RLOO] Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for Learning
+        from Human Feedback in LLMs", eq. 6 (the leave-one-out baseline over k replies to one prompt).
     [KTO] Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization",
         section 4 (unpaired desirable / undesirable labels against a reference point).
 """
@@ -263,6 +265,25 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
     advantages = advantages * mask
     returns = (advantages + values) * mask
     return advantages, returns
+
+
+def rloo_advantages(rewards: Tensor, mask: Tensor, group: int) -> Tensor:
+    """The leave-one-out advantage [RLOO eq. 6], the same on every token of a reply:
+
+        R_i = Σ_t R_t                              (the reply's score minus its β-weighted KL, eq. 2's first term)
+        A_i = R_i − 1/(k−1) · Σ_{j≠i} R_j          over the k = ``group`` replies to the same prompt
+
+    Rows are grouped k at a time in order (rows g·k … g·k+k−1 answer one prompt). The baseline is the other
+    replies' mean: no critic, and the prompt's own difficulty (a reward model scores some prompts' replies
+    all high) cancels out.
+    """
+    if group < 2 or rewards.shape[0] % group:
+        raise ValueError(f"RLOO needs at least 2 replies per prompt and whole groups; got {rewards.shape[0]} rows "
+                         f"in groups of {group}.")
+    mask = mask.to(rewards.dtype)
+    returns = (rewards * mask).sum(1).view(-1, group)
+    baseline = (returns.sum(1, keepdim=True) - returns) / (group - 1)
+    return (returns - baseline).view(-1, 1) * mask
 
 
 # --------------------------------------------------------------------------- #

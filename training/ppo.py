@@ -351,6 +351,13 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None,
         raise DataError("PPO needs prompts: pass prompts=PATH (`alignloop db export prompts`).")
     if cfg.rollout_batch % cfg.minibatch:
         raise ConfigError(f"rollout_batch ({cfg.rollout_batch}) must be a multiple of minibatch ({cfg.minibatch}).")
+    k = cfg.replies_per_prompt
+    if k < 1 or cfg.rollout_batch % k:
+        raise ConfigError(f"rollout_batch ({cfg.rollout_batch}) must be a multiple of replies_per_prompt ({k}).")
+    if cfg.advantage == "rloo" and k < 2:
+        raise ConfigError("advantage=rloo compares replies to the same prompt: set replies_per_prompt to 2 or more "
+                          "(e.g. 4, with rollout_batch a multiple of it).")
+    critic = cfg.advantage == "gae"
     cfg.token_budget()  # a budget that cannot fit fails before anything is written
     out = fresh_dir(cfg.output_dir)
     cfg.save(out)
@@ -387,9 +394,11 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None,
         for iteration in bar:
             # ---- 1. Rollout: sample replies with the current policy --------------------------------------
             t0 = time.perf_counter()
-            while len(order) < cfg.rollout_batch:
+            n_prompts = cfg.rollout_batch // k
+            while len(order) < n_prompts:
                 order += [int(i) for i in rng.permutation(len(prompts))]
-            idx, order = order[: cfg.rollout_batch], order[cfg.rollout_batch :]
+            picked, order = order[:n_prompts], order[n_prompts:]
+            idx = [i for i in picked for _ in range(k)]  # each prompt's k replies side by side (rloo's groups)
             if sampler.needs_adapter_folder:  # vLLM: this iteration's policy, under a new name and folder
                 folder = save_adapter(stack.model, "policy", out / "rollout_adapters" / f"iter-{iteration:05d}")
                 sampler.set_policy(f"{out.name}-iter-{iteration:05d}", folder)
@@ -403,7 +412,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None,
             with torch.no_grad():
                 old_logprobs, _ = stack.policy_logprobs(ids, mask, rmask, ctx)
                 ref_logprobs = stack.reference_logprobs(ids, mask, rmask, ctx)
-                old_values = stack.values(ids, mask, ctx) * rmask
+                old_values = stack.values(ids, mask, ctx) * rmask if critic else torch.zeros_like(old_logprobs)
                 score = reward_fn(rb.reply, rmask).to(device).float() if reward_fn else stack.scores(rb.prompt_ids, rb.reply, rmask, rb.ended)
             raw_score = score.clone()
             score = L.penalize_unfinished(score, rb.ended, cfg.missing_eos_penalty)
@@ -411,8 +420,12 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None,
             rewards, kl_rewards = L.per_token_rewards(score, kl, kl_ctl.value, rmask)
             if cfg.whiten_rewards:
                 rewards = L.masked_whiten(rewards, rmask, shift_mean=False)
-            advantages, returns = L.gae(rewards, old_values, rmask, cfg.gamma, cfg.lam)  # returns before whitening
-            advantages = L.masked_whiten(advantages, rmask)
+            if critic:
+                advantages, returns = L.gae(rewards, old_values, rmask, cfg.gamma, cfg.lam)  # returns before whitening
+                advantages = L.masked_whiten(advantages, rmask)
+            else:  # scaled only: the leave-one-out baseline stays the baseline
+                advantages, returns = L.rloo_advantages(rewards, rmask, k), old_values
+                advantages = L.masked_whiten(advantages, rmask, shift_mean=False)
             check_finite(iteration, score=raw_score, kl=kl, advantages=advantages)
             t_score = time.perf_counter() - t0
 
@@ -435,9 +448,11 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None,
                     if cfg.ptx_coef > 0:
                         L.ppo_ptx_loss(zero, zero, zero, ptx_loss, cfg.vf_coef, cfg.entropy_coef, cfg.ptx_coef).backward()
                     ptx_grads = [None if q.grad is None else q.grad.clone() for q in policy_params]
-                    values = stack.values(ids[mb], mask[mb], ctx)
-                    vf_loss = L.clipped_value_loss(values, old_values[mb], returns[mb], m, cfg.cliprange_value)
-                    L.ppo_ptx_loss(zero, vf_loss, zero, zero, cfg.vf_coef, cfg.entropy_coef, cfg.ptx_coef).backward()
+                    vf_loss = zero
+                    if critic:
+                        values = stack.values(ids[mb], mask[mb], ctx)
+                        vf_loss = L.clipped_value_loss(values, old_values[mb], returns[mb], m, cfg.cliprange_value)
+                        L.ppo_ptx_loss(zero, vf_loss, zero, zero, cfg.vf_coef, cfg.entropy_coef, cfg.ptx_coef).backward()
                     logprobs, entropy = stack.policy_logprobs(ids[mb], mask[mb], m, ctx, with_entropy=True)
                     pg_loss, clipfrac = L.clipped_surrogate_loss(logprobs, old_logprobs[mb], advantages[mb], m, cfg.cliprange)
                     mean_entropy = L.masked_mean(entropy, m)
@@ -483,7 +498,6 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None,
                 "policy/ptx_grad_norm": float(np.mean(stats["ptx_grad_norm"])),
                 "policy/pg_grad_norm": float(np.mean(stats["pg_grad_norm"])),
                 "value/grad_norm": float(np.mean(stats["value_grad_norm"])),
-                "value/explained_variance": L.explained_variance(old_values, returns, rmask).item(),
                 "reply/length": rmask.sum(1).float().mean().item(),
                 "reply/ended": rb.ended.float().mean().item(),
                 "time/generation_s": t_gen,
@@ -492,6 +506,8 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None,
                 "time/tokens_per_s": reply_tokens / max(t_gen, 1e-9),
                 "memory/peak_mb": peak_memory_mb(device),
             }
+            if critic:
+                metrics["value/explained_variance"] = L.explained_variance(old_values, returns, rmask).item()
             log.log(iteration, metrics)
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{kl_per_reply:.3f}", beta=f"{beta:.3f}")
             if cfg.save_every and iteration % cfg.save_every == 0:
