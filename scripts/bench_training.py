@@ -192,7 +192,8 @@ def _ppo_config(opts: dict[str, Any], work: Path, prompts: Path, demos: Path, rm
     return PPOConfig(base_model=opts["model"], prompts=str(prompts), reward_adapter=str(rm_dir), sft_data=str(demos),
                      output_dir=str(work / "ppo"), iterations=opts["iterations"], rollout_batch=opts["batch"],
                      minibatch=min(4, opts["batch"]), ppo_epochs=opts["ppo_epochs"], max_new_tokens=opts["max_new_tokens"],
-                     max_length=opts["max_length"], progress=False, lora=LoraSettings(r=16, alpha=32))
+                     max_length=opts["max_length"], progress=False, lora=LoraSettings(r=16, alpha=32),
+                     gradient_checkpointing=opts.get("gradient_checkpointing", False))
 
 
 def ppo_ours(opts: dict[str, Any], work: Path) -> dict[str, Any]:
@@ -519,11 +520,13 @@ def ppo(
     out: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
     seed: int = 0,
     repeats: Annotated[int, typer.Option(help="Interleaved rounds of the implementations; >= 3 on a shared machine.")] = 1,
+    gradient_checkpointing: Annotated[bool, typer.Option(
+        help="PPOConfig.gradient_checkpointing in ours and four-models alike (the same PPO step).")] = False,
 ) -> None:
     """PPO: iteration time (generation / scoring / update) and peak memory vs TRL RLOO and four models."""
     _bench("ppo", impl, {"model": model, "data": str(data), "pairs": pairs, "iterations": iterations, "batch": batch,
                          "ppo_epochs": ppo_epochs, "max_new_tokens": max_new_tokens, "max_length": max_length,
-                         "seed": seed}, out, repeats)
+                         "seed": seed, "gradient_checkpointing": gradient_checkpointing}, out, repeats)
 
 
 @app.command()

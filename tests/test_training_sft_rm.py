@@ -241,13 +241,14 @@ def test_kwise_batch_equals_the_mean_over_pairs_with_k_forwards(tiny) -> None:
                                  "pairs": [[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]]},
                                 {"prompt": "Count", "chosen": "1, 2, 3", "rejected": "five"}])
     kb = kwise_batch(groups, tok, 128)
-    rows_seen = []
-    hook = model.get_decoder().register_forward_hook(lambda m, i, o: rows_seen.append(o.last_hidden_state.shape[0]))
+    shapes = []
+    hook = model.get_decoder().register_forward_hook(lambda m, i, o: shapes.append(o.last_hidden_state.shape[:2]))
     try:
         loss, _ = kwise_loss(model, head, kb, torch.device("cpu"))
     finally:
         hook.remove()
-    assert rows_seen == [2, 4 + 2]  # each prompt once, then each of its K replies once; never 2 · C(K,2) rows
+    real = sum(len(p) + sum(len(r) for r in group) for p, group in zip(kb.prompts, kb.replies))
+    assert shapes == [(1, real)]  # each prompt once and each of its K replies once, packed; never 2 · C(K,2) rows
     # Reference: every pair scored on its own, averaged within each prompt, then over prompts.
     per_prompt = []
     for g in groups:
@@ -261,7 +262,7 @@ def test_kwise_batch_equals_the_mean_over_pairs_with_k_forwards(tiny) -> None:
     assert torch.allclose(loss, torch.stack(per_prompt).mean(), atol=1e-5)
 
 
-def test_shared_prefix_rewards_equal_whole_rows(tiny) -> None:
+def test_kwise_rewards_equal_whole_rows(tiny) -> None:
     model, tok = tiny
     torch.manual_seed(0)
     head = ScalarHead(model.config.hidden_size)
@@ -272,6 +273,43 @@ def test_shared_prefix_rewards_equal_whole_rows(tiny) -> None:
     full = kb.full_batch()
     expected = sequence_rewards(model, head, full.input_ids, full.attention_mask)
     assert torch.allclose(kwise_rewards(model, head, kb, torch.device("cpu")), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("row_tokens", [1, 40, 10_000])  # a row per group (each longer), some per row, all in one
+def test_packed_rewards_and_their_gradients_equal_whole_rows(tiny, row_tokens: int) -> None:
+    """Each prompt and its K replies packed as a tree into rows (block mask, positions after the prompt): the
+    rewards and the gradients are those of every prompt + reply run on its own row, padded."""
+    from training.reward_model import packed_rewards
+
+    model, tok = tiny
+    torch.manual_seed(0)
+    head = ScalarHead(model.config.hidden_size)
+    groups = preference_groups([
+        {"prompt": "Hello! How are you today?", "chosen": "I am fine, thank you.", "rejected": "no"},
+        {"prompt": [{"role": "system", "content": "Be nice"}, {"role": "user", "content": "Hi"}],
+         "completions": ["Paris", "The quick brown fox jumps over the lazy dog", "x"], "pairs": [[0, 1], [1, 2]]},
+        {"prompt": "Count to ten, slowly, and say each number", "chosen": "1 2 3", "rejected": "ten"}])
+    kb = kwise_batch(groups, tok, 128)
+    full = kb.full_batch()
+    weights = torch.randn(7)
+    params = list(head.parameters()) + [model.get_input_embeddings().weight]  # the gradient reaches every token
+    shapes = []
+    hook = model.get_decoder().register_forward_hook(lambda m, i, o: shapes.append(tuple(o.last_hidden_state.shape[:2])))
+    params[-1].requires_grad_(True)
+    try:
+        expected = sequence_rewards(model, head, full.input_ids, full.attention_mask)
+        want = torch.autograd.grad((weights * expected).sum(), params)
+        shapes.clear()
+        packed = packed_rewards(model, head, kb.prompts, kb.replies, kb.pad_id, torch.device("cpu"), row_tokens)
+        got = torch.autograd.grad((weights * packed).sum(), params)
+    finally:
+        hook.remove()
+        params[-1].requires_grad_(False)
+    assert torch.allclose(packed, expected, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(got, want)), [(a - b).abs().max() for a, b in zip(got, want)]
+    real = sum(len(p) + sum(len(r) for r in group) for p, group in zip(kb.prompts, kb.replies))
+    rows, width = shapes[0]
+    assert rows == {1: 3, 10_000: 1}.get(row_tokens, rows) and (row_tokens != 10_000 or width == real)
 
 
 def test_lora_and_head_both_train(tiny_model_path: Path) -> None:

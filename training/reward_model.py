@@ -3,7 +3,8 @@ and on unpaired 👍/👎.
 
 * Each of a prompt's K replies goes through the model once; the C(K,2) pairs are
   formed from the K scalars (InstructGPT section 3.5), and all of a prompt's
-  replies are in the same batch.
+  replies are in the same batch. The prompt runs once too: it and its replies are packed
+  into one row as a tree (a block mask), with no padding between groups.
 * The reward is read at the last real token (found from the attention mask) of
   prompt + reply + stop token. Truncation is ``chat_data.fit_group``'s one rule: a
   reply cut to its budget has no stop token and is read at its last kept token;
@@ -50,7 +51,6 @@ from training.chat_data import (
     encode_prompt,
     example_for,
     fit_group,
-    left_pad,
     pad_token_id,
     preference_groups,
     rated_replies,
@@ -78,44 +78,61 @@ def sequence_rewards(model: nn.Module, head: ScalarHead, input_ids: Tensor, atte
     return head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
 
 
-def shared_prefix_rewards(model: nn.Module, head: ScalarHead, prompts: Sequence[list[int]],
-                          replies: Sequence[Sequence[list[int]]], pad_id: int, device: torch.device) -> Tensor:
-    """Raw rewards of K replies per prompt, running each prompt once and each reply once.
+def packed_rewards(model: nn.Module, head: ScalarHead, prompts: Sequence[list[int]],
+                   replies: Sequence[Sequence[list[int]]], pad_id: int, device: torch.device,
+                   row_tokens: int = 1024) -> Tensor:
+    """Raw rewards of K replies per prompt, each prompt and each reply run once and no padding between them.
 
-    The prompts go through the body with a KV cache; the cache is repeated K times per
-    prompt and the replies run on top of it, so gradients reach the prompt tokens through
-    every reply. Same numbers as :func:`sequence_rewards` on prompt + reply, but the
-    prompt's tokens are computed once instead of K times (HH prompts are ~5x their replies).
+    A prompt and its K replies are packed into one row as a tree, ``[P, R1, ..., RK]``: every reply sits
+    at the positions that follow its prompt and sees its prompt and itself only (a block mask). Groups
+    are packed in order into rows of at most ``row_tokens`` tokens (a longer group gets a row of its own),
+    so the body runs on about the real tokens, not on every row padded to the longest. Same numbers as
+    :func:`sequence_rewards` on each prompt + reply.
     """
     body, _, _ = causal_lm_parts(model)
-    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
-    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-    counts = torch.tensor([len(r) for r in replies], device=device)
-    flat = [r for group in replies for r in group]
-    reply_ids, reply_mask = _right_pad(flat, pad_id)
-    reply_ids, reply_mask = reply_ids.to(device), reply_mask.to(device)
-    out = body(input_ids=prompt_ids, attention_mask=prompt_mask,
-               position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0), use_cache=True)
-    cache = out.past_key_values
-    for layer in cache.layers:  # one copy of each prompt's keys/values per reply
-        layer.keys = layer.keys.repeat_interleave(counts, dim=0)
-        layer.values = layer.values.repeat_interleave(counts, dim=0)
-    attention = torch.cat([prompt_mask.repeat_interleave(counts, dim=0), reply_mask], dim=1)
-    positions = prompt_mask.sum(1).repeat_interleave(counts)[:, None] + torch.arange(reply_ids.shape[1], device=device)
-    hidden = body(input_ids=reply_ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
-                  use_cache=True).last_hidden_state
-    last = last_token_index(reply_mask)  # the stop token ending each reply (a cut reply: its last kept token)
-    return head(hidden[torch.arange(len(flat), device=device), last])
-
-
-def _right_pad(sequences: Sequence[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids, mask
+    rows: list[list[int]] = []
+    lengths: list[int] = []
+    for g, (prompt, group) in enumerate(zip(prompts, replies)):
+        n = len(prompt) + sum(len(r) for r in group)
+        if rows and lengths[-1] + n <= row_tokens:
+            rows[-1].append(g)
+            lengths[-1] += n
+        else:
+            rows.append([g])
+            lengths.append(n)
+    width = max(lengths)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    group_of = torch.full((len(rows), width), -1, dtype=torch.long)  # -1: padding
+    reply_of = torch.zeros((len(rows), width), dtype=torch.long)  # 0: a prompt token; k + 1: reply k's
+    ends: list[tuple[int, int]] = []  # (row, index of each reply's last token), replies in input order
+    for r, members in enumerate(rows):
+        at = 0
+        for g in members:
+            p = len(prompts[g])
+            ids[r, at : at + p] = torch.tensor(prompts[g])
+            positions[r, at : at + p] = torch.arange(p)
+            group_of[r, at : at + p] = g
+            at += p
+            for k, reply in enumerate(replies[g]):
+                n = len(reply)
+                ids[r, at : at + n] = torch.tensor(reply)
+                positions[r, at : at + n] = torch.arange(p, p + n)
+                group_of[r, at : at + n] = g
+                reply_of[r, at : at + n] = k + 1
+                ends.append((r, at + n - 1))
+                at += n
+    # Query i sees key j <= i of its own group when j is a prompt token or a token of i's own reply.
+    same_group = (group_of[:, :, None] == group_of[:, None, :]) & (group_of[:, None, :] >= 0)
+    visible = (reply_of[:, None, :] == 0) | (reply_of[:, :, None] == reply_of[:, None, :])
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    allowed = (same_group & visible & causal) | torch.eye(width, dtype=torch.bool)  # a pad sees itself
+    dtype = next(body.parameters()).dtype
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+    hidden = body(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                  use_cache=False).last_hidden_state
+    where = torch.tensor(ends, device=device)
+    return head(hidden[where[:, 0], where[:, 1]])
 
 
 @dataclass
@@ -161,9 +178,11 @@ def kwise_batch(groups: Sequence[PreferenceGroup], tokenizer: Any, budget: Token
 def kwise_rewards(model: nn.Module, head: ScalarHead, kb: KWiseBatch, device: torch.device) -> Tensor:
     """One raw reward per reply of the batch; each reply (and each prompt) goes through the model once."""
     window = getattr(model.config, "sliding_window", None)
-    if window is None or max(len(p) for p in kb.prompts) < window:
-        return shared_prefix_rewards(model, head, kb.prompts, kb.replies, kb.pad_id, device)
-    # A sliding-window layer caches only its last window - 1 tokens: run whole rows instead.
+    longest = max(len(p) + max(len(r) for r in group) for p, group in zip(kb.prompts, kb.replies))
+    # The block mask is a plain 4D mask: sdpa and eager take it, and a sliding window must not cut inside a row.
+    if model.config._attn_implementation in ("sdpa", "eager") and (window is None or longest <= window):
+        return packed_rewards(model, head, kb.prompts, kb.replies, kb.pad_id, device)
+    # Another attention kernel, or a row longer than a sliding window: whole rows, each prompt once per reply.
     batch = kb.full_batch().to(device)
     return sequence_rewards(model, head, batch.input_ids, batch.attention_mask)
 
