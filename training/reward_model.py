@@ -127,8 +127,10 @@ def packed_rewards(model: nn.Module, head: ScalarHead, prompts: Sequence[list[in
     visible = (reply_of[:, None, :] == 0) | (reply_of[:, :, None] == reply_of[:, None, :])
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     allowed = (same_group & visible & causal) | torch.eye(width, dtype=torch.bool)  # a pad sees itself
-    dtype = next(body.parameters()).dtype
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+    if model.config._attn_implementation == "sdpa":  # a boolean mask, whatever dtype the layers compute in
+        mask = allowed[:, None]
+    else:  # eager adds the mask to the scores
+        mask = torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)[:, None]
     hidden = body(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
                   use_cache=False).last_hidden_state
     where = torch.tensor(ends, device=device)
