@@ -25,10 +25,12 @@ multiplied a sum over tokens normalised differently; here γ ≈ 0.5–2 is the 
 from __future__ import annotations
 
 import copy
+import ctypes
 import json
 import logging
 import random
 import resource
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -461,6 +463,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None,
                     ptx_norm, pg_norm = split_grad_norms(policy_params, ptx_grads)
                     policy_norm, value_norm = clip_actor_critic(policy_params, value_params, cfg.max_grad_norm)
                     optimizer.step()
+                    release_freed_memory()
                     with torch.no_grad():
                         kl_now = L.approx_kl(logprobs, old_logprobs[mb], m).item()
                     epoch_kl.append(kl_now)
@@ -509,6 +512,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None,
             if critic:
                 metrics["value/explained_variance"] = L.explained_variance(old_values, returns, rmask).item()
             log.log(iteration, metrics)
+            release_freed_memory()
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{kl_per_reply:.3f}", beta=f"{beta:.3f}")
             if cfg.save_every and iteration % cfg.save_every == 0:
                 save_adapter(stack.model, "policy", out / "checkpoints" / f"iter-{iteration:05d}")
@@ -572,6 +576,21 @@ def ptx_step_loss(stack: PolicyStack, examples: list[Example], rng: np.random.Ge
     use_adapter(stack.model, "policy", TRAINABLE)
     lp, _ = token_logprobs(stack.model, batch.input_ids, batch.attention_mask, batch.reply_mask, chunk=cfg.logits_chunk)
     return L.token_nll(lp, batch.reply_mask)
+
+
+def release_freed_memory() -> None:
+    """Give the C heap's freed pages back to the OS (glibc's ``malloc_trim``; elsewhere nothing).
+
+    On CPU, torch allocates activations and logit chunks with malloc; glibc keeps what is freed for
+    reuse, and each iteration's slightly different sizes fragment that cache: the process grew by
+    100-300 MB per iteration (2.6 GB after one, 3.1-3.9 GB after three) without holding more tensors.
+    A trim after each optimiser step stops the growth, at the cost of one call.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl): nothing to trim
+            pass
 
 
 def peak_memory_mb(device: torch.device) -> float:
