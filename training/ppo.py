@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import functools
 import json
 import logging
 import random
@@ -589,11 +590,20 @@ def release_freed_memory() -> None:
     A trim after each of a step's three backward passes (ptx, value, policy) stops the growth and lowers
     the step's peak (the policy term no longer lands on the other two's leftovers), at the cost of a call each.
     """
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc (musl): nothing to trim
-            pass
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, looked up once; None where there is none (not Linux, or musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def peak_memory_mb(device: torch.device) -> float:
