@@ -163,6 +163,7 @@ def test_rloo_ppo_raises_the_reward_without_a_critic(steerable_model: Path, data
     last = sum(r["reward/mean"] for r in log[-4:]) / 4
     assert last > first + 0.05, [round(r["reward/mean"], 3) for r in log]
     assert "value/explained_variance" not in log[0] and log[0]["value/grad_norm"] == 0
+    assert not (result.adapter_dir / "value").exists()  # no critic built, trained or saved
     assert max(r["kl/per_reply"] for r in log) < 2 * 2.0
     with pytest.raises(ConfigError, match="replies_per_prompt"):
         train_ppo(dataclasses.replace(cfg, replies_per_prompt=1, output_dir=str(tmp_path / "x")), reward_fn=reward)

@@ -78,7 +78,8 @@ def checkpoint_layers(model: nn.Module) -> int:
 
     A layer keeps only its input for backward (torch's non-reentrant checkpoint) whenever gradients are being
     taped, in train or eval mode alike (PPO scores and trains in eval mode: no dropout, the same function for
-    old and new log-probs); without gradients (sampling, scoring) it runs as before.
+    old and new log-probs); without gradients (sampling, scoring) it runs as before. A layer already wrapped is
+    left as it is, so calling this twice on one model checkpoints each layer once.
     """
     from torch.utils.checkpoint import checkpoint
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -88,6 +89,8 @@ def checkpoint_layers(model: nn.Module) -> int:
         raise ConfigError(f"{type(model).__name__} has no decoder layers transformers can checkpoint; "
                           "set gradient_checkpointing=False.")
     for layer in layers:
+        if getattr(layer, "_alignloop_checkpointed", False):
+            continue
         forward = layer.forward
 
         def recomputed(*args: Any, _forward: Any = forward, **kwargs: Any) -> Any:
@@ -96,6 +99,7 @@ def checkpoint_layers(model: nn.Module) -> int:
             return _forward(*args, **kwargs)
 
         layer.forward = recomputed
+        layer._alignloop_checkpointed = True
     return len(layers)
 
 

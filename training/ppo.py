@@ -25,13 +25,9 @@ multiplied a sum over tokens normalised differently; here γ ≈ 0.5–2 is the 
 from __future__ import annotations
 
 import copy
-import ctypes
-import functools
 import json
 import logging
 import random
-import resource
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +64,7 @@ from training.chat_data import (
 )
 from training.config import ConfigError, PPOConfig
 from training.logprobs import hidden_states, reply_logprobs, token_logprobs
+from training.memory import peak_memory_mb, release_freed_memory
 from training.metrics_log import MetricsLog
 from training.progress import tracked
 from training.reward_model import sequence_rewards
@@ -94,7 +91,7 @@ class PolicyStack:
     model: nn.Module
     tokenizer: Any
     device: torch.device
-    value_head: ScalarHead
+    value_head: ScalarHead | None  # None: no critic (advantage=rloo)
     reward_head: ScalarHead | None
     reward_shift: float
     has_reference: bool
@@ -143,29 +140,35 @@ class PolicyStack:
         return adapter_parameters(self.model, "policy")
 
     def value_parameters(self) -> list[nn.Parameter]:
-        """The critic's trainable weights: the value adapter and its head."""
+        """The critic's trainable weights: the value adapter and its head (none without a critic)."""
+        if self.value_head is None:
+            return []
         return adapter_parameters(self.model, "value") + list(self.value_head.parameters())
 
 
 def build_stack(cfg: PPOConfig, with_reward_adapter: bool) -> PolicyStack:
-    """Load the base once and attach policy, reference, reward and value adapters to it."""
+    """Load the base once and attach policy, reference, reward and value adapters to it.
+
+    The value adapter and head exist only for ``advantage="gae"``: RLOO's baseline is the other replies.
+    """
     base, tokenizer, device = load_base(cfg)
     sft = cfg.sft_adapter or None
     model = attach_adapter(base, "policy", cfg.init_adapter or sft, cfg.lora, trainable=True)
     if sft:
         model = attach_adapter(model, "reference", sft, cfg.lora, trainable=False)
-    reward_head, shift = None, 0.0
+    reward_head, shift, value_head = None, 0.0, None
     hidden_size = model.get_base_model().config.hidden_size
     if with_reward_adapter:
         model = attach_adapter(model, "reward", cfg.reward_adapter, cfg.lora, trainable=False)
         reward_head, info = load_head(cfg.reward_adapter, device)
         reward_head.requires_grad_(False)
         shift = float(info.get("shift", 0.0))
+    if cfg.advantage == "gae" and with_reward_adapter:
         model = attach_adapter(model, "value", cfg.reward_adapter, cfg.lora, trainable=True)
         value_head = copy.deepcopy(reward_head).requires_grad_(True)
         with torch.no_grad():
             value_head.linear.bias -= shift  # values start on the same (shifted) scale as the rewards
-    else:
+    elif cfg.advantage == "gae":
         model = attach_adapter(model, "value", None, cfg.lora, trainable=True)
         value_head = ScalarHead(hidden_size).to(device)
         with torch.no_grad():
@@ -179,7 +182,8 @@ def memory_report(stack: PolicyStack) -> dict[str, float]:
     """Parameter memory of the shared stack vs. four separate models (policy, reference, reward, value)."""
     base_bytes = sum(p.numel() * p.element_size() for n, p in stack.model.named_parameters() if "lora_" not in n)
     adapter_bytes = sum(p.numel() * p.element_size() for n, p in stack.model.named_parameters() if "lora_" in n)
-    heads = sum(p.numel() * p.element_size() for p in stack.value_head.parameters()) * 2
+    heads = sum(p.numel() * p.element_size() for h in (stack.value_head, stack.reward_head) if h is not None
+                for p in h.parameters())
     shared = base_bytes + adapter_bytes + heads
     separate = 4 * base_bytes + heads
     return {"shared_mb": shared / 2**20, "four_models_mb": separate / 2**20, "ratio": shared / separate}
@@ -530,8 +534,9 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None,
                                  "ptx/held_out_docs": float(len(ptx.held_out)), "ptx/train_docs": float(len(ptx.train))})
         log.close()
         save_adapter(stack.model, "policy", out)
-        save_adapter(stack.model, "value", out / "value")
-        save_head(stack.value_head, out / "value", {"shift": 0.0, "std": 1.0})
+        if critic:
+            save_adapter(stack.model, "value", out / "value")
+            save_head(stack.value_head, out / "value", {"shift": 0.0, "std": 1.0})
     finally:
         sampler.close()
     return PPOResult(out, log.path, cfg.iterations, reward_history[0], reward_history[-1], kl_last, ptx_before,
@@ -579,35 +584,3 @@ def ptx_step_loss(stack: PolicyStack, examples: list[Example], rng: np.random.Ge
     use_adapter(stack.model, "policy", TRAINABLE)
     lp, _ = token_logprobs(stack.model, batch.input_ids, batch.attention_mask, batch.reply_mask, chunk=cfg.logits_chunk)
     return L.token_nll(lp, batch.reply_mask)
-
-
-def release_freed_memory() -> None:
-    """Give the C heap's freed pages back to the OS (glibc's ``malloc_trim``; elsewhere nothing).
-
-    On CPU, torch allocates activations and logit chunks with malloc; glibc keeps what is freed for
-    reuse, and each iteration's slightly different sizes fragment that cache: the process grew by
-    100-300 MB per iteration (2.6 GB after one, 3.1-3.9 GB after three) without holding more tensors.
-    A trim after each of a step's three backward passes (ptx, value, policy) stops the growth and lowers
-    the step's peak (the policy term no longer lands on the other two's leftovers), at the cost of a call each.
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, looked up once; None where there is none (not Linux, or musl)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak accelerator memory (CUDA) or peak resident memory of this process (CPU), in MiB."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -67,6 +67,7 @@ from training.losses import (
     pointwise_accuracy,
     pointwise_reward_loss,
 )
+from training.memory import release_freed_memory
 from training.metrics_log import MetricsLog
 from training.progress import tracked
 
@@ -123,15 +124,17 @@ def packed_rewards(model: nn.Module, head: ScalarHead, prompts: Sequence[list[in
                 ends.append((r, at + n - 1))
                 at += n
     # Query i sees key j <= i of its own group when j is a prompt token or a token of i's own reply.
+    # Built on `device`: the [rows, W, W] mask is the big tensor here (4 MB a row at W = 1,024), its inputs small.
+    group_of, reply_of = group_of.to(device), reply_of.to(device)
     same_group = (group_of[:, :, None] == group_of[:, None, :]) & (group_of[:, None, :] >= 0)
     visible = (reply_of[:, None, :] == 0) | (reply_of[:, :, None] == reply_of[:, None, :])
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    allowed = (same_group & visible & causal) | torch.eye(width, dtype=torch.bool)  # a pad sees itself
+    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+    allowed = (same_group & visible & causal) | torch.eye(width, dtype=torch.bool, device=device)  # a pad sees itself
     if model.config._attn_implementation == "sdpa":  # a boolean mask, whatever dtype the layers compute in
         mask = allowed[:, None]
     else:  # eager adds the mask to the scores
-        mask = torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)[:, None]
-    hidden = body(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+        mask = torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, torch.finfo(torch.float32).min)[:, None]
+    hidden = body(input_ids=ids.to(device), attention_mask=mask, position_ids=positions.to(device),
                   use_cache=False).last_hidden_state
     where = torch.tensor(ends, device=device)
     return head(hidden[where[:, 0], where[:, 1]])
@@ -405,6 +408,7 @@ def train_reward_model(cfg: RewardConfig) -> RewardResult:
             metrics.update({"rm/thumbs_loss": loss, "rm/thumbs_accuracy": acc, "rm/threshold": threshold.item()})
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
+        release_freed_memory()
         log.log(step, {**metrics, "rm/grad_norm": float(grad_norm),
                        "rm/pairs_per_s": pairs_seen / (time.perf_counter() - started)})
     train_seconds = time.perf_counter() - started

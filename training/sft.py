@@ -22,6 +22,7 @@ from training.chat_data import (DataError, Example, TruncationReport, collate, e
 from training.config import SFTConfig, TokenBudget
 from training.logprobs import token_logprobs
 from training.losses import token_nll
+from training.memory import release_freed_memory
 from training.metrics_log import MetricsLog
 from training.progress import tracked
 
@@ -87,6 +88,7 @@ def train_sft(cfg: SFTConfig) -> SFTResult:
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
+        release_freed_memory()
         losses.append(loss.item())
         log.log(step, {"sft/loss": loss.item(), "sft/grad_norm": float(grad_norm),
                        "sft/reply_tokens": float(batch.reply_mask.sum())})
