@@ -30,7 +30,9 @@ from .validation import clean_client_id, clean_id, clean_ids, clean_number, clea
 Choice = Literal["A", "B", "tie", "both_bad"]
 CHOICES: tuple[str, ...] = ("A", "B", "tie", "both_bad")
 MIN_RANKED, MAX_RANKED = 2, 9
-WHITESPACE = " \t\r\n"
+# What clients trim from a reply before sending it back: every character Python's str.strip() removes (all
+# Unicode whitespace, the last at U+3000) and U+FEFF, which JavaScript's trim() also removes.
+WHITESPACE = "".join(c for c in map(chr, range(0x3001)) if c.isspace()) + "\ufeff"
 SOURCES: tuple[str, ...] = ("chat", "compare", "rank", "import", "api")  # where a conversation came from
 ROLE_ARTICLE = {"user": "a user", "assistant": "an assistant", "system": "a system"}  # for error messages
 

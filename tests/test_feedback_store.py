@@ -460,3 +460,18 @@ def test_sibling_replies_are_the_regenerations_of_one_turn(store, chat):
     answer = store.add_reply(chat["conv"], chat["user"], follow_up, "6", Reply(chat["version"].id, {}, 1.0, 9, 1, "stop"))
     assert store.sibling_replies(answer) == [answer]
     assert store.sibling_replies(follow_up) == []  # a user turn is no reply
+
+
+@pytest.mark.parametrize("edge", [" ", "\u00a0", "\u2003", "\u3000", "\x1f", "\x0b", "\u2028", "\ufeff"])
+def test_find_path_matches_a_reply_its_client_trimmed_of_any_whitespace(store, edge):
+    """A stateless client sends back the reply it got, trimmed as its language trims (Python's str.strip,
+    JavaScript's trim: every Unicode space): the history must still be found, so a follow-up extends it."""
+    version = ModelRegistry(store).ensure_base_policy("tiny")
+    alice = store.ensure_user("alice")
+    conv = store.create_conversation(alice, system_prompt="Be brief.", source="api")
+    q = store.add_user_message(conv, alice, "Hello there")
+    text = f"{edge}Hi!{edge}"
+    reply = store.add_reply(conv, alice, q, text, Reply(version.id, {"temperature": 0.7}, 1.0, 3, 3, "stop"))
+    trimmed = text.strip() if edge != "\ufeff" else text.strip("\ufeff")  # JS trim() removes U+FEFF, str.strip() not
+    history = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": trimmed}]
+    assert store.find_path(alice, history, system_prompt="Be brief.", source="api") == reply
