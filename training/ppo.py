@@ -7,7 +7,8 @@ One base model is in memory; four LoRA adapters on it play the four roles:
     policy     trainable, starts as a copy of the SFT adapter
     reference  frozen SFT adapter (no SFT adapter: the bare base, adapters disabled)
     reward     frozen reward adapter + its scalar head (scores shifted so demonstrations average 0)
-    value      trainable, starts as a copy of the reward adapter + head
+    value      trainable, starts as a copy of the reward adapter + head (advantage="gae" only;
+               advantage="rloo" needs no critic and builds none)
 
 Each iteration: sample replies for a batch of prompts; recompute old log-probs,
 reference log-probs, values and scores with the training model; shape per-token
@@ -179,7 +180,8 @@ def build_stack(cfg: PPOConfig, with_reward_adapter: bool) -> PolicyStack:
 
 
 def memory_report(stack: PolicyStack) -> dict[str, float]:
-    """Parameter memory of the shared stack vs. four separate models (policy, reference, reward, value)."""
+    """Parameter memory of the shared stack vs. InstructGPT's four separate models (policy, reference, reward,
+    value): the baseline stays four even when this run has fewer roles (rule rewards, no critic)."""
     base_bytes = sum(p.numel() * p.element_size() for n, p in stack.model.named_parameters() if "lora_" not in n)
     adapter_bytes = sum(p.numel() * p.element_size() for n, p in stack.model.named_parameters() if "lora_" in n)
     heads = sum(p.numel() * p.element_size() for h in (stack.value_head, stack.reward_head) if h is not None
@@ -339,7 +341,7 @@ def make_sampler(cfg: PPOConfig, stack: PolicyStack, sampler_factory: SamplerFac
 
 def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None,
               sampler_factory: SamplerFactory | None = None) -> PPOResult:
-    """Run PPO-ptx; write the policy adapter to ``cfg.output_dir`` (value adapter in ``value/``).
+    """Run PPO-ptx; write the policy adapter to ``cfg.output_dir`` (with GAE, the value adapter in ``value/``).
 
     Args:
         cfg: the run's configuration.
