@@ -164,16 +164,16 @@ def build_stack(cfg: PPOConfig, with_reward_adapter: bool) -> PolicyStack:
         reward_head, info = load_head(cfg.reward_adapter, device)
         reward_head.requires_grad_(False)
         shift = float(info.get("shift", 0.0))
-    if cfg.advantage == "gae" and with_reward_adapter:
-        model = attach_adapter(model, "value", cfg.reward_adapter, cfg.lora, trainable=True)
-        value_head = copy.deepcopy(reward_head).requires_grad_(True)
+    if cfg.advantage == "gae":
+        model = attach_adapter(model, "value", cfg.reward_adapter if with_reward_adapter else None, cfg.lora,
+                               trainable=True)
         with torch.no_grad():
-            value_head.linear.bias -= shift  # values start on the same (shifted) scale as the rewards
-    elif cfg.advantage == "gae":
-        model = attach_adapter(model, "value", None, cfg.lora, trainable=True)
-        value_head = ScalarHead(hidden_size).to(device)
-        with torch.no_grad():
-            value_head.linear.weight.zero_()  # V = 0 at first: no spurious advantages from a random head
+            if with_reward_adapter:
+                value_head = copy.deepcopy(reward_head).requires_grad_(True)
+                value_head.linear.bias -= shift  # values start on the same (shifted) scale as the rewards
+            else:
+                value_head = ScalarHead(hidden_size).to(device)
+                value_head.linear.weight.zero_()  # V = 0 at first: no spurious advantages from a random head
     model.eval()  # no dropout anywhere: old and new log-probs must come from the same function
     use_adapter(model, "policy", TRAINABLE)
     return PolicyStack(model, tokenizer, device, value_head, reward_head, shift, bool(sft), cfg)
@@ -521,7 +521,6 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None,
             if critic:
                 metrics["value/explained_variance"] = L.explained_variance(old_values, returns, rmask).item()
             log.log(iteration, metrics)
-            release_freed_memory()
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{kl_per_reply:.3f}", beta=f"{beta:.3f}")
             if cfg.save_every and iteration % cfg.save_every == 0:
                 save_adapter(stack.model, "policy", out / "checkpoints" / f"iter-{iteration:05d}")
