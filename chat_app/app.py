@@ -36,6 +36,7 @@ from .openai_api import build_openai_router
 from .router import RouterConfig, ServingRouter
 from .service import ChatService, ServiceConfig
 from .ui import CSS, build_ui
+from .ui.session_state import use_lean_sessions
 from .runtime import Runtime
 
 ENGINE_GONE_EXIT_STATUS = 3
@@ -160,6 +161,7 @@ def build_app(config: AppConfig, model_path: Path, base_model_name: str,
     else:  # wrong passwords at /login are throttled per address and per user name
         app = gr.mount_gradio_app(app, demo, path="", css=CSS, auth=users.authenticate, auth_message=LOGIN_MESSAGE)
         install_login_guard(app)
+    use_lean_sessions(demo)  # no full copy of the page's config per browser session
     return app, rt
 
 
