@@ -13,6 +13,7 @@ from .chat_tab import browser_value, build_chat_tab
 from ..runtime import Runtime
 from .rendering import banner_text
 from .compare_tab import build_compare_tab
+from .queue_polling import calm_queue_polling
 from .dashboard_tab import build_dashboard_tab
 from .rank_tab import build_rank_tab
 
@@ -104,4 +105,5 @@ def build_ui(rt: Runtime, *, title: str = "alignloop", default_sampling: Samplin
     # Gradio runs one call per event at a time unless told otherwise; the engine batches
     # concurrent requests itself (vLLM) or queues them (transformers), so let them through.
     demo.queue(default_concurrency_limit=concurrency)
+    calm_queue_polling(demo)
     return demo
