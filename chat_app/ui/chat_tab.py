@@ -201,7 +201,7 @@ def build_chat_tab(rt: Runtime, user_state: gr.State, browser: gr.BrowserState, 
                           system_prompt=system_prompt or None, sampling=sampling_from(*knobs), client=who.address,
                           edits=edits)
         started = False
-        async for update in throttled(stream, lambda u: u.finished):
+        async for update in throttled(stream, lambda u: u.finished, lambda u: bool(u.text or u.error)):
             if not started:  # the user's turn is shown once the server has accepted it (its first update)
                 history += [{"role": "user", "content": for_display("user", text)}, {"role": "assistant", "content": ""}]
                 started = True
@@ -247,7 +247,7 @@ def build_chat_tab(rt: Runtime, user_state: gr.State, browser: gr.BrowserState, 
         history.append({"role": "assistant", "content": ""})
         stream = svc.regenerate(who.user_id, turn[0], sampling=sampling_from(temperature, top_p, max_tokens, frequency_penalty, min_p),
                                 client=who.address)
-        async for update in throttled(stream, lambda u: u.finished):
+        async for update in throttled(stream, lambda u: u.finished, lambda u: bool(u.text or u.error)):
             history[-1] = {"role": "assistant", "content": for_display("assistant", update.error or update.text)}
             state = {**state, "ids": ids + [update.reply_id]}
             yield history, state, final_status(update) if update.finished else GENERATING

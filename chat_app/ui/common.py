@@ -1,4 +1,4 @@
-"""Helpers shared by the tabs: the user-handler decorator, errors users can read, streaming throttle."""
+"""Helpers shared by the tabs: the user-handler decorator, errors users can read, the stream pacer."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import gradio as gr
@@ -101,18 +102,51 @@ def show_error(exc: Exception) -> gr.Error:
                     "operator (the error was logged).", print_exception=False)
 
 
-# Each streamed update sends the whole conversation (or both Compare replies) to the browser: at most
-# one every 50 ms keeps that cost off the cores the engine decodes on, without a visible difference.
-STREAM_INTERVAL_S = 0.05
+@dataclass
+class StreamPacer:
+    """How often a streamed reply may send the page an update, shared by every stream of the server.
+
+    Each update re-sends the whole conversation (or every Compare / Rank reply) through Gradio: about
+    0.5 ms of server CPU (a thread hop per output, encoding, the event stream), taken from the cores the
+    engine decodes on. A lone stream updates at most every `min_interval_s`; with n streams at once, each
+    waits n / `updates_per_s` (at most `max_interval_s`), so together they send about `updates_per_s` a
+    second however many users stream. The first update, the first with text (the first token) and the
+    last are never held.
+    """
+
+    updates_per_s: float = 40.0
+    min_interval_s: float = 0.05
+    max_interval_s: float = 0.5
+    streams: int = 0  # streams running now (all on the event loop's thread)
+    clock: Callable[[], float] = time.monotonic
+
+    def interval_s(self) -> float:
+        return min(self.max_interval_s, max(self.min_interval_s, self.streams / self.updates_per_s))
+
+    async def paced(self, updates: AsyncIterator[T], is_final: Callable[[T], bool],
+                    has_text: Callable[[T], bool]) -> AsyncIterator[T]:
+        """The updates of a stream, skipping those that come sooner than `interval_s()` after the last one
+        sent (the next update carries a skipped one's text, so nothing is lost)."""
+        self.streams += 1
+        try:
+            last_sent: float | None = None
+            text_sent = False
+            async for update in updates:
+                now = self.clock()
+                first_text = not text_sent and has_text(update)
+                if (not is_final(update) and not first_text and last_sent is not None
+                        and now - last_sent < self.interval_s()):
+                    continue
+                last_sent, text_sent = now, text_sent or first_text
+                yield update
+        finally:
+            self.streams -= 1
 
 
-async def throttled(updates: AsyncIterator[T], is_final: Callable[[T], bool],
-                    interval_s: float = STREAM_INTERVAL_S) -> AsyncIterator[T]:
-    """The updates of a stream at most one per `interval_s`; a final update is always passed on (the
-    next update carries the text of a skipped one, so nothing is lost)."""
-    last_sent = 0.0
-    async for update in updates:
-        if not is_final(update) and time.monotonic() - last_sent < interval_s:
-            continue
-        last_sent = time.monotonic()
-        yield update
+STREAM_PACER = StreamPacer()  # the process's streams share one budget
+
+
+def throttled(updates: AsyncIterator[T], is_final: Callable[[T], bool], has_text: Callable[[T], bool],
+              pacer: StreamPacer = STREAM_PACER) -> AsyncIterator[T]:
+    """`updates` paced by the server's StreamPacer."""
+    return pacer.paced(updates, is_final, has_text)
