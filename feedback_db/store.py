@@ -210,7 +210,7 @@ class FeedbackStore:
             system_prompt = self._text(system_prompt, "system prompt", allow_empty=True,
                                        max_chars=self.config.max_system_prompt_chars) or None
         if title is not None:
-            title = self._text(title, "title", allow_empty=True, max_chars=500)
+            title = self._text(title, "title", allow_empty=True, max_chars=500).strip(WHITESPACE)  # as rename does
         if source not in SOURCES:
             raise InvalidInputError(f"source must be one of {', '.join(SOURCES)}, not {source!r:.40}.")
         if prompt_format not in ("chat", "text"):

@@ -475,3 +475,11 @@ def test_find_path_matches_a_reply_its_client_trimmed_of_any_whitespace(store, e
     trimmed = text.strip() if edge != "\ufeff" else text.strip("\ufeff")  # JS trim() removes U+FEFF, str.strip() not
     history = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": trimmed}]
     assert store.find_path(alice, history, system_prompt="Be brief.", source="api") == reply
+
+
+def test_a_new_conversations_title_is_trimmed_as_a_rename_is(store) -> None:
+    user = store.ensure_user("u")
+    conv = store.create_conversation(user, title="\ufeff\u3000 Arithmetic\u00a0\n")
+    assert store.owned_conversation(user, conv)["title"] == "Arithmetic"
+    store.rename_conversation(user, conv, "\ufeff Sums \u2003")
+    assert store.owned_conversation(user, conv)["title"] == "Sums"

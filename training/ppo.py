@@ -366,7 +366,6 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None,
     if cfg.advantage == "rloo" and k < 2:
         raise ConfigError("advantage=rloo compares replies to the same prompt: set replies_per_prompt to 2 or more "
                           "(e.g. 4, with rollout_batch a multiple of it).")
-    critic = cfg.advantage == "gae"
     cfg.token_budget()  # a budget that cannot fit fails before anything is written
     out = fresh_dir(cfg.output_dir)
     cfg.save(out)
@@ -375,6 +374,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None,
     rng = np.random.default_rng(cfg.seed)
 
     stack = build_stack(cfg, with_reward_adapter=reward_fn is None)
+    critic = stack.value_head is not None  # build_stack decides: GAE has a critic, RLOO none
     tok, device = stack.tokenizer, stack.device
     stop_ids, pad = stop_token_ids(tok), pad_token_id(tok)
     prompts = [to_messages(row["prompt"]) for row in read_rows(cfg.prompts)]
