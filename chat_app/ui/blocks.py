@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import gradio as gr
-
-from ..engines.base import SamplingConfig
 import hashlib
 import hmac
 
+import gradio as gr
+
+from ..engines.base import SamplingConfig
 from ..limits import UserFacingError
-from .chat_tab import browser_value, build_chat_tab
 from ..runtime import Runtime
-from .rendering import banner_text
+from .chat_tab import browser_value, build_chat_tab
 from .compare_tab import build_compare_tab
-from .queue_polling import calm_queue_polling
 from .dashboard_tab import build_dashboard_tab
+from .queue_polling import calm_queue_polling
 from .rank_tab import build_rank_tab
+from .rendering import banner_text
 
 
 # A refused message shows as a toast; Gradio would also lay a red "Error" over every output of the
