@@ -56,7 +56,7 @@ class StoreConfig:
     busy_timeout_ms: int = 30_000  # how long SQLite waits on a lock held by another tool (reads)
     lock_timeout_s: float = 10.0  # longest wait for the write lock before StoreBusyError
     # Rows an import commits per transaction; the lock is free between them, and a chat's write waits at most one
-    # batch: 100 rows held it ~0.25 s in the soak (500: ~1.3 s), at 1.007x the import's time.
+    # batch: in the soak a 500-row batch took ~1.3 s (100 rows: ~0.27 s), and 100 cost 1.007x the import's time.
     import_batch_rows: int = 100
     max_system_prompt_chars: int = 4_000  # longest system prompt accepted (the chat UI's message limit)
     max_text_chars: int = 32_000  # longest message, comment or demonstration accepted
