@@ -3,9 +3,10 @@
 Gradio (6.x) keeps a `SessionState` for every session hash it sees, which is every page view and every
 raw `queue/join` from a new session. Its constructor renders the config of *every* block on the page
 (`config_values`, kept only to answer deep links, which this app does not offer). For this app's 145
-blocks that is about 18 ms of CPU on the event loop and about 250 KiB held per session, and Gradio
-keeps up to 10,000 sessions: a stranger who joins from new session hashes costs the server about 2.4 GB
-and blocks every stream while doing so (`scripts/bench_sessions.py` measures it).
+blocks that is about 9 ms of CPU on the event loop and 220 KiB held per session (a page load over HTTP
+cost the server 18 ms and 250 KiB; now 7 ms and 41 KiB). Gradio keeps up to 10,000 sessions: a stranger
+who joins from new session hashes costs the server about 2.4 GB and blocks every stream while doing so
+(`scripts/bench_sessions.py` measures it).
 
 `LeanSessionState` runs Gradio's own constructor with no blocks to render, and renders a block's config
 when Gradio first updates it; its `components` (the deep-link view) renders the rest on demand, so it
