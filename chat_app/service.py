@@ -107,6 +107,11 @@ class Ranking:
     done: bool = False
 
 
+def conversation_title(first_message: str) -> str:
+    """A new conversation's title: its first message, trimmed, at most 80 characters."""
+    return first_message.strip()[:80]
+
+
 def storable(model_text: str) -> str:
     """Model output as the store accepts it: a model can emit NUL, which is not valid text there.
     Applied to what the user is sent as well, so what they see is what is stored and trained on."""
@@ -290,7 +295,7 @@ class ChatService:
             parent_id = edited["parent_id"]
         elif conversation_id is None:
             conversation_id = self.store.create_conversation(user_id, system_prompt=system_prompt,
-                                                             title=text.strip()[:80])
+                                                             title=conversation_title(text))
         elif parent_id is None:
             raise UserFacingError("Wait until the reply has finished (or press Stop), then send your next message.")
         if edits is not None:
@@ -414,7 +419,7 @@ class ChatService:
             conversation_id = store.message(parent)["conversation_id"]
         else:
             conversation_id = store.create_conversation(user_id, system_prompt=system_prompt, source="api",
-                                                        title=chat[0]["content"].strip()[:80])
+                                                        title=conversation_title(chat[0]["content"]))
             for turn in history:
                 if turn["role"] == "user":
                     parent = store.add_user_message(conversation_id, user_id, turn["content"], parent_id=parent)
@@ -478,7 +483,7 @@ class ChatService:
 
         def open_battle() -> tuple[int, int]:
             conv = self.store.create_conversation(user_id, system_prompt=system_prompt, source="compare",
-                                                  title=text.strip()[:80])
+                                                  title=conversation_title(text))
             return conv, self.store.add_user_message(conv, user_id, text)
 
         try:
@@ -536,7 +541,7 @@ class ChatService:
 
         def open_ranking() -> tuple[int, int]:
             conv = self.store.create_conversation(user_id, system_prompt=system_prompt, source="rank",
-                                                  title=text.strip()[:80])
+                                                  title=conversation_title(text))
             return conv, self.store.add_user_message(conv, user_id, text)
 
         try:

@@ -39,12 +39,10 @@ class Cost:
     kib: float  # per session, traced by tracemalloc
 
 
-def page_blocks(workdir: Path):
-    """The app's gr.Blocks as `alignloop serve` mounts it (on a tiny model; the engine is not started)."""
-    from training.base_models import build_tiny_model
-
-    model = build_tiny_model(workdir / "tiny-gemma3")
-    app, _ = build_app(AppConfig(db=workdir / "feedback.db", cache_dir=workdir / "cache"), model, "tiny")
+def app_page(model_path: Path, workdir: Path):
+    """The app's gr.Blocks as `alignloop serve` mounts it (the engine is not started); its
+    `state_holder` and `_queue` are the served ones."""
+    app, _ = build_app(AppConfig(db=workdir / "feedback.db", cache_dir=workdir / "cache"), model_path, "tiny")
     (holder,) = [r.app.state_holder for r in app.routes if hasattr(getattr(r, "app", None), "state_holder")]
     return holder.blocks
 
@@ -75,7 +73,10 @@ def median_range(values: list[float]) -> str:
 
 
 def in_process(sessions: int, repeats: int) -> None:
-    blocks = page_blocks(Path(tempfile.mkdtemp(prefix="bench-sessions-")))
+    from training.base_models import build_tiny_model
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-sessions-"))
+    blocks = app_page(build_tiny_model(workdir / "tiny-gemma3"), workdir)
     print(f"(a) the app's page: {len(blocks.blocks)} blocks; {sessions} new sessions per phase, {repeats} pairs")
     print(f"{'pair':<6}{'holder':<18}{'CPU ms/session':>16}{'KiB/session':>14}")
     cpu_ratios, kib_ratios = [], []

@@ -9,14 +9,8 @@ from pathlib import Path
 import gradio as gr
 import pytest
 
-from chat_app.app import AppConfig, build_app
 from chat_app.ui.queue_polling import EVENTS_POLL_S, PROGRESS_POLL_S, calm_queue_polling
-
-
-def the_apps_queue(tiny_model_path: Path, tmp_path: Path):
-    app, _ = build_app(AppConfig(db=tmp_path / "feedback.db", cache_dir=tmp_path / "cache"), tiny_model_path, "tiny")
-    (holder,) = [r.app.state_holder for r in app.routes if hasattr(getattr(r, "app", None), "state_holder")]
-    return holder.blocks._queue
+from scripts.bench_sessions import app_page
 
 
 def polls_in(queue, seconds: float) -> int:
@@ -46,7 +40,7 @@ def polls_in(queue, seconds: float) -> int:
 
 
 def test_the_apps_idle_queue_looks_for_events_at_most_every_10_ms(tiny_model_path: Path, tmp_path: Path) -> None:
-    queue = the_apps_queue(tiny_model_path, tmp_path)
+    queue = app_page(tiny_model_path, tmp_path)._queue
     assert queue.sleep_when_free == EVENTS_POLL_S and queue.progress_update_sleep_when_free == PROGRESS_POLL_S
     start = time.monotonic()
     looks = polls_in(queue, 0.5)

@@ -10,8 +10,8 @@ from fastapi import FastAPI
 from gradio.blocks import BlocksConfig
 from gradio.state_holder import SessionState, StateHolder
 
-from chat_app.app import AppConfig, build_app
 from chat_app.ui.session_state import LeanSessionState, LeanStateHolder, use_lean_sessions
+from scripts.bench_sessions import app_page
 
 
 def count_renders(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -47,10 +47,8 @@ def test_the_apps_new_sessions_render_no_block_config(tiny_model_path: Path, tmp
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Gradio's own state holder renders all 145 of the page's blocks for every new session (page view,
     or raw queue/join from a new session hash); the app's renders none until a block is updated."""
-    app, _ = build_app(AppConfig(db=tmp_path / "feedback.db", cache_dir=tmp_path / "cache"), tiny_model_path, "tiny")
-    holders = [route.app.state_holder for route in app.routes if hasattr(getattr(route, "app", None), "state_holder")]
-    assert len(holders) == 1 and type(holders[0]) is LeanStateHolder
-    holder = holders[0]
+    holder = app_page(tiny_model_path, tmp_path).state_holder
+    assert type(holder) is LeanStateHolder
     assert len(holder.blocks.blocks) > 100
 
     rendered = count_renders(monkeypatch)

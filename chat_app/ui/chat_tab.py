@@ -7,7 +7,7 @@ import hashlib
 import json
 import tempfile
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,9 +17,9 @@ from feedback_db import FeedbackError
 
 from ..identity import Caller
 from ..limits import UserFacingError
-from ..service import ChatService
+from ..service import ChatService, StreamUpdate
 from ..runtime import Runtime
-from .common import THUMBS_DOWN_REASONS, THUMBS_UP_REASONS, sampling_from, throttled, user_handler
+from .common import STREAM_PACER, THUMBS_DOWN_REASONS, THUMBS_UP_REASONS, sampling_from, user_handler
 from .rendering import for_display
 
 
@@ -39,6 +39,11 @@ SHOW_SEND = ("() => { for (const id of ['chat-send', 'chat-stop']) {"
 GENERATING = "_generating…_"  # the status line while a reply streams
 STOPPED = "⏹ Stopped: the reply above is cut short, so it cannot be rated. Regenerate for a whole one."
 CUT_OFF = "✂️ The reply reached the token limit and was cut off (raise Max new tokens in Settings)."
+
+
+def paced(stream: AsyncIterator[StreamUpdate]) -> AsyncIterator[StreamUpdate]:
+    """A reply's updates as the page gets them (StreamPacer: the first token and the end never held)."""
+    return STREAM_PACER.paced(stream, lambda u: u.finished, lambda u: bool(u.text or u.error))
 
 
 def final_status(update) -> str:
@@ -201,7 +206,7 @@ def build_chat_tab(rt: Runtime, user_state: gr.State, browser: gr.BrowserState, 
                           system_prompt=system_prompt or None, sampling=sampling_from(*knobs), client=who.address,
                           edits=edits)
         started = False
-        async for update in throttled(stream, lambda u: u.finished, lambda u: bool(u.text or u.error)):
+        async for update in paced(stream):
             if not started:  # the user's turn is shown once the server has accepted it (its first update)
                 history += [{"role": "user", "content": for_display("user", text)}, {"role": "assistant", "content": ""}]
                 started = True
@@ -247,7 +252,7 @@ def build_chat_tab(rt: Runtime, user_state: gr.State, browser: gr.BrowserState, 
         history.append({"role": "assistant", "content": ""})
         stream = svc.regenerate(who.user_id, turn[0], sampling=sampling_from(temperature, top_p, max_tokens, frequency_penalty, min_p),
                                 client=who.address)
-        async for update in throttled(stream, lambda u: u.finished, lambda u: bool(u.text or u.error)):
+        async for update in paced(stream):
             history[-1] = {"role": "assistant", "content": for_display("assistant", update.error or update.text)}
             state = {**state, "ids": ids + [update.reply_id]}
             yield history, state, final_status(update) if update.finished else GENERATING

@@ -144,9 +144,3 @@ class StreamPacer:
 
 
 STREAM_PACER = StreamPacer()  # the process's streams share one budget
-
-
-def throttled(updates: AsyncIterator[T], is_final: Callable[[T], bool], has_text: Callable[[T], bool],
-              pacer: StreamPacer = STREAM_PACER) -> AsyncIterator[T]:
-    """`updates` paced by the server's StreamPacer."""
-    return pacer.paced(updates, is_final, has_text)

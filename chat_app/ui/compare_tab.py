@@ -6,7 +6,7 @@ import gradio as gr
 
 from ..limits import UserFacingError
 from ..runtime import Runtime
-from .common import sampling_from, throttled, user_handler
+from .common import STREAM_PACER, sampling_from, user_handler
 
 CHOICES = {"A is better": "A", "B is better": "B", "Tie": "tie", "Both are bad": "both_bad"}
 
@@ -31,7 +31,7 @@ def build_compare_tab(rt: Runtime, user_state: gr.State, settings: dict) -> None
         locked = [gr.Button(interactive=False, variant="secondary")] * len(buttons)
         stream = svc.battle(who.user_id, text, system_prompt=system_prompt or None,
                             sampling=sampling_from(temperature, top_p, max_tokens, frequency_penalty, min_p), client=who.address)
-        async for battle in throttled(stream, lambda b: b.done, lambda b: any(b.texts)):
+        async for battle in STREAM_PACER.paced(stream, lambda b: b.done, lambda b: any(b.texts)):
             yield [battle.texts[0], battle.texts[1], battle.user_message_id, who.user_id, ""] + locked
 
     @user_handler(rt)

@@ -6,7 +6,7 @@ import gradio as gr
 
 from ..limits import UserFacingError
 from ..runtime import Runtime
-from .common import sampling_from, throttled, user_handler
+from .common import STREAM_PACER, sampling_from, user_handler
 
 MAX_K = 9
 
@@ -49,7 +49,7 @@ def build_rank_tab(rt: Runtime, user_state: gr.State, settings: dict) -> None:
         choices = [str(j) for j in range(1, n + 1)]
         rows_shown = [gr.Row(visible=i < n) for i in range(MAX_K)]
         first = True
-        async for ranking in throttled(stream, lambda r: r.done, lambda r: any(r.texts)):
+        async for ranking in STREAM_PACER.paced(stream, lambda r: r.done, lambda r: any(r.texts)):
             ready = ranking.done and 0 not in ranking.reply_ids
             # The replies stream side by side; ranking opens once all K are stored.
             yield ([{"ids": ranking.reply_ids} if ready else None, who.user_id,
